@@ -1,0 +1,365 @@
+"""Opening checkpoints: headers only, validated, and zero-surprise reads of tensor ranges.
+
+A checkpoint is a folder holding ``model.safetensors`` or sharded ``model-XXXXX-of-YYYYY.safetensors``
+files with ``model.safetensors.index.json``, or a single ``.safetensors`` file. Only the headers are
+read when a checkpoint is opened. Tensor data is read with ``os.preadv`` into caller-owned buffers:
+page-cache pages then never count in this process's resident set (an mmap would), which is what keeps
+peak RSS at the memory budget whatever the model size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from surgery.dtypes import DTYPES, DType
+from surgery.errors import CorruptCheckpointError, InputNotFoundError, MissingTensorError
+
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own cap
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, absolute byte offset, dtype and shape."""
+
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]
+    path: Path
+    offset: int  # absolute offset of the first byte in the file
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class Checkpoint:
+    """An opened checkpoint: tensor locations from the headers, plus the folder's side files."""
+
+    source: str  # what the user named (path or repo id)
+    root: Path  # folder holding config/tokenizer files (the file's folder for a single file)
+    files: tuple[Path, ...]
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] = field(default_factory=dict)
+    _fds: dict[Path, int] = field(default_factory=dict, repr=False)
+
+    # -- reading ---------------------------------------------------------------------------------
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise MissingTensorError(
+                f"tensor {name!r} is not in checkpoint {self.source}",
+                hint="check the tensor names with `surgery inspect`",
+                tensor=name,
+                path=str(self.root),
+            ) from None
+
+    def read_into(self, name: str, start: int, out: np.ndarray) -> np.ndarray:
+        """Fill ``out`` (raw storage dtype, C-contiguous) with elements ``start:start+out.size``."""
+        info = self.info(name)
+        nbytes = out.size * info.dtype.itemsize
+        first = info.offset + start * info.dtype.itemsize
+        assert start >= 0 and first + nbytes <= info.offset + info.nbytes, (name, start, out.size)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        fd = self._fd(info.path)
+        done = 0
+        while done < nbytes:
+            got = os.preadv(fd, [view[done:]], first + done)
+            if got == 0:
+                raise CorruptCheckpointError(
+                    f"{info.path} ended while reading tensor {name!r}: the file is truncated",
+                    hint="re-download or re-copy this shard",
+                    path=str(info.path),
+                    tensor=name,
+                )
+            done += got
+        return out
+
+    def read(self, name: str) -> np.ndarray:
+        """A whole tensor in its raw storage dtype (BF16 as uint16), shaped."""
+        info = self.info(name)
+        out = np.empty(info.numel, dtype=info.dtype.storage)
+        return self.read_into(name, 0, out).reshape(info.shape)
+
+    def prefetch(self, name: str, start: int, count: int) -> None:
+        """Ask the kernel to read ahead a range we are about to need (cold reads overlap compute)."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        info = self.info(name)
+        isz = info.dtype.itemsize
+        os.posix_fadvise(
+            self._fd(info.path), info.offset + start * isz, count * isz, os.POSIX_FADV_WILLNEED
+        )
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY)
+            self._fds[path] = fd
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- facts -----------------------------------------------------------------------------------
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    def config(self) -> dict | None:
+        path = self.root / "config.json"
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CorruptCheckpointError(
+                f"{path} is not valid JSON: {exc}", path=str(path)
+            ) from None
+
+    def fingerprint(self) -> list[list]:
+        """Identity of the inputs for resuming: file names, sizes and modification times."""
+        return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in self.files]
+
+
+# -- opening ---------------------------------------------------------------------------------------
+def open_checkpoint(source: str | os.PathLike) -> Checkpoint:
+    """Open a checkpoint folder or ``.safetensors`` file, reading and validating headers only."""
+    path = Path(source).expanduser()
+    text = str(source)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise CorruptCheckpointError(
+                f"{path} is not a .safetensors file",
+                hint="name a checkpoint folder or a .safetensors file",
+                path=str(path),
+            )
+        tensors, metadata = _read_file(path)
+        return Checkpoint(text, path.parent, (path,), tensors, metadata)
+    if path.is_dir():
+        return _open_folder(text, path)
+    hint = "check the path"
+    if "/" in text and not text.startswith((".", "/", "~")) and text.count("/") == 1:
+        hint = (
+            f"{text!r} looks like a Hub repo id; this version reads local folders only, "
+            "download it first (e.g. `hf download {text} --local-dir DIR`)"
+        )
+    raise InputNotFoundError(f"checkpoint not found: {text}", hint=hint, path=text)
+
+
+def _open_folder(text: str, root: Path) -> Checkpoint:
+    index_path = root / INDEX_NAME
+    if index_path.is_file():
+        weight_map = _read_index(index_path)
+        by_file: dict[str, list[str]] = {}
+        for name, fname in weight_map.items():
+            by_file.setdefault(fname, []).append(name)
+        tensors: dict[str, TensorInfo] = {}
+        files = []
+        metadata: dict[str, str] = {}
+        for fname in sorted(by_file):
+            shard = _shard_path(root, fname, index_path)
+            found, meta = _read_file(shard)
+            metadata = metadata or meta
+            files.append(shard)
+            for name in by_file[fname]:
+                if name not in found:
+                    raise CorruptCheckpointError(
+                        f"{index_path} maps tensor {name!r} to {fname}, but that shard has no such "
+                        "tensor",
+                        hint="the index and the shards do not belong together; re-download them",
+                        path=str(shard),
+                        tensor=name,
+                    )
+                tensors[name] = found[name]
+        return Checkpoint(text, root, tuple(files), tensors, metadata)
+    single = root / SINGLE_NAME
+    if single.is_file():
+        tensors, metadata = _read_file(single)
+        return Checkpoint(text, root, (single,), tensors, metadata)
+    shards = sorted(root.glob("*.safetensors"))
+    if len(shards) > 1:
+        raise CorruptCheckpointError(
+            f"{root} holds {len(shards)} .safetensors files but no {INDEX_NAME}",
+            hint="restore the index file, or name one .safetensors file directly",
+            path=str(root),
+        )
+    if len(shards) == 1:
+        tensors, metadata = _read_file(shards[0])
+        return Checkpoint(text, root, (shards[0],), tensors, metadata)
+    raise InputNotFoundError(
+        f"no safetensors weights in {root}",
+        hint="expected model.safetensors, or shards with model.safetensors.index.json "
+        "(convert .bin checkpoints to safetensors first)",
+        path=str(root),
+    )
+
+
+def _read_index(index_path: Path) -> dict[str, str]:
+    try:
+        index = json.loads(index_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptCheckpointError(
+            f"{index_path} is not valid JSON: {exc}", path=str(index_path)
+        ) from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CorruptCheckpointError(
+            f"{index_path} has no valid 'weight_map' (tensor name -> shard file)",
+            path=str(index_path),
+        )
+    return weight_map
+
+
+def _shard_path(root: Path, fname: str, index_path: Path) -> Path:
+    """Resolve a shard named in the index, refusing names that escape the checkpoint folder."""
+    candidate = (root / fname).resolve()
+    if Path(fname).is_absolute() or candidate.parent != root.resolve():
+        raise CorruptCheckpointError(
+            f"{index_path} names shard {fname!r}, which lies outside the checkpoint folder",
+            hint="shard names in an index must be plain file names in the same folder",
+            path=str(index_path),
+        )
+    if not candidate.is_file():
+        raise InputNotFoundError(
+            f"shard {fname} named in {index_path} is missing",
+            hint="download or copy the missing shard",
+            path=str(candidate),
+        )
+    return root / fname
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """Parse and return (header JSON, data start offset) of a safetensors file, unvalidated."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CorruptCheckpointError(
+                f"{path} is too short to be a safetensors file ({size} bytes)",
+                hint="the file is truncated or not safetensors",
+                path=str(path),
+            )
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES:
+            raise CorruptCheckpointError(
+                f"{path} declares a header of {n} bytes, over the format's 100 MB limit",
+                hint="the file is corrupt or not safetensors",
+                path=str(path),
+            )
+        if 8 + n > size:
+            raise CorruptCheckpointError(
+                f"{path} declares a {n}-byte header but the file has only {size} bytes",
+                hint="the file is truncated or not safetensors",
+                path=str(path),
+            )
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptCheckpointError(
+            f"{path} has a header that is not valid JSON ({exc})",
+            hint="the file is corrupt or not safetensors",
+            path=str(path),
+        ) from None
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"{path} has a malformed header", path=str(path))
+    return header, 8 + n
+
+
+def _read_file(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Read one file's header and check it: known dtypes, sizes, offsets that tile the data."""
+    header, data_start = read_header(path)
+    data_len = path.stat().st_size - data_start
+    metadata = header.pop("__metadata__", None) or {}
+    tensors: dict[str, TensorInfo] = {}
+    spans = []
+    for name, entry in header.items():
+        try:
+            dtype = DTYPES[entry["dtype"]]
+            shape = tuple(int(x) for x in entry["shape"])
+            start, end = (int(x) for x in entry["data_offsets"])
+        except KeyError as exc:
+            bad = f"unknown dtype {entry.get('dtype')!r}" if "dtype" in entry else f"no {exc}"
+            raise CorruptCheckpointError(
+                f"{path}: tensor {name!r} has a malformed header entry ({bad})",
+                path=str(path),
+                tensor=name,
+            ) from None
+        except (TypeError, ValueError, AttributeError):
+            raise CorruptCheckpointError(
+                f"{path}: tensor {name!r} has a malformed header entry", path=str(path), tensor=name
+            ) from None
+        expected = math.prod(shape) * dtype.itemsize
+        if any(d < 0 for d in shape) or start < 0 or end - start != expected:
+            raise CorruptCheckpointError(
+                f"{path}: tensor {name!r} ({entry['dtype']}, shape {list(shape)}) needs {expected} "
+                f"bytes but its data_offsets [{start}, {end}] give {end - start}",
+                hint="the file is corrupt",
+                path=str(path),
+                tensor=name,
+            )
+        if end > data_len:
+            raise CorruptCheckpointError(
+                f"{path}: tensor {name!r} ends at byte {end} of the data but the file holds only "
+                f"{data_len} data bytes: the file is truncated",
+                hint="re-download or re-copy this file",
+                path=str(path),
+                tensor=name,
+            )
+        spans.append((start, end, name))
+        tensors[name] = TensorInfo(name, dtype, shape, path, data_start + start, end - start)
+    _check_tiling(path, spans, data_len)
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _check_tiling(path: Path, spans: list[tuple[int, int, str]], data_len: int) -> None:
+    """Offsets must cover the data exactly: no overlaps (two tensors sharing bytes), no holes."""
+    pos = 0
+    prev = None
+    for start, end, name in sorted(spans):
+        if start < pos:
+            raise CorruptCheckpointError(
+                f"{path}: tensors {prev!r} and {name!r} overlap (byte {start} < {pos})",
+                hint="the file is corrupt",
+                path=str(path),
+                tensor=name,
+            )
+        if start > pos:
+            raise CorruptCheckpointError(
+                f"{path}: bytes {pos}..{start} of the data belong to no tensor",
+                hint="the file is corrupt",
+                path=str(path),
+            )
+        pos, prev = end, name
+    if pos != data_len:
+        raise CorruptCheckpointError(
+            f"{path}: the header describes {pos} data bytes but the file holds {data_len}",
+            hint="the file is corrupt or was appended to",
+            path=str(path),
+        )

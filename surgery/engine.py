@@ -1,0 +1,565 @@
+"""The streaming engine: runs a plan tensor by tensor, chunk by chunk, under a memory budget.
+
+A tensor is a stream of element chunks sized so that every buffer a worker needs fits its share of
+``max_memory``. Methods that need whole-tensor statistics first run *reduce passes* over the chunks
+(exact rank thresholds by radix select, Gram matrices for SLERP / Model Stock), then one *apply pass*
+computes output chunks and writes them at their final offsets. When a tensor fits in one chunk it is
+read once and the passes reuse it. Workers run whole tensors in parallel threads; the kernels, reads
+and writes release the GIL, so reading, computing and writing overlap across tensors. Every result
+is a pure function of the inputs and the recipe: chunk size, budget and thread count never change a
+byte of the output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from surgery.dtypes import DTYPES
+from surgery.errors import IncompatibleTensorsError, SurgeryError
+from surgery.kernels import Backend, get_backend
+from surgery.plan import Plan, TensorJob, build_plan, input_paths
+from surgery.recipe import RECIPE_NAME, Recipe
+from surgery.writer import CheckpointWriter, check_output_folder, fingerprint_of, prepare_output
+
+ENGINE_VERSION = 1  # part of the resume fingerprint: bump when output bytes could change
+NONE_ABOVE = 2**32  # threshold meaning "no element is in the top r" (r = 0)
+ALL = -1  # threshold meaning "every element is in the top r" (r = n)
+HIST = 65536
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    max_memory: int = 2 * 2**30  # bytes for all working buffers together
+    threads: int | None = None  # default: one per CPU core
+    device: str = "cpu"  # "cpu" (numba) or "cuda[:N]" (torch)
+    overwrite: bool = False
+    min_chunk: int = 1  # elements; tests use tiny budgets, real runs never hit this
+
+    @property
+    def workers(self) -> int:
+        return max(1, self.threads or os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    output: Path
+    tensors: int
+    resumed_tensors: int
+    bytes_written: int
+    seconds: float
+
+
+class Interrupted(SurgeryError):
+    """The run was stopped; the output folder holds a resumable partial run."""
+
+
+# -- entry points ---------------------------------------------------------------------------------
+def merge(
+    recipe: Recipe,
+    out: str | Path,
+    options: EngineOptions | None = None,
+    progress: Callable[[int], None] | None = None,
+    card: Callable[[Plan], str] | None = None,
+) -> MergeResult:
+    """Plan and run ``recipe``, writing a complete checkpoint to ``out``."""
+    plan = build_plan(recipe)
+    try:
+        return execute(plan, Path(out), options or EngineOptions(), progress, card)
+    finally:
+        plan.close()
+
+
+def execute(
+    plan: Plan,
+    out: Path,
+    options: EngineOptions,
+    progress: Callable[[int], None] | None = None,
+    card: Callable[[Plan], str] | None = None,
+) -> MergeResult:
+    """Run a checked plan. ``progress(n)`` is called with output bytes as they are written."""
+    start = time.perf_counter()
+    check_output_folder(out, input_paths(plan))
+    fingerprint = fingerprint_of(
+        {
+            "engine": ENGINE_VERSION,
+            "recipe": plan.recipe.to_dict(),
+            "inputs": [c.fingerprint() for c in plan.inputs],
+            "shards": [[s.filename, s.size] for s in plan.layout.shards],
+        }
+    )
+    resume = prepare_output(out, fingerprint, options.overwrite)
+    writer = CheckpointWriter(out, plan.layout, resume)
+    try:
+        resumed = len(writer.done)
+        if progress and resumed:
+            progress(sum(plan.layout.tensors[n].nbytes for n in writer.done))
+        runner = _Runner(plan, writer, options, progress)
+        runner.run()
+        side = plan.side_files()
+        recipe_yaml = plan.recipe.to_yaml()
+        side[RECIPE_NAME] = recipe_yaml.encode()
+        if card is not None:
+            side["README.md"] = card(plan).encode()
+        writer.finalize(side)
+    finally:
+        writer.close()
+    return MergeResult(
+        out, len(plan.jobs), resumed, plan.layout.total_bytes, time.perf_counter() - start
+    )
+
+
+# -- exact rank thresholds ------------------------------------------------------------------------
+def rank_count(fraction: float, n: int) -> int:
+    """floor(fraction * n), exact for the decimal the user wrote (0.29 * 100 is 29, not 28)."""
+    return math.floor(Fraction(repr(float(fraction))) * n)
+
+
+def band_ranks(params: dict, n: int) -> tuple[int, int]:
+    """(r_hi, r_lo): keep ranks r_hi+1..r_lo, i.e. drop the top ``outliers``, keep ``density``."""
+    r_hi = rank_count(params.get("outliers", 0.0), n)
+    return r_hi, min(n, r_hi + rank_count(params["density"], n))
+
+
+def _high_bin(hist: np.ndarray, r: int) -> tuple[int, int]:
+    """Bin holding the r-th largest value (1-based) and how many values lie in higher bins."""
+    rev = np.cumsum(hist[::-1])
+    idx = int(np.searchsorted(rev, r))
+    b = HIST - 1 - idx
+    return b, int(rev[idx] - hist[b])
+
+
+def threshold_from_hists(hist_high: np.ndarray, r: int, low_hist_for: Callable) -> tuple[int, int]:
+    """(v, ties): the top r elements are those with |x| bits > v, plus the first ``ties`` equal."""
+    n = int(hist_high.sum())
+    if r <= 0:
+        return NONE_ABOVE, 0
+    if r >= n:
+        return ALL, 0
+    b, above = _high_bin(hist_high, r)
+    low = low_hist_for(b)
+    lb, above_low = _high_bin(low, r - above)
+    return (b << 16) | lb, r - above - above_low
+
+
+@dataclass
+class _Band:
+    """Per model: the (v, ties) of both band edges for one group, and the tie counters."""
+
+    v_hi: int
+    ties_hi: int
+    v_lo: int
+    ties_lo: int
+    seen: np.ndarray = field(default_factory=lambda: np.zeros(2, np.int64))
+
+
+# -- buffers --------------------------------------------------------------------------------------
+class _Workspace:
+    """A worker's reusable buffers: allocated once, grown only when a job needs more."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, np.ndarray] = {}
+
+    def get(self, key: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        buf = self._bufs.get(key)
+        if buf is None or buf.size < nbytes:
+            buf = self._bufs[key] = np.empty(max(nbytes, 64), np.uint8)
+        return buf[:nbytes].view(dtype).reshape(shape)
+
+
+# -- running jobs ---------------------------------------------------------------------------------
+class _Runner:
+    def __init__(
+        self,
+        plan: Plan,
+        writer: CheckpointWriter,
+        options: EngineOptions,
+        progress: Callable[[int], None] | None,
+    ) -> None:
+        self.plan = plan
+        self.spec = plan.recipe.spec
+        self.params = plan.recipe.parameters
+        self.writer = writer
+        self.options = options
+        self.progress = progress
+        self.backend: Backend = get_backend(options.device)
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.local = threading.local()
+        self.workers = options.workers
+        self.share = max(1, options.max_memory // self.workers)
+        self.n_models = len(plan.recipe.models)
+        self.global_bands: dict[str, list[_Band]] = {}
+
+    # -- orchestration ----------------------------------------------------------------------------
+    def run(self) -> None:
+        granularity = self.params.get("granularity")
+        if self.spec.sparsify == "band" and granularity == "global":
+            self.global_bands = self._global_thresholds()
+        todo = [j for j in self.plan.jobs if j.name not in self.writer.done]
+        todo.sort(key=lambda j: -j.numel)  # big tensors first balance the workers
+        self._parallel(self._run_job, todo)
+
+    def _parallel(self, fn: Callable, items: list) -> list:
+        if not items:
+            return []
+        if self.workers == 1:
+            out = []
+            for item in items:
+                self._check_stop()
+                out.append(fn(item))
+            return out
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="surgery")
+        futures = [pool.submit(fn, item) for item in items]
+        try:
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            for fut in done:
+                if fut.exception() is not None:
+                    raise fut.exception()  # type: ignore[misc]
+            return [f.result() for f in futures]
+        except BaseException:
+            self.stop.set()
+            for fut in futures:
+                fut.cancel()
+            raise
+        finally:
+            pool.shutdown(wait=True)
+
+    def _check_stop(self) -> None:
+        if self.stop.is_set():
+            raise Interrupted("stopped")
+
+    @property
+    def ws(self) -> _Workspace:
+        ws = getattr(self.local, "ws", None)
+        if ws is None:
+            ws = self.local.ws = _Workspace()
+        return ws
+
+    # -- chunking ---------------------------------------------------------------------------------
+    def _bytes_per_element(self, job: TensorJob) -> int:
+        n_in = len(job.in_dtypes)
+        raw = sum(DTYPES[d].itemsize for d in job.in_dtypes if d != "F32")
+        out = 4 + DTYPES[job.out_dtype].itemsize
+        return 4 * n_in + raw + 4 * self.n_models + out
+
+    def _chunk(self, job: TensorJob) -> int:
+        """Elements per chunk: as many as fit this worker's share; whole rows for per-row masks."""
+        n = max(1, job.numel)
+        per = self._bytes_per_element(job)
+        chunk = max(self.options.min_chunk, self.share // per)
+        if self._per_row(job):
+            cols = self._cols(job)
+            chunk = max(cols, chunk // cols * cols)
+        return min(n, chunk)
+
+    def _per_row(self, job: TensorJob) -> bool:
+        return (
+            job.action == "merge"
+            and self.spec.sparsify == "band"
+            and self.params.get("granularity") == "per_row"
+        )
+
+    @staticmethod
+    def _cols(job: TensorJob) -> int:
+        return job.shape[-1] if job.shape else 1
+
+    def _ranges(self, job: TensorJob) -> list[tuple[int, int]]:
+        chunk = self._chunk(job)
+        return [(s, min(chunk, job.numel - s)) for s in range(0, job.numel, chunk)]
+
+    # -- reading ----------------------------------------------------------------------------------
+    def _load(self, job: TensorJob, start: int, count: int, ranges_next: tuple | None) -> np.ndarray:
+        """Decoded float32 inputs [n_inputs, count] for elements start:start+count."""
+        ws = self.ws
+        dec = ws.get("dec", (len(job.in_dtypes), count), np.float32)
+        for i, (ckpt, dtype) in enumerate(zip(self.plan.inputs, job.in_dtypes)):
+            self._check_stop()
+            if dtype == "F32":
+                ckpt.read_into(job.name, start, dec[i])
+            else:
+                raw = ws.get(f"raw{i}", (count,), DTYPES[dtype].storage)
+                ckpt.read_into(job.name, start, raw)
+                self.backend.decode(raw, dtype, dec[i])
+            if ranges_next is not None:
+                ckpt.prefetch(job.name, *ranges_next)
+        return dec
+
+    # -- one tensor -------------------------------------------------------------------------------
+    def _run_job(self, job: TensorJob) -> None:
+        if job.action == "merge":
+            self._merge_job(job)
+        else:
+            self._copy_job(job)
+        self.writer.mark_done(job.name)
+
+    def _write(self, job: TensorJob, start: int, raw: np.ndarray) -> None:
+        self.writer.write(job.name, start, raw)
+        if self.progress is not None:
+            with self.lock:
+                self.progress(raw.nbytes)
+
+    def _copy_job(self, job: TensorJob) -> None:
+        """Integer tensors: equal in every input, copied. F8: copied from the first input."""
+        ws = self.ws
+        storage = DTYPES[job.out_dtype].storage
+        n_check = len(self.plan.inputs) if job.action == "copy_equal" else 1
+        for start, count in self._ranges(job):
+            first = self.plan.inputs[0].read_into(job.name, start, ws.get("raw0", (count,), storage))
+            for i in range(1, n_check):
+                other = self.plan.inputs[i].read_into(
+                    job.name, start, ws.get("raw1", (count,), storage)
+                )
+                if not np.array_equal(first, other):
+                    raise IncompatibleTensorsError(
+                        f"integer tensor {job.name!r} differs between {self.plan.inputs[0].source} "
+                        f"and {self.plan.inputs[i].source}",
+                        hint="integer tensors (ids, masks, buffers) cannot be merged; every input "
+                        "must hold the same values",
+                        tensor=job.name,
+                    )
+            self._write(job, start, first)
+
+    def _merge_job(self, job: TensorJob) -> None:
+        ranges = self._ranges(job)
+        cache: dict = {}
+
+        def chunk(k: int) -> tuple[np.ndarray, np.ndarray | None]:
+            """Decoded inputs and (for task-vector methods) tau of chunk k; reused when k is cached."""
+            start, count = ranges[k]
+            if cache.get("k") == k:
+                return cache["dec"], cache["tau"]
+            nxt = ranges[k + 1] if k + 1 < len(ranges) else None
+            dec = self._load(job, start, count, nxt)
+            tau = None
+            if self.plan.has_base and self.spec.combine in ("sum", "ties", "model_stock"):
+                tau = self.ws.get("tau", (self.n_models, count), np.float32)
+                self.backend.subtract(dec[1:], dec[0], tau)
+            cache.update(k=k, dec=dec, tau=tau)
+            return dec, tau
+
+        bands = self._bands_for(job, ranges, chunk)
+        coeffs = self._coefficients(job, ranges, chunk)
+        for k, (start, count) in enumerate(ranges):
+            dec, tau = chunk(k)
+            cache.clear()  # tau is modified in place below
+            out = self._apply(job, dec, tau, start, count, bands, coeffs)
+            raw = self.ws.get("out_raw", (count,), DTYPES[job.out_dtype].storage)
+            self._write(job, start, self.backend.encode(out, job.out_dtype, raw))
+
+    # -- reduce passes ----------------------------------------------------------------------------
+    def _bands_for(self, job: TensorJob, ranges: list, chunk: Callable) -> list[_Band] | None:
+        if self.spec.sparsify != "band":
+            return None
+        granularity = self.params.get("granularity")
+        if granularity == "per_row":
+            return None
+        if granularity == "global":
+            return [
+                _Band(b.v_hi, b.ties_hi, b.v_lo, b.ties_lo) for b in self.global_bands[job.name]
+            ]
+        r_hi, r_lo = band_ranks(self.params, job.numel)
+        highs = self._hist_high(ranges, chunk)
+        lows = self._hist_low(ranges, chunk, highs, r_hi, r_lo)
+        return [self._band(highs[t], lows[t], r_hi, r_lo) for t in range(self.n_models)]
+
+    def _hist_high(self, ranges: list, chunk: Callable) -> np.ndarray:
+        hist = np.zeros((self.n_models, HIST), np.int64)
+        for k in range(len(ranges)):
+            _, tau = chunk(k)
+            for t in range(self.n_models):
+                self.backend.abs_hist_high(tau[t], hist[t])
+        return hist
+
+    def _hist_low(
+        self, ranges: list, chunk: Callable, highs: np.ndarray, r_hi: int, r_lo: int
+    ) -> list[dict[int, np.ndarray]]:
+        """Per model, the low-16-bit histogram inside each high bin that holds a band edge."""
+        wanted = []
+        for t in range(self.n_models):
+            n = int(highs[t].sum())
+            bins = {_high_bin(highs[t], r)[0] for r in (r_hi, r_lo) if 0 < r < n}
+            wanted.append({b: np.zeros(HIST, np.int64) for b in bins})
+        if any(wanted):
+            for k in range(len(ranges)):
+                _, tau = chunk(k)
+                for t in range(self.n_models):
+                    for b, hist in wanted[t].items():
+                        self.backend.abs_hist_low(tau[t], b, hist)
+        return wanted
+
+    @staticmethod
+    def _band(high: np.ndarray, lows: dict[int, np.ndarray], r_hi: int, r_lo: int) -> _Band:
+        v_hi, t_hi = threshold_from_hists(high, r_hi, lows.__getitem__)
+        v_lo, t_lo = threshold_from_hists(high, r_lo, lows.__getitem__)
+        return _Band(v_hi, t_hi, v_lo, t_lo)
+
+    def _global_thresholds(self) -> dict[str, list[_Band]]:
+        """One band per model over ALL merged tensors, ties broken in (plan order, index) order.
+
+        Pass 1 sums per-tensor high histograms; pass 2 collects each tensor's low histogram inside
+        the edge bins (sparse: few entries). A tensor's share of the ties at an edge is what is left
+        of the global tie budget after the tensors before it in plan order.
+        """
+        jobs = self.plan.merge_jobs
+        T = self.n_models
+
+        def pass_high(job: TensorJob) -> np.ndarray:
+            ranges = self._ranges(job)
+            return self._hist_high(ranges, self._reader(job, ranges))
+
+        highs = sum(self._parallel(pass_high, jobs), np.zeros((T, HIST), np.int64))
+        n = sum(j.numel for j in jobs)
+        r_hi, r_lo = band_ranks(self.params, n)
+        edge_bins = [
+            sorted({_high_bin(highs[t], r)[0] for r in (r_hi, r_lo) if 0 < r < n}) for t in range(T)
+        ]
+
+        def pass_low(job: TensorJob) -> list[dict[int, np.ndarray]]:
+            ranges = self._ranges(job)
+            reader = self._reader(job, ranges)
+            hists = [{b: np.zeros(HIST, np.int64) for b in edge_bins[t]} for t in range(T)]
+            if any(edge_bins):
+                for k in range(len(ranges)):
+                    _, tau = reader(k)
+                    for t in range(T):
+                        for b, h in hists[t].items():
+                            self.backend.abs_hist_low(tau[t], b, h)
+            return hists
+
+        per_job = self._parallel(pass_low, jobs)
+        result: dict[str, list[_Band]] = {j.name: [] for j in jobs}
+        for t in range(T):
+            lows = {b: sum(h[t][b] for h in per_job) for b in edge_bins[t]}
+            v_hi, ties_hi = threshold_from_hists(highs[t], r_hi, lows.__getitem__)
+            v_lo, ties_lo = threshold_from_hists(highs[t], r_lo, lows.__getitem__)
+            left_hi, left_lo = ties_hi, ties_lo
+            for job, hists in zip(jobs, per_job):
+                eq_hi = _count_equal(hists[t], v_hi)
+                eq_lo = _count_equal(hists[t], v_lo)
+                result[job.name].append(
+                    _Band(v_hi, min(left_hi, eq_hi), v_lo, min(left_lo, eq_lo))
+                )
+                left_hi, left_lo = max(0, left_hi - eq_hi), max(0, left_lo - eq_lo)
+        return result
+
+    def _reader(self, job: TensorJob, ranges: list) -> Callable:
+        def read(k: int) -> tuple[np.ndarray, np.ndarray]:
+            start, count = ranges[k]
+            dec = self._load(job, start, count, None)
+            tau = self.ws.get("tau", (self.n_models, count), np.float32)
+            self.backend.subtract(dec[1:], dec[0], tau)
+            return dec, tau
+
+        return read
+
+    def _coefficients(self, job: TensorJob, ranges: list, chunk: Callable) -> np.ndarray | None:
+        """Per-tensor scalars of SLERP ([c0, c1]) and Model Stock ([k]) from a Gram-matrix pass."""
+        combine = self.spec.combine
+        if combine not in ("slerp", "model_stock"):
+            return None
+        size = 2 if combine == "slerp" else self.n_models
+        gram = np.zeros((size, size), np.float64)
+        for k in range(len(ranges)):
+            dec, tau = chunk(k)
+            self.backend.gram_accumulate(dec if combine == "slerp" else tau, gram)
+        if combine == "slerp":
+            return slerp_coefficients(gram, float(self.params["t"]))
+        return np.array([model_stock_k(gram)], np.float32)
+
+    # -- apply ------------------------------------------------------------------------------------
+    def _apply(
+        self,
+        job: TensorJob,
+        dec: np.ndarray,
+        tau: np.ndarray | None,
+        start: int,
+        count: int,
+        bands: list[_Band] | None,
+        coeffs: np.ndarray | None,
+    ) -> np.ndarray:
+        be = self.backend
+        out = self.ws.get("out", (count,), np.float32)
+        combine = self.spec.combine
+        weights = np.asarray(self.params.get("weights") or [], np.float32)
+        if combine == "linear":
+            models = dec[1:] if self.plan.has_base else dec
+            w = np.asarray(self.params["weights"], np.float64)
+            be.combine_weighted(models, (w / w.sum()).astype(np.float32), out)
+            return out
+        if combine == "slerp":
+            be.combine_weighted(dec, coeffs, out)
+            return out
+        if combine == "model_stock":
+            be.combine_model_stock(dec[0], dec[1:], np.float32(coeffs[0]), out)
+            return out
+        assert tau is not None
+        if self.spec.sparsify == "band":
+            if bands is None:  # per row
+                r_hi, r_lo = band_ranks(self.params, self._cols(job))
+                keys = self.ws.get("keys", (self._cols(job),), np.uint64)
+                for t in range(self.n_models):
+                    be.row_band_mask(tau[t], self._cols(job), r_hi, r_lo, keys)
+            else:
+                for t, b in enumerate(bands):
+                    be.band_mask(tau[t], b.v_hi, b.ties_hi, b.v_lo, b.ties_lo, b.seen)
+        elif self.spec.sparsify == "bernoulli":
+            for t in range(self.n_models):
+                key = dare_key(int(self.params["seed"]), job.name, t)
+                be.dare_mask(tau[t], float(self.params["density"]), np.uint64(key), start)
+        scale = np.float32(self.params["scale"])
+        if combine == "sum":
+            be.combine_sum(dec[0], tau, weights, scale, out)
+        else:
+            be.combine_ties(dec[0], tau, weights, scale, out)
+        return out
+
+
+def _count_equal(hists: dict[int, np.ndarray], v: int) -> int:
+    if v < 0 or v >= NONE_ABOVE:
+        return 0
+    h = hists.get(v >> 16)
+    return 0 if h is None else int(h[v & 0xFFFF])
+
+
+def dare_key(seed: int, name: str, model_index: int) -> int:
+    """64-bit key of DARE's random stream for one (seed, tensor, model)."""
+    digest = hashlib.blake2b(f"{seed}\0{name}\0{model_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def slerp_coefficients(gram: np.ndarray, t: float) -> np.ndarray:
+    """[c0, c1] with out = c0 v0 + c1 v1 (float64 math, rounded once to float32)."""
+    n0, n1 = math.sqrt(gram[0, 0]), math.sqrt(gram[1, 1])
+    if n0 == 0.0 or n1 == 0.0:
+        return np.array([1.0 - t, t], np.float32)
+    cos = max(-1.0, min(1.0, gram[0, 1] / (n0 * n1)))
+    if abs(cos) > 1.0 - 1e-6:
+        return np.array([1.0 - t, t], np.float32)
+    omega = math.acos(cos)
+    s = math.sin(omega)
+    return np.array([math.sin((1.0 - t) * omega) / s, math.sin(t * omega) / s], np.float32)
+
+
+def model_stock_k(gram: np.ndarray) -> float:
+    """k = T cos / (1 + (T-1) cos), cos = mean pairwise cosine of the task vectors, in [0, 1]."""
+    T = gram.shape[0]
+    cosines = []
+    for s in range(T):
+        for t in range(s + 1, T):
+            denom = math.sqrt(gram[s, s]) * math.sqrt(gram[t, t])
+            cosines.append(gram[s, t] / denom if denom > 0 else 0.0)
+    cos = min(1.0, max(0.0, sum(cosines) / len(cosines)))
+    return T * cos / (1.0 + (T - 1) * cos)

@@ -1,0 +1,59 @@
+"""The error tree of model-surgery.
+
+Every error is a ``SurgeryError`` and also the builtin a caller would catch for the same problem
+(``FileNotFoundError``, ``ValueError``, ``KeyError``...). Messages say what is wrong, with which file or
+tensor; ``hint`` says how to fix it. The CLI prints ``error: <message>`` and ``hint: <hint>``.
+"""
+
+from __future__ import annotations
+
+
+class SurgeryError(Exception):
+    """Base of every error this library raises on purpose."""
+
+    def __init__(self, message: str, *, hint: str | None = None, **attrs: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        for key, value in attrs.items():
+            setattr(self, key, value)
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return self.message
+
+
+class InputNotFoundError(SurgeryError, FileNotFoundError):
+    """A checkpoint, shard or file named by the user does not exist."""
+
+
+class CorruptCheckpointError(SurgeryError, ValueError):
+    """A safetensors file or index is malformed (bad header, offsets, truncated data)."""
+
+
+class MissingTensorError(SurgeryError, KeyError):
+    """A tensor needed by the plan is absent from an input."""
+
+
+class IncompatibleTensorsError(SurgeryError, ValueError):
+    """Inputs disagree on a tensor's shape or dtype, or integer tensors differ."""
+
+
+class PlanError(SurgeryError, ValueError):
+    """Several planning problems at once; ``problems`` lists each message."""
+
+    def __init__(self, problems: list[str], *, hint: str | None = None) -> None:
+        shown = "\n  - ".join(problems[:50])
+        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        super().__init__(
+            f"the inputs cannot be merged ({len(problems)} problem(s)):\n  - {shown}{more}",
+            hint=hint,
+            problems=problems,
+        )
+
+
+class RecipeError(SurgeryError, ValueError):
+    """A recipe, method name or parameter is invalid."""
+
+
+class OutputError(SurgeryError, OSError):
+    """The output folder cannot be used or written (input overlap, not empty, disk full)."""

@@ -1,0 +1,64 @@
+"""Kernel backends: the numba CPU kernels and their torch twins share one interface.
+
+A backend is a frozen table of functions over numpy arrays (the engine's buffers). The numba backend
+computes in place; the torch backend moves each chunk to its device, runs the same math, and copies
+the result back, so the engine is the same for both and results can be compared bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    bf16_to_f32: Callable
+    f32_to_bf16: Callable
+    subtract: Callable
+    abs_hist_high: Callable
+    abs_hist_low: Callable
+    band_mask: Callable
+    row_band_mask: Callable
+    dare_mask: Callable
+    combine_sum: Callable
+    combine_ties: Callable
+    combine_weighted: Callable
+    combine_model_stock: Callable
+    gram_accumulate: Callable
+    l1_accumulate: Callable
+
+    def decode(self, raw: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
+        """Raw storage -> float32. F32 input is returned as is (no copy)."""
+        if dtype == "F32":
+            return raw
+        if dtype == "BF16":
+            self.bf16_to_f32(raw, out)
+        else:  # F16, F64: numpy's cast is exact for F16 and rounds F64 once
+            np.copyto(out, raw.view(np.float16 if dtype == "F16" else np.float64), casting="unsafe")
+        return out
+
+    def encode(self, x: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
+        """float32 -> raw storage of ``dtype``, one round-to-nearest-even."""
+        if dtype == "F32":
+            np.copyto(out, x)
+        elif dtype == "BF16":
+            self.f32_to_bf16(x.view(np.uint32), out)
+        else:
+            np.copyto(out.view(np.float16), x, casting="unsafe")
+        return out
+
+
+def get_backend(device: str = "cpu") -> Backend:
+    """``cpu``: numba kernels. ``cuda``/``cuda:N`` (or ``torch-cpu`` for testing): torch twins."""
+    if device == "cpu":
+        from surgery.kernels import cpu as k
+    else:
+        from surgery.kernels import torch_ops
+
+        k = torch_ops.for_device("cpu" if device == "torch-cpu" else device)
+    fields = [f for f in Backend.__dataclass_fields__ if f != "name"]
+    return Backend(name=device, **{f: getattr(k, f) for f in fields})

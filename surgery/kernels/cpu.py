@@ -1,0 +1,243 @@
+"""numba CPU kernels: pure functions of arrays and scalars, no I/O, no names.
+
+Conventions: float math in float32 (statistics in float64 or exact integers), one rounding to the output
+dtype at the end. BF16 arrives as uint16 bit patterns. Every kernel that keeps state across row-chunks
+takes that state as an argument (tie counters, accumulators) and walks elements in index order, so a
+tensor processed in any chunking gives bit-identical results.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_JIT = {"nogil": True, "cache": True}
+
+
+# -- dtype conversion ------------------------------------------------------------------------------
+@njit(**_JIT)
+def bf16_to_f32(src, dst):  # pragma: no cover - compiled
+    for i in range(src.size):
+        dst[i] = np.uint32(np.uint32(src[i]) << np.uint32(16)).view(np.float32)
+
+
+@njit(**_JIT)
+def f32_to_bf16(src_bits, dst):  # pragma: no cover - compiled
+    """float32 (given as its uint32 bits) to bf16 bits, round to nearest even as torch does.
+
+    NaN stays a quiet NaN.
+    """
+    for i in range(src_bits.size):
+        bits = src_bits[i]
+        if (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+            dst[i] = np.uint16((bits >> np.uint32(16)) | np.uint32(0x0040))
+        else:
+            rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+            dst[i] = np.uint16(rounded >> np.uint32(16))
+
+
+# -- task vectors and exact order statistics --------------------------------------------------------
+@njit(**_JIT)
+def subtract(models, base, out):  # pragma: no cover - compiled
+    """out[t] = models[t] - base (float32)."""
+    for t in range(models.shape[0]):
+        for i in range(base.size):
+            out[t, i] = models[t, i] - base[i]
+
+
+@njit(**_JIT)
+def abs_hist_high(x, hist):  # pragma: no cover - compiled
+    """hist[h] += #{i : (|x_i| bits) >> 16 == h}. |x| as uint32 is monotone in |x|."""
+    bits = x.view(np.uint32)
+    for i in range(bits.size):
+        hist[(bits[i] & np.uint32(0x7FFFFFFF)) >> np.uint32(16)] += 1
+
+
+@njit(**_JIT)
+def abs_hist_low(x, high, hist):  # pragma: no cover - compiled
+    """hist[l] += #{i : |x_i| bits == (high << 16) | l}."""
+    bits = x.view(np.uint32)
+    for i in range(bits.size):
+        a = bits[i] & np.uint32(0x7FFFFFFF)
+        if (a >> np.uint32(16)) == high:
+            hist[a & np.uint32(0xFFFF)] += 1
+
+
+@njit(**_JIT)
+def band_mask(x, v_hi, ties_hi, v_lo, ties_lo, seen):  # pragma: no cover - compiled
+    """Zero every element whose rank is not in (r_hi, r_lo], in place.
+
+    Rank order: larger |x| first, equal |x| broken by lower index. An element is within the top r
+    when ``|x| > v`` or ``|x| == v`` and fewer than ``ties`` equal elements came before it;
+    ``(v, ties)`` come from radix select. ``seen[0]``/``seen[1]`` count the elements equal to v_hi/v_lo
+    met so far, carried across chunks. v = -1 means "every element" (r = n), v = 2**32 none (r = 0).
+    """
+    bits = x.view(np.uint32)
+    for i in range(bits.size):
+        a = np.int64(bits[i] & np.uint32(0x7FFFFFFF))
+        in_hi = a > v_hi
+        if a == v_hi:
+            in_hi = seen[0] < ties_hi
+            seen[0] += 1
+        in_lo = a > v_lo
+        if a == v_lo:
+            in_lo = seen[1] < ties_lo
+            seen[1] += 1
+        if in_hi or not in_lo:
+            x[i] = np.float32(0.0)
+
+
+@njit(**_JIT)
+def _select_key(keys, k):  # pragma: no cover - compiled
+    """The k-th smallest (0-based) of distinct keys, by in-place quickselect (median of three)."""
+    lo = 0
+    hi = keys.size - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        a, b, c = keys[lo], keys[mid], keys[hi]
+        pivot = max(min(a, b), min(max(a, b), c))
+        i, j = lo, hi
+        while i <= j:
+            while keys[i] < pivot:
+                i += 1
+            while keys[j] > pivot:
+                j -= 1
+            if i <= j:
+                keys[i], keys[j] = keys[j], keys[i]
+                i += 1
+                j -= 1
+        if k <= j:
+            hi = j
+        elif k >= i:
+            lo = i
+        else:
+            return keys[k]
+    return keys[k]
+
+
+@njit(**_JIT)
+def row_band_mask(x, cols, r_hi, r_lo, keys):  # pragma: no cover - compiled
+    """Per-row band: in each row of ``cols`` elements keep ranks r_hi+1..r_lo, zero the rest.
+
+    Keys ``(|x| bits << 32) | (2**32 - 1 - col)`` are distinct and order elements exactly as
+    ``band_mask`` does (larger |x| first, then lower index), so the per-row result is the same
+    rank band computed per group.
+    """
+    bits = x.view(np.uint32)
+    rows = x.size // cols
+    for r in range(rows):
+        base = r * cols
+        for c in range(cols):
+            a = np.uint64(bits[base + c] & np.uint32(0x7FFFFFFF))
+            keys[c] = (a << np.uint64(32)) | np.uint64(0xFFFFFFFF - c)
+        # smallest key still kept at the top r: the (cols - r)-th smallest
+        k_hi = np.uint64(0xFFFFFFFFFFFFFFFF)
+        if r_hi > 0:
+            k_hi = _select_key(keys[:cols], cols - r_hi)
+        k_lo = np.uint64(0xFFFFFFFFFFFFFFFF)
+        if r_lo > 0:
+            k_lo = _select_key(keys[:cols], cols - r_lo)
+        for c in range(cols):
+            a = np.uint64(bits[base + c] & np.uint32(0x7FFFFFFF))
+            key = (a << np.uint64(32)) | np.uint64(0xFFFFFFFF - c)
+            in_hi = r_hi > 0 and key >= k_hi
+            in_lo = r_lo > 0 and key >= k_lo
+            if in_hi or not in_lo:
+                x[base + c] = np.float32(0.0)
+
+
+# -- DARE: counter-based randomness -----------------------------------------------------------------
+@njit(**_JIT)
+def _splitmix64(z):  # pragma: no cover - compiled
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+@njit(**_JIT)
+def dare_mask(x, density, key, start):  # pragma: no cover - compiled
+    """Keep x[i] with probability ``density`` and rescale it by 1/density, in place.
+
+    u_i = top 53 bits of splitmix64(key + global index) / 2**53: a pure function of (key, index), so
+    the mask never depends on chunking, threads or order.
+    """
+    inv = 1.0 / density
+    for i in range(x.size):
+        z = _splitmix64(key + np.uint64(start + i))
+        u = np.float64(z >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+        if u < density:
+            x[i] = np.float32(np.float64(x[i]) * inv)
+        else:
+            x[i] = np.float32(0.0)
+
+
+# -- combinations ------------------------------------------------------------------------------------
+@njit(**_JIT)
+def combine_sum(base, tau, weights, scale, out):  # pragma: no cover - compiled
+    """out = base + scale * sum_t w_t * tau_t."""
+    for i in range(base.size):
+        acc = np.float32(0.0)
+        for t in range(tau.shape[0]):
+            acc += weights[t] * tau[t, i]
+        out[i] = base[i] + scale * acc
+
+
+@njit(**_JIT)
+def combine_ties(base, tau, weights, scale, out):  # pragma: no cover - compiled
+    """TIES: s = sign(sum_t tau_t); disjoint weighted mean of the tau_t whose sign is s."""
+    for i in range(base.size):
+        total = np.float32(0.0)
+        for t in range(tau.shape[0]):
+            total += tau[t, i]
+        num = np.float32(0.0)
+        den = np.float32(0.0)
+        if total != 0:
+            for t in range(tau.shape[0]):
+                v = tau[t, i]
+                if (v > 0 and total > 0) or (v < 0 and total < 0):
+                    num += weights[t] * v
+                    den += weights[t]
+        merged = num / den if den != 0 else np.float32(0.0)
+        out[i] = base[i] + scale * merged
+
+
+@njit(**_JIT)
+def combine_weighted(models, weights, out):  # pragma: no cover - compiled
+    """out = sum_t w_t * models_t (linear average with normalised weights, SLERP's two terms)."""
+    for i in range(out.size):
+        acc = np.float32(0.0)
+        for t in range(models.shape[0]):
+            acc += weights[t] * models[t, i]
+        out[i] = acc
+
+
+@njit(**_JIT)
+def combine_model_stock(base, models, k, out):  # pragma: no cover - compiled
+    """out = k * mean_t f_t + (1 - k) * base."""
+    inv_t = np.float32(1.0) / np.float32(models.shape[0])
+    one_minus_k = np.float32(1.0) - k
+    for i in range(base.size):
+        acc = np.float32(0.0)
+        for t in range(models.shape[0]):
+            acc += models[t, i]
+        out[i] = k * (acc * inv_t) + one_minus_k * base[i]
+
+
+@njit(**_JIT)
+def gram_accumulate(x, gram):  # pragma: no cover - compiled
+    """gram[s, t] += sum_i x[s, i] * x[t, i] in float64, element by element (chunking-invariant)."""
+    n = x.shape[0]
+    for i in range(x.shape[1]):
+        for s in range(n):
+            xs = np.float64(x[s, i])
+            for t in range(s, n):
+                gram[s, t] += xs * np.float64(x[t, i])
+
+
+@njit(**_JIT)
+def l1_accumulate(x, acc):  # pragma: no cover - compiled
+    """acc[t] += sum_i |x[t, i]| in float64, element by element."""
+    for t in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            acc[t] += abs(np.float64(x[t, i]))

@@ -1,0 +1,42 @@
+"""The registry of merge methods: one explicit dict, no registration by import side effect."""
+
+from __future__ import annotations
+
+from surgery.errors import RecipeError
+from surgery.methods.breadcrumbs import BREADCRUMBS, BREADCRUMBS_TIES
+from surgery.methods.dare import DARE, DARE_TIES
+from surgery.methods.interpolation import LINEAR, MODEL_STOCK, SLERP
+from surgery.methods.spec import Method, Param
+from surgery.methods.task_arithmetic import TASK_ARITHMETIC
+from surgery.methods.ties import TIES
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        TASK_ARITHMETIC,
+        BREADCRUMBS,
+        BREADCRUMBS_TIES,
+        TIES,
+        DARE,
+        DARE_TIES,
+        LINEAR,
+        SLERP,
+        MODEL_STOCK,
+    )
+}
+
+# Names users know from mergekit and elsewhere.
+ALIASES = {"dare_linear": "dare", "breadcrumbs_linear": "breadcrumbs", "stock": "model_stock"}
+
+
+def get_method(name: str) -> Method:
+    key = ALIASES.get(name.replace("-", "_").lower(), name.replace("-", "_").lower())
+    if key not in METHODS:
+        raise RecipeError(
+            f"unknown method {name!r}",
+            hint=f"choose one of: {', '.join(METHODS)} (see `surgery methods`)",
+        )
+    return METHODS[key]
+
+
+__all__ = ["METHODS", "Method", "Param", "get_method"]

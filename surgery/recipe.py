@@ -1,0 +1,219 @@
+"""Recipes: the one way to say what to compute, saved beside every output.
+
+Schema (YAML), every field explicit in a saved recipe::
+
+    version: 1
+    method: breadcrumbs            # see `surgery methods`
+    base: /models/base             # optional for linear / slerp
+    models: [/models/ft_a, /models/ft_b]
+    parameters:                    # the method's parameters; omitted ones take their defaults
+      density: 0.1
+      outliers: 0.01
+      granularity: per_tensor
+      scale: 1.0
+      weights: [1.0, 1.0]
+    output:
+      dtype: null                  # float dtype of merged tensors; null keeps each base tensor's
+      max_shard_size: 5000000000   # bytes (strings such as 5GB or 2GiB are accepted)
+
+Relative paths in a recipe file are resolved against the current directory (as on the command line);
+recipes written by surgery hold absolute paths, so ``surgery run OUT/surgery_recipe.yaml -o OUT2``
+reproduces OUT bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from surgery.dtypes import parse_output_dtype
+from surgery.errors import RecipeError
+from surgery.methods import Method, get_method
+
+RECIPE_NAME = "surgery_recipe.yaml"
+RECIPE_VERSION = 1
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+def parse_size(text: str | int) -> int:
+    """``5GB`` -> 5_000_000_000, ``2GiB`` -> 2_147_483_648, ints pass through."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise RecipeError(
+            f"cannot read size {text!r}", hint="write sizes like 500MB, 5GB or 2GiB"
+        )
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+@dataclass(frozen=True)
+class Recipe:
+    method: str
+    models: tuple[str, ...]
+    base: str | None = None
+    parameters: dict = field(default_factory=dict)
+    dtype: str | None = None  # safetensors float dtype name of merged tensors
+    max_shard_size: int = 5 * 10**9
+
+    @property
+    def spec(self) -> Method:
+        return get_method(self.method)
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """Every input in engine order: base first (when there is one), then the models."""
+        return ((self.base,) if self.base else ()) + self.models
+
+    def to_dict(self) -> dict:
+        return {
+            "version": RECIPE_VERSION,
+            "method": self.method,
+            "base": self.base,
+            "models": list(self.models),
+            "parameters": dict(self.parameters),
+            "output": {"dtype": self.dtype, "max_shard_size": self.max_shard_size},
+        }
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        head = "# model-surgery recipe: `surgery run THIS_FILE -o OUT` reproduces the output\n"
+        return head + yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def make_recipe(
+    method: str,
+    models: list[str] | tuple[str, ...],
+    base: str | None = None,
+    parameters: dict | None = None,
+    dtype: str | None = None,
+    max_shard_size: int | str = 5 * 10**9,
+) -> Recipe:
+    """Validate and complete a recipe: method known, parameters typed and in range, defaults filled."""
+    spec = get_method(method)
+    models = tuple(_absolute(m) for m in models)
+    base = _absolute(base) if base else None
+    n_inputs = len(models) + (1 if base and spec.combine == "slerp" else 0)
+    if spec.needs_base and not base:
+        raise RecipeError(
+            f"method {spec.name} needs a base model",
+            hint="pass --base BASE (or name it as base_model in the fine-tunes' model cards)",
+        )
+    if n_inputs < spec.min_models or (spec.combine == "slerp" and n_inputs != 2):
+        need = "exactly 2 endpoints" if spec.combine == "slerp" else f"at least {spec.min_models}"
+        raise RecipeError(
+            f"method {spec.name} needs {need} models, got {n_inputs}",
+            hint="slerp takes two models, or --base and one model" if spec.combine == "slerp" else None,
+        )
+    if spec.max_models is not None and n_inputs > spec.max_models:
+        raise RecipeError(f"method {spec.name} takes at most {spec.max_models} models")
+    params = _resolve_parameters(spec, dict(parameters or {}), len(models))
+    out_dtype = parse_output_dtype(dtype) if dtype else None
+    recipe = Recipe(spec.name, models, str(base) if base else None, params, out_dtype)
+    return replace(recipe, max_shard_size=parse_size(max_shard_size))
+
+
+def _absolute(source: str | Path) -> str:
+    """Local inputs become absolute paths (so saved recipes work from anywhere); others stay."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else str(source)
+
+
+def _resolve_parameters(spec: Method, given: dict, n_models: int) -> dict:
+    known = {p.name: p for p in spec.params}
+    unknown = [k for k, v in given.items() if k not in known and v is not None]
+    if unknown:
+        allowed = ", ".join(known) or "none"
+        raise RecipeError(
+            f"method {spec.name} takes no parameter {', '.join(map(repr, unknown))}",
+            hint=f"its parameters are: {allowed}",
+        )
+    out: dict = {}
+    for name, p in known.items():
+        value = given.get(name)
+        value = p.default if value is None else value
+        out[name] = _check_parameter(spec, p.name, p.kind, value, p.choices, n_models)
+    return out
+
+
+def _check_parameter(
+    spec: Method, name: str, kind: str, value: object, choices: tuple, n_models: int
+) -> object:
+    where = f"{spec.name}: {name}"
+    try:
+        if kind == "weights":
+            if value is None:
+                return [1.0] * n_models
+            if isinstance(value, str):
+                value = [float(x) for x in value.split(",") if x.strip()]
+            weights = [float(x) for x in value]  # type: ignore[union-attr]
+            if len(weights) != n_models:
+                raise RecipeError(
+                    f"{where} has {len(weights)} values for {n_models} models",
+                    hint="give one weight per model, in the order of the models",
+                )
+            if not all(math.isfinite(w) for w in weights):
+                raise RecipeError(f"{where} must be finite numbers")
+            return weights
+        if kind == "int":
+            if isinstance(value, bool) or int(value) != value or int(value) < 0:  # type: ignore[arg-type]
+                raise ValueError
+            return int(value)  # type: ignore[arg-type]
+        if kind == "choice":
+            if value not in choices:
+                raise RecipeError(f"{where} must be one of {', '.join(choices)}, not {value!r}")
+            return value
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise RecipeError(f"{where} has an invalid value {value!r}") from None
+    if not math.isfinite(number):
+        raise RecipeError(f"{where} must be finite")
+    if name == "density" and not 0.0 < number <= 1.0:
+        raise RecipeError(f"{where} = {number} is outside (0, 1]", hint="density is the fraction KEPT")
+    if name == "outliers" and not 0.0 <= number < 1.0:
+        raise RecipeError(f"{where} = {number} is outside [0, 1)")
+    if name == "t" and not 0.0 <= number <= 1.0:
+        raise RecipeError(f"{where} = {number} is outside [0, 1]")
+    return number
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe YAML file."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        from surgery.errors import InputNotFoundError
+
+        raise InputNotFoundError(f"recipe not found: {path}", path=str(path)) from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict) or "method" not in data or "models" not in data:
+        raise RecipeError(
+            f"{path} is not a surgery recipe (needs at least 'method' and 'models')",
+            hint="see `surgery run --help` for the schema",
+        )
+    if data.get("version", RECIPE_VERSION) != RECIPE_VERSION:
+        raise RecipeError(f"{path} has recipe version {data['version']}; this surgery reads 1")
+    extra = set(data) - {"version", "method", "base", "models", "parameters", "output"}
+    if extra:
+        raise RecipeError(f"{path} has unknown keys: {', '.join(sorted(extra))}")
+    output = data.get("output") or {}
+    models = data["models"]
+    if not isinstance(models, list) or not models:
+        raise RecipeError(f"{path}: 'models' must be a non-empty list of paths")
+    return make_recipe(
+        data["method"],
+        models,
+        data.get("base"),
+        data.get("parameters") or {},
+        output.get("dtype"),
+        output.get("max_shard_size", 5 * 10**9),
+    )

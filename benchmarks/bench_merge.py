@@ -105,7 +105,7 @@ def run_measured(cmd: list[str], log_prefix: str, env: dict | None = None,
         peak_anon = max(peak_anon, _anon_rss(p.pid, proc))
         if timeout and time.perf_counter() - t0 > timeout:
             p.kill()
-        time.sleep(0.05)
+        time.sleep(0.1)
     wall = time.perf_counter() - t0
     p.returncode = os.waitstatus_to_exitcode(status)
     out.seek(0)
@@ -337,12 +337,15 @@ def markdown(res: dict) -> str:
     lines = [f"### Merge benchmark: {res['shape']} ({res['model_gb']:.2f} GB per model, "
              f"{res['n_inputs']} fine-tunes + base, --max-memory {res['max_memory']})", ""]
     disk = m.get("disk", {})
-    lines.append(f"Machine: {m.get('nproc')} CPUs ({m.get('cpu', '?')}), {m.get('ram_gib')} GiB RAM, "
+    lines.append(f"Machine: {m.get('nproc')} CPUs ({m.get('cpu', '?')}), "
+                 f"{m.get('ram_gib')} GiB RAM, "
                  f"disk {disk.get('device', '?')} {disk.get('fstype', '')} "
                  f"{disk.get('size_gb', '?')} GB ({disk.get('free_gb', '?')} GB free"
-                 f"{', rotational flag set' if disk.get('rotational') else ''}), Python {m.get('python')}")
+                 f"{', rotational flag set' if disk.get('rotational') else ''}), "
+                 f"Python {m.get('python')}")
     lines.append("")
-    lines.append("| method | tool | wall s | +sync s | peak RSS GiB | peak anon GiB | x I/O ceiling |")
+    lines.append("| method | tool | wall s | +sync s | peak RSS GiB | peak anon GiB "
+                 "| x I/O ceiling |")
     lines.append("|---|---|---:|---:|---:|---:|---:|")
     io = res.get("io_ceiling")
     if io:
@@ -351,13 +354,15 @@ def markdown(res: dict) -> str:
         if "status" in r:
             lines.append(f"| {r['method']} | {r['tool']} | {r['status'][:300]} | | | | |")
         else:
-            lines.append(f"| {r['method']} | {r['tool']} | {fmt(r['wall_s'])} | {fmt(r.get('sync_s'))}"
+            lines.append(f"| {r['method']} | {r['tool']} | {fmt(r['wall_s'])} "
+                         f"| {fmt(r.get('sync_s'))}"
                          f" | {fmt(r['peak_rss_gib'], 2)} | {fmt(r['peak_anon_gib_sampled'], 2)}"
                          f" | {fmt(r.get('x_ceiling'), 2)} |")
     lines.append("")
     if io:
         lines.append(f"I/O ceiling: read {io['read_bytes'] / GB:.2f} GB in {io['read_s']:.1f} s "
-                     f"({io['read_gbps']:.2f} GB/s, cold) + write {io['write_bytes'] / GB:.2f} GB in "
+                     f"({io['read_gbps']:.2f} GB/s, cold) + write "
+                     f"{io['write_bytes'] / GB:.2f} GB in "
                      f"{io['write_s']:.1f} s ({io['write_gbps']:.2f} GB/s, fsync) = "
                      f"{io['ceiling_s']:.1f} s")
     h = res.get("surgery_help")

@@ -36,7 +36,7 @@ POOL = 1 << POOL_BITS
 CHUNK = 1 << 20  # elements per write (2 MiB of bf16)
 GB = 1000**3
 
-# name -> dims. tie: whether lm_head is tied to embed_tokens (then not written), as in the real model.
+# name -> dims. tie: lm_head tied to embed_tokens (then not written), as in the real model.
 SHAPES: dict[str, dict] = {
     "tiny": dict(hidden=64, layers=2, inter=128, vocab=256, heads=4, kv_heads=2, head_dim=16,
                  tie=False, rope_theta=10000.0, max_pos=2048, eps=1e-6, shard=100_000),
@@ -119,7 +119,8 @@ def safetensors_header(specs: list[TensorSpec]) -> bytes:
     header: dict = {}
     off = 0
     for s in specs:
-        header[s.name] = {"dtype": "BF16", "shape": list(s.shape), "data_offsets": [off, off + s.nbytes]}
+        header[s.name] = {"dtype": "BF16", "shape": list(s.shape),
+                          "data_offsets": [off, off + s.nbytes]}
         off += s.nbytes
     header["__metadata__"] = {"format": "pt"}
     js = json.dumps(header, separators=(",", ":")).encode()
@@ -260,7 +261,8 @@ def write_model(gen: Generator, dims: dict, specs: list[TensorSpec], model: int,
 
 
 def model_dirs(out: str, finetunes: int) -> list[str]:
-    return [os.path.join(out, "base")] + [os.path.join(out, f"ft{k}") for k in range(1, finetunes + 1)]
+    return [os.path.join(out, "base")] + [os.path.join(out, f"ft{k}")
+                                          for k in range(1, finetunes + 1)]
 
 
 def params_of(args) -> dict:
@@ -344,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     tie.add_argument("--untie", dest="tie", action="store_false", help="write lm_head.weight")
     ap.add_argument("--shard-size", help="max shard size, e.g. 2GB (default 2GB; tiny 100KB)")
     ap.add_argument("--force", action="store_true", help="regenerate even if complete")
-    ap.add_argument("--no-fsync", action="store_true", help="don't fsync shards (faster, less honest)")
+    ap.add_argument("--no-fsync", action="store_true",
+                    help="don't fsync shards (faster, less honest)")
     ap.add_argument("--verify", action="store_true",
                     help="read every tensor back with safetensors and compare (small shapes)")
     return ap

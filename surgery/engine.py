@@ -281,7 +281,9 @@ class _Runner:
         return [(s, min(chunk, job.numel - s)) for s in range(0, job.numel, chunk)]
 
     # -- reading ----------------------------------------------------------------------------------
-    def _load(self, job: TensorJob, start: int, count: int, ranges_next: tuple | None) -> np.ndarray:
+    def _load(
+        self, job: TensorJob, start: int, count: int, ranges_next: tuple | None
+    ) -> np.ndarray:
         """Decoded float32 inputs [n_inputs, count] for elements start:start+count."""
         ws = self.ws
         dec = ws.get("dec", (len(job.in_dtypes), count), np.float32)
@@ -317,7 +319,9 @@ class _Runner:
         storage = DTYPES[job.out_dtype].storage
         n_check = len(self.plan.inputs) if job.action == "copy_equal" else 1
         for start, count in self._ranges(job):
-            first = self.plan.inputs[0].read_into(job.name, start, ws.get("raw0", (count,), storage))
+            first = self.plan.inputs[0].read_into(
+                job.name, start, ws.get("raw0", (count,), storage)
+            )
             for i in range(1, n_check):
                 other = self.plan.inputs[i].read_into(
                     job.name, start, ws.get("raw1", (count,), storage)
@@ -449,9 +453,7 @@ class _Runner:
             for job, hists in zip(jobs, per_job):
                 eq_hi = _count_equal(hists[t], v_hi)
                 eq_lo = _count_equal(hists[t], v_lo)
-                result[job.name].append(
-                    _Band(v_hi, min(left_hi, eq_hi), v_lo, min(left_lo, eq_lo))
-                )
+                result[job.name].append(_Band(v_hi, min(left_hi, eq_hi), v_lo, min(left_lo, eq_lo)))
                 left_hi, left_lo = max(0, left_hi - eq_hi), max(0, left_lo - eq_lo)
         return result
 

@@ -132,7 +132,9 @@ def build_plan(recipe: Recipe) -> Plan:
 
 def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
     reference = inputs[0]
-    labels = [("base " if recipe.base and i == 0 else "model ") + c.source for i, c in enumerate(inputs)]
+    labels = [
+        ("base " if recipe.base and i == 0 else "model ") + c.source for i, c in enumerate(inputs)
+    ]
     problems: list[str] = []
     notes: list[str] = []
     names = sorted(reference.tensors, key=natural_key)
@@ -146,7 +148,11 @@ def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
         for ckpt, label in zip(inputs, labels):
             info = ckpt.tensors.get(name)
             if info is None:
-                hint = " (tied embeddings? one input stores lm_head, another ties it)" if "lm_head" in name else ""
+                hint = (
+                    " (tied embeddings? one input stores lm_head, another ties it)"
+                    if "lm_head" in name
+                    else ""
+                )
                 problems.append(f"tensor {name!r} is missing from {label}{hint}")
             infos.append(info)
         if any(i is None for i in infos):

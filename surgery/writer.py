@@ -88,7 +88,11 @@ def safetensors_header(tensors: list[OutputTensor], metadata: dict[str, str]) ->
     offsets = {}
     pos = 0
     for t in ordered:
-        entries[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [pos, pos + t.nbytes]}
+        entries[t.name] = {
+            "dtype": t.dtype,
+            "shape": list(t.shape),
+            "data_offsets": [pos, pos + t.nbytes],
+        }
         offsets[t.name] = pos
         pos += t.nbytes
     text = json.dumps(entries, separators=(",", ":")).encode()
@@ -121,7 +125,9 @@ def plan_layout(tensors: list[OutputTensor], max_shard_size: int) -> Layout:
         )
         header, rel = safetensors_header(group, {"format": "pt"})
         offsets = {name: len(header) + off for name, off in rel.items()}
-        shards.append(ShardLayout(filename, header, offsets, len(header) + sum(t.nbytes for t in group)))
+        shards.append(
+            ShardLayout(filename, header, offsets, len(header) + sum(t.nbytes for t in group))
+        )
     return Layout(tuple(shards), {t.name: t for t in tensors})
 
 
@@ -282,7 +288,10 @@ class CheckpointWriter:
             os.replace(self.staging / shard.filename, self.out / shard.filename)
         if index is not None:
             self._write_whole(self.staging / "model.safetensors.index.json", index)
-            os.replace(self.staging / "model.safetensors.index.json", self.out / "model.safetensors.index.json")
+            os.replace(
+                self.staging / "model.safetensors.index.json",
+                self.out / "model.safetensors.index.json",
+            )
         shutil.rmtree(self.staging)
         _fsync_dir(self.out)
 

@@ -1,6 +1,6 @@
 """Task arithmetic (Ilharco et al., ICLR 2023, arXiv 2212.04089).
 
-    out = b + scale * sum_t w_t * (f_t - b)
+out = b + scale * sum_t w_t * (f_t - b)
 """
 
 from surgery.methods.spec import SCALE, WEIGHTS, Method

@@ -1,0 +1,273 @@
+"""The `surgery` command: a thin click front end over the `surgery` library.
+
+Each command turns flags into a recipe, calls the library and renders the result. Heavy imports
+(numpy, numba) happen inside the commands so that `surgery --help` starts instantly.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+METHOD_FLAGS = (
+    "task_arithmetic", "breadcrumbs", "breadcrumbs_ties", "ties", "dare", "dare_ties", "linear",
+    "slerp", "model_stock",
+)  # fmt: skip
+
+
+class SurgeryGroup(click.Group):
+    """Maps library errors to `error: ...` / `hint: ...` and exit code 1 (traceback with --debug)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            out = ctx.meta.get("surgery.output")
+            click.echo("\nerror: interrupted", err=True)
+            if out:
+                click.echo(
+                    f"hint: {out} holds a partial run (not a usable checkpoint); re-run the same "
+                    "command to resume it",
+                    err=True,
+                )
+            ctx.exit(130)
+        except Exception as exc:
+            from surgery.errors import SurgeryError
+
+            if not isinstance(exc, SurgeryError) or ctx.meta.get("surgery.debug"):
+                raise
+            click.echo(f"error: {exc.message}", err=True)
+            if exc.hint:
+                click.echo(f"hint: {exc.hint}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=SurgeryGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="model-surgery")
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Checkpoint surgery on safetensors files: merge fine-tunes without loading whole models."""
+    ctx.meta["surgery.debug"] = debug
+
+
+# -- shared options ---------------------------------------------------------------------------------
+def engine_options(fn):
+    """Options that change how a run executes, never what it computes (not part of recipes)."""
+    options = [
+        click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+                     help="Output folder (created; must not be or lie inside an input)."),
+        click.option("--max-memory", default="2GiB", show_default=True,
+                     help="Budget for all working buffers (e.g. 512MiB, 8GiB)."),
+        click.option("--threads", type=int, default=None, help="Worker threads [default: cores]."),
+        click.option("--device", default="cpu", show_default=True,
+                     help="cpu (numba kernels) or cuda[:N] (torch kernels)."),
+        click.option("--dry-run", is_flag=True, help="Check the inputs and print the plan only."),
+        click.option("--overwrite", is_flag=True, help="Replace the output folder's contents."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def output_options(fn):
+    """Options that are part of the recipe: they change the output bytes."""
+    fn = click.option("--max-shard-size", default="5GB", show_default=True,
+                      help="Largest output shard (e.g. 2GB, 500MB).")(fn)  # fmt: skip
+    fn = click.option("--dtype", default=None,
+                      help="Output float dtype: bfloat16, float16, float32 [default: the base's].")(fn)  # fmt: skip
+    return fn
+
+
+def run_recipe(ctx: click.Context, recipe, output: Path, max_memory: str, threads: int | None,
+               device: str, dry_run: bool, overwrite: bool, quiet: bool) -> None:  # fmt: skip
+    """Plan, then (unless --dry-run) execute with a progress bar; shared by merge and run."""
+    from surgery.engine import EngineOptions, execute
+    from surgery.plan import build_plan
+    from surgery.recipe import parse_size
+
+    options = EngineOptions(parse_size(max_memory), threads, device, overwrite)
+    plan = build_plan(recipe)
+    try:
+        if dry_run:
+            click.echo(json.dumps(plan.summary(), indent=2))
+            return
+        ctx.meta["surgery.output"] = str(output)
+        for note in plan.notes:
+            click.echo(f"note: {note}", err=True)
+        bar = _LazyBar(plan.layout.total_bytes, f"surgery {recipe.method}", quiet)
+        try:
+            result = execute(plan, output, options, bar.update, _card)
+        finally:
+            bar.close()
+    finally:
+        plan.close()
+    resumed = f", {result.resumed_tensors} resumed" if result.resumed_tensors else ""
+    click.echo(
+        f"wrote {output} ({result.tensors} tensors{resumed}, "
+        f"{result.bytes_written / 1e9:.3f} GB) in {result.seconds:.1f} s"
+    )
+
+
+class _LazyBar:
+    """A tqdm bar on stderr that appears with the first written byte (not before an early error)."""
+
+    def __init__(self, total: int, desc: str, quiet: bool) -> None:
+        self.total, self.desc, self.quiet, self.bar = total, desc, quiet, None
+
+    def update(self, n: int) -> None:
+        if self.quiet:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, unit="B", unit_scale=True, desc=self.desc,
+                            file=sys.stderr, leave=False)  # fmt: skip
+        self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _card(plan) -> str:
+    from surgery.card import render_card
+
+    spec = plan.recipe.spec
+    return render_card(
+        spec.title, spec.name, spec.paper, spec.formula, list(plan.recipe.inputs),
+        plan.recipe.to_yaml(), plan.recipe.parameters,
+    )  # fmt: skip
+
+
+# -- commands ---------------------------------------------------------------------------------------
+def _method_flags(fn):
+    for name in reversed(METHOD_FLAGS):
+        flag = "--" + name.replace("_", "-")
+        fn = click.option(flag, name, is_flag=True, help=f"Method: {name}.")(fn)
+    return fn
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option(
+    "--base", default=None, help="Base model [default: base_model from the models' cards]."
+)
+@click.option(
+    "--method", "method_name", default=None, help="Method by name (see `surgery methods`)."
+)
+@_method_flags
+@click.option("--density", type=float, default=None, help="Fraction of task-vector entries KEPT.")
+@click.option("--outliers", type=float, default=None, help="Fraction of largest |tau| removed.")
+@click.option("--scale", type=float, default=None, help="Multiplier of the merged task vector.")
+@click.option("--weights", default=None, help="Per-model weights: w1,w2,...")
+@click.option("--granularity", type=click.Choice(["per_tensor", "per_row", "global"]), default=None)
+@click.option("--t", "t", type=float, default=None, help="SLERP interpolation factor.")
+@click.option("--seed", type=int, default=None, help="Seed for DARE's random stream.")
+@output_options
+@engine_options
+@click.pass_context
+def merge(ctx: click.Context, models: tuple[str, ...], base: str | None, method_name: str | None,
+          density, outliers, scale, weights, granularity, t, seed, dtype, max_shard_size,
+          **engine) -> None:  # fmt: skip
+    """Merge fine-tunes MODELS of one base into a new checkpoint.
+
+    \b
+    surgery merge FT_A FT_B --base BASE --breadcrumbs -o merged/
+    surgery merge FT_A FT_B --ties --density 0.2 -o merged/
+    """
+    from surgery.card import base_from_cards
+    from surgery.errors import RecipeError
+    from surgery.methods import get_method
+    from surgery.recipe import make_recipe
+
+    chosen = [name for name in METHOD_FLAGS if engine.pop(name)]
+    if method_name:
+        chosen.append(get_method(method_name).name)
+    if len(set(chosen)) > 1:
+        raise RecipeError(f"choose one method, not {' and '.join(sorted(set(chosen)))}")
+    method = chosen[0] if chosen else "task_arithmetic"
+    if base is None and get_method(method).needs_base:
+        base = base_from_cards(list(models))
+    params = {"density": density, "outliers": outliers, "scale": scale, "weights": weights,
+              "granularity": granularity, "t": t, "seed": seed}  # fmt: skip
+    recipe = make_recipe(method, list(models), base, params, dtype, max_shard_size)
+    run_recipe(ctx, recipe, **engine)
+
+
+@cli.command()
+@click.argument("recipe_file", type=click.Path(path_type=Path))
+@engine_options
+@click.pass_context
+def run(ctx: click.Context, recipe_file: Path, **engine) -> None:
+    """Run a recipe YAML file (e.g. an output's surgery_recipe.yaml).
+
+    \b
+    Schema:
+      version: 1
+      method: breadcrumbs          # see `surgery methods`
+      base: path/to/base           # optional for linear and slerp
+      models: [path/a, path/b]
+      parameters: {density: 0.1, outliers: 0.01, granularity: per_tensor, scale: 1.0}
+      output: {dtype: null, max_shard_size: 5GB}
+    """
+    from surgery.recipe import load_recipe
+
+    run_recipe(ctx, load_recipe(recipe_file), **engine)
+
+
+@cli.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect(path: str, as_json: bool) -> None:
+    """Describe a checkpoint: shards, tensors, parameters, dtypes, layers, tied embeddings."""
+    from surgery.inspect import describe
+
+    report = describe(path)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"checkpoint   {report['source']}")
+    click.echo(f"files        {len(report['files'])}: {', '.join(report['files'])}")
+    click.echo(f"tensors      {report['tensors']}")
+    click.echo(f"parameters   {report['parameters']:,}")
+    click.echo(f"bytes        {report['bytes']:,} ({report['bytes'] / 1e9:.3f} GB)")
+    click.echo("dtypes       " + ", ".join(f"{k} x{v}" for k, v in report["dtypes"].items()))
+    layers = report["layers"]
+    cfg = (
+        f" (config.json: {layers['config_layers']})" if layers["config_layers"] is not None else ""
+    )
+    click.echo(f"blocks       {layers['num_blocks']}{cfg}")
+    click.echo(f"before/after {layers['before']} / {layers['after']} tensors outside the blocks")
+    if layers["unknown"]:
+        click.echo(f"unplaced     {len(layers['unknown'])}: {', '.join(layers['unknown'][:8])}")
+    click.echo(f"tied embeddings  {report['tied_embeddings']}")
+
+
+@cli.command()
+def methods() -> None:
+    """List the merge methods with their parameters, defaults and papers."""
+    from surgery.methods import METHODS
+
+    for spec in METHODS.values():
+        click.echo(f"{spec.name:<17} {spec.title}  <{spec.paper}>")
+        click.echo(f"{'':<17} {spec.formula}")
+        base = "base required" if spec.needs_base else "base optional"
+        models = (
+            f"{spec.min_models}+"
+            if spec.max_models is None
+            else f"{spec.min_models}-{spec.max_models}"
+        )
+        click.echo(f"{'':<17} {base}; models: {models}")
+        for p in spec.params:
+            default = "all 1" if p.kind == "weights" else p.default
+            click.echo(f"{'':<19}--{p.name:<12} {p.help} [default: {default}]")
+        click.echo()
+
+
+if __name__ == "__main__":
+    cli()

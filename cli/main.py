@@ -79,7 +79,7 @@ def output_options(fn):
     fn = click.option("--max-shard-size", default="5GB", show_default=True,
                       help="Largest output shard (e.g. 2GB, 500MB).")(fn)  # fmt: skip
     fn = click.option("--dtype", default=None,
-                      help="Output float dtype: bfloat16, float16, float32 [default: the base's].")(fn)  # fmt: skip
+                      help="Output float dtype: bfloat16, float16, float32 [default: base's].")(fn)  # fmt: skip
     return fn
 
 
@@ -154,12 +154,8 @@ def _method_flags(fn):
 
 @cli.command()
 @click.argument("models", nargs=-1, required=True)
-@click.option(
-    "--base", default=None, help="Base model [default: base_model from the models' cards]."
-)
-@click.option(
-    "--method", "method_name", default=None, help="Method by name (see `surgery methods`)."
-)
+@click.option("--base", default=None, help="Base model [default: base_model from the models' cards].")
+@click.option("--method", "method_name", default=None, help="Method by name (see `surgery methods`).")
 @_method_flags
 @click.option("--density", type=float, default=None, help="Fraction of task-vector entries KEPT.")
 @click.option("--outliers", type=float, default=None, help="Fraction of largest |tau| removed.")
@@ -238,9 +234,7 @@ def inspect(path: str, as_json: bool) -> None:
     click.echo(f"bytes        {report['bytes']:,} ({report['bytes'] / 1e9:.3f} GB)")
     click.echo("dtypes       " + ", ".join(f"{k} x{v}" for k, v in report["dtypes"].items()))
     layers = report["layers"]
-    cfg = (
-        f" (config.json: {layers['config_layers']})" if layers["config_layers"] is not None else ""
-    )
+    cfg = f" (config.json: {layers['config_layers']})" if layers["config_layers"] is not None else ""
     click.echo(f"blocks       {layers['num_blocks']}{cfg}")
     click.echo(f"before/after {layers['before']} / {layers['after']} tensors outside the blocks")
     if layers["unknown"]:
@@ -257,11 +251,7 @@ def methods() -> None:
         click.echo(f"{spec.name:<17} {spec.title}  <{spec.paper}>")
         click.echo(f"{'':<17} {spec.formula}")
         base = "base required" if spec.needs_base else "base optional"
-        models = (
-            f"{spec.min_models}+"
-            if spec.max_models is None
-            else f"{spec.min_models}-{spec.max_models}"
-        )
+        models = f"{spec.min_models}+" if spec.max_models is None else f"{spec.min_models}-{spec.max_models}"
         click.echo(f"{'':<17} {base}; models: {models}")
         for p in spec.params:
             default = "all 1" if p.kind == "weights" else p.default

@@ -98,9 +98,7 @@ class Checkpoint:
             return
         info = self.info(name)
         isz = info.dtype.itemsize
-        os.posix_fadvise(
-            self._fd(info.path), info.offset + start * isz, count * isz, os.POSIX_FADV_WILLNEED
-        )
+        os.posix_fadvise(self._fd(info.path), info.offset + start * isz, count * isz, os.POSIX_FADV_WILLNEED)
 
     def _fd(self, path: Path) -> int:
         fd = self._fds.get(path)
@@ -136,9 +134,7 @@ class Checkpoint:
         try:
             return json.loads(path.read_text())
         except json.JSONDecodeError as exc:
-            raise CorruptCheckpointError(
-                f"{path} is not valid JSON: {exc}", path=str(path)
-            ) from None
+            raise CorruptCheckpointError(f"{path} is not valid JSON: {exc}", path=str(path)) from None
 
     def fingerprint(self) -> list[list]:
         """Identity of the inputs for resuming: file names, sizes and modification times."""
@@ -188,8 +184,7 @@ def _open_folder(text: str, root: Path) -> Checkpoint:
             for name in by_file[fname]:
                 if name not in found:
                     raise CorruptCheckpointError(
-                        f"{index_path} maps tensor {name!r} to {fname}, but that shard has no such "
-                        "tensor",
+                        f"{index_path} maps tensor {name!r} to {fname}, but that shard has no such tensor",
                         hint="the index and the shards do not belong together; re-download them",
                         path=str(shard),
                         tensor=name,
@@ -222,9 +217,7 @@ def _read_index(index_path: Path) -> dict[str, str]:
     try:
         index = json.loads(index_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptCheckpointError(
-            f"{index_path} is not valid JSON: {exc}", path=str(index_path)
-        ) from None
+        raise CorruptCheckpointError(f"{index_path} is not valid JSON: {exc}", path=str(index_path)) from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()

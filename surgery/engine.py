@@ -114,9 +114,7 @@ def execute(
         writer.finalize(side)
     finally:
         writer.close()
-    return MergeResult(
-        out, len(plan.jobs), resumed, plan.layout.total_bytes, time.perf_counter() - start
-    )
+    return MergeResult(out, len(plan.jobs), resumed, plan.layout.total_bytes, time.perf_counter() - start)
 
 
 # -- exact rank thresholds ------------------------------------------------------------------------
@@ -281,9 +279,7 @@ class _Runner:
         return [(s, min(chunk, job.numel - s)) for s in range(0, job.numel, chunk)]
 
     # -- reading ----------------------------------------------------------------------------------
-    def _load(
-        self, job: TensorJob, start: int, count: int, ranges_next: tuple | None
-    ) -> np.ndarray:
+    def _load(self, job: TensorJob, start: int, count: int, ranges_next: tuple | None) -> np.ndarray:
         """Decoded float32 inputs [n_inputs, count] for elements start:start+count."""
         ws = self.ws
         dec = ws.get("dec", (len(job.in_dtypes), count), np.float32)
@@ -319,13 +315,9 @@ class _Runner:
         storage = DTYPES[job.out_dtype].storage
         n_check = len(self.plan.inputs) if job.action == "copy_equal" else 1
         for start, count in self._ranges(job):
-            first = self.plan.inputs[0].read_into(
-                job.name, start, ws.get("raw0", (count,), storage)
-            )
+            first = self.plan.inputs[0].read_into(job.name, start, ws.get("raw0", (count,), storage))
             for i in range(1, n_check):
-                other = self.plan.inputs[i].read_into(
-                    job.name, start, ws.get("raw1", (count,), storage)
-                )
+                other = self.plan.inputs[i].read_into(job.name, start, ws.get("raw1", (count,), storage))
                 if not np.array_equal(first, other):
                     raise IncompatibleTensorsError(
                         f"integer tensor {job.name!r} differs between {self.plan.inputs[0].source} "
@@ -371,9 +363,7 @@ class _Runner:
         if granularity == "per_row":
             return None
         if granularity == "global":
-            return [
-                _Band(b.v_hi, b.ties_hi, b.v_lo, b.ties_lo) for b in self.global_bands[job.name]
-            ]
+            return [_Band(b.v_hi, b.ties_hi, b.v_lo, b.ties_lo) for b in self.global_bands[job.name]]
         r_hi, r_lo = band_ranks(self.params, job.numel)
         highs = self._hist_high(ranges, chunk)
         lows = self._hist_low(ranges, chunk, highs, r_hi, r_lo)
@@ -427,9 +417,7 @@ class _Runner:
         highs = sum(self._parallel(pass_high, jobs), np.zeros((T, HIST), np.int64))
         n = sum(j.numel for j in jobs)
         r_hi, r_lo = band_ranks(self.params, n)
-        edge_bins = [
-            sorted({_high_bin(highs[t], r)[0] for r in (r_hi, r_lo) if 0 < r < n}) for t in range(T)
-        ]
+        edge_bins = [sorted({_high_bin(highs[t], r)[0] for r in (r_hi, r_lo) if 0 < r < n}) for t in range(T)]
 
         def pass_low(job: TensorJob) -> list[dict[int, np.ndarray]]:
             ranges = self._ranges(job)

@@ -31,9 +31,7 @@ def describe(source: str) -> dict:
                 "before": positions.get("before", 0),
                 "after": positions.get("after", 0),
                 "unknown": list(layers.unknown),
-                "block_of": {
-                    n: p.block for n, p in layers.placements.items() if p.block is not None
-                },
+                "block_of": {n: p.block for n, p in layers.placements.items() if p.block is not None},
             },
             # lm_head absent means the head reuses the input embeddings
             "tied_embeddings": (not has_head) if tied_cfg is None else bool(tied_cfg),

@@ -132,9 +132,7 @@ def build_plan(recipe: Recipe) -> Plan:
 
 def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
     reference = inputs[0]
-    labels = [
-        ("base " if recipe.base and i == 0 else "model ") + c.source for i, c in enumerate(inputs)
-    ]
+    labels = [("base " if recipe.base and i == 0 else "model ") + c.source for i, c in enumerate(inputs)]
     problems: list[str] = []
     notes: list[str] = []
     names = sorted(reference.tensors, key=natural_key)
@@ -181,8 +179,7 @@ def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
                 ref.dtype.kind != "float" and info.dtype.name != ref.dtype.name
             ):
                 problems.append(
-                    f"tensor {name!r} is {info.dtype.name} in {label} but {ref.dtype.name} in "
-                    f"{labels[0]}"
+                    f"tensor {name!r} is {info.dtype.name} in {label} but {ref.dtype.name} in {labels[0]}"
                 )
         if len(kinds) != 1 or any(i.shape != ref.shape for i in infos):
             continue
@@ -195,18 +192,14 @@ def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
         else:
             out_dtype, action = ref.dtype.name, "copy_base"
             notes.append(f"{name} ({ref.dtype.name}) is copied from {labels[0]}, not merged")
-        jobs.append(
-            TensorJob(name, action, ref.shape, tuple(i.dtype.name for i in infos), out_dtype)
-        )
+        jobs.append(TensorJob(name, action, ref.shape, tuple(i.dtype.name for i in infos), out_dtype))
     if problems:
         raise PlanError(
             problems,
             hint="every input must be a fine-tune of the same architecture as the base "
             "(check with `surgery inspect`)",
         )
-    layout = plan_layout(
-        [OutputTensor(j.name, j.out_dtype, j.shape) for j in jobs], recipe.max_shard_size
-    )
+    layout = plan_layout([OutputTensor(j.name, j.out_dtype, j.shape) for j in jobs], recipe.max_shard_size)
     return Plan(recipe, inputs, jobs, layout, reference, notes)
 
 

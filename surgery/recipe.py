@@ -106,9 +106,7 @@ def make_recipe(
         need = "exactly 2 endpoints" if spec.combine == "slerp" else f"at least {spec.min_models}"
         raise RecipeError(
             f"method {spec.name} needs {need} models, got {n_inputs}",
-            hint="slerp takes two models, or --base and one model"
-            if spec.combine == "slerp"
-            else None,
+            hint="slerp takes two models, or --base and one model" if spec.combine == "slerp" else None,
         )
     if spec.max_models is not None and n_inputs > spec.max_models:
         raise RecipeError(f"method {spec.name} takes at most {spec.max_models} models")
@@ -174,9 +172,7 @@ def _check_parameter(
     if not math.isfinite(number):
         raise RecipeError(f"{where} must be finite")
     if name == "density" and not 0.0 < number <= 1.0:
-        raise RecipeError(
-            f"{where} = {number} is outside (0, 1]", hint="density is the fraction KEPT"
-        )
+        raise RecipeError(f"{where} = {number} is outside (0, 1]", hint="density is the fraction KEPT")
     if name == "outliers" and not 0.0 <= number < 1.0:
         raise RecipeError(f"{where} = {number} is outside [0, 1)")
     if name == "t" and not 0.0 <= number <= 1.0:

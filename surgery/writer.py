@@ -119,15 +119,11 @@ def plan_layout(tensors: list[OutputTensor], max_shard_size: int) -> Layout:
     shards = []
     for i, group in enumerate(groups):
         filename = (
-            "model.safetensors"
-            if len(groups) == 1
-            else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+            "model.safetensors" if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
         )
         header, rel = safetensors_header(group, {"format": "pt"})
         offsets = {name: len(header) + off for name, off in rel.items()}
-        shards.append(
-            ShardLayout(filename, header, offsets, len(header) + sum(t.nbytes for t in group))
-        )
+        shards.append(ShardLayout(filename, header, offsets, len(header) + sum(t.nbytes for t in group)))
     return Layout(tuple(shards), {t.name: t for t in tensors})
 
 

@@ -54,6 +54,4 @@ def outliers(default: float) -> Param:
 
 
 def granularity(default: str = "per_tensor") -> Param:
-    return Param(
-        "granularity", "choice", default, "group over which ranks are taken", GRANULARITIES
-    )
+    return Param("granularity", "choice", default, "group over which ranks are taken", GRANULARITIES)

@@ -78,8 +78,8 @@ def output_options(fn):
     """Options that are part of the recipe: they change the output bytes."""
     fn = click.option("--max-shard-size", default="5GB", show_default=True,
                       help="Largest output shard (e.g. 2GB, 500MB).")(fn)  # fmt: skip
-    fn = click.option("--dtype", default=None,
-                      help="Output float dtype: bfloat16, float16, float32 [default: base's].")(fn)  # fmt: skip
+    dtype_help = "Output float dtype: bfloat16, float16, float32 [default: the base's]."
+    fn = click.option("--dtype", default=None, help=dtype_help)(fn)
     return fn
 
 

@@ -1,0 +1,92 @@
+"""The numba kernels' building blocks against torch and numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from surgery.engine import band_ranks, rank_count, threshold_from_hists
+from surgery.kernels import cpu, get_backend
+
+
+def special_floats(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    scale = 10.0 ** rng.integers(-40, 38, n).astype(np.float64)
+    x = (rng.standard_normal(n) * scale).astype(np.float32)
+    x[:12] = [0.0, -0.0, np.inf, -np.inf, 1e-45, -1e-45, 1.0039062, 1.0117188, 3.4e38, 1e-39, 1.5, -2.5]
+    return x
+
+
+def test_bf16_round_trip_matches_torch():
+    x = special_floats(100_000)
+    bits = np.empty(x.size, np.uint16)
+    cpu.f32_to_bf16(x.view(np.uint32), bits)
+    want = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(bits, want)
+    back = np.empty(x.size, np.float32)
+    cpu.bf16_to_f32(bits, back)
+    np.testing.assert_array_equal(back, torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float())
+
+
+def test_bf16_nan_stays_nan():
+    x = np.array([np.nan, -np.nan], np.float32)
+    bits = np.empty(2, np.uint16)
+    cpu.f32_to_bf16(x.view(np.uint32), bits)
+    back = np.empty(2, np.float32)
+    cpu.bf16_to_f32(bits, back)
+    assert np.isnan(back).all()
+
+
+def test_radix_threshold_is_exact_order_statistic():
+    rng = np.random.default_rng(1)
+    x = np.round(rng.standard_normal(50_000) * 30).astype(np.float32) / 30  # many ties
+    hist = np.zeros(65536, np.int64)
+    cpu.abs_hist_high(x, hist)
+    n = x.size
+    for r in (0, 1, 7, 1000, 25_000, n - 1, n):
+
+        def low(b):
+            h = np.zeros(65536, np.int64)
+            cpu.abs_hist_low(x, b, h)
+            return h
+
+        v, ties = threshold_from_hists(hist, r, low)
+        bits = (x.view(np.uint32) & 0x7FFFFFFF).astype(np.int64)
+        order = np.lexsort((np.arange(n), -bits))
+        in_top = np.zeros(n, bool)
+        in_top[order[:r]] = True
+        seen = np.cumsum(bits == v) - 1
+        mine = (bits > v) | ((bits == v) & (seen < ties))
+        np.testing.assert_array_equal(mine, in_top, err_msg=f"r={r}")
+
+
+def test_row_band_mask_quickselect():
+    rng = np.random.default_rng(2)
+    rows, cols = 40, 97
+    x = np.round(rng.standard_normal(rows * cols) * 8).astype(np.float32)
+    keys = np.empty(cols, np.uint64)
+    for r_hi, r_lo in [(0, 10), (3, 30), (0, cols), (5, 5), (0, 0)]:
+        y = x.copy()
+        cpu.row_band_mask(y, cols, r_hi, r_lo, keys)
+        for r in range(rows):
+            row = x[r * cols : (r + 1) * cols]
+            order = np.lexsort((np.arange(cols), -np.abs(row)))
+            keep = np.zeros(cols, bool)
+            keep[order[r_hi:r_lo]] = True
+            np.testing.assert_array_equal(y[r * cols : (r + 1) * cols], np.where(keep, row, 0))
+
+
+def test_rank_count_is_exact_for_decimals():
+    assert rank_count(0.29, 100) == 29  # 0.29 * 100 == 28.999999999999996 in floats
+    assert rank_count(0.1, 1000) == 100
+    assert rank_count(0.01, 50) == 0
+    assert band_ranks({"density": 0.9, "outliers": 0.2}, 10) == (2, 10)  # capped at n
+
+
+def test_decode_encode_f16_and_f32():
+    be = get_backend("cpu")
+    x = special_floats(1000).astype(np.float16)
+    dec = be.decode(x.view(np.float16), "F16", np.empty(1000, np.float32))
+    np.testing.assert_array_equal(dec, x.astype(np.float32))
+    enc = be.encode(dec, "F16", np.empty(1000, np.float16))
+    np.testing.assert_array_equal(enc.view(np.uint16), x.view(np.uint16))

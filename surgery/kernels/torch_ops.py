@@ -1,0 +1,340 @@
+"""torch twins of the numba kernels in :mod:`surgery.kernels.cpu`, for ``--device cuda``.
+
+Every function takes the same numpy arguments as its numba twin and writes its results into the
+same numpy outputs / state arrays in place: inputs go to the device, the math runs there as a few
+vectorised torch ops per chunk, the result is copied back. The engine therefore cannot tell the two
+backends apart, and the results are bit for bit the numba ones:
+
+* integer / bit kernels (conversions, histograms, rank bands, DARE's random stream) are exact;
+* float32 combinations do the numba loop's float32 operations in the same order (an explicit loop
+  over the models ``t``, one separate rounding per multiply and add, never a fused or reordered
+  reduction over ``t``), and use numba's type promotion for the scalars (a Python float scale is
+  float64 there, an ``np.float32`` one float32);
+* the two float64 statistics (``gram_accumulate``, ``l1_accumulate``) sum the chunk with torch's
+  blocked reductions instead of numba's element-by-element order, so they may differ from numba in
+  the last bits (relative error ~1e-15 of the sum of |terms|). Only the reduce passes of SLERP and
+  Model Stock use them, and their coefficients are rounded once to float32.
+
+64-bit unsigned arithmetic (splitmix64) runs on int64: add and multiply wrap the same way, and a
+logical right shift is an arithmetic one followed by a mask. Unsigned numpy arrays are viewed as the
+signed type of the same width before they reach torch, so every copy is a bit copy.
+
+Importing this module needs torch but not CUDA; :func:`for_device` binds the kernels to a device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+import torch
+
+_SIGNED = {np.dtype(np.uint16): np.int16, np.dtype(np.uint32): np.int32, np.dtype(np.uint64): np.int64}
+_TORCH_FLOAT = {
+    np.dtype(np.float16): torch.float16,
+    np.dtype(np.float32): torch.float32,
+    np.dtype(np.float64): torch.float64,
+}
+_ABS = 0x7FFFFFFF  # |x| of a float32 as its bits
+_MAX_BITS = 0x7FFFFFFF
+
+
+def _s64(value: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN = _s64(0x9E3779B97F4A7C15)
+_MIX1 = _s64(0xBF58476D1CE4E5B9)
+_MIX2 = _s64(0x94D049BB133111EB)
+
+
+def _lsr(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's >> is arithmetic)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def _np_dtype(value: object) -> np.dtype:
+    """The dtype numba gives an argument: arrays and numpy scalars keep theirs, Python floats are float64."""
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.dtype
+    if isinstance(value, bool):
+        return np.dtype(np.bool_)
+    if isinstance(value, int):
+        return np.dtype(np.int64)
+    return np.dtype(np.float64)
+
+
+_NUMPY_FLOAT = {v: k for k, v in _TORCH_FLOAT.items()}
+
+
+def _float_type(*dtypes: np.dtype | type | torch.dtype) -> torch.dtype:
+    """torch float type of numba's promotion of the operands (numpy rules on dtypes, never on values)."""
+    return _TORCH_FLOAT[np.result_type(*(_NUMPY_FLOAT.get(d, d) for d in dtypes))]
+
+
+@dataclass(frozen=True)
+class TorchKernels:
+    """The kernel table bound to one torch device (same names and signatures as ``cpu.py``)."""
+
+    device: torch.device
+
+    # -- transfers --------------------------------------------------------------------------------
+    def _dev(self, a: np.ndarray) -> torch.Tensor:
+        """numpy -> tensor on the device, unsigned ints as the signed type of the same width (bits)."""
+        a = np.asarray(a)
+        if a.dtype in _SIGNED:
+            a = a.view(_SIGNED[a.dtype])
+        if not a.flags.writeable:  # torch.from_numpy needs a writeable buffer
+            a = a.copy()
+        return torch.from_numpy(a).to(self.device)
+
+    @staticmethod
+    def _put(out: np.ndarray, t: torch.Tensor) -> None:
+        """Copy a device result into the engine's numpy buffer (bits for unsigned outputs)."""
+        if out.dtype in _SIGNED:
+            out = out.view(_SIGNED[out.dtype])
+        torch.from_numpy(out).copy_(t.reshape(out.shape))
+
+    def _scalar(self, value: object, dtype: torch.dtype) -> torch.Tensor:
+        """A 0-dim device tensor (exact: values are float32 or float64 already)."""
+        return torch.tensor(float(value), dtype=dtype, device=self.device)
+
+    def _zero(self, dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros((), dtype=dtype, device=self.device)
+
+    # -- dtype conversion -------------------------------------------------------------------------
+    def bf16_to_f32(self, src: np.ndarray, dst: np.ndarray) -> None:
+        """bf16 bits -> float32: the bits become the high half (little-endian pair (0, bits))."""
+        s = self._dev(src).reshape(-1)
+        pair = torch.stack((torch.zeros_like(s), s), dim=-1)
+        self._put(dst, pair.view(torch.float32).reshape(-1))
+
+    def f32_to_bf16(self, src_bits: np.ndarray, dst: np.ndarray) -> None:
+        """float32 bits -> bf16 bits, round to nearest even; NaN stays a quiet NaN."""
+        b = self._dev(src_bits).reshape(-1)
+        is_nan = (b & _ABS) > 0x7F800000
+        # The arithmetic shifts keep the low 16 bits of the logical ones, and their results fit
+        # int16. No int32 overflow for non-NaN inputs (|bits| + 0x8000 < 2**31); NaN lanes are
+        # discarded by the where.
+        rounded = (b + (((b >> 16) & 1) + 0x7FFF)) >> 16
+        self._put(dst, torch.where(is_nan, (b >> 16) | 0x0040, rounded).to(torch.int16))
+
+    # -- task vectors and exact order statistics --------------------------------------------------
+    def subtract(self, models: np.ndarray, base: np.ndarray, out: np.ndarray) -> None:
+        """out[t] = models[t] - base (float32)."""
+        m = self._dev(models)
+        b = self._dev(base).reshape(-1)
+        self._put(out, m.reshape(m.shape[0], -1) - b)
+
+    def _abs_bits(self, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x on the device, |x| as int32 bits), both flat."""
+        xt = self._dev(x).reshape(-1)
+        return xt, xt.view(torch.int32) & _ABS
+
+    def abs_hist_high(self, x: np.ndarray, hist: np.ndarray) -> None:
+        """hist[h] += #{i : (|x_i| bits) >> 16 == h}."""
+        _, a = self._abs_bits(x)
+        counts = torch.bincount(a >> 16, minlength=(_MAX_BITS >> 16) + 1)
+        hist[: counts.numel()] += counts.cpu().numpy()
+
+    def abs_hist_low(self, x: np.ndarray, high: int, hist: np.ndarray) -> None:
+        """hist[l] += #{i : |x_i| bits == (high << 16) | l}."""
+        high = int(high)
+        if not 0 <= high <= _MAX_BITS >> 16:
+            return
+        _, a = self._abs_bits(x)
+        low = a[(a >> 16) == high] & 0xFFFF  # few elements: one high bin
+        counts = torch.bincount(low, minlength=0x10000)
+        hist[: counts.numel()] += counts.cpu().numpy()
+
+    @staticmethod
+    def _in_top(a: torch.Tensor, v: int, ties: int, seen: int) -> tuple[torch.Tensor | bool, int]:
+        """(mask of elements in the top r, number equal to v) for one (v, ties) threshold.
+
+        Equal elements are in while fewer than ``ties`` equal ones came before them, counting the
+        ``seen`` of earlier chunks. A bool mask means every / no element.
+        """
+        v = int(v)
+        if v < 0:  # "every element"; |x| bits are >= 0, so none equals v
+            return True, 0
+        if v > _MAX_BITS:  # "no element"
+            return False, 0
+        greater = a > v
+        equal = a == v
+        n_equal = int(equal.sum())
+        budget = int(ties) - int(seen)  # equal elements of this chunk still in
+        if n_equal == 0 or budget <= 0:
+            return greater, n_equal
+        if budget >= n_equal:
+            return greater | equal, n_equal
+        before = torch.cumsum(equal, 0, dtype=torch.int32)  # inclusive running count
+        return greater | (equal & (before <= budget)), n_equal
+
+    def band_mask(
+        self, x: np.ndarray, v_hi: int, ties_hi: int, v_lo: int, ties_lo: int, seen: np.ndarray
+    ) -> None:
+        """Zero every element whose rank is not in (r_hi, r_lo], in place; ``seen`` is carried."""
+        xt, a = self._abs_bits(x)
+        in_hi, eq_hi = self._in_top(a, v_hi, ties_hi, seen[0])
+        in_lo, eq_lo = self._in_top(a, v_lo, ties_lo, seen[1])
+        seen[0] += eq_hi
+        seen[1] += eq_lo
+        if in_hi is True or in_lo is False:
+            x[...] = 0.0
+            return
+        if in_hi is False:
+            if in_lo is True:
+                return
+            drop = ~in_lo
+        else:
+            drop = in_hi if in_lo is True else in_hi | ~in_lo
+        self._put(x, torch.where(drop, self._zero(xt.dtype), xt))
+
+    def row_band_mask(self, x: np.ndarray, cols: int, r_hi: int, r_lo: int, keys: np.ndarray) -> None:
+        """Per row of ``cols`` elements keep ranks r_hi+1..r_lo, zero the rest (``keys``: unused scratch).
+
+        Rank: larger |x| first, equal |x| by lower column, i.e. a stable descending sort of |x| bits.
+        """
+        cols, r_hi, r_lo = int(cols), int(r_hi), int(r_lo)
+        flat = x.reshape(-1)
+        rows = flat.size // cols
+        if rows == 0:
+            return
+        part = flat[: rows * cols]
+        xt, a = self._abs_bits(part)
+        order = torch.sort(a.view(rows, cols), dim=1, descending=True, stable=True).indices
+        ranks = torch.arange(cols, device=a.device).expand(rows, cols)
+        rank = torch.empty_like(order).scatter_(1, order, ranks).reshape(-1)
+        drop = (rank < r_hi) | (rank >= r_lo)
+        self._put(part, torch.where(drop, self._zero(xt.dtype), xt))
+
+    # -- DARE: counter-based randomness -----------------------------------------------------------
+    def dare_mask(self, x: np.ndarray, density: float, key: int, start: int) -> None:
+        """Keep x[i] iff splitmix64(key + start + i) >> 11 < density * 2**53, rescaled by 1/density."""
+        density = float(density)
+        inv = 1.0 / density  # ZeroDivisionError at 0, as in numba
+        # u = m / 2**53 with m < 2**53 an integer is exact, so u < density <=> m < ceil(density * 2**53)
+        if not density > 0.0:
+            threshold = 0
+        elif density >= 1.0:
+            threshold = 1 << 53
+        else:
+            threshold = math.ceil(density * 2.0**53)
+        xt = self._dev(x).reshape(-1)
+        z = torch.arange(xt.numel(), dtype=torch.int64, device=xt.device) + _s64(int(key) + int(start))
+        z = z + _GOLDEN
+        z = (z ^ _lsr(z, 30)) * _MIX1
+        z = (z ^ _lsr(z, 27)) * _MIX2
+        z = z ^ _lsr(z, 31)
+        keep = _lsr(z, 11) < threshold
+        scaled = (xt.to(torch.float64) * inv).to(torch.float32)
+        self._put(x, torch.where(keep, scaled, self._zero(torch.float32)))
+
+    # -- combinations -----------------------------------------------------------------------------
+    def _weighted_acc(self, w: np.ndarray, v: np.ndarray, acc_type: torch.dtype) -> torch.Tensor:
+        """acc = 0; for t: acc += w[t] * v[t]  (each multiply and add rounded in acc_type)."""
+        wt = self._dev(w).to(acc_type)
+        vt = self._dev(v)
+        vt = vt.reshape(vt.shape[0], -1)
+        acc = torch.zeros(vt.shape[1], dtype=acc_type, device=vt.device)
+        for t in range(vt.shape[0]):
+            acc += wt[t] * vt[t].to(acc_type)
+        return acc
+
+    def combine_sum(
+        self, base: np.ndarray, tau: np.ndarray, weights: np.ndarray, scale: float, out: np.ndarray
+    ) -> None:
+        """out = base + scale * sum_t w_t * tau_t."""
+        acc_type = _float_type(np.float32, weights.dtype, tau.dtype)
+        acc = self._weighted_acc(weights, tau, acc_type)
+        res_type = _float_type(base.dtype, _np_dtype(scale), acc_type)
+        b = self._dev(base).reshape(-1).to(res_type)
+        self._put(out, b + self._scalar(scale, res_type) * acc.to(res_type))
+
+    def combine_ties(
+        self, base: np.ndarray, tau: np.ndarray, weights: np.ndarray, scale: float, out: np.ndarray
+    ) -> None:
+        """TIES: s = sign(sum_t tau_t); disjoint weighted mean of the tau_t whose sign is s."""
+        tt = self._dev(tau)
+        tt = tt.reshape(tt.shape[0], -1)
+        n_models, n = tt.shape
+        total_type = _float_type(np.float32, tau.dtype)
+        num_type = _float_type(np.float32, weights.dtype, tau.dtype)
+        den_type = _float_type(np.float32, weights.dtype)
+        total = torch.zeros(n, dtype=total_type, device=tt.device)
+        for t in range(n_models):
+            total += tt[t].to(total_type)
+        pos, neg = total > 0, total < 0  # NaN total: neither, as numba's sign tests
+        wn = self._dev(weights).to(num_type)
+        wd = self._dev(weights).to(den_type)
+        num = torch.zeros(n, dtype=num_type, device=tt.device)
+        den = torch.zeros(n, dtype=den_type, device=tt.device)
+        zero_num, zero_den = self._zero(num_type), self._zero(den_type)
+        # num and den start at +0.0 and so are never -0.0: adding +0.0 where a model is not
+        # selected leaves them bit for bit as numba's skipped add does.
+        for t in range(n_models):
+            v = tt[t]
+            sel = ((v > 0) & pos) | ((v < 0) & neg)
+            num += torch.where(sel, wn[t] * v.to(num_type), zero_num)
+            den += torch.where(sel, wd[t].expand(n), zero_den)
+        q_type = _float_type(num_type, den_type)
+        merged = torch.where(den != 0, num.to(q_type) / den.to(q_type), self._zero(q_type))
+        res_type = _float_type(base.dtype, _np_dtype(scale), q_type)
+        b = self._dev(base).reshape(-1).to(res_type)
+        self._put(out, b + self._scalar(scale, res_type) * merged.to(res_type))
+
+    def combine_weighted(self, models: np.ndarray, weights: np.ndarray, out: np.ndarray) -> None:
+        """out = sum_t w_t * models_t."""
+        acc_type = _float_type(np.float32, weights.dtype, models.dtype)
+        self._put(out, self._weighted_acc(weights, models, acc_type))
+
+    def combine_model_stock(self, base: np.ndarray, models: np.ndarray, k: float, out: np.ndarray) -> None:
+        """out = k * mean_t f_t + (1 - k) * base."""
+        mt = self._dev(models)
+        mt = mt.reshape(mt.shape[0], -1)
+        n_models, n = mt.shape
+        k_np = _np_dtype(k)
+        acc_type = _float_type(np.float32, models.dtype)
+        acc = torch.zeros(n, dtype=acc_type, device=mt.device)
+        for t in range(n_models):
+            acc += mt[t].to(acc_type)
+        inv_t = np.float32(1.0) / np.float32(n_models)  # float32, as numba
+        mean_type = _float_type(acc_type, np.float32)
+        mean = acc.to(mean_type) * self._scalar(inv_t, mean_type)
+        left_type = _float_type(k_np, mean_type)
+        left = self._scalar(k, left_type) * mean.to(left_type)
+        omk_type = _float_type(np.float32, k_np)
+        one_minus_k = np.float64(1.0) - np.float64(k) if omk_type == torch.float64 else np.float32(1.0) - k
+        right_type = _float_type(omk_type, base.dtype)
+        right = self._scalar(one_minus_k, right_type) * self._dev(base).reshape(-1).to(right_type)
+        res_type = _float_type(left_type, right_type)
+        self._put(out, left.to(res_type) + right.to(res_type))
+
+    # -- float64 statistics (reduction order differs from numba: last-bit differences) ------------
+    def gram_accumulate(self, x: np.ndarray, gram: np.ndarray) -> None:
+        """gram[s, t] += sum_i x[s, i] * x[t, i] for t >= s, in float64 (upper triangle only)."""
+        xt = self._dev(x)
+        xd = xt.reshape(xt.shape[0], -1).to(torch.float64)
+        g = (xd @ xd.T).cpu().numpy()
+        upper = np.triu_indices(xd.shape[0])
+        gram[upper] += g[upper]
+
+    def l1_accumulate(self, x: np.ndarray, acc: np.ndarray) -> None:
+        """acc[t] += sum_i |x[t, i]| in float64."""
+        xt = self._dev(x)
+        xt = xt.reshape(xt.shape[0], -1)
+        acc += xt.abs().sum(dim=1, dtype=torch.float64).cpu().numpy()
+
+
+@cache
+def _for(device: str) -> TorchKernels:
+    return TorchKernels(torch.device(device))
+
+
+def for_device(device: str | torch.device = "cpu") -> TorchKernels:
+    """The kernel table bound to ``device`` ("cpu", "cuda", "cuda:1", ...); one per device."""
+    return _for(str(torch.device(device)))

@@ -99,7 +99,7 @@ def run_recipe(ctx: click.Context, recipe, output: Path, max_memory: str, thread
         ctx.meta["surgery.output"] = str(output)
         for note in plan.notes:
             click.echo(f"note: {note}", err=True)
-        bar = _LazyBar(plan.layout.total_bytes, f"surgery {recipe.method}", quiet)
+        bar = _LazyBar(plan.layout.total_bytes, len(plan.jobs), f"surgery {recipe.method}", quiet)
         try:
             result = execute(plan, output, options, bar.update, _card)
         finally:
@@ -114,12 +114,15 @@ def run_recipe(ctx: click.Context, recipe, output: Path, max_memory: str, thread
 
 
 class _LazyBar:
-    """A tqdm bar on stderr that appears with the first written byte (not before an early error)."""
+    """A tqdm bar on stderr (bytes, bytes/s, ETA, tensors done) that appears with the first written
+    byte, so an early error is not preceded by an empty bar."""
 
-    def __init__(self, total: int, desc: str, quiet: bool) -> None:
-        self.total, self.desc, self.quiet, self.bar = total, desc, quiet, None
+    def __init__(self, total: int, tensors: int, desc: str, quiet: bool) -> None:
+        self.total, self.tensors, self.desc, self.quiet = total, tensors, desc, quiet
+        self.bar = None
+        self.done = 0
 
-    def update(self, n: int) -> None:
+    def update(self, n: int, tensor: str | None) -> None:
         if self.quiet:
             return
         if self.bar is None:
@@ -127,6 +130,9 @@ class _LazyBar:
 
             self.bar = tqdm(total=self.total, unit="B", unit_scale=True, desc=self.desc,
                             file=sys.stderr, leave=False)  # fmt: skip
+        if tensor is not None:
+            self.done += 1
+            self.bar.set_postfix_str(f"{self.done}/{self.tensors} tensors", refresh=False)
         self.bar.update(n)
 
     def close(self) -> None:

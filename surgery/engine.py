@@ -69,7 +69,7 @@ def merge(
     recipe: Recipe,
     out: str | Path,
     options: EngineOptions | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, str | None], None] | None = None,
     card: Callable[[Plan], str] | None = None,
 ) -> MergeResult:
     """Plan and run ``recipe``, writing a complete checkpoint to ``out``."""
@@ -84,10 +84,14 @@ def execute(
     plan: Plan,
     out: Path,
     options: EngineOptions,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, str | None], None] | None = None,
     card: Callable[[Plan], str] | None = None,
 ) -> MergeResult:
-    """Run a checked plan. ``progress(n)`` is called with output bytes as they are written."""
+    """Run a checked plan.
+
+    ``progress(nbytes, tensor)`` is called as output bytes are written; ``tensor`` is the name of a
+    tensor just completed, else None.
+    """
     start = time.perf_counter()
     check_output_folder(out, input_paths(plan))
     fingerprint = fingerprint_of(
@@ -103,7 +107,7 @@ def execute(
     try:
         resumed = len(writer.done)
         if progress and resumed:
-            progress(sum(plan.layout.tensors[n].nbytes for n in writer.done))
+            progress(sum(plan.layout.tensors[n].nbytes for n in writer.done), None)
         runner = _Runner(plan, writer, options, progress)
         runner.run()
         side = plan.side_files()
@@ -184,7 +188,7 @@ class _Runner:
         plan: Plan,
         writer: CheckpointWriter,
         options: EngineOptions,
-        progress: Callable[[int], None] | None,
+        progress: Callable[[int, str | None], None] | None,
     ) -> None:
         self.plan = plan
         self.spec = plan.recipe.spec
@@ -302,12 +306,15 @@ class _Runner:
         else:
             self._copy_job(job)
         self.writer.mark_done(job.name)
+        if self.progress is not None:
+            with self.lock:
+                self.progress(0, job.name)
 
     def _write(self, job: TensorJob, start: int, raw: np.ndarray) -> None:
         self.writer.write(job.name, start, raw)
         if self.progress is not None:
             with self.lock:
-                self.progress(raw.nbytes)
+                self.progress(raw.nbytes, None)
 
     def _copy_job(self, job: TensorJob) -> None:
         """Integer tensors: equal in every input, copied. F8: copied from the first input."""

@@ -144,10 +144,28 @@ def _card(plan) -> str:
     from surgery.card import render_card
 
     spec = plan.recipe.spec
+    lines = None
+    if plan.recipe.lines is not None:
+        lines = {
+            "alpha": plan.resolved["lines_alpha"],
+            "beta": plan.resolved["lines_beta"],
+            "outside": plan.recipe.lines["outside"],
+            "requested_alpha": plan.recipe.lines["alpha"],
+        }
     return render_card(
         spec.title, spec.name, spec.paper, spec.formula, list(plan.recipe.inputs),
-        plan.recipe.to_yaml(), plan.recipe.parameters,
+        plan.recipe.to_yaml(), plan.recipe.parameters, lines,
     )  # fmt: skip
+
+
+def lines_outside_option(fn):
+    return click.option(
+        "--lines-outside",
+        type=click.Choice(["alpha", "alpha+beta", "one"]),
+        default="alpha",
+        show_default=True,
+        help="LiNeS scale of tensors outside the blocks (embeddings, final norm, head).",
+    )(fn)
 
 
 # -- commands ---------------------------------------------------------------------------------------
@@ -170,12 +188,21 @@ def _method_flags(fn):
 @click.option("--granularity", type=click.Choice(["per_tensor", "per_row", "global"]), default=None)
 @click.option("--t", "t", type=float, default=None, help="SLERP interpolation factor.")
 @click.option("--seed", type=int, default=None, help="Seed for DARE's random stream.")
+@click.option("--lines", "use_lines", is_flag=True, help="LiNeS: scale the merged update by block depth.")
+@click.option(
+    "--lines-alpha",
+    default="auto",
+    show_default=True,
+    help="LiNeS alpha: a number, or auto = ||sum tau||_1 / (T ||tau_merged||_1).",
+)
+@click.option("--lines-beta", type=float, default=None, help="LiNeS beta [default: 1 - alpha].")
+@lines_outside_option
 @output_options
 @engine_options
 @click.pass_context
 def merge(ctx: click.Context, models: tuple[str, ...], base: str | None, method_name: str | None,
-          density, outliers, scale, weights, granularity, t, seed, dtype, max_shard_size,
-          **engine) -> None:  # fmt: skip
+          density, outliers, scale, weights, granularity, t, seed, use_lines, lines_alpha,
+          lines_beta, lines_outside, dtype, max_shard_size, **engine) -> None:  # fmt: skip
     """Merge fine-tunes MODELS of one base into a new checkpoint.
 
     \b
@@ -197,7 +224,36 @@ def merge(ctx: click.Context, models: tuple[str, ...], base: str | None, method_
         base = base_from_cards(list(models))
     params = {"density": density, "outliers": outliers, "scale": scale, "weights": weights,
               "granularity": granularity, "t": t, "seed": seed}  # fmt: skip
-    recipe = make_recipe(method, list(models), base, params, dtype, max_shard_size)
+    lines = None
+    if use_lines:
+        lines = {"alpha": lines_alpha, "beta": lines_beta, "outside": lines_outside}
+    recipe = make_recipe(method, list(models), base, params, dtype, max_shard_size, lines)
+    run_recipe(ctx, recipe, **engine)
+
+
+@cli.command()
+@click.argument("base")
+@click.argument("finetuned")
+@click.option("--alpha", type=float, required=True, help="Scale of the first block's update.")
+@click.option("--beta", type=float, default=None, help="Added by the last block [default: 1 - alpha].")
+@lines_outside_option
+@output_options
+@engine_options
+@click.pass_context
+def lines(ctx: click.Context, base: str, finetuned: str, alpha: float, beta: float | None,
+          lines_outside: str, dtype, max_shard_size, **engine) -> None:  # fmt: skip
+    """LiNeS single-task editing: BASE + lambda(l) * (FINETUNED - BASE).
+
+    lambda(l) = alpha + beta * l / (L - 1) for block l: shallow blocks keep little of the update
+    (less forgetting of what the base could do), the last block keeps alpha + beta.
+
+    \b
+    surgery lines BASE FT --alpha 0.3 -o edited/
+    """
+    from surgery.recipe import make_recipe
+
+    schedule = {"alpha": alpha, "beta": beta, "outside": lines_outside}
+    recipe = make_recipe("task_arithmetic", [finetuned], base, {}, dtype, max_shard_size, schedule)
     run_recipe(ctx, recipe, **engine)
 
 
@@ -225,13 +281,18 @@ def run(ctx: click.Context, recipe_file: Path, **engine) -> None:
 @cli.command()
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect(path: str, as_json: bool) -> None:
+@click.option("--layers", "show_layers", is_flag=True, help="List every tensor's block (LiNeS mapping).")
+def inspect(path: str, as_json: bool, show_layers: bool) -> None:
     """Describe a checkpoint: shards, tensors, parameters, dtypes, layers, tied embeddings."""
     from surgery.inspect import describe
 
     report = describe(path)
     if as_json:
         click.echo(json.dumps(report, indent=2))
+        return
+    if show_layers:
+        for name, where in report["layers"]["placement"].items():
+            click.echo(f"{where:>8}  {name}")
         return
     click.echo(f"checkpoint   {report['source']}")
     click.echo(f"files        {len(report['files'])}: {', '.join(report['files'])}")

@@ -66,14 +66,18 @@ def base_from_cards(models: list[str]) -> str:
 
 def render_card(
     method_title: str, method_name: str, paper: str, formula: str, inputs: list[str],
-    recipe_yaml: str, parameters: dict,
+    recipe_yaml: str, parameters: dict, lines: dict | None = None,
 ) -> str:  # fmt: skip
-    """Card text: front matter the Hub understands, then what was done and how to redo it."""
+    """Card text: front matter the Hub understands, then what was done and how to redo it.
+
+    ``lines``: the LiNeS schedule with the alpha and beta actually used.
+    """
+    tags = ["model-surgery", "merge", method_name] + (["lines"] if lines else [])
     meta = {
         "base_model": list(inputs),
         "base_model_relation": "merge",
         "library_name": "transformers",
-        "tags": ["model-surgery", "merge", method_name],
+        "tags": tags,
     }
     params = "\n".join(f"| `{k}` | `{v}` |" for k, v in parameters.items()) or "| (none) | |"
     models = "\n".join(f"- `{m}`" for m in inputs)
@@ -86,6 +90,18 @@ def render_card(
         + f"([paper]({paper})):\n\n    {formula}\n\n"
         + f"## Inputs\n\n{models}\n\n"
         + f"## Parameters\n\n| parameter | value |\n|---|---|\n{params}\n\n"
+        + _lines_section(lines)
         + "## Recipe\n\nReproduce with `surgery run surgery_recipe.yaml -o OUT`:\n\n"
         + f"```yaml\n{recipe_yaml}```\n"
+    )
+
+
+def _lines_section(lines: dict | None) -> str:
+    if not lines:
+        return ""
+    return (
+        "## LiNeS layer scaling ([paper](https://arxiv.org/abs/2410.17146))\n\n"
+        "Each tensor's update was scaled by its block depth: "
+        f"`lambda(l) = {lines['alpha']:.6g} + {lines['beta']:.6g} * l / (L - 1)`; tensors outside the "
+        f"blocks: `{lines['outside']}`. Requested alpha: `{lines['requested_alpha']}`.\n\n"
     )

@@ -28,6 +28,7 @@ import numpy as np
 from surgery.dtypes import DTYPES
 from surgery.errors import IncompatibleTensorsError, SurgeryError
 from surgery.kernels import Backend, get_backend
+from surgery.methods.lines import make_schedule
 from surgery.plan import Plan, TensorJob, build_plan, input_paths
 from surgery.recipe import RECIPE_NAME, Recipe
 from surgery.writer import CheckpointWriter, check_output_folder, fingerprint_of, prepare_output
@@ -204,12 +205,20 @@ class _Runner:
         self.share = max(1, options.max_memory // self.workers)
         self.n_models = len(plan.recipe.models)
         self.global_bands: dict[str, list[_Band]] = {}
+        self.lines = make_schedule(plan.recipe.lines)
+        self.lines_alpha = 1.0
 
     # -- orchestration ----------------------------------------------------------------------------
     def run(self) -> None:
         granularity = self.params.get("granularity")
         if self.spec.sparsify == "band" and granularity == "global":
             self.global_bands = self._global_thresholds()
+        if self.lines is not None:
+            alpha = self.lines.alpha
+            self.lines_alpha = self._resolve_lines_alpha() if alpha == "auto" else float(alpha)
+            self.plan.resolved["lines_alpha"] = self.lines_alpha
+            beta = self.lines.beta
+            self.plan.resolved["lines_beta"] = (1.0 - self.lines_alpha) if beta is None else beta
         todo = [j for j in self.plan.jobs if j.name not in self.writer.done]
         todo.sort(key=lambda j: -j.numel)  # big tensors first balance the workers
         self._parallel(self._run_job, todo)
@@ -335,32 +344,89 @@ class _Runner:
                     )
             self._write(job, start, first)
 
-    def _merge_job(self, job: TensorJob) -> None:
-        ranges = self._ranges(job)
-        cache: dict = {}
+    def _chunk_reader(self, job: TensorJob, ranges: list) -> tuple[Callable, dict]:
+        """``read(k)`` -> (decoded inputs, tau) of chunk k, and its one-entry cache.
 
-        def chunk(k: int) -> tuple[np.ndarray, np.ndarray | None]:
-            """Decoded inputs and (for task-vector methods) tau of chunk k; reused when k is cached."""
-            start, count = ranges[k]
+        A tensor that fits in one chunk is read once for all its passes; the caller clears the cache
+        before it modifies tau in place.
+        """
+        cache: dict = {}
+        needs_tau = self.plan.has_base and self.spec.combine in ("sum", "ties", "model_stock")
+
+        def read(k: int) -> tuple[np.ndarray, np.ndarray | None]:
             if cache.get("k") == k:
                 return cache["dec"], cache["tau"]
+            start, count = ranges[k]
             nxt = ranges[k + 1] if k + 1 < len(ranges) else None
             dec = self._load(job, start, count, nxt)
             tau = None
-            if self.plan.has_base and self.spec.combine in ("sum", "ties", "model_stock"):
+            if needs_tau:
                 tau = self.ws.get("tau", (self.n_models, count), np.float32)
                 self.backend.subtract(dec[1:], dec[0], tau)
             cache.update(k=k, dec=dec, tau=tau)
             return dec, tau
 
-        bands = self._bands_for(job, ranges, chunk)
-        coeffs = self._coefficients(job, ranges, chunk)
+        return read, cache
+
+    def _merged_chunks(self, job: TensorJob, lam: float, measure: np.ndarray | None = None):
+        """Yield (start, count, float32 output chunk) of a merged tensor.
+
+        With ``measure`` (LiNeS auto alpha), yield nothing and instead accumulate into ``measure``
+        [||sum_t tau_t||_1, ||tau_merged||_1] of this tensor (float64).
+        """
+        ranges = self._ranges(job)
+        read, cache = self._chunk_reader(job, ranges)
+        bands = self._bands_for(job, ranges, read)
+        coeffs = self._coefficients(job, ranges, read)
         for k, (start, count) in enumerate(ranges):
-            dec, tau = chunk(k)
+            dec, tau = read(k)
             cache.clear()  # tau is modified in place below
-            out = self._apply(job, dec, tau, start, count, bands, coeffs)
+            if measure is None:
+                yield start, count, self._apply(job, dec, tau, start, count, bands, coeffs, lam)
+                continue
+            base = dec[0]
+            zeros = self.ws.get("zeros", (count,), np.float32)
+            zeros.fill(0.0)
+            tmp = self.ws.get("update", (1, count), np.float32)
+            ones = np.ones(self.n_models, np.float32)
+            self.backend.combine_sum(zeros, tau if tau is not None else dec[1:] - base, ones,
+                                     np.float32(1.0), tmp[0])  # fmt: skip
+            self.backend.l1_accumulate(tmp, measure[0:1])
+            if self.spec.combine in ("sum", "ties"):  # the update itself, without b + ... - b
+                out = self._apply(job, dec, tau, start, count, bands, coeffs, 1.0, base=zeros)
+                self.backend.l1_accumulate(out[None], measure[1:2])
+            else:
+                out = self._apply(job, dec, tau, start, count, bands, coeffs, 1.0)
+                np.subtract(out, base, out=tmp[0])
+                self.backend.l1_accumulate(tmp, measure[1:2])
+
+    def _merge_job(self, job: TensorJob) -> None:
+        lam = self._lines_scale(job)
+        for start, count, out in self._merged_chunks(job, lam):
             raw = self.ws.get("out_raw", (count,), DTYPES[job.out_dtype].storage)
             self._write(job, start, self.backend.encode(out, job.out_dtype, raw))
+
+    # -- LiNeS --------------------------------------------------------------------------------------
+    def _lines_scale(self, job: TensorJob) -> float:
+        if self.lines is None:
+            return 1.0
+        return self.lines.scale(self.lines_alpha, job.depth)
+
+    def _resolve_lines_alpha(self) -> float:
+        """alpha = ||sum_t tau_t||_1 / (T * ||tau_merged||_1) over all merged tensors (auto)."""
+
+        def measure(job: TensorJob) -> np.ndarray:
+            acc = np.zeros(2, np.float64)
+            for _ in self._merged_chunks(job, 1.0, measure=acc):
+                pass
+            return acc
+
+        totals = np.zeros(2, np.float64)
+        for acc in self._parallel(measure, self.plan.merge_jobs):  # summed in plan order
+            totals += acc
+        if totals[1] == 0.0:
+            return 1.0  # the merge changes nothing: any alpha gives the base
+        return float(totals[0] / (self.n_models * totals[1]))
 
     # -- reduce passes ----------------------------------------------------------------------------
     def _bands_for(self, job: TensorJob, ranges: list, chunk: Callable) -> list[_Band] | None:
@@ -419,7 +485,7 @@ class _Runner:
 
         def pass_high(job: TensorJob) -> np.ndarray:
             ranges = self._ranges(job)
-            return self._hist_high(ranges, self._reader(job, ranges))
+            return self._hist_high(ranges, self._chunk_reader(job, ranges)[0])
 
         highs = sum(self._parallel(pass_high, jobs), np.zeros((T, HIST), np.int64))
         n = sum(j.numel for j in jobs)
@@ -428,7 +494,7 @@ class _Runner:
 
         def pass_low(job: TensorJob) -> list[dict[int, np.ndarray]]:
             ranges = self._ranges(job)
-            reader = self._reader(job, ranges)
+            reader = self._chunk_reader(job, ranges)[0]
             hists = [{b: np.zeros(HIST, np.int64) for b in edge_bins[t]} for t in range(T)]
             if any(edge_bins):
                 for k in range(len(ranges)):
@@ -451,16 +517,6 @@ class _Runner:
                 result[job.name].append(_Band(v_hi, min(left_hi, eq_hi), v_lo, min(left_lo, eq_lo)))
                 left_hi, left_lo = max(0, left_hi - eq_hi), max(0, left_lo - eq_lo)
         return result
-
-    def _reader(self, job: TensorJob, ranges: list) -> Callable:
-        def read(k: int) -> tuple[np.ndarray, np.ndarray]:
-            start, count = ranges[k]
-            dec = self._load(job, start, count, None)
-            tau = self.ws.get("tau", (self.n_models, count), np.float32)
-            self.backend.subtract(dec[1:], dec[0], tau)
-            return dec, tau
-
-        return read
 
     def _coefficients(self, job: TensorJob, ranges: list, chunk: Callable) -> np.ndarray | None:
         """Per-tensor scalars of SLERP ([c0, c1]) and Model Stock ([k]) from a Gram-matrix pass."""
@@ -486,21 +542,26 @@ class _Runner:
         count: int,
         bands: list[_Band] | None,
         coeffs: np.ndarray | None,
+        lam: float,
+        base: np.ndarray | None = None,
     ) -> np.ndarray:
+        """Output chunk in float32. ``lam`` is the LiNeS scale of this tensor's update (1 = none);
+        ``base`` replaces the base row in the final sum (zeros: the merged update itself)."""
         be = self.backend
         out = self.ws.get("out", (count,), np.float32)
         combine = self.spec.combine
         weights = np.asarray(self.params.get("weights") or [], np.float32)
-        if combine == "linear":
-            models = dec[1:] if self.plan.has_base else dec
-            w = np.asarray(self.params["weights"], np.float64)
-            be.combine_weighted(models, (w / w.sum()).astype(np.float32), out)
-            return out
-        if combine == "slerp":
-            be.combine_weighted(dec, coeffs, out)
-            return out
-        if combine == "model_stock":
-            be.combine_model_stock(dec[0], dec[1:], np.float32(coeffs[0]), out)
+        if combine in ("linear", "slerp", "model_stock"):
+            if combine == "linear":
+                models = dec[1:] if self.plan.has_base else dec
+                w = np.asarray(self.params["weights"], np.float64)
+                be.combine_weighted(models, (w / w.sum()).astype(np.float32), out)
+            elif combine == "slerp":
+                be.combine_weighted(dec, coeffs, out)
+            else:
+                be.combine_model_stock(dec[0], dec[1:], np.float32(coeffs[0]), out)
+            if lam != 1.0:  # LiNeS on an interpolation: b + lambda * (out - b)
+                be.rescale_update(dec[0], out, np.float32(lam))
             return out
         assert tau is not None
         if self.spec.sparsify == "band":
@@ -516,11 +577,12 @@ class _Runner:
             for t in range(self.n_models):
                 key = dare_key(int(self.params["seed"]), job.name, t)
                 be.dare_mask(tau[t], float(self.params["density"]), np.uint64(key), start)
-        scale = np.float32(self.params["scale"])
+        scale = np.float32(float(self.params["scale"]) * lam)  # one rounding of scale * lambda
+        base = dec[0] if base is None else base
         if combine == "sum":
-            be.combine_sum(dec[0], tau, weights, scale, out)
+            be.combine_sum(base, tau, weights, scale, out)
         else:
-            be.combine_ties(dec[0], tau, weights, scale, out)
+            be.combine_ties(base, tau, weights, scale, out)
         return out
 
 

@@ -6,6 +6,7 @@ from collections import Counter
 
 from surgery.checkpoint import open_checkpoint
 from surgery.names import layer_map
+from surgery.writer import natural_key
 
 
 def describe(source: str) -> dict:
@@ -32,6 +33,10 @@ def describe(source: str) -> dict:
                 "after": positions.get("after", 0),
                 "unknown": list(layers.unknown),
                 "block_of": {n: p.block for n, p in layers.placements.items() if p.block is not None},
+                "placement": {
+                    n: (str(p.block) if p.block is not None else p.position)
+                    for n, p in sorted(layers.placements.items(), key=lambda kv: natural_key(kv[0]))
+                },
             },
             # lm_head absent means the head reuses the input embeddings
             "tied_embeddings": (not has_head) if tied_cfg is None else bool(tied_cfg),

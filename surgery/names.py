@@ -19,10 +19,14 @@ import re
 from dataclasses import dataclass
 
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|resblocks)\.(\d+)\.")
-_BEFORE = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|"
-                     r"patch_embed|class_embedding|positional_embedding|conv1|shared\.weight)")  # fmt: skip
-_AFTER = re.compile(r"(lm_head|(^|\.)norm\.|final_layer_norm|ln_f|ln_post|pooler|score|classifier|"
-                    r"(^|\.)head\.|final_layernorm|output_layer|proj$)")  # fmt: skip
+_BEFORE = re.compile(
+    r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|patch_embed|"
+    r"class_embedding|positional_embedding|conv1|shared\.weight|pre_layrnorm|pre_layernorm|ln_pre)"
+)
+_AFTER = re.compile(
+    r"(lm_head|(^|\.)norm\.|(^|\.)layernorm\.|final_layer_norm|final_layernorm|ln_f|ln_post|"
+    r"post_layernorm|pooler|score|classifier|(^|\.)cls\.|(^|\.)head\.|output_layer|proj$|projection)"
+)
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,14 @@ is collected and reported at once, so a user fixes them in one go rather than on
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from surgery.checkpoint import Checkpoint, open_checkpoint
 from surgery.dtypes import DTYPES
 from surgery.errors import PlanError
+from surgery.methods.lines import depths
+from surgery.names import layer_map
 from surgery.recipe import Recipe
 from surgery.writer import Layout, OutputTensor, natural_key, plan_layout
 
@@ -36,6 +38,7 @@ class TensorJob:
     shape: tuple[int, ...]
     in_dtypes: tuple[str, ...]  # per input, engine order
     out_dtype: str
+    depth: float | None = None  # LiNeS: l / (L - 1) of the tensor's block; None outside the blocks
 
     @property
     def numel(self) -> int:
@@ -53,6 +56,7 @@ class Plan:
     layout: Layout
     config_source: Checkpoint
     notes: list[str] = field(default_factory=list)
+    resolved: dict = field(default_factory=dict)  # values settled while running (LiNeS auto alpha)
 
     @property
     def has_base(self) -> bool:
@@ -199,8 +203,35 @@ def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
             hint="every input must be a fine-tune of the same architecture as the base "
             "(check with `surgery inspect`)",
         )
+    if recipe.lines is not None:
+        jobs = _with_depths(jobs, reference, notes)
     layout = plan_layout([OutputTensor(j.name, j.out_dtype, j.shape) for j in jobs], recipe.max_shard_size)
     return Plan(recipe, inputs, jobs, layout, reference, notes)
+
+
+def _with_depths(jobs: list[TensorJob], reference: Checkpoint, notes: list[str]) -> list[TensorJob]:
+    """LiNeS needs every merged tensor's block: unplaceable names and a block count that
+    disagrees with config.json are errors, never guesses."""
+    merged = [j.name for j in jobs if j.action == "merge"]
+    layers = layer_map(merged, reference.config())
+    problems = [
+        f"cannot tell which block tensor {name!r} belongs to (needed for LiNeS)" for name in layers.unknown
+    ]
+    if not layers.consistent:
+        problems.append(
+            f"the tensor names show {layers.num_blocks} blocks but config.json says {layers.config_layers}"
+        )
+    if layers.num_blocks == 0:
+        problems.append("no transformer blocks found in the tensor names (needed for LiNeS)")
+    if problems:
+        raise PlanError(
+            problems,
+            hint="LiNeS scales updates by block depth; see surgery/names.py for the name patterns "
+            "it understands",
+        )
+    depth = depths(layers, merged)
+    notes.append(f"LiNeS: {layers.num_blocks} blocks")
+    return [replace(j, depth=depth.get(j.name)) for j in jobs]
 
 
 def input_paths(plan: Plan) -> list[Path]:

@@ -15,6 +15,10 @@ Schema (YAML), every field explicit in a saved recipe::
     output:
       dtype: null                  # float dtype of merged tensors; null keeps each base tensor's
       max_shard_size: 5000000000   # bytes (strings such as 5GB or 2GiB are accepted)
+    lines:                         # optional LiNeS on the merged update (arXiv 2410.17146)
+      alpha: auto                  # number, or auto = ||sum tau||_1 / (T ||tau_merged||_1)
+      beta: null                   # null = 1 - alpha
+      outside: alpha               # scale of tensors outside the blocks: alpha | alpha+beta | one
 
 Relative paths in a recipe file are resolved against the current directory (as on the command line);
 recipes written by surgery hold absolute paths, so ``surgery run OUT/surgery_recipe.yaml -o OUT2``
@@ -31,6 +35,7 @@ from pathlib import Path
 from surgery.dtypes import parse_output_dtype
 from surgery.errors import RecipeError
 from surgery.methods import Method, get_method
+from surgery.methods.lines import make_schedule
 
 RECIPE_NAME = "surgery_recipe.yaml"
 RECIPE_VERSION = 1
@@ -57,6 +62,7 @@ class Recipe:
     parameters: dict = field(default_factory=dict)
     dtype: str | None = None  # safetensors float dtype name of merged tensors
     max_shard_size: int = 5 * 10**9
+    lines: dict | None = None  # LiNeS schedule {alpha, beta, outside} applied to the merged update
 
     @property
     def spec(self) -> Method:
@@ -74,6 +80,7 @@ class Recipe:
             "base": self.base,
             "models": list(self.models),
             "parameters": dict(self.parameters),
+            "lines": None if self.lines is None else dict(self.lines),
             "output": {"dtype": self.dtype, "max_shard_size": self.max_shard_size},
         }
 
@@ -91,6 +98,7 @@ def make_recipe(
     parameters: dict | None = None,
     dtype: str | None = None,
     max_shard_size: int | str = 5 * 10**9,
+    lines: dict | None = None,
 ) -> Recipe:
     """Validate and complete a recipe: method known, parameters typed and in range, defaults filled."""
     spec = get_method(method)
@@ -112,8 +120,15 @@ def make_recipe(
         raise RecipeError(f"method {spec.name} takes at most {spec.max_models} models")
     params = _resolve_parameters(spec, dict(parameters or {}), len(models))
     out_dtype = parse_output_dtype(dtype) if dtype else None
+    schedule = make_schedule(lines)
+    if schedule is not None and not base:
+        raise RecipeError("LiNeS scales the update relative to a base: pass --base BASE")
     recipe = Recipe(spec.name, models, str(base) if base else None, params, out_dtype)
-    return replace(recipe, max_shard_size=parse_size(max_shard_size))
+    return replace(
+        recipe,
+        max_shard_size=parse_size(max_shard_size),
+        lines=None if schedule is None else schedule.to_dict(),
+    )
 
 
 def _absolute(source: str | Path) -> str:
@@ -200,7 +215,7 @@ def load_recipe(path: str | Path) -> Recipe:
         )
     if data.get("version", RECIPE_VERSION) != RECIPE_VERSION:
         raise RecipeError(f"{path} has recipe version {data['version']}; this surgery reads 1")
-    extra = set(data) - {"version", "method", "base", "models", "parameters", "output"}
+    extra = set(data) - {"version", "method", "base", "models", "parameters", "lines", "output"}
     if extra:
         raise RecipeError(f"{path} has unknown keys: {', '.join(sorted(extra))}")
     output = data.get("output") or {}
@@ -214,4 +229,5 @@ def load_recipe(path: str | Path) -> Recipe:
         data.get("parameters") or {},
         output.get("dtype"),
         output.get("max_shard_size", 5 * 10**9),
+        data.get("lines"),
     )

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+INT_NAME = "model.rotary.inv_freq_ids"  # an integer buffer every family carries (copied, never merged)
 TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 SHAPES = {
@@ -41,7 +42,7 @@ def make_family(
     shapes = shapes or SHAPES
     g = torch.Generator().manual_seed(seed)
     base = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
-    base["model.rotary.inv_freq_ids"] = torch.arange(6, dtype=torch.int64)
+    base[INT_NAME] = torch.arange(6, dtype=torch.int64)
     paths = []
     for i in range(n_models + 1):
         folder = root / ("base" if i == 0 else f"ft{i}")

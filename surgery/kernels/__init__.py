@@ -30,6 +30,7 @@ class Backend:
     combine_model_stock: Callable
     gram_accumulate: Callable
     l1_accumulate: Callable
+    rescale_update: Callable
 
     def decode(self, raw: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
         """Raw storage -> float32. F32 input is returned as is (no copy)."""

@@ -241,3 +241,10 @@ def l1_accumulate(x, acc):  # pragma: no cover - compiled
     for t in range(x.shape[0]):
         for i in range(x.shape[1]):
             acc[t] += abs(np.float64(x[t, i]))
+
+
+@njit(**_JIT)
+def rescale_update(base, out, lam):  # pragma: no cover - compiled
+    """out = base + lam * (out - base): LiNeS on a merge that is not in task-vector form."""
+    for i in range(base.size):
+        out[i] = base[i] + lam * (out[i] - base[i])

@@ -314,6 +314,12 @@ class TorchKernels:
         res_type = _float_type(left_type, right_type)
         self._put(out, left.to(res_type) + right.to(res_type))
 
+    def rescale_update(self, base: np.ndarray, out: np.ndarray, lam: np.float32) -> None:
+        """out = base + lam * (out - base) in float32, each op rounded separately as in numba."""
+        b = self._dev(base).reshape(-1)
+        o = self._dev(out).reshape(-1)
+        self._put(out, b + self._scalar(lam, torch.float32) * (o - b))
+
     # -- float64 statistics (reduction order differs from numba: last-bit differences) ------------
     def gram_accumulate(self, x: np.ndarray, gram: np.ndarray) -> None:
         """gram[s, t] += sum_i x[s, i] * x[t, i] for t >= s, in float64 (upper triangle only)."""

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from ckpt_factory import (
+    INT_NAME,
     load_f32,
     load_raw,
     make_family,
@@ -23,7 +24,6 @@ from surgery.recipe import make_recipe
 from surgery.writer import natural_key
 
 OPTS = EngineOptions(threads=1)
-INT_NAME = "model.rotary.inv_freq_ids"
 
 
 def run(tmp_path, method, base, models, name="out", dtype=None, **params):

@@ -99,18 +99,29 @@ def run_recipe(ctx: click.Context, recipe, output: Path, max_memory: str, thread
         ctx.meta["surgery.output"] = str(output)
         for note in plan.notes:
             click.echo(f"note: {note}", err=True)
-        bar = _LazyBar(plan.layout.total_bytes, len(plan.jobs), f"surgery {recipe.method}", quiet)
+        total = plan.layout.total_bytes if plan.layout is not None else None
+        bar = _LazyBar(total, len(plan.jobs), f"surgery {recipe.method}", quiet)
         try:
             result = execute(plan, output, options, bar.update, _card)
         finally:
             bar.close()
     finally:
         plan.close()
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
     resumed = f", {result.resumed_tensors} resumed" if result.resumed_tensors else ""
     click.echo(
         f"wrote {output} ({result.tensors} tensors{resumed}, "
         f"{result.bytes_written / 1e9:.3f} GB) in {result.seconds:.1f} s"
     )
+    manifest = output / "surgery_diff.json"
+    if manifest.is_file():
+        data = json.loads(manifest.read_text())
+        size = sum(p.stat().st_size for p in output.glob("*.safetensors"))
+        click.echo(
+            f"{data['kind']} diff: {data['kept']:,} of {data['total']:,} parameters "
+            f"({100 * data['fraction']:.4g}%), {size / 1e6:.2f} MB of safetensors"
+        )
 
 
 class _LazyBar:
@@ -155,6 +166,7 @@ def _card(plan) -> str:
     return render_card(
         spec.title, spec.name, spec.paper, spec.formula, list(plan.recipe.inputs),
         plan.recipe.to_yaml(), plan.recipe.parameters, lines,
+        "merge" if spec.command == "merge" and len(plan.recipe.models) > 1 else "finetune",
     )  # fmt: skip
 
 
@@ -216,7 +228,10 @@ def merge(ctx: click.Context, models: tuple[str, ...], base: str | None, method_
 
     chosen = [name for name in METHOD_FLAGS if engine.pop(name)]
     if method_name:
-        chosen.append(get_method(method_name).name)
+        spec = get_method(method_name)
+        if spec.command != "merge":
+            raise RecipeError(f"{spec.name} is not a merge method", hint=f"use `surgery {spec.command}`")
+        chosen.append(spec.name)
     if len(set(chosen)) > 1:
         raise RecipeError(f"choose one method, not {' and '.join(sorted(set(chosen)))}")
     method = chosen[0] if chosen else "task_arithmetic"
@@ -254,6 +269,141 @@ def lines(ctx: click.Context, base: str, finetuned: str, alpha: float, beta: flo
 
     schedule = {"alpha": alpha, "beta": beta, "outside": lines_outside}
     recipe = make_recipe("task_arithmetic", [finetuned], base, {}, dtype, max_shard_size, schedule)
+    run_recipe(ctx, recipe, **engine)
+
+
+@cli.command()
+@click.argument("base")
+@click.argument("finetuned")
+@click.option("--density", type=float, default=None, help="Sparse patch: keep the top fraction per tensor.")
+@click.option(
+    "--breadcrumbs", is_flag=True, help="Sparse patch of the Breadcrumbs band (--density, --outliers)."
+)
+@click.option("--outliers", type=float, default=None, help="With --breadcrumbs: largest fraction dropped.")
+@click.option(
+    "--graft",
+    "graft_density",
+    type=float,
+    default=None,
+    help="Sparse patch of the top fraction over the whole region (data-free graft).",
+)
+@click.option(
+    "--region", default=None, help="Regex of tensors a patch may touch [default: all; --graft: the blocks]."
+)
+@output_options
+@engine_options
+@click.pass_context
+def diff(ctx: click.Context, base: str, finetuned: str, density, breadcrumbs, outliers, graft_density,
+         region, dtype, max_shard_size, **engine) -> None:  # fmt: skip
+    """Write the task vector FINETUNED - BASE as a checkpoint of its own.
+
+    Dense by default (float32, so bf16/f16 inputs are exact); --density, --breadcrumbs or --graft write
+    a compact sparse patch (flat indices + values). Either carries surgery_diff.json naming the base
+    (tensor names, shapes, content hashes) for `surgery apply`.
+    """
+    from surgery.errors import RecipeError
+    from surgery.recipe import make_recipe
+
+    flags = {
+        "density": density is not None and not breadcrumbs,
+        "breadcrumbs": breadcrumbs,
+        "graft": graft_density is not None,
+    }
+    modes = [m for m, on in flags.items() if on]
+    if len(modes) > 1:
+        raise RecipeError(f"choose one of --density, --breadcrumbs, --graft (got {', '.join(modes)})")
+    if not modes:
+        if outliers is not None or region is not None:
+            raise RecipeError("--outliers and --region apply to sparse patches only")
+        recipe = make_recipe("diff", [finetuned], base, {}, dtype or "float32", max_shard_size)
+        return run_recipe(ctx, recipe, **engine)
+    if modes == ["graft"]:
+        params = {"density": graft_density, "granularity": "global", "region": region}
+    elif modes == ["breadcrumbs"]:
+        params = {"density": 0.1 if density is None else density,
+                  "outliers": 0.01 if outliers is None else outliers, "region": region or "."}  # fmt: skip
+    else:
+        params = {"density": density, "outliers": outliers, "region": region or "."}
+    run_recipe(ctx, make_recipe("patch", [finetuned], base, params, None, max_shard_size), **engine)
+
+
+@cli.command()
+@click.argument("diff_or_patch")
+@click.option("--to", "target", required=True, help="The base to apply it to (any compatible version).")
+@click.option("--scale", type=float, default=None, help="Multiplier of the diff [default: 1].")
+@output_options
+@engine_options
+@click.pass_context
+def apply(
+    ctx: click.Context, diff_or_patch: str, target: str, scale, dtype, max_shard_size, **engine
+) -> None:
+    """Apply a diff or sparse patch to a base: OUT = BASE + scale * DIFF.
+
+    Warns when the target is not the base the diff was taken from (content hashes differ).
+    """
+    from surgery.checkpoint import open_checkpoint
+    from surgery.patch import is_patch
+    from surgery.recipe import make_recipe
+
+    with open_checkpoint(diff_or_patch) as ckpt:
+        method = "apply_patch" if is_patch(ckpt) else "apply"
+    recipe = make_recipe(method, [diff_or_patch], target, {"scale": scale}, dtype, max_shard_size)
+    run_recipe(ctx, recipe, **engine)
+
+
+@cli.command()
+@click.option("--from", "old_base", required=True, help="The base the fine-tune was trained from.")
+@click.option("--finetuned", "old_ft", required=True, help="The fine-tune to transfer.")
+@click.option("--to", "new_base", required=True, help="The new base release.")
+@click.option("--scale", type=float, default=None, help="Multiplier of the diff [default: 1].")
+@output_options
+@engine_options
+@click.pass_context
+def transfer(ctx: click.Context, old_base: str, old_ft: str, new_base: str, scale, dtype, max_shard_size,
+             **engine) -> None:  # fmt: skip
+    """Fine-tuning transfer: NEW_BASE + scale * (OLD_FT - OLD_BASE), in one streaming pass.
+
+    config.json comes from the new base; tokenizer, chat template and generation config from the old
+    fine-tune. Differences between the two bases' configs are printed.
+    """
+    from surgery.checkpoint import open_checkpoint
+    from surgery.recipe import make_recipe
+
+    with open_checkpoint(new_base) as new, open_checkpoint(old_base) as old:
+        for line in config_differences(old.config() or {}, new.config() or {}):
+            click.echo(f"config: {line}", err=True)
+    recipe = make_recipe("transfer", [old_base, old_ft], new_base, {"scale": scale}, dtype, max_shard_size)
+    run_recipe(ctx, recipe, **engine)
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+@cli.command()
+@click.argument("base")
+@click.argument("finetuned")
+@click.option("--density", type=float, required=True, help="Fraction of the region's parameters grafted.")
+@click.option("--region", default=None, help="Regex of tensors to graft [default: the transformer blocks].")
+@click.option("--patch", "as_patch", is_flag=True, help="Write a sparse patch instead of a full checkpoint.")
+@output_options
+@engine_options
+@click.pass_context
+def graft(ctx: click.Context, base: str, finetuned: str, density: float, region, as_patch: bool, dtype,
+          max_shard_size, **engine) -> None:  # fmt: skip
+    """Data-free skill graft: BASE + the top-DENSITY entries of (FINETUNED - BASE) over the region.
+
+    Panigrahi et al. (ICML 2023): a tiny fraction of the parameters carries a fine-tune's skill.
+    """
+    from surgery.recipe import make_recipe
+
+    params = {"density": density, "region": region}
+    if as_patch:
+        params["granularity"] = "global"
+        recipe = make_recipe("patch", [finetuned], base, params, None, max_shard_size)
+    else:
+        recipe = make_recipe("graft", [finetuned], base, params, dtype, max_shard_size)
     run_recipe(ctx, recipe, **engine)
 
 
@@ -319,7 +469,8 @@ def methods() -> None:
         click.echo(f"{'':<17} {spec.formula}")
         base = "base required" if spec.needs_base else "base optional"
         models = f"{spec.min_models}+" if spec.max_models is None else f"{spec.min_models}-{spec.max_models}"
-        click.echo(f"{'':<17} {base}; models: {models}")
+        click.echo(f"{'':<17} {base}; models: {models}; command: surgery {spec.command}")
+        click.echo(f"{'':<17} roles: {spec.roles}")
         for p in spec.params:
             default = "all 1" if p.kind == "weights" else p.default
             click.echo(f"{'':<19}--{p.name:<12} {p.help} [default: {default}]")

@@ -66,16 +66,16 @@ def base_from_cards(models: list[str]) -> str:
 
 def render_card(
     method_title: str, method_name: str, paper: str, formula: str, inputs: list[str],
-    recipe_yaml: str, parameters: dict, lines: dict | None = None,
+    recipe_yaml: str, parameters: dict, lines: dict | None = None, relation: str = "merge",
 ) -> str:  # fmt: skip
     """Card text: front matter the Hub understands, then what was done and how to redo it.
 
     ``lines``: the LiNeS schedule with the alpha and beta actually used.
     """
-    tags = ["model-surgery", "merge", method_name] + (["lines"] if lines else [])
+    tags = ["model-surgery", relation, method_name] + (["lines"] if lines else [])
     meta = {
         "base_model": list(inputs),
-        "base_model_relation": "merge",
+        "base_model_relation": relation,
         "library_name": "transformers",
         "tags": tags,
     }
@@ -85,7 +85,7 @@ def render_card(
         "---\n"
         + yaml.safe_dump(meta, sort_keys=False)
         + "---\n\n"
-        + f"# Merged model ({method_title})\n\n"
+        + f"# {method_title}\n\n"
         + f"Made with [model-surgery](https://pypi.org/project/model-surgery/) using **{method_title}** "
         + f"([paper]({paper})):\n\n    {formula}\n\n"
         + f"## Inputs\n\n{models}\n\n"

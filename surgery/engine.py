@@ -13,6 +13,7 @@ byte of the output.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import threading
@@ -26,9 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from surgery.dtypes import DTYPES
-from surgery.errors import IncompatibleTensorsError, SurgeryError
+from surgery.errors import IncompatibleTensorsError, RecipeError, SurgeryError
 from surgery.kernels import Backend, get_backend
 from surgery.methods.lines import make_schedule
+from surgery.patch import INDICES, MANIFEST, VALUES, PatchCursor, patch_layout, read_manifest
 from surgery.plan import Plan, TensorJob, build_plan, input_paths
 from surgery.recipe import RECIPE_NAME, Recipe
 from surgery.writer import CheckpointWriter, check_output_folder, fingerprint_of, prepare_output
@@ -59,6 +61,7 @@ class MergeResult:
     resumed_tensors: int
     bytes_written: int
     seconds: float
+    warnings: tuple[str, ...] = ()
 
 
 class Interrupted(SurgeryError):
@@ -95,31 +98,44 @@ def execute(
     """
     start = time.perf_counter()
     check_output_folder(out, input_paths(plan))
+    # The layout is a pure function of recipe and inputs, so they alone identify a partial run.
     fingerprint = fingerprint_of(
         {
             "engine": ENGINE_VERSION,
             "recipe": plan.recipe.to_dict(),
             "inputs": [c.fingerprint() for c in plan.inputs],
-            "shards": [[s.filename, s.size] for s in plan.layout.shards],
         }
     )
     resume = prepare_output(out, fingerprint, options.overwrite)
+    runner = _Runner(plan, options, progress)
+    runner.prepare()  # whole-model reduce passes: global ranks, LiNeS auto alpha, patch sizes
+    if plan.layout is None:
+        plan.layout = patch_layout(runner.patch_counts, plan.recipe.max_shard_size)
     writer = CheckpointWriter(out, plan.layout, resume)
     try:
+        runner.writer = writer
         resumed = len(writer.done)
         if progress and resumed:
             progress(sum(plan.layout.tensors[n].nbytes for n in writer.done), None)
-        runner = _Runner(plan, writer, options, progress)
         runner.run()
         side = plan.side_files()
-        recipe_yaml = plan.recipe.to_yaml()
-        side[RECIPE_NAME] = recipe_yaml.encode()
+        side[RECIPE_NAME] = plan.recipe.to_yaml().encode()
+        manifest = runner.manifest()
+        if manifest is not None:
+            side[MANIFEST] = (json.dumps(manifest, indent=2) + "\n").encode()
         if card is not None:
             side["README.md"] = card(plan).encode()
         writer.finalize(side)
     finally:
         writer.close()
-    return MergeResult(out, len(plan.jobs), resumed, plan.layout.total_bytes, time.perf_counter() - start)
+    return MergeResult(
+        out,
+        len(plan.jobs),
+        resumed,
+        plan.layout.total_bytes,
+        time.perf_counter() - start,
+        tuple(runner.warnings),
+    )
 
 
 # -- exact rank thresholds ------------------------------------------------------------------------
@@ -187,14 +203,13 @@ class _Runner:
     def __init__(
         self,
         plan: Plan,
-        writer: CheckpointWriter,
         options: EngineOptions,
         progress: Callable[[int, str | None], None] | None,
     ) -> None:
         self.plan = plan
         self.spec = plan.recipe.spec
         self.params = plan.recipe.parameters
-        self.writer = writer
+        self.writer: CheckpointWriter | None = None  # set once the layout is known
         self.options = options
         self.progress = progress
         self.backend: Backend = get_backend(options.device)
@@ -203,13 +218,21 @@ class _Runner:
         self.local = threading.local()
         self.workers = options.workers
         self.share = max(1, options.max_memory // self.workers)
-        self.n_models = len(plan.recipe.models)
+        # number of task vectors: transfer has one (old fine-tune - old base) from two inputs
+        self.n_models = 1 if self.spec.tau_from == "pairs" else len(plan.recipe.models)
         self.global_bands: dict[str, list[_Band]] = {}
+        self.global_counts: dict[str, int] = {}
         self.lines = make_schedule(plan.recipe.lines)
         self.lines_alpha = 1.0
+        self.patch_counts: dict[str, int] = {}
+        self.warnings: list[str] = []
+        # content hashes of input 0 (the base of a diff, the target of an apply), chunk by chunk
+        self.hash_base = self.spec.output in ("update", "patch") or self.spec.command == "apply"
+        self.hashes: dict[str, str] = {}
 
     # -- orchestration ----------------------------------------------------------------------------
-    def run(self) -> None:
+    def prepare(self) -> None:
+        """Reduce passes over the whole model, before any output is written."""
         granularity = self.params.get("granularity")
         if self.spec.sparsify == "band" and granularity == "global":
             self.global_bands = self._global_thresholds()
@@ -219,9 +242,40 @@ class _Runner:
             self.plan.resolved["lines_alpha"] = self.lines_alpha
             beta = self.lines.beta
             self.plan.resolved["lines_beta"] = (1.0 - self.lines_alpha) if beta is None else beta
-        todo = [j for j in self.plan.jobs if j.name not in self.writer.done]
+        if self.spec.output == "patch":
+            if granularity not in ("per_tensor", "global"):
+                raise RecipeError(
+                    f"a sparse patch ranks per tensor or globally, not {granularity}",
+                    hint="use --granularity per_tensor or global",
+                )
+            for job in self.plan.merge_jobs:
+                if granularity == "global":
+                    self.patch_counts[job.name] = self.global_counts[job.name]
+                else:
+                    r_hi, r_lo = band_ranks(self.params, job.numel)
+                    self.patch_counts[job.name] = r_lo - r_hi
+
+    def run(self) -> None:
+        assert self.writer is not None
+        # Hashes are not journaled: a resumed diff or apply recomputes (and rewrites, identically)
+        # every tensor it must hash.
+        todo = [
+            j
+            for j in self.plan.jobs
+            if not self._outputs(j) <= self.writer.done
+            or (self.hash_base and j.action == "merge" and j.selected)
+        ]
         todo.sort(key=lambda j: -j.numel)  # big tensors first balance the workers
         self._parallel(self._run_job, todo)
+        if self.spec.command == "apply":
+            self._check_target_hashes()
+
+    def _outputs(self, job: TensorJob) -> set[str]:
+        if self.spec.output != "patch":
+            return {job.name}
+        if not job.selected or job.action != "merge" or not self.patch_counts.get(job.name):
+            return set()
+        return {job.name + INDICES, job.name + VALUES}
 
     def _parallel(self, fn: Callable, items: list) -> list:
         if not items:
@@ -292,11 +346,15 @@ class _Runner:
         return [(s, min(chunk, job.numel - s)) for s in range(0, job.numel, chunk)]
 
     # -- reading ----------------------------------------------------------------------------------
-    def _load(self, job: TensorJob, start: int, count: int, ranges_next: tuple | None) -> np.ndarray:
-        """Decoded float32 inputs [n_inputs, count] for elements start:start+count."""
+    def _load(
+        self, job: TensorJob, start: int, count: int, ranges_next: tuple | None, inputs: int | None = None
+    ) -> np.ndarray:
+        """Decoded float32 inputs [n_inputs, count] for elements start:start+count (the first
+        ``inputs`` inputs only, when given)."""
         ws = self.ws
-        dec = ws.get("dec", (len(job.in_dtypes), count), np.float32)
-        for i, (ckpt, dtype) in enumerate(zip(self.plan.inputs, job.in_dtypes)):
+        n_in = len(job.in_dtypes) if inputs is None else inputs
+        dec = ws.get("dec", (n_in, count), np.float32)
+        for i, (ckpt, dtype) in enumerate(zip(self.plan.inputs[:n_in], job.in_dtypes[:n_in])):
             self._check_stop()
             if dtype == "F32":
                 ckpt.read_into(job.name, start, dec[i])
@@ -310,17 +368,29 @@ class _Runner:
 
     # -- one tensor -------------------------------------------------------------------------------
     def _run_job(self, job: TensorJob) -> None:
-        if job.action == "merge":
-            self._merge_job(job)
-        else:
+        outputs = self._outputs(job)
+        if job.action != "merge":
             self._copy_job(job)
-        self.writer.mark_done(job.name)
+        elif not job.selected:
+            self._keep_base_job(job)
+        elif self.spec.output == "patch":
+            self._patch_job(job)
+        elif self.spec.output == "scatter":
+            self._scatter_job(job)
+        else:
+            self._merge_job(job)
+        with self.lock:
+            for name in sorted(outputs - self.writer.done):
+                self.writer.mark_done(name)
         if self.progress is not None:
             with self.lock:
                 self.progress(0, job.name)
 
     def _write(self, job: TensorJob, start: int, raw: np.ndarray) -> None:
-        self.writer.write(job.name, start, raw)
+        self._write_named(job.name, start, raw)
+
+    def _write_named(self, name: str, start: int, raw: np.ndarray) -> None:
+        self.writer.write(name, start, raw)
         if self.progress is not None:
             with self.lock:
                 self.progress(raw.nbytes, None)
@@ -352,6 +422,7 @@ class _Runner:
         """
         cache: dict = {}
         needs_tau = self.plan.has_base and self.spec.combine in ("sum", "ties", "model_stock")
+        tau_from = self.spec.tau_from
 
         def read(k: int) -> tuple[np.ndarray, np.ndarray | None]:
             if cache.get("k") == k:
@@ -362,13 +433,18 @@ class _Runner:
             tau = None
             if needs_tau:
                 tau = self.ws.get("tau", (self.n_models, count), np.float32)
-                self.backend.subtract(dec[1:], dec[0], tau)
+                if tau_from == "given":  # the inputs are diffs already
+                    np.copyto(tau, dec[1:])
+                elif tau_from == "pairs":  # old fine-tune - old base
+                    self.backend.subtract(dec[2:3], dec[1], tau)
+                else:
+                    self.backend.subtract(dec[1:], dec[0], tau)
             cache.update(k=k, dec=dec, tau=tau)
             return dec, tau
 
         return read, cache
 
-    def _merged_chunks(self, job: TensorJob, lam: float, measure: np.ndarray | None = None):
+    def _merged_chunks(self, job: TensorJob, lam: float, measure: np.ndarray | None = None, hasher=None):
         """Yield (start, count, float32 output chunk) of a merged tensor.
 
         With ``measure`` (LiNeS auto alpha), yield nothing and instead accumulate into ``measure``
@@ -381,8 +457,14 @@ class _Runner:
         for k, (start, count) in enumerate(ranges):
             dec, tau = read(k)
             cache.clear()  # tau is modified in place below
+            if hasher is not None:
+                hasher.update(self._raw0(job, dec, count))
             if measure is None:
-                yield start, count, self._apply(job, dec, tau, start, count, bands, coeffs, lam)
+                base = None
+                if self.spec.output == "update":  # a diff: the update itself, b + tau - b would round
+                    base = self.ws.get("zeros", (count,), np.float32)
+                    base.fill(0.0)
+                yield start, count, self._apply(job, dec, tau, start, count, bands, coeffs, lam, base=base)
                 continue
             base = dec[0]
             zeros = self.ws.get("zeros", (count,), np.float32)
@@ -402,9 +484,130 @@ class _Runner:
 
     def _merge_job(self, job: TensorJob) -> None:
         lam = self._lines_scale(job)
-        for start, count, out in self._merged_chunks(job, lam):
+        hasher = self._hasher(job)
+        for start, count, out in self._merged_chunks(job, lam, hasher=hasher):
             raw = self.ws.get("out_raw", (count,), DTYPES[job.out_dtype].storage)
             self._write(job, start, self.backend.encode(out, job.out_dtype, raw))
+        self._finish_hash(job, hasher)
+
+    def _hasher(self, job: TensorJob):
+        return hashlib.blake2b(digest_size=16) if self.hash_base else None
+
+    def _finish_hash(self, job: TensorJob, hasher) -> None:
+        if hasher is not None:
+            with self.lock:
+                self.hashes[job.name] = hasher.hexdigest()
+
+    def _raw0(self, job: TensorJob, dec: np.ndarray, count: int) -> np.ndarray:
+        """Raw bytes of input 0 for the chunk just loaded (F32 is read straight into ``dec``)."""
+        if job.in_dtypes[0] == "F32":
+            return dec[0]
+        return self.ws.get("raw0", (count,), DTYPES[job.in_dtypes[0]].storage)
+
+    def _keep_base_job(self, job: TensorJob) -> None:
+        """A float tensor outside the region: the base's values in the output dtype."""
+        for start, count in self._ranges(job):
+            dec = self._load(job, start, count, None, inputs=1)
+            raw = self.ws.get("out_raw", (count,), DTYPES[job.out_dtype].storage)
+            self._write(job, start, self.backend.encode(dec[0], job.out_dtype, raw))
+
+    def _patch_job(self, job: TensorJob) -> None:
+        """Emit the selected entries of tau as (flat index, value), in index order."""
+        ranges = self._ranges(job)
+        read, cache = self._chunk_reader(job, ranges)
+        bands = self._bands_for(job, ranges, read)
+        assert bands is not None and len(bands) == 1
+        band = bands[0]
+        hasher = self._hasher(job)
+        total = self.patch_counts.get(job.name, 0)
+        written = 0
+        for k, (start, count) in enumerate(ranges):
+            dec, tau = read(k)
+            cache.clear()
+            if hasher is not None:
+                hasher.update(self._raw0(job, dec, count))
+            idx = self.ws.get("patch_idx", (count,), np.int64)
+            val = self.ws.get("patch_val", (count,), np.float32)
+            n = int(
+                self.backend.band_select(
+                    tau[0], band.v_hi, band.ties_hi, band.v_lo, band.ties_lo, band.seen, start, idx, val
+                )
+            )
+            if n:
+                self._write_named(job.name + INDICES, written, idx[:n])
+                self._write_named(job.name + VALUES, written, val[:n])
+                written += n
+        assert written == total, (job.name, written, total)
+        self._finish_hash(job, hasher)
+
+    def _scatter_job(self, job: TensorJob) -> None:
+        """out = b, plus scale * v_i at every patched index i (one float32 rounding)."""
+        patch = self.plan.inputs[1]
+        cursor = PatchCursor(patch, job.name, job.patch_count, job.numel)
+        scale = np.float32(self.params["scale"])
+        hasher = self._hasher(job)
+        for start, count in self._ranges(job):
+            dec = self._load(job, start, count, None, inputs=1)
+            if hasher is not None:
+                hasher.update(self._raw0(job, dec, count))
+            out = self.ws.get("out", (count,), np.float32)
+            np.copyto(out, dec[0])
+            idx, val = cursor.take(start + count)
+            local = idx - start
+            out[local] = out[local] + scale * val
+            raw = self.ws.get("out_raw", (count,), DTYPES[job.out_dtype].storage)
+            self._write(job, start, self.backend.encode(out, job.out_dtype, raw))
+        self._finish_hash(job, hasher)
+
+    # -- diff manifests -----------------------------------------------------------------------------
+    def manifest(self) -> dict | None:
+        """surgery_diff.json for a diff or patch output."""
+        if self.spec.output not in ("update", "patch"):
+            return None
+        base, ft = self.plan.inputs[0], self.plan.inputs[-1]
+        jobs = self.plan.merge_jobs
+        total = sum(j.numel for j in jobs)
+        kept = sum(self.patch_counts.values()) if self.spec.output == "patch" else total
+        data = {
+            "format": "surgery-diff",
+            "version": 1,
+            "kind": "patch" if self.spec.output == "patch" else "dense",
+            "method": self.spec.name,
+            "parameters": dict(self.params),
+            "base": {
+                "source": base.source,
+                "tensors": {
+                    j.name: {"dtype": j.in_dtypes[0], "shape": list(j.shape), "hash": self.hashes[j.name]}
+                    for j in jobs
+                },
+            },
+            "finetuned": {"source": ft.source},
+            "kept": kept,
+            "total": total,
+            "fraction": kept / total if total else 0.0,
+        }
+        if self.spec.output == "patch":
+            data["tensors"] = {
+                j.name: {"shape": list(j.shape), "kept": self.patch_counts.get(j.name, 0)} for j in jobs
+            }
+        return data
+
+    def _check_target_hashes(self) -> None:
+        """apply: warn when the target is not the base the diff was taken from."""
+        manifest = read_manifest(self.plan.inputs[1].root)
+        if manifest is None:
+            self.warnings.append(
+                f"{self.plan.inputs[1].source} has no {MANIFEST}: cannot check that the target is its base"
+            )
+            return
+        recorded = manifest.get("base", {}).get("tensors", {})
+        differ = sorted(n for n, h in self.hashes.items() if n in recorded and recorded[n]["hash"] != h)
+        if differ:
+            self.warnings.append(
+                f"the target differs from the base this diff was taken from "
+                f"({manifest['base'].get('source')}) in {len(differ)} of {len(self.hashes)} tensors, "
+                f"e.g. {differ[0]}: the result is a transfer, not a reconstruction"
+            )
 
     # -- LiNeS --------------------------------------------------------------------------------------
     def _lines_scale(self, job: TensorJob) -> float:
@@ -474,25 +677,32 @@ class _Runner:
         return _Band(v_hi, t_hi, v_lo, t_lo)
 
     def _global_thresholds(self) -> dict[str, list[_Band]]:
-        """One band per model over ALL merged tensors, ties broken in (plan order, index) order.
+        """One band per model over ALL selected tensors, ties broken in (plan order, index) order.
 
         Pass 1 sums per-tensor high histograms; pass 2 collects each tensor's low histogram inside
-        the edge bins (sparse: few entries). A tensor's share of the ties at an edge is what is left
-        of the global tie budget after the tensors before it in plan order.
+        the edge bins. Per-tensor histograms are kept sparse (non-empty bins only), so memory stays
+        small for models with hundreds of tensors. A tensor's share of the ties at an edge is what is
+        left of the global tie budget after the tensors before it in plan order. Also sets
+        ``global_counts``: how many entries each tensor keeps (the size of a sparse patch).
         """
         jobs = self.plan.merge_jobs
         T = self.n_models
 
-        def pass_high(job: TensorJob) -> np.ndarray:
+        def pass_high(job: TensorJob) -> list[tuple[np.ndarray, np.ndarray]]:
             ranges = self._ranges(job)
-            return self._hist_high(ranges, self._chunk_reader(job, ranges)[0])
+            hist = self._hist_high(ranges, self._chunk_reader(job, ranges)[0])
+            return [_sparse(hist[t]) for t in range(T)]
 
-        highs = sum(self._parallel(pass_high, jobs), np.zeros((T, HIST), np.int64))
+        per_job_high = self._parallel(pass_high, jobs)
+        highs = np.zeros((T, HIST), np.int64)
+        for sparse in per_job_high:
+            for t, (idx, cnt) in enumerate(sparse):
+                highs[t, idx] += cnt
         n = sum(j.numel for j in jobs)
         r_hi, r_lo = band_ranks(self.params, n)
         edge_bins = [sorted({_high_bin(highs[t], r)[0] for r in (r_hi, r_lo) if 0 < r < n}) for t in range(T)]
 
-        def pass_low(job: TensorJob) -> list[dict[int, np.ndarray]]:
+        def pass_low(job: TensorJob) -> list[dict[int, tuple[np.ndarray, np.ndarray]]]:
             ranges = self._ranges(job)
             reader = self._chunk_reader(job, ranges)[0]
             hists = [{b: np.zeros(HIST, np.int64) for b in edge_bins[t]} for t in range(T)]
@@ -502,20 +712,28 @@ class _Runner:
                     for t in range(T):
                         for b, h in hists[t].items():
                             self.backend.abs_hist_low(tau[t], b, h)
-            return hists
+            return [{b: _sparse(h) for b, h in hists[t].items()} for t in range(T)]
 
-        per_job = self._parallel(pass_low, jobs)
+        per_job_low = self._parallel(pass_low, jobs)
         result: dict[str, list[_Band]] = {j.name: [] for j in jobs}
+        self.global_counts = {j.name: 0 for j in jobs}
         for t in range(T):
-            lows = {b: sum(h[t][b] for h in per_job) for b in edge_bins[t]}
+            lows = {b: np.zeros(HIST, np.int64) for b in edge_bins[t]}
+            for sparse in per_job_low:
+                for b, (idx, cnt) in sparse[t].items():
+                    lows[b][idx] += cnt
             v_hi, ties_hi = threshold_from_hists(highs[t], r_hi, lows.__getitem__)
             v_lo, ties_lo = threshold_from_hists(highs[t], r_lo, lows.__getitem__)
             left_hi, left_lo = ties_hi, ties_lo
-            for job, hists in zip(jobs, per_job):
-                eq_hi = _count_equal(hists[t], v_hi)
-                eq_lo = _count_equal(hists[t], v_lo)
-                result[job.name].append(_Band(v_hi, min(left_hi, eq_hi), v_lo, min(left_lo, eq_lo)))
+            for job, high, low in zip(jobs, per_job_high, per_job_low):
+                eq_hi = _count_at(low[t], v_hi)
+                eq_lo = _count_at(low[t], v_lo)
+                band = _Band(v_hi, min(left_hi, eq_hi), v_lo, min(left_lo, eq_lo))
+                result[job.name].append(band)
                 left_hi, left_lo = max(0, left_hi - eq_hi), max(0, left_lo - eq_lo)
+                in_lo = _count_above(high[t], low[t], v_lo, job.numel) + band.ties_lo
+                in_hi = _count_above(high[t], low[t], v_hi, job.numel) + band.ties_hi
+                self.global_counts[job.name] += in_lo - in_hi  # T == 1 for patches
         return result
 
     def _coefficients(self, job: TensorJob, ranges: list, chunk: Callable) -> np.ndarray | None:
@@ -550,7 +768,7 @@ class _Runner:
         be = self.backend
         out = self.ws.get("out", (count,), np.float32)
         combine = self.spec.combine
-        weights = np.asarray(self.params.get("weights") or [], np.float32)
+        weights = np.asarray(self.params.get("weights") or [1.0] * self.n_models, np.float32)
         if combine in ("linear", "slerp", "model_stock"):
             if combine == "linear":
                 models = dec[1:] if self.plan.has_base else dec
@@ -577,7 +795,7 @@ class _Runner:
             for t in range(self.n_models):
                 key = dare_key(int(self.params["seed"]), job.name, t)
                 be.dare_mask(tau[t], float(self.params["density"]), np.uint64(key), start)
-        scale = np.float32(float(self.params["scale"]) * lam)  # one rounding of scale * lambda
+        scale = np.float32(float(self.params.get("scale", 1.0)) * lam)  # one rounding of scale * lambda
         base = dec[0] if base is None else base
         if combine == "sum":
             be.combine_sum(base, tau, weights, scale, out)
@@ -586,11 +804,35 @@ class _Runner:
         return out
 
 
-def _count_equal(hists: dict[int, np.ndarray], v: int) -> int:
+def _sparse(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.flatnonzero(hist)
+    return idx, hist[idx]
+
+
+def _count_at(lows: dict[int, tuple[np.ndarray, np.ndarray]], v: int) -> int:
+    """How many elements have |x| bits == v, from sparse low histograms of the edge bins."""
     if v < 0 or v >= NONE_ABOVE:
         return 0
-    h = hists.get(v >> 16)
-    return 0 if h is None else int(h[v & 0xFFFF])
+    sparse = lows.get(v >> 16)
+    if sparse is None:
+        return 0
+    idx, cnt = sparse
+    hit = np.flatnonzero(idx == (v & 0xFFFF))
+    return int(cnt[hit[0]]) if hit.size else 0
+
+
+def _count_above(
+    high: tuple[np.ndarray, np.ndarray], lows: dict[int, tuple[np.ndarray, np.ndarray]], v: int, n: int
+) -> int:
+    """How many elements have |x| bits > v (v = -1: all, v = 2**32: none)."""
+    if v < 0:
+        return n
+    if v >= NONE_ABOVE:
+        return 0
+    idx, cnt = high
+    above = int(cnt[idx > (v >> 16)].sum())
+    low_idx, low_cnt = lows[v >> 16]  # the edge bin of v always has a low histogram
+    return above + int(low_cnt[low_idx > (v & 0xFFFF)].sum())
 
 
 def dare_key(seed: int, name: str, model_index: int) -> int:

@@ -7,6 +7,7 @@ is collected and reported at once, so a user fixes them in one go rather than on
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from surgery.checkpoint import Checkpoint, open_checkpoint
 from surgery.dtypes import DTYPES
 from surgery.errors import PlanError
 from surgery.methods.lines import depths
-from surgery.names import layer_map
+from surgery.names import layer_map, place
+from surgery.patch import patched_names, read_manifest
 from surgery.recipe import Recipe
 from surgery.writer import Layout, OutputTensor, natural_key, plan_layout
 
@@ -39,6 +41,8 @@ class TensorJob:
     in_dtypes: tuple[str, ...]  # per input, engine order
     out_dtype: str
     depth: float | None = None  # LiNeS: l / (L - 1) of the tensor's block; None outside the blocks
+    selected: bool = True  # inside the method's region (graft / patch); outside: kept as the base
+    patch_count: int = 0  # apply_patch: entries of this tensor in the patch
 
     @property
     def numel(self) -> int:
@@ -53,18 +57,15 @@ class Plan:
     recipe: Recipe
     inputs: list[Checkpoint]  # engine order: base first when the recipe has one
     jobs: list[TensorJob]
-    layout: Layout
+    layout: Layout | None  # None for sparse patches: sizes are known after the reduce passes
     config_source: Checkpoint
     notes: list[str] = field(default_factory=list)
     resolved: dict = field(default_factory=dict)  # values settled while running (LiNeS auto alpha)
+    tokenizer_source: Checkpoint | None = None  # tokenizer / chat template / generation config
 
     @property
     def has_base(self) -> bool:
         return self.recipe.base is not None
-
-    @property
-    def merge_jobs(self) -> list[TensorJob]:
-        return [j for j in self.jobs if j.action == "merge"]
 
     def close(self) -> None:
         for ckpt in self.inputs:
@@ -83,12 +84,21 @@ class Plan:
                 config["torch_dtype"] = torch_name
         return config
 
+    @property
+    def merge_jobs(self) -> list[TensorJob]:
+        """Jobs the method computes (selected float tensors)."""
+        return [j for j in self.jobs if j.action == "merge" and j.selected]
+
     def side_files(self) -> dict[str, bytes]:
         files = {}
-        for name in SIDE_FILES:
-            path = self.config_source.root / name
-            if path.is_file():
-                files[name] = path.read_bytes()
+        sources = [self.config_source]
+        if self.tokenizer_source is not None and self.tokenizer_source is not self.config_source:
+            sources.append(self.tokenizer_source)
+        for source in sources:
+            for name in SIDE_FILES:  # the tokenizer source, listed last, wins
+                path = source.root / name
+                if path.is_file():
+                    files[name] = path.read_bytes()
         config = self.output_config()
         if config is not None:
             files["config.json"] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
@@ -97,7 +107,7 @@ class Plan:
     def summary(self) -> dict:
         """Facts for --dry-run: sizes, counts, and a rough time estimate for this machine class."""
         read = sum(c.total_bytes for c in self.inputs)
-        write = self.layout.total_bytes
+        write = self.layout.total_bytes if self.layout is not None else 0
         spec = self.recipe.spec
         passes = 1
         if spec.sparsify == "band" and self.recipe.parameters.get("granularity") != "per_row":
@@ -112,7 +122,7 @@ class Plan:
             "copied_tensors": len(self.jobs) - len(self.merge_jobs),
             "read_bytes": read,
             "output_bytes": write,
-            "shards": [s.filename for s in self.layout.shards],
+            "shards": [s.filename for s in self.layout.shards] if self.layout else "decided after ranking",
             "passes_over_inputs": passes,
             # ~1 GB/s cold reads (later passes hit the page cache when it is large enough) and
             # ~0.3 GB/s writes with fsync, measured on a 2-core VM (see NOTES / benchmarks).
@@ -127,6 +137,8 @@ def build_plan(recipe: Recipe) -> Plan:
     try:
         for source in recipe.inputs:
             inputs.append(open_checkpoint(source))
+        if recipe.spec.output == "scatter":
+            return _plan_scatter(recipe, inputs)
         return _plan(recipe, inputs)
     except BaseException:
         for ckpt in inputs:
@@ -145,7 +157,12 @@ def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
         for name in extra:
             problems.append(f"tensor {name!r} is in {label} but not in {labels[0]}")
     jobs = []
+    given = recipe.spec.tau_from == "given"
     for name in names:
+        if given and name not in inputs[1].tensors:  # a diff holds no integer or untouched tensors
+            ref = reference.tensors[name]
+            jobs.append(TensorJob(name, "copy_base", ref.shape, (ref.dtype.name,), ref.dtype.name))
+            continue
         infos = []
         for ckpt, label in zip(inputs, labels):
             info = ckpt.tensors.get(name)
@@ -189,7 +206,8 @@ def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
             continue
         kind = ref.dtype.kind
         if kind == "float":
-            out_dtype = recipe.dtype or (ref.dtype.name if ref.dtype.name != "F64" else "F32")
+            default = "F32" if recipe.spec.output == "update" else ref.dtype.name
+            out_dtype = recipe.dtype or (default if default != "F64" else "F32")
             action = "merge"
         elif kind == "int":
             out_dtype, action = ref.dtype.name, "copy_equal"
@@ -205,8 +223,74 @@ def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
         )
     if recipe.lines is not None:
         jobs = _with_depths(jobs, reference, notes)
+    if "region" in recipe.parameters:
+        jobs = _with_region(jobs, recipe.parameters["region"], notes)
+    if recipe.spec.output == "update":  # a diff carries float tensors only
+        jobs = [j for j in jobs if j.action == "merge"]
+    layout = None
+    if recipe.spec.output != "patch":
+        layout = plan_layout(
+            [OutputTensor(j.name, j.out_dtype, j.shape) for j in jobs], recipe.max_shard_size
+        )
+    # config.json from the base (for a diff: from the fine-tune it describes); tokenizer, chat template
+    # and generation config from the fine-tune the update came from (a diff carries the fine-tune's)
+    command = recipe.spec.command
+    config_source = inputs[-1] if command == "diff" else reference
+    tokenizer_source = inputs[-1] if command in ("diff", "transfer", "apply") else reference
+    return Plan(recipe, inputs, jobs, layout, config_source, notes, tokenizer_source=tokenizer_source)
+
+
+def _with_region(jobs: list[TensorJob], region: str | None, notes: list[str]) -> list[TensorJob]:
+    """Mark the float tensors the selection may touch: a regex, or by default the blocks."""
+    pattern = re.compile(region) if region else None
+    out = []
+    for j in jobs:
+        inside = bool(pattern.search(j.name)) if pattern else place(j.name).block is not None
+        out.append(replace(j, selected=inside))
+    chosen = sum(1 for j in out if j.selected and j.action == "merge")
+    if chosen == 0:
+        raise PlanError(
+            [f"the region {region or '(transformer blocks)'} matches no float tensor"],
+            hint="check the names with `surgery inspect --layers` and pass --region REGEX",
+        )
+    notes.append(f"region: {chosen} of {sum(1 for j in jobs if j.action == 'merge')} float tensors")
+    return out
+
+
+def _plan_scatter(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
+    """apply_patch: jobs are the target's tensors; the patch's entries must fit them."""
+    target, patch = inputs
+    counts = patched_names(patch)
+    problems = []
+    manifest = read_manifest(patch.root) or {}
+    shapes = manifest.get("tensors", {})
+    for name, count in sorted(counts.items(), key=lambda kv: natural_key(kv[0])):
+        info = target.tensors.get(name)
+        if info is None:
+            problems.append(f"patch tensor {name!r} is not in target {target.source}")
+        elif info.dtype.kind != "float":
+            problems.append(f"patch tensor {name!r} is {info.dtype.name} in {target.source}, not a float")
+        elif name in shapes and tuple(shapes[name]["shape"]) != info.shape:
+            problems.append(
+                f"patch tensor {name!r} was taken from shape {shapes[name]['shape']} but the target's is "
+                f"{list(info.shape)}"
+            )
+        elif count > info.numel:
+            problems.append(f"patch tensor {name!r} has {count} entries for {info.numel} elements")
+    if problems:
+        raise PlanError(problems, hint="apply a patch to the base it was taken from or a same-shape release")
+    jobs = []
+    for name in sorted(target.tensors, key=natural_key):
+        info = target.tensors[name]
+        out_dtype = recipe.dtype or info.dtype.name if info.dtype.kind == "float" else info.dtype.name
+        if name in counts:
+            jobs.append(
+                TensorJob(name, "merge", info.shape, (info.dtype.name,), out_dtype, patch_count=counts[name])
+            )
+        else:
+            jobs.append(TensorJob(name, "copy_base", info.shape, (info.dtype.name,), info.dtype.name))
     layout = plan_layout([OutputTensor(j.name, j.out_dtype, j.shape) for j in jobs], recipe.max_shard_size)
-    return Plan(recipe, inputs, jobs, layout, reference, notes)
+    return Plan(recipe, inputs, jobs, layout, target, [], tokenizer_source=patch)
 
 
 def _with_depths(jobs: list[TensorJob], reference: Checkpoint, notes: list[str]) -> list[TensorJob]:

@@ -181,6 +181,18 @@ def _check_parameter(
             if value not in choices:
                 raise RecipeError(f"{where} must be one of {', '.join(choices)}, not {value!r}")
             return value
+        if kind == "fixed":
+            if value != spec.defaults[name]:
+                raise RecipeError(f"{where} is fixed at {spec.defaults[name]!r} for this method")
+            return value
+        if kind == "regex":
+            if value is None:
+                return None
+            try:
+                re.compile(str(value))
+            except re.error as exc:
+                raise RecipeError(f"{where} is not a valid regular expression: {exc}") from None
+            return str(value)
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise RecipeError(f"{where} has an invalid value {value!r}") from None

@@ -22,6 +22,7 @@ class Backend:
     abs_hist_high: Callable
     abs_hist_low: Callable
     band_mask: Callable
+    band_select: Callable
     row_band_mask: Callable
     dare_mask: Callable
     combine_sum: Callable

@@ -248,3 +248,29 @@ def rescale_update(base, out, lam):  # pragma: no cover - compiled
     """out = base + lam * (out - base): LiNeS on a merge that is not in task-vector form."""
     for i in range(base.size):
         out[i] = base[i] + lam * (out[i] - base[i])
+
+
+@njit(**_JIT)
+def band_select(x, v_hi, ties_hi, v_lo, ties_lo, seen, start, idx_out, val_out):  # pragma: no cover
+    """Like ``band_mask``, but emit the kept elements (global index, value) instead of zeroing.
+
+    Kept entries whose value is 0 are emitted too, so a patch holds exactly the selected ranks.
+    Returns how many were written.
+    """
+    bits = x.view(np.uint32)
+    n = 0
+    for i in range(bits.size):
+        a = np.int64(bits[i] & np.uint32(0x7FFFFFFF))
+        in_hi = a > v_hi
+        if a == v_hi:
+            in_hi = seen[0] < ties_hi
+            seen[0] += 1
+        in_lo = a > v_lo
+        if a == v_lo:
+            in_lo = seen[1] < ties_lo
+            seen[1] += 1
+        if in_lo and not in_hi:
+            idx_out[n] = start + i
+            val_out[n] = x[i]
+            n += 1
+    return n

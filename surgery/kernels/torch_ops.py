@@ -194,6 +194,25 @@ class TorchKernels:
             drop = in_hi if in_lo is True else in_hi | ~in_lo
         self._put(x, torch.where(drop, self._zero(xt.dtype), xt))
 
+    def band_select(
+        self, x: np.ndarray, v_hi: int, ties_hi: int, v_lo: int, ties_lo: int, seen: np.ndarray,
+        start: int, idx_out: np.ndarray, val_out: np.ndarray,
+    ) -> int:  # fmt: skip
+        """Emit (start + i, x[i]) for the kept ranks, in index order; return how many."""
+        xt, a = self._abs_bits(x)
+        in_hi, eq_hi = self._in_top(a, v_hi, ties_hi, seen[0])
+        in_lo, eq_lo = self._in_top(a, v_lo, ties_lo, seen[1])
+        seen[0] += eq_hi
+        seen[1] += eq_lo
+        n = xt.numel()
+        lo = torch.full((n,), bool(in_lo), device=xt.device) if isinstance(in_lo, bool) else in_lo
+        hi = torch.full((n,), bool(in_hi), device=xt.device) if isinstance(in_hi, bool) else in_hi
+        keep = (lo & ~hi).nonzero().reshape(-1)
+        k = int(keep.numel())
+        idx_out[:k] = (keep + int(start)).cpu().numpy()
+        val_out[:k] = xt.reshape(-1)[keep].cpu().numpy()
+        return k
+
     def row_band_mask(self, x: np.ndarray, cols: int, r_hi: int, r_lo: int, keys: np.ndarray) -> None:
         """Per row of ``cols`` elements keep ranks r_hi+1..r_lo, zero the rest (``keys``: unused scratch).
 

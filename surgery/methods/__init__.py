@@ -9,6 +9,7 @@ from surgery.methods.interpolation import LINEAR, MODEL_STOCK, SLERP
 from surgery.methods.spec import Method, Param
 from surgery.methods.task_arithmetic import TASK_ARITHMETIC
 from surgery.methods.ties import TIES
+from surgery.methods.transfer import APPLY, APPLY_PATCH, DIFF, GRAFT, PATCH, TRANSFER
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -22,6 +23,12 @@ METHODS: dict[str, Method] = {
         LINEAR,
         SLERP,
         MODEL_STOCK,
+        DIFF,
+        PATCH,
+        APPLY,
+        APPLY_PATCH,
+        TRANSFER,
+        GRAFT,
     )
 }
 

@@ -33,6 +33,15 @@ class Method:
     min_models: int
     max_models: int | None
     params: tuple[Param, ...]
+    # Which command builds it and what its inputs mean (base / models roles are in `roles`).
+    command: str = "merge"  # "merge", "diff", "apply", "transfer", "graft"
+    roles: str = "base: the pre-trained model; models: its fine-tunes"
+    # Where task vectors come from: "models" (f_t - b), "given" (the models ARE diffs),
+    # "pairs" (models = [old_base, old_finetuned]: tau = old_finetuned - old_base).
+    tau_from: str = "models"
+    # What is written: "dense" (b + update), "update" (the update alone: a diff), "patch" (sparse
+    # indices + values of the selected update), "scatter" (b + a sparse patch).
+    output: str = "dense"
 
     @property
     def defaults(self) -> dict[str, object]:
@@ -43,6 +52,14 @@ class Method:
 SCALE = Param("scale", "float", 1.0, "multiplier of the merged task vector")
 WEIGHTS = Param("weights", "weights", None, "per-model weights w1,w2,... (default all 1)")
 SEED = Param("seed", "int", 0, "seed of the counter-based random stream")
+
+
+REGION = Param(
+    "region",
+    "regex",
+    None,
+    "tensors the selection may touch (regex on names) [default: the transformer blocks]",
+)
 
 
 def density(default: float) -> Param:

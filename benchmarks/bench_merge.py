@@ -388,13 +388,18 @@ def main(argv=None) -> int:
     ap.add_argument("--surgery", help="surgery command (default: `surgery` on PATH or next to "
                                       "this Python)")
     ap.add_argument("--surgery-args", default="", help="extra args for every surgery merge")
+    ap.add_argument("--surgery-defaults", action="store_true",
+                    help="don't pass --density/--outliers (= --density/--gamma) to surgery "
+                         "--breadcrumbs; use its defaults")
     ap.add_argument("--mergekit", help="path to mergekit-yaml (default: on PATH)")
     ap.add_argument("--mergekit-dtype", default="float32",
                     help="mergekit compute dtype (`dtype:`); 'none' = the inputs' (bf16). "
                          "Output is bfloat16 either way")
     ap.add_argument("--mergekit-args", default="", help="extra args for mergekit-yaml")
-    ap.add_argument("--density", type=float, default=0.1, help="breadcrumbs density (mergekit)")
-    ap.add_argument("--gamma", type=float, default=0.01, help="breadcrumbs gamma (mergekit)")
+    ap.add_argument("--density", type=float, default=0.1,
+                    help="breadcrumbs density (mergekit density, surgery --density)")
+    ap.add_argument("--gamma", type=float, default=0.01,
+                    help="breadcrumbs gamma (mergekit gamma, surgery --outliers)")
     ap.add_argument("--finetunes", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-check", action="store_true", help="skip the output sanity check")
@@ -443,8 +448,11 @@ def main(argv=None) -> int:
                                     "status": "surgery not installed (no `surgery` on PATH)"})
             else:
                 cmd = [*surgery, "merge", *inputs, "--base", base, SURGERY_FLAG[method], "-o", out,
-                       "--max-memory", args.max_memory, "--overwrite",
-                       *shlex.split(args.surgery_args)]
+                       "--max-memory", args.max_memory, "--overwrite"]
+                if method == "breadcrumbs" and not args.surgery_defaults:
+                    # the same parameters as mergekit's density / gamma
+                    cmd += ["--density", str(args.density), "--outliers", str(args.gamma)]
+                cmd += shlex.split(args.surgery_args)
                 res["rows"].append(run_tool("surgery", method, cmd, inputs, base, out, work,
                                             ceiling, not args.no_check, args.density,
                                             args.timeout))

@@ -33,6 +33,7 @@ from surgery.methods.lines import make_schedule
 from surgery.patch import INDICES, MANIFEST, VALUES, PatchCursor, patch_layout, read_manifest
 from surgery.plan import Plan, TensorJob, build_plan, input_paths
 from surgery.recipe import RECIPE_NAME, Recipe
+from surgery.vocab import CARRY
 from surgery.writer import CheckpointWriter, check_output_folder, fingerprint_of, prepare_output
 
 ENGINE_VERSION = 1  # part of the resume fingerprint: bump when output bytes could change
@@ -325,7 +326,7 @@ class _Runner:
         n = max(1, job.numel)
         per = self._bytes_per_element(job)
         chunk = max(self.options.min_chunk, self.share // per)
-        if self._per_row(job):
+        if self._per_row(job) or job.row_map is not None:
             cols = self._cols(job)
             chunk = max(cols, chunk // cols * cols)
         return min(n, chunk)
@@ -354,6 +355,8 @@ class _Runner:
         ws = self.ws
         n_in = len(job.in_dtypes) if inputs is None else inputs
         dec = ws.get("dec", (n_in, count), np.float32)
+        if job.row_map is not None:
+            return self._load_rows(job, start, count, dec)
         for i, (ckpt, dtype) in enumerate(zip(self.plan.inputs[:n_in], job.in_dtypes[:n_in])):
             self._check_stop()
             if dtype == "F32":
@@ -365,6 +368,34 @@ class _Runner:
             if ranges_next is not None:
                 ckpt.prefetch(job.name, *ranges_next)
         return dec
+
+    def _load_rows(self, job: TensorJob, start: int, count: int, dec: np.ndarray) -> np.ndarray:
+        """Gather whole rows by the vocabulary row map (-1: zeros), one read per row."""
+        cols = self._cols(job)
+        r0 = start // cols
+        rows = job.row_map.rows[r0 : r0 + count // cols]
+        for i, (ckpt, dtype) in enumerate(zip(self.plan.inputs, job.in_dtypes)):
+            self._check_stop()
+            raw = self.ws.get(f"raw{i}", (count,), DTYPES[dtype].storage)
+            for j, src in enumerate(rows[:, i]):
+                if src < 0:
+                    raw[j * cols : (j + 1) * cols] = 0
+                else:
+                    ckpt.read_into(job.name, int(src) * cols, raw[j * cols : (j + 1) * cols])
+            if dtype == "F32":
+                np.copyto(dec[i], raw)
+            else:
+                self.backend.decode(raw, dtype, dec[i])
+        return dec
+
+    def _fix_rows(self, job: TensorJob, dec: np.ndarray, start: int, count: int, out: np.ndarray) -> None:
+        """Rows carried over from the fine-tune, or kept from the new base, bypass the arithmetic."""
+        cols = self._cols(job)
+        r0 = start // cols
+        modes = job.row_map.mode[r0 : r0 + count // cols]
+        for j in np.flatnonzero(modes):
+            src = 2 if modes[j] == CARRY else 0
+            out[j * cols : (j + 1) * cols] = dec[src, j * cols : (j + 1) * cols]
 
     # -- one tensor -------------------------------------------------------------------------------
     def _run_job(self, job: TensorJob) -> None:
@@ -464,7 +495,10 @@ class _Runner:
                 if self.spec.output == "update":  # a diff: the update itself, b + tau - b would round
                     base = self.ws.get("zeros", (count,), np.float32)
                     base.fill(0.0)
-                yield start, count, self._apply(job, dec, tau, start, count, bands, coeffs, lam, base=base)
+                out = self._apply(job, dec, tau, start, count, bands, coeffs, lam, base=base)
+                if job.row_map is not None:
+                    self._fix_rows(job, dec, start, count, out)
+                yield start, count, out
                 continue
             base = dec[0]
             zeros = self.ws.get("zeros", (count,), np.float32)

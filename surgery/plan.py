@@ -18,6 +18,7 @@ from surgery.methods.lines import depths
 from surgery.names import layer_map, place
 from surgery.patch import patched_names, read_manifest
 from surgery.recipe import Recipe
+from surgery.vocab import RowMap, align_rows, load_vocab
 from surgery.writer import Layout, OutputTensor, natural_key, plan_layout
 
 # Files copied beside the weights from the config source (the base, else the first model).
@@ -42,6 +43,7 @@ class TensorJob:
     out_dtype: str
     depth: float | None = None  # LiNeS: l / (L - 1) of the tensor's block; None outside the blocks
     selected: bool = True  # inside the method's region (graft / patch); outside: kept as the base
+    row_map: RowMap | None = None  # transfer across vocabularies: output rows by token string
     patch_count: int = 0  # apply_patch: entries of this tensor in the patch
 
     @property
@@ -76,6 +78,9 @@ class Plan:
         config = self.config_source.config()
         if config is None:
             return None
+        aligned = [j.row_map for j in self.jobs if j.row_map is not None]
+        if aligned and "vocab_size" in config:
+            config["vocab_size"] = aligned[0].n_out
         floats = {j.out_dtype for j in self.jobs if DTYPES[j.out_dtype].kind == "float"}
         if len(floats) == 1:
             torch_name = DTYPES[floats.pop()].torch_name
@@ -158,6 +163,7 @@ def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
             problems.append(f"tensor {name!r} is in {label} but not in {labels[0]}")
     jobs = []
     given = recipe.spec.tau_from == "given"
+    row_map = _vocab_alignment(recipe, inputs, notes) if recipe.spec.tau_from == "pairs" else None
     for name in names:
         if given and name not in inputs[1].tensors:  # a diff holds no integer or untouched tensors
             ref = reference.tensors[name]
@@ -178,8 +184,9 @@ def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
             continue
         ref = infos[0]
         kinds = {i.dtype.kind for i in infos}
+        aligned = row_map is not None and _vocab_indexed(name, infos)
         for info, label in zip(infos[1:], labels[1:]):
-            if info.shape != ref.shape:
+            if info.shape != ref.shape and not aligned:
                 vocab = (
                     len(info.shape) == len(ref.shape) >= 1
                     and info.shape[1:] == ref.shape[1:]
@@ -202,7 +209,12 @@ def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
                 problems.append(
                     f"tensor {name!r} is {info.dtype.name} in {label} but {ref.dtype.name} in {labels[0]}"
                 )
-        if len(kinds) != 1 or any(i.shape != ref.shape for i in infos):
+        if len(kinds) != 1 or (not aligned and any(i.shape != ref.shape for i in infos)):
+            continue
+        if aligned:
+            shape = (row_map.n_out, *ref.shape[1:])
+            jobs.append(TensorJob(name, "merge", shape, tuple(i.dtype.name for i in infos),
+                                  recipe.dtype or ref.dtype.name, row_map=row_map))  # fmt: skip
             continue
         kind = ref.dtype.kind
         if kind == "float":
@@ -237,7 +249,44 @@ def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
     command = recipe.spec.command
     config_source = inputs[-1] if command == "diff" else reference
     tokenizer_source = inputs[-1] if command in ("diff", "transfer", "apply") else reference
+    if recipe.parameters.get("tokenizer_from") == "new-base":
+        tokenizer_source = reference
     return Plan(recipe, inputs, jobs, layout, config_source, notes, tokenizer_source=tokenizer_source)
+
+
+def _vocab_indexed(name: str, infos: list) -> bool:
+    """Embedding-like tensors whose rows are tokens (same trailing dims in every input)."""
+    shapes = [i.shape for i in infos]
+    return (
+        any(h in name for h in _VOCAB_HINTS)
+        and all(len(s) == 2 for s in shapes)
+        and len({s[1:] for s in shapes}) == 1
+    )
+
+
+def _vocab_alignment(recipe: Recipe, inputs: list[Checkpoint], notes: list[str]) -> RowMap | None:
+    """Transfer: a row map when the three vocabularies differ, else None (rows by index)."""
+    vocabs = [load_vocab(c.root) for c in inputs]  # new base, old base, old fine-tune
+    if any(v is None for v in vocabs):
+        notes.append("no tokenizer files in every input: embedding rows are matched by index")
+        return None
+    tokenizer_from = recipe.parameters.get("tokenizer_from", "finetuned")
+    if vocabs[0] == vocabs[1] == vocabs[2]:
+        return None
+    rows = []
+    for ckpt in inputs:
+        embeds = [i for n, i in ckpt.tensors.items() if _vocab_indexed(n, [i])]
+        if not embeds:
+            return None
+        rows.append(embeds[0].shape[0])
+    row_map = align_rows(vocabs[0], vocabs[1], vocabs[2], tuple(rows), tokenizer_from)
+    carried = int((row_map.mode == 1).sum())
+    notes.append(
+        f"vocabularies differ: embedding rows aligned by token string ({row_map.n_out} output rows, "
+        f"{carried} carried over from the fine-tune, {len(row_map.dropped)} tokens of the other "
+        "vocabulary not in the output)"
+    )
+    return row_map
 
 
 def _with_region(jobs: list[TensorJob], region: str | None, notes: list[str]) -> list[TensorJob]:

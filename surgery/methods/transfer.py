@@ -91,7 +91,16 @@ TRANSFER = Method(
     needs_base=True,
     min_models=2,
     max_models=2,
-    params=(SCALE,),
+    params=(
+        SCALE,
+        Param(
+            "tokenizer_from",
+            "choice",
+            "finetuned",
+            "vocabulary of the output: the old fine-tune's or the new base's",
+            ("finetuned", "new-base"),
+        ),
+    ),
     command="transfer",
     roles="base: the NEW base release; models: [the old base, the old fine-tune]",
     tau_from="pairs",

@@ -161,7 +161,7 @@ def open_checkpoint(source: str | os.PathLike) -> Checkpoint:
     if "/" in text and not text.startswith((".", "/", "~")) and text.count("/") == 1:
         hint = (
             f"{text!r} looks like a Hub repo id; this version reads local folders only, "
-            "download it first (e.g. `hf download {text} --local-dir DIR`)"
+            f"download it first (e.g. `hf download {text} --local-dir DIR`)"
         )
     raise InputNotFoundError(f"checkpoint not found: {text}", hint=hint, path=text)
 

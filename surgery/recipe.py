@@ -158,44 +158,38 @@ def _check_parameter(
     spec: Method, name: str, kind: str, value: object, choices: tuple, n_models: int
 ) -> object:
     where = f"{spec.name}: {name}"
+    if kind == "weights":
+        return _check_weights(where, value, n_models)
+    if kind == "choice":
+        if value not in choices:
+            raise RecipeError(f"{where} must be one of {', '.join(choices)}, not {value!r}")
+        return value
+    if kind == "fixed":
+        if value != spec.defaults[name]:
+            raise RecipeError(f"{where} is fixed at {spec.defaults[name]!r} for this method")
+        return value
+    if kind == "regex":
+        if value is None:
+            return None
+        try:
+            re.compile(str(value))
+        except re.error as exc:
+            raise RecipeError(f"{where} is not a valid regular expression: {exc}") from None
+        return str(value)
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise RecipeError(f"{where} must be a non-negative integer, not {value!r}")
+        try:
+            number = int(value)
+        except ValueError:
+            raise RecipeError(f"{where} must be a non-negative integer, not {value!r}") from None
+        if number != float(value) or number < 0:
+            raise RecipeError(f"{where} must be a non-negative integer, not {value!r}")
+        return number
     try:
-        if kind == "weights":
-            if value is None:
-                return [1.0] * n_models
-            if isinstance(value, str):
-                value = [float(x) for x in value.split(",") if x.strip()]
-            weights = [float(x) for x in value]  # type: ignore[union-attr]
-            if len(weights) != n_models:
-                raise RecipeError(
-                    f"{where} has {len(weights)} values for {n_models} models",
-                    hint="give one weight per model, in the order of the models",
-                )
-            if not all(math.isfinite(w) for w in weights):
-                raise RecipeError(f"{where} must be finite numbers")
-            return weights
-        if kind == "int":
-            if isinstance(value, bool) or int(value) != value or int(value) < 0:  # type: ignore[arg-type]
-                raise ValueError
-            return int(value)  # type: ignore[arg-type]
-        if kind == "choice":
-            if value not in choices:
-                raise RecipeError(f"{where} must be one of {', '.join(choices)}, not {value!r}")
-            return value
-        if kind == "fixed":
-            if value != spec.defaults[name]:
-                raise RecipeError(f"{where} is fixed at {spec.defaults[name]!r} for this method")
-            return value
-        if kind == "regex":
-            if value is None:
-                return None
-            try:
-                re.compile(str(value))
-            except re.error as exc:
-                raise RecipeError(f"{where} is not a valid regular expression: {exc}") from None
-            return str(value)
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise RecipeError(f"{where} has an invalid value {value!r}") from None
+        raise RecipeError(f"{where} must be a number, not {value!r}") from None
     if not math.isfinite(number):
         raise RecipeError(f"{where} must be finite")
     if name == "density" and not 0.0 < number <= 1.0:
@@ -205,6 +199,25 @@ def _check_parameter(
     if name == "t" and not 0.0 <= number <= 1.0:
         raise RecipeError(f"{where} = {number} is outside [0, 1]")
     return number
+
+
+def _check_weights(where: str, value: object, n_models: int) -> list[float]:
+    if value is None:
+        return [1.0] * n_models
+    try:
+        if isinstance(value, str):
+            value = [float(x) for x in value.split(",") if x.strip()]
+        weights = [float(x) for x in value]  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise RecipeError(f"{where} must be numbers w1,w2,..., not {value!r}") from None
+    if len(weights) != n_models:
+        raise RecipeError(
+            f"{where} has {len(weights)} values for {n_models} models",
+            hint="give one weight per model, in the order of the models",
+        )
+    if not all(math.isfinite(w) for w in weights):
+        raise RecipeError(f"{where} must be finite numbers")
+    return weights
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -2,9 +2,9 @@
 
 Output names, dtypes and shapes are known from the plan, so every shard's safetensors header is
 computed up front and tensor bytes are written at their offsets with ``os.pwrite`` (any order, any
-thread). Tensors are ordered inside a shard by dtype size (descending) then name and the header is
-padded to a multiple of 8, exactly as ``safetensors.save_file`` does, so our files are byte-identical
-to what it would write for the same tensors.
+thread). Tensors are ordered inside a shard by safetensors' dtype order (descending) then name and the
+header is padded to a multiple of 8, exactly as ``safetensors.save_file`` does, so our files are
+byte-identical to what it would write for the same tensors.
 
 Safety: shards are built in ``OUT/.surgery-partial/`` next to a journal of finished tensors. Only when
 every tensor is written are the files fsynced and renamed into ``OUT``, side files first, shards next,
@@ -81,9 +81,14 @@ def natural_key(name: str) -> list:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
+# safetensors' own dtype order (its Rust enum); save_file lays tensors out by it, descending, then name.
+_SAVE_ORDER = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32",
+               "F64", "I64", "U64")  # fmt: skip
+
+
 def safetensors_header(tensors: list[OutputTensor], metadata: dict[str, str]) -> tuple[bytes, dict]:
     """Header bytes and relative data offsets, in ``save_file``'s order and padding."""
-    ordered = sorted(tensors, key=lambda t: (-DTYPES[t.dtype].itemsize, t.name))
+    ordered = sorted(tensors, key=lambda t: (-_SAVE_ORDER.index(t.dtype), t.name))
     entries: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     offsets = {}
     pos = 0
@@ -215,6 +220,12 @@ class CheckpointWriter:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             self._fds[shard.filename] = fd
             if resume and existed:
+                # A stop between preallocation and the header write leaves zeros there: the header
+                # is fixed by the layout, so write it again; journaled tensors keep their bytes.
+                try:
+                    self._pwrite(fd, shard.header, 0, path)
+                except OSError as exc:
+                    raise self._os_error(exc, path) from None
                 continue
             try:
                 os.ftruncate(fd, 0)

@@ -356,11 +356,13 @@ def apply(
 @click.option("--finetuned", "old_ft", required=True, help="The fine-tune to transfer.")
 @click.option("--to", "new_base", required=True, help="The new base release.")
 @click.option("--scale", type=float, default=None, help="Multiplier of the diff [default: 1].")
+@click.option("--tokenizer-from", type=click.Choice(["finetuned", "new-base"]), default="finetuned",
+              show_default=True, help="Vocabulary, tokenizer and chat template of the output.")  # fmt: skip
 @output_options
 @engine_options
 @click.pass_context
-def transfer(ctx: click.Context, old_base: str, old_ft: str, new_base: str, scale, dtype, max_shard_size,
-             **engine) -> None:  # fmt: skip
+def transfer(ctx: click.Context, old_base: str, old_ft: str, new_base: str, scale, tokenizer_from, dtype,
+             max_shard_size, **engine) -> None:  # fmt: skip
     """Fine-tuning transfer: NEW_BASE + scale * (OLD_FT - OLD_BASE), in one streaming pass.
 
     config.json comes from the new base; tokenizer, chat template and generation config from the old
@@ -372,7 +374,8 @@ def transfer(ctx: click.Context, old_base: str, old_ft: str, new_base: str, scal
     with open_checkpoint(new_base) as new, open_checkpoint(old_base) as old:
         for line in config_differences(old.config() or {}, new.config() or {}):
             click.echo(f"config: {line}", err=True)
-    recipe = make_recipe("transfer", [old_base, old_ft], new_base, {"scale": scale}, dtype, max_shard_size)
+    params = {"scale": scale, "tokenizer_from": tokenizer_from}
+    recipe = make_recipe("transfer", [old_base, old_ft], new_base, params, dtype, max_shard_size)
     run_recipe(ctx, recipe, **engine)
 
 

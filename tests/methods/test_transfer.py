@@ -225,3 +225,28 @@ def test_transfer_vocabulary_that_cannot_be_aligned_is_an_error(tmp_path):
     with pytest.raises(PlanError, match="tok4"):
         merge(recipe, tmp_path / "out", OPTS)
     assert not (tmp_path / "out").exists()
+
+
+def test_transfer_keeps_new_base_vocabulary_on_request(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    vocab = [f"tok{i}" for i in range(8)]
+    w = torch.randn(3, 3, generator=g)
+    old_rows = {t: torch.randn(4, generator=g) for t in vocab}
+    ft_rows = {t: v + 0.1 for t, v in old_rows.items()} | {"<chat>": torch.randn(4, generator=g)}
+    new_vocab = ["newtok", *reversed(vocab)]
+    new_rows = {t: v - 0.2 for t, v in old_rows.items()} | {"newtok": torch.randn(4, generator=g)}
+    write_vocab_model(tmp_path / "old", vocab, old_rows, extra_tensor=w)
+    write_vocab_model(tmp_path / "ft", [*vocab, "<chat>"], ft_rows, extra_tensor=w)
+    write_vocab_model(tmp_path / "new", new_vocab, new_rows, extra_tensor=w)
+    surgery("transfer", "--from", tmp_path / "old", "--finetuned", tmp_path / "ft", "--to", tmp_path / "new",
+            "--tokenizer-from", "new-base", "-o", tmp_path / "out")  # fmt: skip
+    emb = load_raw(tmp_path / "out")["model.embed_tokens.weight"]
+    assert emb.shape == (9, 4)
+    assert torch.equal(emb[0], new_rows["newtok"].to(torch.bfloat16))  # no update to transfer
+    for i, t in enumerate(new_vocab[1:], start=1):
+        b = {
+            k: v.to(torch.bfloat16).float()
+            for k, v in (("n", new_rows[t]), ("o", old_rows[t]), ("f", ft_rows[t]))
+        }
+        assert torch.equal(emb[i], (b["n"] + (b["f"] - b["o"])).to(torch.bfloat16)), t
+    assert "newtok" in json.loads((tmp_path / "out" / "tokenizer.json").read_text())["model"]["vocab"]

@@ -20,8 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
-from fractions import Fraction
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,17 +28,26 @@ import numpy as np
 from surgery.dtypes import DTYPES
 from surgery.errors import IncompatibleTensorsError, RecipeError, SurgeryError
 from surgery.kernels import Backend, get_backend
+from surgery.methods.dare import dare_key
+from surgery.methods.interpolation import model_stock_k, slerp_coefficients
 from surgery.methods.lines import make_schedule
 from surgery.patch import INDICES, MANIFEST, VALUES, PatchCursor, patch_layout, read_manifest
 from surgery.plan import Plan, TensorJob, build_plan, input_paths
+from surgery.ranks import (
+    HIST,
+    Band,
+    band_ranks,
+    count_above,
+    count_at,
+    high_bin,
+    sparse,
+    threshold_from_hists,
+)
 from surgery.recipe import RECIPE_NAME, Recipe
 from surgery.vocab import CARRY
 from surgery.writer import CheckpointWriter, check_output_folder, fingerprint_of, prepare_output
 
 ENGINE_VERSION = 1  # part of the resume fingerprint: bump when output bytes could change
-NONE_ABOVE = 2**32  # threshold meaning "no element is in the top r" (r = 0)
-ALL = -1  # threshold meaning "every element is in the top r" (r = n)
-HIST = 65536
 
 
 @dataclass(frozen=True)
@@ -139,50 +147,6 @@ def execute(
     )
 
 
-# -- exact rank thresholds ------------------------------------------------------------------------
-def rank_count(fraction: float, n: int) -> int:
-    """floor(fraction * n), exact for the decimal the user wrote (0.29 * 100 is 29, not 28)."""
-    return math.floor(Fraction(repr(float(fraction))) * n)
-
-
-def band_ranks(params: dict, n: int) -> tuple[int, int]:
-    """(r_hi, r_lo): keep ranks r_hi+1..r_lo, i.e. drop the top ``outliers``, keep ``density``."""
-    r_hi = rank_count(params.get("outliers", 0.0), n)
-    return r_hi, min(n, r_hi + rank_count(params["density"], n))
-
-
-def _high_bin(hist: np.ndarray, r: int) -> tuple[int, int]:
-    """Bin holding the r-th largest value (1-based) and how many values lie in higher bins."""
-    rev = np.cumsum(hist[::-1])
-    idx = int(np.searchsorted(rev, r))
-    b = HIST - 1 - idx
-    return b, int(rev[idx] - hist[b])
-
-
-def threshold_from_hists(hist_high: np.ndarray, r: int, low_hist_for: Callable) -> tuple[int, int]:
-    """(v, ties): the top r elements are those with |x| bits > v, plus the first ``ties`` equal."""
-    n = int(hist_high.sum())
-    if r <= 0:
-        return NONE_ABOVE, 0
-    if r >= n:
-        return ALL, 0
-    b, above = _high_bin(hist_high, r)
-    low = low_hist_for(b)
-    lb, above_low = _high_bin(low, r - above)
-    return (b << 16) | lb, r - above - above_low
-
-
-@dataclass
-class _Band:
-    """Per model: the (v, ties) of both band edges for one group, and the tie counters."""
-
-    v_hi: int
-    ties_hi: int
-    v_lo: int
-    ties_lo: int
-    seen: np.ndarray = field(default_factory=lambda: np.zeros(2, np.int64))
-
-
 # -- buffers --------------------------------------------------------------------------------------
 class _Workspace:
     """A worker's reusable buffers: allocated once, grown only when a job needs more."""
@@ -221,7 +185,7 @@ class _Runner:
         self.share = max(1, options.max_memory // self.workers)
         # number of task vectors: transfer has one (old fine-tune - old base) from two inputs
         self.n_models = 1 if self.spec.tau_from == "pairs" else len(plan.recipe.models)
-        self.global_bands: dict[str, list[_Band]] = {}
+        self.global_bands: dict[str, list[Band]] = {}
         self.global_counts: dict[str, int] = {}
         self.lines = make_schedule(plan.recipe.lines)
         self.lines_alpha = 1.0
@@ -666,14 +630,14 @@ class _Runner:
         return float(totals[0] / (self.n_models * totals[1]))
 
     # -- reduce passes ----------------------------------------------------------------------------
-    def _bands_for(self, job: TensorJob, ranges: list, chunk: Callable) -> list[_Band] | None:
+    def _bands_for(self, job: TensorJob, ranges: list, chunk: Callable) -> list[Band] | None:
         if self.spec.sparsify != "band":
             return None
         granularity = self.params.get("granularity")
         if granularity == "per_row":
             return None
         if granularity == "global":
-            return [_Band(b.v_hi, b.ties_hi, b.v_lo, b.ties_lo) for b in self.global_bands[job.name]]
+            return [Band(b.v_hi, b.ties_hi, b.v_lo, b.ties_lo) for b in self.global_bands[job.name]]
         r_hi, r_lo = band_ranks(self.params, job.numel)
         highs = self._hist_high(ranges, chunk)
         lows = self._hist_low(ranges, chunk, highs, r_hi, r_lo)
@@ -694,7 +658,7 @@ class _Runner:
         wanted = []
         for t in range(self.n_models):
             n = int(highs[t].sum())
-            bins = {_high_bin(highs[t], r)[0] for r in (r_hi, r_lo) if 0 < r < n}
+            bins = {high_bin(highs[t], r)[0] for r in (r_hi, r_lo) if 0 < r < n}
             wanted.append({b: np.zeros(HIST, np.int64) for b in bins})
         if any(wanted):
             for k in range(len(ranges)):
@@ -705,12 +669,12 @@ class _Runner:
         return wanted
 
     @staticmethod
-    def _band(high: np.ndarray, lows: dict[int, np.ndarray], r_hi: int, r_lo: int) -> _Band:
+    def _band(high: np.ndarray, lows: dict[int, np.ndarray], r_hi: int, r_lo: int) -> Band:
         v_hi, t_hi = threshold_from_hists(high, r_hi, lows.__getitem__)
         v_lo, t_lo = threshold_from_hists(high, r_lo, lows.__getitem__)
-        return _Band(v_hi, t_hi, v_lo, t_lo)
+        return Band(v_hi, t_hi, v_lo, t_lo)
 
-    def _global_thresholds(self) -> dict[str, list[_Band]]:
+    def _global_thresholds(self) -> dict[str, list[Band]]:
         """One band per model over ALL selected tensors, ties broken in (plan order, index) order.
 
         Pass 1 sums per-tensor high histograms; pass 2 collects each tensor's low histogram inside
@@ -725,16 +689,16 @@ class _Runner:
         def pass_high(job: TensorJob) -> list[tuple[np.ndarray, np.ndarray]]:
             ranges = self._ranges(job)
             hist = self._hist_high(ranges, self._chunk_reader(job, ranges)[0])
-            return [_sparse(hist[t]) for t in range(T)]
+            return [sparse(hist[t]) for t in range(T)]
 
         per_job_high = self._parallel(pass_high, jobs)
         highs = np.zeros((T, HIST), np.int64)
-        for sparse in per_job_high:
-            for t, (idx, cnt) in enumerate(sparse):
+        for job_high in per_job_high:
+            for t, (idx, cnt) in enumerate(job_high):
                 highs[t, idx] += cnt
         n = sum(j.numel for j in jobs)
         r_hi, r_lo = band_ranks(self.params, n)
-        edge_bins = [sorted({_high_bin(highs[t], r)[0] for r in (r_hi, r_lo) if 0 < r < n}) for t in range(T)]
+        edge_bins = [sorted({high_bin(highs[t], r)[0] for r in (r_hi, r_lo) if 0 < r < n}) for t in range(T)]
 
         def pass_low(job: TensorJob) -> list[dict[int, tuple[np.ndarray, np.ndarray]]]:
             ranges = self._ranges(job)
@@ -746,27 +710,27 @@ class _Runner:
                     for t in range(T):
                         for b, h in hists[t].items():
                             self.backend.abs_hist_low(tau[t], b, h)
-            return [{b: _sparse(h) for b, h in hists[t].items()} for t in range(T)]
+            return [{b: sparse(h) for b, h in hists[t].items()} for t in range(T)]
 
         per_job_low = self._parallel(pass_low, jobs)
-        result: dict[str, list[_Band]] = {j.name: [] for j in jobs}
+        result: dict[str, list[Band]] = {j.name: [] for j in jobs}
         self.global_counts = {j.name: 0 for j in jobs}
         for t in range(T):
             lows = {b: np.zeros(HIST, np.int64) for b in edge_bins[t]}
-            for sparse in per_job_low:
-                for b, (idx, cnt) in sparse[t].items():
+            for job_low in per_job_low:
+                for b, (idx, cnt) in job_low[t].items():
                     lows[b][idx] += cnt
             v_hi, ties_hi = threshold_from_hists(highs[t], r_hi, lows.__getitem__)
             v_lo, ties_lo = threshold_from_hists(highs[t], r_lo, lows.__getitem__)
             left_hi, left_lo = ties_hi, ties_lo
             for job, high, low in zip(jobs, per_job_high, per_job_low):
-                eq_hi = _count_at(low[t], v_hi)
-                eq_lo = _count_at(low[t], v_lo)
-                band = _Band(v_hi, min(left_hi, eq_hi), v_lo, min(left_lo, eq_lo))
+                eq_hi = count_at(low[t], v_hi)
+                eq_lo = count_at(low[t], v_lo)
+                band = Band(v_hi, min(left_hi, eq_hi), v_lo, min(left_lo, eq_lo))
                 result[job.name].append(band)
                 left_hi, left_lo = max(0, left_hi - eq_hi), max(0, left_lo - eq_lo)
-                in_lo = _count_above(high[t], low[t], v_lo, job.numel) + band.ties_lo
-                in_hi = _count_above(high[t], low[t], v_hi, job.numel) + band.ties_hi
+                in_lo = count_above(high[t], low[t], v_lo, job.numel) + band.ties_lo
+                in_hi = count_above(high[t], low[t], v_hi, job.numel) + band.ties_hi
                 self.global_counts[job.name] += in_lo - in_hi  # T == 1 for patches
         return result
 
@@ -792,7 +756,7 @@ class _Runner:
         tau: np.ndarray | None,
         start: int,
         count: int,
-        bands: list[_Band] | None,
+        bands: list[Band] | None,
         coeffs: np.ndarray | None,
         lam: float,
         base: np.ndarray | None = None,
@@ -836,65 +800,3 @@ class _Runner:
         else:
             be.combine_ties(base, tau, weights, scale, out)
         return out
-
-
-def _sparse(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    idx = np.flatnonzero(hist)
-    return idx, hist[idx]
-
-
-def _count_at(lows: dict[int, tuple[np.ndarray, np.ndarray]], v: int) -> int:
-    """How many elements have |x| bits == v, from sparse low histograms of the edge bins."""
-    if v < 0 or v >= NONE_ABOVE:
-        return 0
-    sparse = lows.get(v >> 16)
-    if sparse is None:
-        return 0
-    idx, cnt = sparse
-    hit = np.flatnonzero(idx == (v & 0xFFFF))
-    return int(cnt[hit[0]]) if hit.size else 0
-
-
-def _count_above(
-    high: tuple[np.ndarray, np.ndarray], lows: dict[int, tuple[np.ndarray, np.ndarray]], v: int, n: int
-) -> int:
-    """How many elements have |x| bits > v (v = -1: all, v = 2**32: none)."""
-    if v < 0:
-        return n
-    if v >= NONE_ABOVE:
-        return 0
-    idx, cnt = high
-    above = int(cnt[idx > (v >> 16)].sum())
-    low_idx, low_cnt = lows[v >> 16]  # the edge bin of v always has a low histogram
-    return above + int(low_cnt[low_idx > (v & 0xFFFF)].sum())
-
-
-def dare_key(seed: int, name: str, model_index: int) -> int:
-    """64-bit key of DARE's random stream for one (seed, tensor, model)."""
-    digest = hashlib.blake2b(f"{seed}\0{name}\0{model_index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
-
-
-def slerp_coefficients(gram: np.ndarray, t: float) -> np.ndarray:
-    """[c0, c1] with out = c0 v0 + c1 v1 (float64 math, rounded once to float32)."""
-    n0, n1 = math.sqrt(gram[0, 0]), math.sqrt(gram[1, 1])
-    if n0 == 0.0 or n1 == 0.0:
-        return np.array([1.0 - t, t], np.float32)
-    cos = max(-1.0, min(1.0, gram[0, 1] / (n0 * n1)))
-    if abs(cos) > 1.0 - 1e-6:
-        return np.array([1.0 - t, t], np.float32)
-    omega = math.acos(cos)
-    s = math.sin(omega)
-    return np.array([math.sin((1.0 - t) * omega) / s, math.sin(t * omega) / s], np.float32)
-
-
-def model_stock_k(gram: np.ndarray) -> float:
-    """k = T cos / (1 + (T-1) cos), cos = mean pairwise cosine of the task vectors, in [0, 1]."""
-    T = gram.shape[0]
-    cosines = []
-    for s in range(T):
-        for t in range(s + 1, T):
-            denom = math.sqrt(gram[s, s]) * math.sqrt(gram[t, t])
-            cosines.append(gram[s, t] / denom if denom > 0 else 0.0)
-    cos = min(1.0, max(0.0, sum(cosines) / len(cosines)))
-    return T * cos / (1.0 + (T - 1) * cos)

@@ -6,6 +6,8 @@ same output whatever the chunking, thread count or order. Then task arithmetic (
 dare_linear) or TIES election and disjoint mean (``dare_ties``).
 """
 
+import hashlib
+
 from surgery.methods.spec import SCALE, SEED, WEIGHTS, Method, density
 
 _PARAMS = (density(0.5), SEED, SCALE, WEIGHTS)
@@ -35,3 +37,9 @@ DARE_TIES = Method(
     max_models=None,
     params=_PARAMS,
 )
+
+
+def dare_key(seed: int, name: str, model_index: int) -> int:
+    """64-bit key of DARE's random stream for one (seed, tensor, model)."""
+    digest = hashlib.blake2b(f"{seed}\0{name}\0{model_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")

@@ -15,6 +15,10 @@ formula would extrapolate away from both (and divide by zero at cos = -1/(T-1)),
 A pair with a zero task vector counts as cos 0.
 """
 
+import math
+
+import numpy as np
+
 from surgery.methods.spec import WEIGHTS, Method, Param
 
 LINEAR = Method(
@@ -55,3 +59,28 @@ MODEL_STOCK = Method(
     max_models=None,
     params=(),
 )
+
+
+def slerp_coefficients(gram: np.ndarray, t: float) -> np.ndarray:
+    """[c0, c1] with out = c0 v0 + c1 v1 (float64 math, rounded once to float32)."""
+    n0, n1 = math.sqrt(gram[0, 0]), math.sqrt(gram[1, 1])
+    if n0 == 0.0 or n1 == 0.0:
+        return np.array([1.0 - t, t], np.float32)
+    cos = max(-1.0, min(1.0, gram[0, 1] / (n0 * n1)))
+    if abs(cos) > 1.0 - 1e-6:
+        return np.array([1.0 - t, t], np.float32)
+    omega = math.acos(cos)
+    s = math.sin(omega)
+    return np.array([math.sin((1.0 - t) * omega) / s, math.sin(t * omega) / s], np.float32)
+
+
+def model_stock_k(gram: np.ndarray) -> float:
+    """k = T cos / (1 + (T-1) cos), cos = mean pairwise cosine of the task vectors, in [0, 1]."""
+    T = gram.shape[0]
+    cosines = []
+    for s in range(T):
+        for t in range(s + 1, T):
+            denom = math.sqrt(gram[s, s]) * math.sqrt(gram[t, t])
+            cosines.append(gram[s, t] / denom if denom > 0 else 0.0)
+    cos = min(1.0, max(0.0, sum(cosines) / len(cosines)))
+    return T * cos / (1.0 + (T - 1) * cos)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from surgery.engine import band_ranks, rank_count, threshold_from_hists
 from surgery.kernels import cpu, get_backend
+from surgery.ranks import band_ranks, rank_count, threshold_from_hists
 
 
 def special_floats(n: int, seed: int = 0) -> np.ndarray:

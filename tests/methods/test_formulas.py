@@ -19,7 +19,8 @@ from ckpt_factory import (
     weighted_sum,
 )
 
-from surgery.engine import EngineOptions, dare_key, merge
+from surgery.engine import EngineOptions, merge
+from surgery.methods.dare import dare_key
 from surgery.recipe import make_recipe
 from surgery.writer import natural_key
 

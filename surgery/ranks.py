@@ -1,0 +1,95 @@
+"""Exact order statistics by radix select over float bit patterns, streamable over chunks.
+
+|x| of a float32 viewed as uint32 (sign bit cleared) is monotone in |x|, so the element of rank r
+(1 = largest) is found from a 65,536-bin histogram of the high 16 bits, then of the low 16 bits inside
+the bin that holds it: two streaming passes, no copy, no sort. Ties are broken by lower index: with
+``(v, ties)`` from :func:`threshold_from_hists`, the top r elements are those with bits > v plus the
+first ``ties`` elements whose bits equal v, counted in index order across chunks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import numpy as np
+
+NONE_ABOVE = 2**32  # threshold meaning "no element is in the top r" (r = 0)
+ALL = -1  # threshold meaning "every element is in the top r" (r = n)
+HIST = 65536
+
+
+def rank_count(fraction: float, n: int) -> int:
+    """floor(fraction * n), exact for the decimal the user wrote (0.29 * 100 is 29, not 28)."""
+    return math.floor(Fraction(repr(float(fraction))) * n)
+
+
+def band_ranks(params: dict, n: int) -> tuple[int, int]:
+    """(r_hi, r_lo): keep ranks r_hi+1..r_lo, i.e. drop the top ``outliers``, keep ``density``."""
+    r_hi = rank_count(params.get("outliers", 0.0), n)
+    return r_hi, min(n, r_hi + rank_count(params["density"], n))
+
+
+def high_bin(hist: np.ndarray, r: int) -> tuple[int, int]:
+    """Bin holding the r-th largest value (1-based) and how many values lie in higher bins."""
+    rev = np.cumsum(hist[::-1])
+    idx = int(np.searchsorted(rev, r))
+    b = HIST - 1 - idx
+    return b, int(rev[idx] - hist[b])
+
+
+def threshold_from_hists(hist_high: np.ndarray, r: int, low_hist_for: Callable) -> tuple[int, int]:
+    """(v, ties): the top r elements are those with |x| bits > v, plus the first ``ties`` equal."""
+    n = int(hist_high.sum())
+    if r <= 0:
+        return NONE_ABOVE, 0
+    if r >= n:
+        return ALL, 0
+    b, above = high_bin(hist_high, r)
+    low = low_hist_for(b)
+    lb, above_low = high_bin(low, r - above)
+    return (b << 16) | lb, r - above - above_low
+
+
+@dataclass
+class Band:
+    """Per model: the (v, ties) of both band edges for one group, and the tie counters."""
+
+    v_hi: int
+    ties_hi: int
+    v_lo: int
+    ties_lo: int
+    seen: np.ndarray = field(default_factory=lambda: np.zeros(2, np.int64))
+
+
+def sparse(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.flatnonzero(hist)
+    return idx, hist[idx]
+
+
+def count_at(lows: dict[int, tuple[np.ndarray, np.ndarray]], v: int) -> int:
+    """How many elements have |x| bits == v, from sparse low histograms of the edge bins."""
+    if v < 0 or v >= NONE_ABOVE:
+        return 0
+    sparse = lows.get(v >> 16)
+    if sparse is None:
+        return 0
+    idx, cnt = sparse
+    hit = np.flatnonzero(idx == (v & 0xFFFF))
+    return int(cnt[hit[0]]) if hit.size else 0
+
+
+def count_above(
+    high: tuple[np.ndarray, np.ndarray], lows: dict[int, tuple[np.ndarray, np.ndarray]], v: int, n: int
+) -> int:
+    """How many elements have |x| bits > v (v = -1: all, v = 2**32: none)."""
+    if v < 0:
+        return n
+    if v >= NONE_ABOVE:
+        return 0
+    idx, cnt = high
+    above = int(cnt[idx > (v >> 16)].sum())
+    low_idx, low_cnt = lows[v >> 16]  # the edge bin of v always has a low histogram
+    return above + int(low_cnt[low_idx > (v & 0xFFFF)].sum())

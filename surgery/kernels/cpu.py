@@ -63,27 +63,33 @@ def abs_hist_low(x, high, hist):  # pragma: no cover - compiled
             hist[a & np.uint32(0xFFFF)] += 1
 
 
-@njit(**_JIT)
-def band_mask(x, v_hi, ties_hi, v_lo, ties_lo, seen):  # pragma: no cover - compiled
-    """Zero every element whose rank is not in (r_hi, r_lo], in place.
+@njit(nogil=True, cache=True, inline="always")
+def _in_band(a, v_hi, ties_hi, v_lo, ties_lo, seen):  # pragma: no cover - compiled
+    """Whether an element with |x| bits ``a`` has rank in (r_hi, r_lo]; updates the tie counters.
 
     Rank order: larger |x| first, equal |x| broken by lower index. An element is within the top r
-    when ``|x| > v`` or ``|x| == v`` and fewer than ``ties`` equal elements came before it;
-    ``(v, ties)`` come from radix select. ``seen[0]``/``seen[1]`` count the elements equal to v_hi/v_lo
-    met so far, carried across chunks. v = -1 means "every element" (r = n), v = 2**32 none (r = 0).
+    when ``|x| > v`` or ``|x| == v`` and fewer than ``ties`` equal elements came before it; ``(v, ties)``
+    come from radix select (surgery/ranks.py). ``seen[0]``/``seen[1]`` count the elements equal to
+    v_hi/v_lo met so far, carried across chunks. v = -1 means "every element" (r = n), v = 2**32 none.
     """
+    in_hi = a > v_hi
+    if a == v_hi:
+        in_hi = seen[0] < ties_hi
+        seen[0] += 1
+    in_lo = a > v_lo
+    if a == v_lo:
+        in_lo = seen[1] < ties_lo
+        seen[1] += 1
+    return in_lo and not in_hi
+
+
+@njit(**_JIT)
+def band_mask(x, v_hi, ties_hi, v_lo, ties_lo, seen):  # pragma: no cover - compiled
+    """Zero every element whose rank is not in (r_hi, r_lo], in place (see ``_in_band``)."""
     bits = x.view(np.uint32)
     for i in range(bits.size):
         a = np.int64(bits[i] & np.uint32(0x7FFFFFFF))
-        in_hi = a > v_hi
-        if a == v_hi:
-            in_hi = seen[0] < ties_hi
-            seen[0] += 1
-        in_lo = a > v_lo
-        if a == v_lo:
-            in_lo = seen[1] < ties_lo
-            seen[1] += 1
-        if in_hi or not in_lo:
+        if not _in_band(a, v_hi, ties_hi, v_lo, ties_lo, seen):
             x[i] = np.float32(0.0)
 
 
@@ -261,15 +267,7 @@ def band_select(x, v_hi, ties_hi, v_lo, ties_lo, seen, start, idx_out, val_out):
     n = 0
     for i in range(bits.size):
         a = np.int64(bits[i] & np.uint32(0x7FFFFFFF))
-        in_hi = a > v_hi
-        if a == v_hi:
-            in_hi = seen[0] < ties_hi
-            seen[0] += 1
-        in_lo = a > v_lo
-        if a == v_lo:
-            in_lo = seen[1] < ties_lo
-            seen[1] += 1
-        if in_lo and not in_hi:
+        if _in_band(a, v_hi, ties_hi, v_lo, ties_lo, seen):
             idx_out[n] = start + i
             val_out[n] = x[i]
             n += 1

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import click
+from surgery_cli.hub import push_after_run, push_command, push_options
 
 METHOD_FLAGS = (
     "task_arithmetic", "breadcrumbs", "breadcrumbs_ties", "ties", "dare", "dare_ties", "linear",
@@ -54,6 +55,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.meta["surgery.debug"] = debug
 
 
+cli.add_command(push_command)
+
+
 # -- shared options ---------------------------------------------------------------------------------
 def engine_options(fn):
     """Options that change how a run executes, never what it computes (not part of recipes)."""
@@ -69,6 +73,7 @@ def engine_options(fn):
         click.option("--overwrite", is_flag=True, help="Replace the output folder's contents."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
     ]  # fmt: skip
+    fn = push_options(fn)  # --push-to-hub, --private, --revision: listed after these
     for option in reversed(options):
         fn = option(fn)
     return fn
@@ -84,7 +89,8 @@ def output_options(fn):
 
 
 def run_recipe(ctx: click.Context, recipe, output: Path, max_memory: str, threads: int | None,
-               device: str, dry_run: bool, overwrite: bool, quiet: bool) -> None:  # fmt: skip
+               device: str, dry_run: bool, overwrite: bool, quiet: bool, push_to_hub: str | None = None,
+               private: bool = False, revision: str | None = None) -> None:  # fmt: skip
     """Plan, then (unless --dry-run) execute with a progress bar; shared by merge and run."""
     from surgery.engine import EngineOptions, execute
     from surgery.plan import build_plan
@@ -122,6 +128,7 @@ def run_recipe(ctx: click.Context, recipe, output: Path, max_memory: str, thread
             f"{data['kind']} diff: {data['kept']:,} of {data['total']:,} parameters "
             f"({100 * data['fraction']:.4g}%), {size / 1e6:.2f} MB of safetensors"
         )
+    push_after_run(output, push_to_hub, private, revision)
 
 
 class _LazyBar:

@@ -20,6 +20,7 @@ import numpy as np
 
 from surgery.dtypes import DTYPES, DType
 from surgery.errors import CorruptCheckpointError, InputNotFoundError, MissingTensorError
+from surgery.hub import resolve
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own cap
 INDEX_NAME = "model.safetensors.index.json"
@@ -143,8 +144,9 @@ class Checkpoint:
 
 # -- opening ---------------------------------------------------------------------------------------
 def open_checkpoint(source: str | os.PathLike) -> Checkpoint:
-    """Open a checkpoint folder or ``.safetensors`` file, reading and validating headers only."""
-    path = Path(source).expanduser()
+    """Open a checkpoint folder, ``.safetensors`` file or Hub repo ``owner/name[@revision]`` (downloaded
+    into the Hugging Face cache), reading and validating headers only."""
+    path = resolve(source)
     text = str(source)
     if path.is_file():
         if path.suffix != ".safetensors":
@@ -157,13 +159,7 @@ def open_checkpoint(source: str | os.PathLike) -> Checkpoint:
         return Checkpoint(text, path.parent, (path,), tensors, metadata)
     if path.is_dir():
         return _open_folder(text, path)
-    hint = "check the path"
-    if "/" in text and not text.startswith((".", "/", "~")) and text.count("/") == 1:
-        hint = (
-            f"{text!r} looks like a Hub repo id; this version reads local folders only, "
-            f"download it first (e.g. `hf download {text} --local-dir DIR`)"
-        )
-    raise InputNotFoundError(f"checkpoint not found: {text}", hint=hint, path=text)
+    raise InputNotFoundError(f"checkpoint not found: {text}", hint="check the path", path=text)
 
 
 def _open_folder(text: str, root: Path) -> Checkpoint:
@@ -231,8 +227,9 @@ def _read_index(index_path: Path) -> dict[str, str]:
 
 def _shard_path(root: Path, fname: str, index_path: Path) -> Path:
     """Resolve a shard named in the index, refusing names that escape the checkpoint folder."""
-    candidate = (root / fname).resolve()
-    if Path(fname).is_absolute() or candidate.parent != root.resolve():
+    candidate = root / fname
+    # Lexical: Hub cache snapshots are symlinks into ../../blobs, which is where they belong.
+    if Path(fname).is_absolute() or os.path.dirname(os.path.normpath(candidate)) != os.path.normpath(root):
         raise CorruptCheckpointError(
             f"{index_path} names shard {fname!r}, which lies outside the checkpoint folder",
             hint="shard names in an index must be plain file names in the same folder",

@@ -15,6 +15,9 @@ import pytest
 
 # numba compiles the kernels once per cache folder; share it between test processes.
 os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(tempfile.gettempdir(), "numba-cache"))
+# Tests never reach the real Hub: a Hub-like id that is not a local path fails fast instead of waiting on
+# the network. The hub tests run their clients in child processes with their own environment.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 # Llama-like names and small shapes: enough for layer parsing, embeddings and a head.
 TINY_SHAPES = {

@@ -274,9 +274,10 @@ def test_merge_loads_and_matches_reference(case, families, invoke, tmp_path):
     assert len(shards) >= 2 and sorted(index["weight_map"]) == sorted(got)
     assert sorted(p.name for p in out.glob("*.safetensors")) == shards
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in got.values())
-    card = front_matter((out / "README.md").read_text())
-    assert card["base_model_relation"] == "merge"
-    assert card["base_model"] == [str(base_dir), *map(str, model_dirs)]
+    card_text = (out / "README.md").read_text()
+    card = front_matter(card_text)
+    assert "base_model" not in card and card["tags"][:2] == ["model-surgery", "merge"]  # local inputs
+    assert all(f"- `{p}` (local path, not on the Hub)" in card_text for p in [base_dir, *model_dirs])
     recipe = yaml.safe_load((out / "surgery_recipe.yaml").read_text())
     assert recipe["method"] == method and recipe["base"] == str(base_dir)
     assert not (out / ".surgery-partial").exists()

@@ -15,60 +15,46 @@ import click
 _PLOT = click.Path(dir_okay=False, path_type=Path)
 
 
-def _common(fn):
-    """Options shared by the analysis commands."""
-    options = [
-        click.option("--include", default=None, help="Regex of tensor names to analyse."),
-        click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON."),
-        click.option("--plot", type=_PLOT, default=None, help="Write a PNG plot of the report."),
-        click.option("--device", default="cpu", show_default=True, help="Torch device for the SVDs."),
-        click.option("--threads", type=int, default=None, help="CPU threads for torch [default: all]."),
-        click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+_COMMON_OPTIONS = [
+    click.option("--include", default=None, help="Regex of tensor names to analyse."),
+    click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON."),
+    click.option("--plot", type=_PLOT, default=None, help="Write a PNG plot of the report."),
+    click.option("--device", default="cpu", show_default=True, help="Torch device for the SVDs."),
+    click.option("--threads", type=int, default=None, help="CPU threads for torch [default: all]."),
+    click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
+]
+
+
+_INTRUDER_OPTIONS = [
+    click.option("-k", "--top-k", "k", type=int, default=10, show_default=True,
+                 help="Top left singular vectors of each fine-tuned matrix checked."),
+    click.option("--eps", type=float, default=0.5, show_default=True,
+                 help="Intruder when its largest |cosine| with every base singular vector is below this."),
+    click.option("--mitigate", "lam", type=float, default=None, metavar="LAMBDA",
+                 help="Write W + (LAMBDA - 1) * sum_intruders s u v^T to -o (0 removes the intruders)."),
+    click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+                 help="Output folder of --mitigate."),
+    click.option("--overwrite", is_flag=True, help="Replace the output folder's contents."),
+    click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+                 help="Cache of base SVDs [default: $XDG_CACHE_HOME/model-surgery/svd]."),
+    click.option("--no-cache", is_flag=True, help="Neither read nor write the SVD cache."),
+]  # fmt: skip
+
+
+def _apply(options: list):
+    def decorate(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
 
 
 @click.command()
 @click.argument("base")
 @click.argument("finetuned", nargs=-1, required=True)
-@click.option(
-    "-k",
-    "--top-k",
-    "k",
-    type=int,
-    default=10,
-    show_default=True,
-    help="Top left singular vectors of each fine-tuned matrix checked.",
-)
-@click.option(
-    "--eps",
-    type=float,
-    default=0.5,
-    show_default=True,
-    help="Intruder when its largest |cosine| with every base singular vector is below this.",
-)
-@_common
-@click.option(
-    "--mitigate",
-    "lam",
-    type=float,
-    default=None,
-    metavar="LAMBDA",
-    help="Write W + (LAMBDA - 1) * sum_intruders s u v^T to -o (0 removes the intruders).",
-)
-@click.option(
-    "-o", "--output", type=click.Path(path_type=Path), default=None, help="Output folder of --mitigate."
-)
-@click.option("--overwrite", is_flag=True, help="Replace the output folder's contents.")
-@click.option(
-    "--cache-dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Cache of base SVDs [default: $XDG_CACHE_HOME/model-surgery/svd].",
-)
-@click.option("--no-cache", is_flag=True, help="Neither read nor write the SVD cache.")
+@_apply(_INTRUDER_OPTIONS)
+@_apply(_COMMON_OPTIONS)
 @click.pass_context
 def intruders(ctx: click.Context, base: str, finetuned: tuple[str, ...], k: int, eps: float,
               include: str | None, as_json: bool, plot: Path | None, device: str, threads: int | None,
@@ -118,7 +104,7 @@ def intruders(ctx: click.Context, base: str, finetuned: tuple[str, ...], k: int,
 @click.command()
 @click.argument("base")
 @click.argument("finetuned", nargs=-1, required=True)
-@_common
+@_apply(_COMMON_OPTIONS)
 @click.option("--no-rank", is_flag=True, help="Skip effective ranks (one SVD per 2-D tensor and model).")
 @click.option("--tensors", "per_tensor", is_flag=True, help="Tables per tensor, not only per layer.")
 def stats(base: str, finetuned: tuple[str, ...], include: str | None, as_json: bool,

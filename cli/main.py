@@ -487,5 +487,11 @@ def methods() -> None:
         click.echo()
 
 
+from surgery_cli.analysis import intruders, stats  # noqa: E402
+
+cli.add_command(intruders)
+cli.add_command(stats)
+
+
 if __name__ == "__main__":
     cli()

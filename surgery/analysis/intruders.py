@@ -29,12 +29,19 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from surgery.analysis.stats import compile_include, layer_label, layer_sort_key, read_f32
+from surgery.analysis.stats import (
+    compile_include,
+    layer_label,
+    layer_sort_key,
+    read_f32,
+    require_torch,
+    to_f32,
+)
 from surgery.checkpoint import Checkpoint, open_checkpoint
 from surgery.errors import OutputError, RecipeError
 from surgery.names import place
@@ -106,7 +113,7 @@ class IntruderReport:
     skipped: tuple[tuple[str, str], ...] = ()  # (tensor, reason)
     lam: float | None = None  # set when the report comes from a mitigation
     output: str | None = None
-    modified: tuple[str, ...] = field(default=())  # matrices rewritten by the mitigation
+    modified: tuple[str, ...] = ()  # matrices rewritten by the mitigation
 
     def count(self, eps: float | None = None) -> int:
         """Intruder dimensions over all matrices at ``eps`` (default: the report's)."""
@@ -289,8 +296,7 @@ def _base_basis(
     base: Checkpoint, name: str, transposed: bool, cache_dir: Path | None, device: str
 ) -> tuple[np.ndarray, np.ndarray, bool]:
     """(U0 [out, r], S0 [r], cached): left singular vectors of W0 above its numerical null space."""
-    import torch
-
+    torch = require_torch()
     info = base.info(name)
     raw = base.read(name)
     rows = info.shape[1] if transposed else info.shape[0]
@@ -298,7 +304,7 @@ def _base_basis(
     hit = _cache_load(cache_dir, key, rows)
     if hit is not None:
         return hit[0], hit[1], True
-    w0 = _as_matrix(read_f32(base, name), info.shape, transposed)
+    w0 = _as_matrix(to_f32(raw, info.dtype.name), info.shape, transposed)
     u, s, _ = torch.linalg.svd(torch.from_numpy(w0).to(device), full_matrices=False)
     s = s.cpu().numpy().astype(np.float32)
     # Vectors of zero singular values span an arbitrary basis of the null space: not W0's directions.
@@ -325,8 +331,7 @@ def _iter_matrices(
     conv1d: bool | None,
     progress: Progress | None,
 ) -> Iterator[_Matrix]:
-    import torch
-
+    torch = require_torch()
     config = ft.config() or base.config()
     for done, name in enumerate(names):
         info = ft.info(name)

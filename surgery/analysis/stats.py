@@ -58,14 +58,33 @@ def layer_sort_key(label: str) -> tuple[int, int]:
 
 def read_f32(ckpt: Checkpoint, name: str, start: int = 0, count: int | None = None) -> np.ndarray:
     """Elements ``start:start+count`` of a float tensor as a flat float32 array (BF16/F16 decoded)."""
-    from surgery.kernels import get_backend
-
     info = ckpt.info(name)
     count = info.numel - start if count is None else count
-    raw = ckpt.read_into(name, start, np.empty(count, dtype=info.dtype.storage))
-    if info.dtype.name == "F32":
+    return to_f32(ckpt.read_into(name, start, np.empty(count, dtype=info.dtype.storage)), info.dtype.name)
+
+
+def to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Raw storage (BF16 as uint16 bits) -> flat float32, with the engine's decoder."""
+    from surgery.kernels import get_backend
+
+    raw = raw.reshape(-1)
+    if dtype == "F32":
         return raw
-    return get_backend("cpu").decode(raw, info.dtype.name, np.empty(count, np.float32))
+    return get_backend("cpu").decode(raw, dtype, np.empty(raw.size, np.float32))
+
+
+def require_torch():
+    """torch, or a clear error: the analyses' SVDs use torch.linalg (CPU threads or CUDA)."""
+    try:
+        import torch
+    except ImportError:
+        from surgery.errors import SurgeryError
+
+        raise SurgeryError(
+            "this analysis needs PyTorch (its SVDs run with torch.linalg), which is not installed",
+            hint="install the CPU wheel: pip install torch --index-url https://download.pytorch.org/whl/cpu",
+        ) from None
+    return torch
 
 
 def compile_include(include: str | None) -> re.Pattern | None:
@@ -301,6 +320,10 @@ def _select(
             skipped.append((name, reason))
         else:
             names.append(name)
+    extra = {n for ck in models for n, t in ck.tensors.items() if t.dtype.kind == "float"} - set(base.tensors)
+    for name in sorted(extra, key=natural_key):
+        if pattern is None or pattern.search(name):
+            skipped.append((name, "not in the base"))
     return names, skipped
 
 
@@ -358,8 +381,7 @@ def _tensor_stats(
 
 def _update_rank(base: Checkpoint, ft: Checkpoint, name: str, device: str) -> float | None:
     """Effective rank of one whole 2-D update (one model at a time bounds memory to ~3 tensors)."""
-    import torch
-
+    torch = require_torch()
     shape = base.info(name).shape
     tau = read_f32(ft, name) - read_f32(base, name)
     s = torch.linalg.svdvals(torch.from_numpy(tau.reshape(shape)).to(device))

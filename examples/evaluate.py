@@ -5,7 +5,8 @@ Usage::
     python examples/evaluate.py examples/family/base examples/family/ft_add [--tasks add,sort]
         [--n 200] [--json]
 
-Each folder is loaded offline with ``AutoModelForCausalLM`` / ``AutoTokenizer`` and decoded greedily.
+Each folder is loaded offline with ``AutoModelForCausalLM`` / ``AutoTokenizer``; answers are
+decoded greedily.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tasks import TASKS, Example, eval_set  # noqa: E402
@@ -28,7 +30,7 @@ MAX_NEW_TOKENS = 8
 
 @torch.no_grad()
 def greedy_answers(model: PreTrainedModel, tokenizer, prompts: Sequence[str]) -> list[str]:
-    """Greedy continuations of ``prompts`` up to ``<eos>`` (batched by prompt length, no padding)."""
+    """Greedy answers to ``prompts`` (up to ``<eos>``), batched by prompt length: no padding."""
     by_len: dict[int, list[int]] = defaultdict(list)
     encoded = tokenizer(list(prompts))["input_ids"]
     for i, ids in enumerate(encoded):
@@ -66,9 +68,7 @@ def evaluate_model(
     return {t: task_accuracy(model, tokenizer, eval_set(t, n)) for t in tasks}
 
 
-def evaluate(
-    model_dir: str | Path, tasks: Sequence[str] = TASKS, n: int = 200
-) -> dict[str, float]:
+def evaluate(model_dir: str | Path, tasks: Sequence[str] = TASKS, n: int = 200) -> dict[str, float]:
     """Load ``model_dir`` offline (weights upcast to float32) and return accuracy per task."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(
@@ -98,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
         parser.error(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(1)
+    hf_logging.disable_progress_bar()
     results = {d: evaluate(d, tasks, args.n) for d in args.model_dirs}
     print(json.dumps(results, indent=2) if args.json else format_table(results, tasks))
 

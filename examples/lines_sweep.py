@@ -19,6 +19,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from evaluate import evaluate  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+hf_logging.disable_progress_bar()
 
 FAMILY = HERE / "family"
 ALPHAS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)

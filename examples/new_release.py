@@ -25,6 +25,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from build_family import BASE_MIXTURE, Stage, round_to_bf16, save, train  # noqa: E402
 from evaluate import evaluate  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+hf_logging.disable_progress_bar()
 
 FAMILY = HERE / "family"
 FINETUNES = {"ft_add": "add", "ft_reverse": "reverse", "ft_sort": "sort"}

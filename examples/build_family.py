@@ -330,9 +330,7 @@ def main() -> None:
         accuracy = evaluate_model(ft, tokenizer, TASKS, args.n)
         print(f"  {stage.name}: update {100 * updates[stage.name]:.2f}%, {accuracy}")
         save(ft, tokenizer, args.out / stage.name, stage.shard_size)
-        (args.out / stage.name / "README.md").write_text(
-            model_card(stage, accuracy, updates[stage.name])
-        )
+        (args.out / stage.name / "README.md").write_text(model_card(stage, accuracy, updates[stage.name]))
     train_time = time.time() - start
 
     names = [BASE.name, *(s.name for s in FINETUNES)]

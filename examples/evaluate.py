@@ -71,9 +71,7 @@ def evaluate_model(
 def evaluate(model_dir: str | Path, tasks: Sequence[str] = TASKS, n: int = 200) -> dict[str, float]:
     """Load ``model_dir`` offline (weights upcast to float32) and return accuracy per task."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, local_files_only=True
-    )
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
     return evaluate_model(model, tokenizer, tasks, n)
 
 

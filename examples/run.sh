@@ -12,4 +12,6 @@ mkdir -p "$OUT"
 # The base is found from the fine-tunes' model cards (base_model: ../base).
 surgery merge $F/ft_add $F/ft_reverse $F/ft_sort --task-arithmetic --overwrite -q -o "$OUT/task_arithmetic"
 surgery merge $F/ft_add $F/ft_reverse $F/ft_sort --breadcrumbs --overwrite -q -o "$OUT/breadcrumbs"
-python examples/evaluate.py $F/base $F/ft_add $F/ft_reverse $F/ft_sort "$OUT/task_arithmetic" "$OUT/breadcrumbs"
+surgery merge $F/ft_add $F/ft_reverse $F/ft_sort --breadcrumbs --density 0.5 --overwrite -q -o "$OUT/breadcrumbs_d0.5"
+python examples/evaluate.py $F/base $F/ft_add $F/ft_reverse $F/ft_sort \
+  "$OUT/task_arithmetic" "$OUT/breadcrumbs" "$OUT/breadcrumbs_d0.5"

@@ -78,8 +78,9 @@ def tail(text: str, n: int = 600) -> str:
     return text[-n:]
 
 
-def run_measured(cmd: list[str], log_prefix: str, env: dict | None = None,
-                 timeout: float | None = None) -> dict:
+def run_measured(
+    cmd: list[str], log_prefix: str, env: dict | None = None, timeout: float | None = None
+) -> dict:
     """Run cmd; wall time, peak RSS (wait4 rusage = what /usr/bin/time -v reports as 'Maximum
     resident set size'), sampled peak anonymous RSS over the process tree (psutil or /proc)."""
     out = open(log_prefix + ".stdout", "w+")
@@ -94,6 +95,7 @@ def run_measured(cmd: list[str], log_prefix: str, env: dict | None = None,
     status = 0
     try:
         import psutil  # optional
+
         proc = psutil.Process(p.pid)
     except Exception:
         proc = None
@@ -148,8 +150,7 @@ def _anon_rss(pid: int, proc) -> int:
 
 
 def machine_facts(data: str) -> dict:
-    facts = {"nproc": os.cpu_count(), "python": platform.python_version(),
-             "kernel": platform.release()}
+    facts = {"nproc": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -165,8 +166,12 @@ def machine_facts(data: str) -> dict:
     try:
         df = subprocess.run(["df", "-PT", data], capture_output=True, text=True).stdout.splitlines()
         dev, fstype, size_k, _, avail_k = df[1].split()[:5]
-        facts["disk"] = {"device": dev, "fstype": fstype, "size_gb": round(int(size_k) * 1024 / GB),
-                         "free_gb": round(int(avail_k) * 1024 / GB)}
+        facts["disk"] = {
+            "device": dev,
+            "fstype": fstype,
+            "size_gb": round(int(size_k) * 1024 / GB),
+            "free_gb": round(int(avail_k) * 1024 / GB),
+        }
         name = os.path.basename(os.path.realpath(dev))
         rot = f"/sys/class/block/{name}/queue/rotational"
         if os.path.exists(rot):
@@ -204,8 +209,11 @@ def read_bf16(entry: tuple[str, dict, int]) -> np.ndarray:
     return (raw.astype(np.uint32) << 16).view(np.float32)
 
 
-CHECK_TENSORS = ("model.layers.0.input_layernorm.weight", "model.layers.1.self_attn.k_proj.weight",
-                 "model.norm.weight")
+CHECK_TENSORS = (
+    "model.layers.0.input_layernorm.weight",
+    "model.layers.1.self_attn.k_proj.weight",
+    "model.norm.weight",
+)
 
 
 def check_output(method: str, out: str, inputs: list[str], base: str, density: float) -> dict:
@@ -226,8 +234,10 @@ def check_output(method: str, out: str, inputs: list[str], base: str, density: f
                 ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(ref), 1e-30))) - 7)  # bf16 ulp
                 res[name] = {"max_err_ulp": round(float(np.max(np.abs(o - ref) / ulp)), 3)}
             else:
-                res[name] = {"changed_frac": round(float(np.mean(o != b)), 4),
-                             "expected_about": f"<= {min(1.0, len(inputs) * density):.2f}"}
+                res[name] = {
+                    "changed_frac": round(float(np.mean(o != b)), 4),
+                    "expected_about": f"<= {min(1.0, len(inputs) * density):.2f}",
+                }
         missing = sorted(set(bi) - set(oi))
         if missing:
             res["missing_tensors"] = missing[:5] + (["..."] if len(missing) > 5 else [])
@@ -242,21 +252,28 @@ def io_ceiling(inputs: list[str], out_bytes: int, work: str) -> dict:
     in_bytes = sum(os.path.getsize(f) for f in files)
     drop_cache(files)
     t0 = time.perf_counter()
-    subprocess.run("cat " + " ".join(shlex.quote(f) for f in files) + " > /dev/null",
-                   shell=True, check=True)
+    subprocess.run("cat " + " ".join(shlex.quote(f) for f in files) + " > /dev/null", shell=True, check=True)
     read_s = time.perf_counter() - t0
     drop_cache(files)
     target = os.path.join(work, "io-ceiling.bin")
     bs = 16 * 1024**2
     count = math.ceil(out_bytes / bs)
     t0 = time.perf_counter()
-    subprocess.run(["dd", "if=/dev/zero", f"of={target}", f"bs={bs}", f"count={count}",
-                    "conv=fsync", "status=none"], check=True)
+    subprocess.run(
+        ["dd", "if=/dev/zero", f"of={target}", f"bs={bs}", f"count={count}", "conv=fsync", "status=none"],
+        check=True,
+    )
     write_s = time.perf_counter() - t0
     os.remove(target)
-    return {"read_bytes": in_bytes, "read_s": read_s, "read_gbps": in_bytes / GB / read_s,
-            "write_bytes": count * bs, "write_s": write_s, "write_gbps": count * bs / GB / write_s,
-            "ceiling_s": read_s + write_s}
+    return {
+        "read_bytes": in_bytes,
+        "read_s": read_s,
+        "read_gbps": in_bytes / GB / read_s,
+        "write_bytes": count * bs,
+        "write_s": write_s,
+        "write_gbps": count * bs / GB / write_s,
+        "ceiling_s": read_s + write_s,
+    }
 
 
 def find_surgery(opt: str | None) -> list[str] | None:
@@ -275,24 +292,37 @@ def find_mergekit(opt: str | None) -> str | None:
     return shutil.which("mergekit-yaml")
 
 
-def mergekit_yaml(method: str, base: str, inputs: list[str], dtype: str | None,
-                  density: float, gamma: float) -> str:
+def mergekit_yaml(
+    method: str, base: str, inputs: list[str], dtype: str | None, density: float, gamma: float
+) -> str:
     params = {"weight": 1.0}
     if method == "breadcrumbs":
         params.update(density=density, gamma=gamma)
     lines = [f"merge_method: {method}", f"base_model: {base}", "models:"]
     for d in inputs:
-        lines += [f"  - model: {d}",
-                  "    parameters: {" + ", ".join(f"{k}: {v}" for k, v in params.items()) + "}"]
+        lines += [
+            f"  - model: {d}",
+            "    parameters: {" + ", ".join(f"{k}: {v}" for k, v in params.items()) + "}",
+        ]
     if dtype:
         lines.append(f"dtype: {dtype}")
     lines.append("out_dtype: bfloat16")
     return "\n".join(lines) + "\n"
 
 
-def run_tool(tool: str, method: str, cmd: list[str], inputs: list[str], base: str, out: str,
-             work: str, ceiling: float | None, check: bool, density: float,
-             timeout: float | None) -> dict:
+def run_tool(
+    tool: str,
+    method: str,
+    cmd: list[str],
+    inputs: list[str],
+    base: str,
+    out: str,
+    work: str,
+    ceiling: float | None,
+    check: bool,
+    density: float,
+    timeout: float | None,
+) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     drop_cache([f for d in [base, *inputs] for f in model_files(d)])
     print(f"  running {tool} {method}: {shlex.join(cmd)}", flush=True)
@@ -310,8 +340,9 @@ def run_tool(tool: str, method: str, cmd: list[str], inputs: list[str], base: st
         if check:
             row["check"] = check_output(method, out, inputs, base, density)
     else:
-        row["status"] = f"{tool} failed: " + (r.get("error") or r.get("stderr_tail")
-                                               or r.get("stdout_tail") or f"rc={r['returncode']}")
+        row["status"] = f"{tool} failed: " + (
+            r.get("error") or r.get("stderr_tail") or r.get("stdout_tail") or f"rc={r['returncode']}"
+        )
     shutil.rmtree(out, ignore_errors=True)
     return row
 
@@ -334,18 +365,22 @@ def fmt(x, nd=1):
 
 def markdown(res: dict) -> str:
     m = res["machine"]
-    lines = [f"### Merge benchmark: {res['shape']} ({res['model_gb']:.2f} GB per model, "
-             f"{res['n_inputs']} fine-tunes + base, --max-memory {res['max_memory']})", ""]
+    lines = [
+        f"### Merge benchmark: {res['shape']} ({res['model_gb']:.2f} GB per model, "
+        f"{res['n_inputs']} fine-tunes + base, --max-memory {res['max_memory']})",
+        "",
+    ]
     disk = m.get("disk", {})
-    lines.append(f"Machine: {m.get('nproc')} CPUs ({m.get('cpu', '?')}), "
-                 f"{m.get('ram_gib')} GiB RAM, "
-                 f"disk {disk.get('device', '?')} {disk.get('fstype', '')} "
-                 f"{disk.get('size_gb', '?')} GB ({disk.get('free_gb', '?')} GB free"
-                 f"{', rotational flag set' if disk.get('rotational') else ''}), "
-                 f"Python {m.get('python')}")
+    lines.append(
+        f"Machine: {m.get('nproc')} CPUs ({m.get('cpu', '?')}), "
+        f"{m.get('ram_gib')} GiB RAM, "
+        f"disk {disk.get('device', '?')} {disk.get('fstype', '')} "
+        f"{disk.get('size_gb', '?')} GB ({disk.get('free_gb', '?')} GB free"
+        f"{', rotational flag set' if disk.get('rotational') else ''}), "
+        f"Python {m.get('python')}"
+    )
     lines.append("")
-    lines.append("| method | tool | wall s | +sync s | peak RSS GiB | peak anon GiB "
-                 "| x I/O ceiling |")
+    lines.append("| method | tool | wall s | +sync s | peak RSS GiB | peak anon GiB | x I/O ceiling |")
     lines.append("|---|---|---:|---:|---:|---:|---:|")
     io = res.get("io_ceiling")
     if io:
@@ -354,21 +389,27 @@ def markdown(res: dict) -> str:
         if "status" in r:
             lines.append(f"| {r['method']} | {r['tool']} | {r['status'][:300]} | | | | |")
         else:
-            lines.append(f"| {r['method']} | {r['tool']} | {fmt(r['wall_s'])} "
-                         f"| {fmt(r.get('sync_s'))}"
-                         f" | {fmt(r['peak_rss_gib'], 2)} | {fmt(r['peak_anon_gib_sampled'], 2)}"
-                         f" | {fmt(r.get('x_ceiling'), 2)} |")
+            lines.append(
+                f"| {r['method']} | {r['tool']} | {fmt(r['wall_s'])} "
+                f"| {fmt(r.get('sync_s'))}"
+                f" | {fmt(r['peak_rss_gib'], 2)} | {fmt(r['peak_anon_gib_sampled'], 2)}"
+                f" | {fmt(r.get('x_ceiling'), 2)} |"
+            )
     lines.append("")
     if io:
-        lines.append(f"I/O ceiling: read {io['read_bytes'] / GB:.2f} GB in {io['read_s']:.1f} s "
-                     f"({io['read_gbps']:.2f} GB/s, cold) + write "
-                     f"{io['write_bytes'] / GB:.2f} GB in "
-                     f"{io['write_s']:.1f} s ({io['write_gbps']:.2f} GB/s, fsync) = "
-                     f"{io['ceiling_s']:.1f} s")
+        lines.append(
+            f"I/O ceiling: read {io['read_bytes'] / GB:.2f} GB in {io['read_s']:.1f} s "
+            f"({io['read_gbps']:.2f} GB/s, cold) + write "
+            f"{io['write_bytes'] / GB:.2f} GB in "
+            f"{io['write_s']:.1f} s ({io['write_gbps']:.2f} GB/s, fsync) = "
+            f"{io['ceiling_s']:.1f} s"
+        )
     h = res.get("surgery_help")
     if h:
-        lines.append("surgery --help start-up: " + (f"{h['median_s'] * 1000:.0f} ms (median of 5)"
-                                                   if h.get("ok") else h.get("status", "?")))
+        lines.append(
+            "surgery --help start-up: "
+            + (f"{h['median_s'] * 1000:.0f} ms (median of 5)" if h.get("ok") else h.get("status", "?"))
+        )
     for r in res["rows"]:
         if r.get("check"):
             lines.append(f"check {r['tool']} {r['method']}: {json.dumps(r['check'])}")
@@ -379,27 +420,39 @@ def markdown(res: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="1b", choices=sorted(make_synthetic.SHAPES))
-    ap.add_argument("--data", default="/work/bench-data",
-                    help="inputs go to DATA/SHAPE/{base,ft1,ft2}, outputs to DATA/SHAPE/out")
+    ap.add_argument(
+        "--data",
+        default="/work/bench-data",
+        help="inputs go to DATA/SHAPE/{base,ft1,ft2}, outputs to DATA/SHAPE/out",
+    )
     ap.add_argument("--max-memory", default="2GiB", help="passed to surgery (default 2GiB)")
     ap.add_argument("--methods", default=DEFAULT_METHODS)
-    ap.add_argument("--parts", default="io,surgery,mergekit,help",
-                    help="comma list of io, surgery, mergekit, help (default: all)")
-    ap.add_argument("--surgery", help="surgery command (default: `surgery` on PATH or next to "
-                                      "this Python)")
+    ap.add_argument(
+        "--parts",
+        default="io,surgery,mergekit,help",
+        help="comma list of io, surgery, mergekit, help (default: all)",
+    )
+    ap.add_argument("--surgery", help="surgery command (default: `surgery` on PATH or next to this Python)")
     ap.add_argument("--surgery-args", default="", help="extra args for every surgery merge")
-    ap.add_argument("--surgery-defaults", action="store_true",
-                    help="don't pass --density/--outliers (= --density/--gamma) to surgery "
-                         "--breadcrumbs; use its defaults")
+    ap.add_argument(
+        "--surgery-defaults",
+        action="store_true",
+        help="don't pass --density/--outliers (= --density/--gamma) to surgery "
+        "--breadcrumbs; use its defaults",
+    )
     ap.add_argument("--mergekit", help="path to mergekit-yaml (default: on PATH)")
-    ap.add_argument("--mergekit-dtype", default="float32",
-                    help="mergekit compute dtype (`dtype:`); 'none' = the inputs' (bf16). "
-                         "Output is bfloat16 either way")
+    ap.add_argument(
+        "--mergekit-dtype",
+        default="float32",
+        help="mergekit compute dtype (`dtype:`); 'none' = the inputs' (bf16). Output is bfloat16 either way",
+    )
     ap.add_argument("--mergekit-args", default="", help="extra args for mergekit-yaml")
-    ap.add_argument("--density", type=float, default=0.1,
-                    help="breadcrumbs density (mergekit density, surgery --density)")
-    ap.add_argument("--gamma", type=float, default=0.01,
-                    help="breadcrumbs gamma (mergekit gamma, surgery --outliers)")
+    ap.add_argument(
+        "--density", type=float, default=0.1, help="breadcrumbs density (mergekit density, surgery --density)"
+    )
+    ap.add_argument(
+        "--gamma", type=float, default=0.01, help="breadcrumbs gamma (mergekit gamma, surgery --outliers)"
+    )
     ap.add_argument("--finetunes", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-check", action="store_true", help="skip the output sanity check")
@@ -413,15 +466,22 @@ def main(argv=None) -> int:
             ap.error(f"unknown method {m!r} (choose from {', '.join(SURGERY_FLAG)})")
 
     root = os.path.join(args.data, args.shape)
-    gen_args = ["--shape", args.shape, "--out", root, "--seed", str(args.seed),
-                "--finetunes", str(args.finetunes)]
+    gen_args = [
+        "--shape",
+        args.shape,
+        "--out",
+        root,
+        "--seed",
+        str(args.seed),
+        "--finetunes",
+        str(args.finetunes),
+    ]
     gparams = make_synthetic.params_of(make_synthetic.build_parser().parse_args(gen_args))
     gen_s = None
     if not make_synthetic.is_complete(root, gparams):
         print(f"generating inputs under {root} ...", flush=True)
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, os.path.join(HERE, "make_synthetic.py"), *gen_args],
-                       check=True)
+        subprocess.run([sys.executable, os.path.join(HERE, "make_synthetic.py"), *gen_args], check=True)
         gen_s = time.perf_counter() - t0
     dirs = make_synthetic.model_dirs(root, args.finetunes)
     base, inputs = dirs[0], dirs[1:]
@@ -429,9 +489,17 @@ def main(argv=None) -> int:
     out = os.path.join(root, "out")
     work = tempfile.mkdtemp(prefix="bench-", dir=root)
 
-    res = {"shape": args.shape, "model_gb": model_bytes / GB, "n_inputs": len(inputs),
-           "max_memory": args.max_memory, "machine": machine_facts(root), "generate_s": gen_s,
-           "inputs": dirs, "rows": [], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    res = {
+        "shape": args.shape,
+        "model_gb": model_bytes / GB,
+        "n_inputs": len(inputs),
+        "max_memory": args.max_memory,
+        "machine": machine_facts(root),
+        "generate_s": gen_s,
+        "inputs": dirs,
+        "rows": [],
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     ceiling = None
     if "io" in parts:
         print("I/O ceiling ...", flush=True)
@@ -444,39 +512,83 @@ def main(argv=None) -> int:
     for method in methods:
         if "surgery" in parts:
             if surgery is None:
-                res["rows"].append({"method": method, "tool": "surgery",
-                                    "status": "surgery not installed (no `surgery` on PATH)"})
+                res["rows"].append(
+                    {
+                        "method": method,
+                        "tool": "surgery",
+                        "status": "surgery not installed (no `surgery` on PATH)",
+                    }
+                )
             else:
-                cmd = [*surgery, "merge", *inputs, "--base", base, SURGERY_FLAG[method], "-o", out,
-                       "--max-memory", args.max_memory, "--overwrite"]
+                cmd = [
+                    *surgery,
+                    "merge",
+                    *inputs,
+                    "--base",
+                    base,
+                    SURGERY_FLAG[method],
+                    "-o",
+                    out,
+                    "--max-memory",
+                    args.max_memory,
+                    "--overwrite",
+                ]
                 if method == "breadcrumbs" and not args.surgery_defaults:
                     # the same parameters as mergekit's density / gamma
                     cmd += ["--density", str(args.density), "--outliers", str(args.gamma)]
                 cmd += shlex.split(args.surgery_args)
-                res["rows"].append(run_tool("surgery", method, cmd, inputs, base, out, work,
-                                            ceiling, not args.no_check, args.density,
-                                            args.timeout))
+                res["rows"].append(
+                    run_tool(
+                        "surgery",
+                        method,
+                        cmd,
+                        inputs,
+                        base,
+                        out,
+                        work,
+                        ceiling,
+                        not args.no_check,
+                        args.density,
+                        args.timeout,
+                    )
+                )
         if "mergekit" in parts:
             if mk is None:
-                res["rows"].append({"method": method, "tool": "mergekit",
-                                    "status": "mergekit not installed (no mergekit-yaml; "
-                                              "see benchmarks/README.md)"})
+                res["rows"].append(
+                    {
+                        "method": method,
+                        "tool": "mergekit",
+                        "status": "mergekit not installed (no mergekit-yaml; see benchmarks/README.md)",
+                    }
+                )
             else:
                 cfg = os.path.join(work, f"mergekit-{method}.yml")
                 dtype = None if args.mergekit_dtype.lower() == "none" else args.mergekit_dtype
                 with open(cfg, "w") as f:
                     f.write(mergekit_yaml(method, base, inputs, dtype, args.density, args.gamma))
                 cmd = [mk, cfg, out, "--quiet", *shlex.split(args.mergekit_args)]
-                row = run_tool("mergekit", method, cmd, inputs, base, out, work, ceiling,
-                               not args.no_check, args.density, args.timeout)
+                row = run_tool(
+                    "mergekit",
+                    method,
+                    cmd,
+                    inputs,
+                    base,
+                    out,
+                    work,
+                    ceiling,
+                    not args.no_check,
+                    args.density,
+                    args.timeout,
+                )
                 with open(cfg) as f:
                     row["yaml"] = f.read()
                 res["rows"].append(row)
         print(f"  done {method}", flush=True)
 
     if "help" in parts:
-        res["surgery_help"] = (help_startup(surgery) if surgery else
-                               {"ok": False, "status": "surgery not installed"})
+        res["surgery_help"] = (
+            help_startup(surgery) if surgery else {"ok": False, "status": "surgery not installed"}
+        )
     shutil.rmtree(work, ignore_errors=True)
     res["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     print()

@@ -38,20 +38,65 @@ GB = 1000**3
 
 # name -> dims. tie: lm_head tied to embed_tokens (then not written), as in the real model.
 SHAPES: dict[str, dict] = {
-    "tiny": dict(hidden=64, layers=2, inter=128, vocab=256, heads=4, kv_heads=2, head_dim=16,
-                 tie=False, rope_theta=10000.0, max_pos=2048, eps=1e-6, shard=100_000),
+    "tiny": dict(
+        hidden=64,
+        layers=2,
+        inter=128,
+        vocab=256,
+        heads=4,
+        kv_heads=2,
+        head_dim=16,
+        tie=False,
+        rope_theta=10000.0,
+        max_pos=2048,
+        eps=1e-6,
+        shard=100_000,
+    ),
     # Qwen2.5-0.5B dims (Llama-style names, no q/k/v biases)
-    "0.5b": dict(hidden=896, layers=24, inter=4864, vocab=151936, heads=14, kv_heads=2,
-                 head_dim=64, tie=True, rope_theta=1000000.0, max_pos=32768, eps=1e-6,
-                 shard=2 * GB),
+    "0.5b": dict(
+        hidden=896,
+        layers=24,
+        inter=4864,
+        vocab=151936,
+        heads=14,
+        kv_heads=2,
+        head_dim=64,
+        tie=True,
+        rope_theta=1000000.0,
+        max_pos=32768,
+        eps=1e-6,
+        shard=2 * GB,
+    ),
     # Llama-3.2-1B dims
-    "1b": dict(hidden=2048, layers=16, inter=8192, vocab=128256, heads=32, kv_heads=8,
-               head_dim=64, tie=True, rope_theta=500000.0, max_pos=131072, eps=1e-5,
-               shard=2 * GB),
+    "1b": dict(
+        hidden=2048,
+        layers=16,
+        inter=8192,
+        vocab=128256,
+        heads=32,
+        kv_heads=8,
+        head_dim=64,
+        tie=True,
+        rope_theta=500000.0,
+        max_pos=131072,
+        eps=1e-5,
+        shard=2 * GB,
+    ),
     # Llama-3-8B dims
-    "8b": dict(hidden=4096, layers=32, inter=14336, vocab=128256, heads=32, kv_heads=8,
-               head_dim=128, tie=False, rope_theta=500000.0, max_pos=8192, eps=1e-5,
-               shard=2 * GB),
+    "8b": dict(
+        hidden=4096,
+        layers=32,
+        inter=14336,
+        vocab=128256,
+        heads=32,
+        kv_heads=8,
+        head_dim=128,
+        tie=False,
+        rope_theta=500000.0,
+        max_pos=8192,
+        eps=1e-5,
+        shard=2 * GB,
+    ),
 }
 
 MATRIX = (0.0, 0.02)  # mean, std
@@ -119,8 +164,7 @@ def safetensors_header(specs: list[TensorSpec]) -> bytes:
     header: dict = {}
     off = 0
     for s in specs:
-        header[s.name] = {"dtype": "BF16", "shape": list(s.shape),
-                          "data_offsets": [off, off + s.nbytes]}
+        header[s.name] = {"dtype": "BF16", "shape": list(s.shape), "data_offsets": [off, off + s.nbytes]}
         off += s.nbytes
     header["__metadata__"] = {"format": "pt"}
     js = json.dumps(header, separators=(",", ":")).encode()
@@ -165,9 +209,9 @@ class Generator:
             tmp32 = np.empty(CHUNK, np.uint32)
             for a in range(0, POOL, CHUNK):
                 x = self.f32
-                np.multiply(self.raw_base[a:a + CHUNK], np.float32(std), out=x)
+                np.multiply(self.raw_base[a : a + CHUNK], np.float32(std), out=x)
                 np.add(x, np.float32(mean), out=x)
-                f32_to_bf16_bits(x, bits[a:a + CHUNK], tmp32)
+                f32_to_bf16_bits(x, bits[a : a + CHUNK], tmp32)
             exact = np.left_shift(bits.astype(np.uint32), 16).view(np.float32)
             self._pools[key] = (bits, exact)
         return self._pools[key]
@@ -179,19 +223,18 @@ class Generator:
         nchunks = -(-spec.numel // CHUNK)
         base_off = np.random.default_rng([self.seed, 0, crc]).integers(0, POOL - CHUNK, nchunks)
         if model:
-            delta_off = np.random.default_rng([self.seed, model, crc, 1]).integers(
-                0, POOL - CHUNK, nchunks)
+            delta_off = np.random.default_rng([self.seed, model, crc, 1]).integers(0, POOL - CHUNK, nchunks)
             dscale = np.float32(self.update_scale * (spec.mean**2 + spec.std**2) ** 0.5)
         for c in range(nchunks):
             n = min(CHUNK, spec.numel - c * CHUNK)
             b = int(base_off[c])
             if not model:
-                yield bits[b:b + n]
+                yield bits[b : b + n]
                 continue
             d = int(delta_off[c])
             x, y = self.f32[:n], self.f32b[:n]
-            np.multiply(self.raw_delta[d:d + n], dscale, out=y)
-            np.add(exact[b:b + n], y, out=x)
+            np.multiply(self.raw_delta[d : d + n], dscale, out=y)
+            np.add(exact[b : b + n], y, out=x)
             yield f32_to_bf16_bits(x, self.u16[:n], self.u32[:n])
 
     def tensor(self, spec: TensorSpec, model: int) -> np.ndarray:
@@ -227,8 +270,15 @@ def config_json(dims: dict) -> dict:
     }
 
 
-def write_model(gen: Generator, dims: dict, specs: list[TensorSpec], model: int, out: str,
-                shard_bytes: int, fsync: bool = True) -> int:
+def write_model(
+    gen: Generator,
+    dims: dict,
+    specs: list[TensorSpec],
+    model: int,
+    out: str,
+    shard_bytes: int,
+    fsync: bool = True,
+) -> int:
     os.makedirs(out, exist_ok=True)
     shards = plan_shards(specs, shard_bytes)
     n = len(shards)
@@ -252,23 +302,30 @@ def write_model(gen: Generator, dims: dict, specs: list[TensorSpec], model: int,
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total,
-                                "total_parameters": total // 2},
-                   "weight_map": weight_map}, f, indent=2)
+        json.dump(
+            {"metadata": {"total_size": total, "total_parameters": total // 2}, "weight_map": weight_map},
+            f,
+            indent=2,
+        )
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config_json(dims), f, indent=2)
     return total
 
 
 def model_dirs(out: str, finetunes: int) -> list[str]:
-    return [os.path.join(out, "base")] + [os.path.join(out, f"ft{k}")
-                                          for k in range(1, finetunes + 1)]
+    return [os.path.join(out, "base")] + [os.path.join(out, f"ft{k}") for k in range(1, finetunes + 1)]
 
 
 def params_of(args) -> dict:
-    return {"shape": args.shape, "seed": args.seed, "finetunes": args.finetunes,
-            "update_scale": args.update_scale, "tie": resolve_dims(args)["tie"],
-            "shard_bytes": resolve_dims(args)["shard"], "version": 1}
+    return {
+        "shape": args.shape,
+        "seed": args.seed,
+        "finetunes": args.finetunes,
+        "update_scale": args.update_scale,
+        "tie": resolve_dims(args)["tie"],
+        "shard_bytes": resolve_dims(args)["shard"],
+        "version": 1,
+    }
 
 
 def resolve_dims(args) -> dict:
@@ -282,8 +339,7 @@ def resolve_dims(args) -> dict:
 
 def parse_size(s: str) -> int:
     s = s.strip()
-    units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "KB": 1000, "MB": 1000**2,
-             "GB": 1000**3, "B": 1}
+    units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "B": 1}
     for u, m in units.items():
         if s.upper().endswith(u):
             return int(float(s[: -len(u)]) * m)
@@ -323,8 +379,12 @@ def verify(gen: Generator, specs: list[TensorSpec], dirs: list[str]) -> None:
                 rel = float(diff.norm() / base.norm())
                 assert 0.2 * gen.update_scale < rel < 5 * gen.update_scale, (s.name, rel)
     # rounding check against torch on raw float32 values incl. ties
-    x = np.concatenate([gen.raw_base[:100000] * np.float32(0.02),
-                        np.array([1.00390625, 1.01171875, -1.00390625, 3.0e-39], np.float32)])
+    x = np.concatenate(
+        [
+            gen.raw_base[:100000] * np.float32(0.02),
+            np.array([1.00390625, 1.01171875, -1.00390625, 3.0e-39], np.float32),
+        ]
+    )
     mine = f32_to_bf16_bits(x, np.empty(x.size, np.uint16), np.empty(x.size, np.uint32))
     ref = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     assert np.array_equal(mine, ref), "bf16 rounding differs from torch"
@@ -337,19 +397,30 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True, help="folder; gets base/, ft1/ .. ftN/")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--finetunes", type=int, default=2)
-    ap.add_argument("--update-scale", type=float, default=0.02,
-                    help="fine-tune update std relative to the weights' RMS (default 0.02)")
+    ap.add_argument(
+        "--update-scale",
+        type=float,
+        default=0.02,
+        help="fine-tune update std relative to the weights' RMS (default 0.02)",
+    )
     tie = ap.add_mutually_exclusive_group()
-    tie.add_argument("--tie", dest="tie", action="store_true", default=None,
-                     help="tie lm_head to embed_tokens (not written); default: as the real model "
-                          "(0.5b, 1b tied; 8b, tiny untied)")
+    tie.add_argument(
+        "--tie",
+        dest="tie",
+        action="store_true",
+        default=None,
+        help="tie lm_head to embed_tokens (not written); default: as the real model "
+        "(0.5b, 1b tied; 8b, tiny untied)",
+    )
     tie.add_argument("--untie", dest="tie", action="store_false", help="write lm_head.weight")
     ap.add_argument("--shard-size", help="max shard size, e.g. 2GB (default 2GB; tiny 100KB)")
     ap.add_argument("--force", action="store_true", help="regenerate even if complete")
-    ap.add_argument("--no-fsync", action="store_true",
-                    help="don't fsync shards (faster, less honest)")
-    ap.add_argument("--verify", action="store_true",
-                    help="read every tensor back with safetensors and compare (small shapes)")
+    ap.add_argument("--no-fsync", action="store_true", help="don't fsync shards (faster, less honest)")
+    ap.add_argument(
+        "--verify",
+        action="store_true",
+        help="read every tensor back with safetensors and compare (small shapes)",
+    )
     return ap
 
 
@@ -361,9 +432,12 @@ def main(argv=None) -> int:
     params = params_of(args)
     dirs = model_dirs(args.out, args.finetunes)
     nbytes = sum(s.nbytes for s in specs)
-    print(f"{args.shape}: {len(specs)} tensors, {nbytes / 2:.4g} params, {nbytes / GB:.3f} GB "
-          f"per model, {len(plan_shards(specs, dims['shard']))} shard(s), "
-          f"tie_word_embeddings={dims['tie']}", flush=True)
+    print(
+        f"{args.shape}: {len(specs)} tensors, {nbytes / 2:.4g} params, {nbytes / GB:.3f} GB "
+        f"per model, {len(plan_shards(specs, dims['shard']))} shard(s), "
+        f"tie_word_embeddings={dims['tie']}",
+        flush=True,
+    )
 
     t0 = time.perf_counter()
     gen = Generator(args.seed, args.update_scale)
@@ -380,8 +454,16 @@ def main(argv=None) -> int:
             print(f"  wrote {d} in {dt:.1f} s ({nbytes / GB / max(dt, 1e-9):.2f} GB/s)", flush=True)
         total = time.perf_counter() - t0
         with open(marker, "w") as f:
-            json.dump({"params": params, "bytes_per_model": nbytes, "seconds": times,
-                       "total_seconds": round(total, 3)}, f, indent=2)
+            json.dump(
+                {
+                    "params": params,
+                    "bytes_per_model": nbytes,
+                    "seconds": times,
+                    "total_seconds": round(total, 3),
+                },
+                f,
+                indent=2,
+            )
         print(f"generated {len(dirs)} models ({len(dirs) * nbytes / GB:.2f} GB) in {total:.1f} s")
     else:
         print(f"{args.out}: already complete (use --force to regenerate)")

@@ -492,6 +492,12 @@ from surgery_cli.analysis import intruders, stats  # noqa: E402
 cli.add_command(intruders)
 cli.add_command(stats)
 
+from surgery_cli.forward import generate_command, localize_command, tuco_command  # noqa: E402
+
+cli.add_command(tuco_command)
+cli.add_command(generate_command)
+cli.add_command(localize_command)
+
 
 if __name__ == "__main__":
     cli()

@@ -13,5 +13,6 @@ mkdir -p "$OUT"
 surgery merge $F/ft_add $F/ft_reverse $F/ft_sort --task-arithmetic --overwrite -q -o "$OUT/task_arithmetic"
 surgery merge $F/ft_add $F/ft_reverse $F/ft_sort --breadcrumbs --overwrite -q -o "$OUT/breadcrumbs"
 surgery merge $F/ft_add $F/ft_reverse $F/ft_sort --breadcrumbs --density 0.5 --overwrite -q -o "$OUT/breadcrumbs_d0.5"
+surgery merge $F/ft_add $F/ft_reverse $F/ft_sort --ties --overwrite -q -o "$OUT/ties"
 python examples/evaluate.py $F/base $F/ft_add $F/ft_reverse $F/ft_sort \
-  "$OUT/task_arithmetic" "$OUT/breadcrumbs" "$OUT/breadcrumbs_d0.5"
+  "$OUT/task_arithmetic" "$OUT/breadcrumbs" "$OUT/breadcrumbs_d0.5" "$OUT/ties"

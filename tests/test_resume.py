@@ -79,6 +79,9 @@ def start_and_interrupt(args: list[str], sig: int) -> subprocess.CompletedProces
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A shell's background job inherits SIGINT ignored, and Python then installs no KeyboardInterrupt
+        # handler: give the child the default disposition, as a terminal would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     try:

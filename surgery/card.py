@@ -8,6 +8,7 @@ import yaml
 
 from surgery.errors import InputNotFoundError, RecipeError
 from surgery.hub import CARD_NAME, HubRef, hub_ref, resolve
+from surgery.methods.lines import PAPER as LINES_PAPER
 
 
 def front_matter(readme: Path) -> dict:
@@ -70,7 +71,7 @@ def _lines_section(lines: dict | None) -> str:
     if not lines:
         return ""
     return (
-        "## LiNeS layer scaling ([paper](https://arxiv.org/abs/2410.17146))\n\n"
+        f"## LiNeS layer scaling ([paper]({LINES_PAPER}))\n\n"
         "Each tensor's update was scaled by its block depth: "
         f"`lambda(l) = {lines['alpha']:.6g} + {lines['beta']:.6g} * l / (L - 1)`; tensors outside the "
         f"blocks: `{lines['outside']}`. Requested alpha: `{lines['requested_alpha']}`.\n\n"

@@ -39,7 +39,7 @@ from surgery.ranks import (
     band_ranks,
     count_above,
     count_at,
-    high_bin,
+    edge_bins,
     sparse,
     threshold_from_hists,
 )
@@ -457,16 +457,14 @@ class _Runner:
             if measure is None:
                 base = None
                 if self.spec.output == "update":  # a diff: the update itself, b + tau - b would round
-                    base = self.ws.get("zeros", (count,), np.float32)
-                    base.fill(0.0)
+                    base = self._zeros(count)
                 out = self._apply(job, dec, tau, start, count, bands, coeffs, lam, base=base)
                 if job.row_map is not None:
                     self._fix_rows(job, dec, start, count, out)
                 yield start, count, out
                 continue
             base = dec[0]
-            zeros = self.ws.get("zeros", (count,), np.float32)
-            zeros.fill(0.0)
+            zeros = self._zeros(count)
             tmp = self.ws.get("update", (1, count), np.float32)
             ones = np.ones(self.n_models, np.float32)
             self.backend.combine_sum(zeros, tau if tau is not None else dec[1:] - base, ones,
@@ -479,6 +477,12 @@ class _Runner:
                 out = self._apply(job, dec, tau, start, count, bands, coeffs, 1.0)
                 np.subtract(out, base, out=tmp[0])
                 self.backend.l1_accumulate(tmp, measure[1:2])
+
+    def _zeros(self, count: int) -> np.ndarray:
+        """A float32 base of zeros: the combine kernels then yield the merged update itself."""
+        zeros = self.ws.get("zeros", (count,), np.float32)
+        zeros.fill(0.0)
+        return zeros
 
     def _merge_job(self, job: TensorJob) -> None:
         lam = self._lines_scale(job)
@@ -640,7 +644,8 @@ class _Runner:
             return [Band(b.v_hi, b.ties_hi, b.v_lo, b.ties_lo) for b in self.global_bands[job.name]]
         r_hi, r_lo = band_ranks(self.params, job.numel)
         highs = self._hist_high(ranges, chunk)
-        lows = self._hist_low(ranges, chunk, highs, r_hi, r_lo)
+        bins = [edge_bins(highs[t], r_hi, r_lo) for t in range(self.n_models)]
+        lows = self._hist_low(ranges, chunk, bins)
         return [self._band(highs[t], lows[t], r_hi, r_lo) for t in range(self.n_models)]
 
     def _hist_high(self, ranges: list, chunk: Callable) -> np.ndarray:
@@ -651,22 +656,16 @@ class _Runner:
                 self.backend.abs_hist_high(tau[t], hist[t])
         return hist
 
-    def _hist_low(
-        self, ranges: list, chunk: Callable, highs: np.ndarray, r_hi: int, r_lo: int
-    ) -> list[dict[int, np.ndarray]]:
-        """Per model, the low-16-bit histogram inside each high bin that holds a band edge."""
-        wanted = []
-        for t in range(self.n_models):
-            n = int(highs[t].sum())
-            bins = {high_bin(highs[t], r)[0] for r in (r_hi, r_lo) if 0 < r < n}
-            wanted.append({b: np.zeros(HIST, np.int64) for b in bins})
-        if any(wanted):
+    def _hist_low(self, ranges: list, chunk: Callable, bins: list[list[int]]) -> list[dict[int, np.ndarray]]:
+        """Per model t, the low-16-bit histogram inside each high bin of ``bins[t]``."""
+        hists = [{b: np.zeros(HIST, np.int64) for b in bins[t]} for t in range(self.n_models)]
+        if any(bins):
             for k in range(len(ranges)):
                 _, tau = chunk(k)
                 for t in range(self.n_models):
-                    for b, hist in wanted[t].items():
+                    for b, hist in hists[t].items():
                         self.backend.abs_hist_low(tau[t], b, hist)
-        return wanted
+        return hists
 
     @staticmethod
     def _band(high: np.ndarray, lows: dict[int, np.ndarray], r_hi: int, r_lo: int) -> Band:
@@ -698,31 +697,24 @@ class _Runner:
                 highs[t, idx] += cnt
         n = sum(j.numel for j in jobs)
         r_hi, r_lo = band_ranks(self.params, n)
-        edge_bins = [sorted({high_bin(highs[t], r)[0] for r in (r_hi, r_lo) if 0 < r < n}) for t in range(T)]
+        bins = [edge_bins(highs[t], r_hi, r_lo) for t in range(T)]
 
         def pass_low(job: TensorJob) -> list[dict[int, tuple[np.ndarray, np.ndarray]]]:
             ranges = self._ranges(job)
-            reader = self._chunk_reader(job, ranges)[0]
-            hists = [{b: np.zeros(HIST, np.int64) for b in edge_bins[t]} for t in range(T)]
-            if any(edge_bins):
-                for k in range(len(ranges)):
-                    _, tau = reader(k)
-                    for t in range(T):
-                        for b, h in hists[t].items():
-                            self.backend.abs_hist_low(tau[t], b, h)
+            hists = self._hist_low(ranges, self._chunk_reader(job, ranges)[0], bins)
             return [{b: sparse(h) for b, h in hists[t].items()} for t in range(T)]
 
         per_job_low = self._parallel(pass_low, jobs)
         result: dict[str, list[Band]] = {j.name: [] for j in jobs}
         self.global_counts = {j.name: 0 for j in jobs}
         for t in range(T):
-            lows = {b: np.zeros(HIST, np.int64) for b in edge_bins[t]}
+            lows = {b: np.zeros(HIST, np.int64) for b in bins[t]}
             for job_low in per_job_low:
                 for b, (idx, cnt) in job_low[t].items():
                     lows[b][idx] += cnt
-            v_hi, ties_hi = threshold_from_hists(highs[t], r_hi, lows.__getitem__)
-            v_lo, ties_lo = threshold_from_hists(highs[t], r_lo, lows.__getitem__)
-            left_hi, left_lo = ties_hi, ties_lo
+            edges = self._band(highs[t], lows, r_hi, r_lo)
+            v_hi, v_lo = edges.v_hi, edges.v_lo
+            left_hi, left_lo = edges.ties_hi, edges.ties_lo
             for job, high, low in zip(jobs, per_job_high, per_job_low):
                 eq_hi = count_at(low[t], v_hi)
                 eq_lo = count_at(low[t], v_lo)

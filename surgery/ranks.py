@@ -40,6 +40,12 @@ def high_bin(hist: np.ndarray, r: int) -> tuple[int, int]:
     return b, int(rev[idx] - hist[b])
 
 
+def edge_bins(hist_high: np.ndarray, r_hi: int, r_lo: int) -> list[int]:
+    """The high bins holding the band edges r_hi and r_lo (none for r = 0 or r = n)."""
+    n = int(hist_high.sum())
+    return sorted({high_bin(hist_high, r)[0] for r in (r_hi, r_lo) if 0 < r < n})
+
+
 def threshold_from_hists(hist_high: np.ndarray, r: int, low_hist_for: Callable) -> tuple[int, int]:
     """(v, ties): the top r elements are those with |x| bits > v, plus the first ``ties`` equal."""
     n = int(hist_high.sum())

@@ -24,7 +24,8 @@ from surgery.errors import InputNotFoundError, OutputError, SurgeryError
 INDEX_NAME = "model.safetensors.index.json"
 CARD_NAME = "README.md"
 # Read beside the weights (tokenizer and chat-template files come from surgery.plan.SIDE_FILES).
-EXTRA_FILES = ("config.json", INDEX_NAME, CARD_NAME, "surgery_diff.json", "generation_config.json")
+EXTRA_FILES = ("config.json", INDEX_NAME, CARD_NAME, "surgery_diff.json", "generation_config.json",
+               "adapter_config.json")  # fmt: skip
 STAGING = ".surgery-partial"  # surgery.writer.STAGING: a folder holding it is an unfinished run
 _PART = r"[\w](?:[\w.-]{0,94}[\w])?"  # a namespace or name, as huggingface_hub.utils.validate_repo_id
 _HUB_ID = re.compile(rf"(?P<repo>{_PART}/{_PART})(?:@(?P<revision>[^\s@]+))?")

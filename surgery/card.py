@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -29,7 +30,8 @@ def front_matter(readme: Path) -> dict:
 
 
 def base_from_cards(models: list[str]) -> str:
-    """The base that every fine-tune's model card names as ``base_model``.
+    """The base that every fine-tune's model card names as ``base_model`` (a LoRA adapter: the
+    ``base_model_name_or_path`` of its adapter_config.json, else its card).
 
     A local path in a card is resolved against the fine-tune's folder, then the current directory.
     """
@@ -37,7 +39,7 @@ def base_from_cards(models: list[str]) -> str:
     for model in models:
         root = resolve(model)  # a Hub fine-tune: its card comes with it
         folder = root if root.is_dir() else root.parent
-        base = front_matter(folder / "README.md").get("base_model")
+        base = _adapter_base(folder) or front_matter(folder / "README.md").get("base_model")
         if isinstance(base, list) and len(base) == 1:
             base = base[0]
         if not isinstance(base, str) or not base:
@@ -65,6 +67,17 @@ def base_from_cards(models: list[str]) -> str:
             path=base,
         )
     return base
+
+
+def _adapter_base(folder: Path) -> str | None:
+    path = folder / "adapter_config.json"
+    if not path.is_file():
+        return None
+    try:
+        base = json.loads(path.read_text()).get("base_model_name_or_path")
+    except (ValueError, AttributeError):
+        return None  # opening the adapter reports the broken file
+    return base if isinstance(base, str) and base else None
 
 
 def _lines_section(lines: dict | None) -> str:

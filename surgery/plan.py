@@ -11,9 +11,10 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from surgery.checkpoint import Checkpoint, open_checkpoint
+from surgery.checkpoint import Checkpoint
 from surgery.dtypes import DTYPES
 from surgery.errors import PlanError
+from surgery.inputs import open_input
 from surgery.methods.lines import depths
 from surgery.names import layer_map, place
 from surgery.patch import patched_names, read_manifest
@@ -140,8 +141,8 @@ def build_plan(recipe: Recipe) -> Plan:
     """Open the inputs (headers only) and check that the recipe can run on them."""
     inputs: list[Checkpoint] = []
     try:
-        for source in recipe.inputs:
-            inputs.append(open_checkpoint(source))
+        for i, source in enumerate(recipe.inputs):
+            inputs.append(open_input(source, base=_adapter_base(recipe, i)))
         if recipe.spec.output == "scatter":
             return _plan_scatter(recipe, inputs)
         return _plan(recipe, inputs)
@@ -149,6 +150,15 @@ def build_plan(recipe: Recipe) -> Plan:
         for ckpt in inputs:
             ckpt.close()
         raise
+
+
+def _adapter_base(recipe: Recipe, i: int) -> str | None:
+    """The model input ``i`` would be applied to if it is a LoRA adapter: the base its task vector is
+    taken against (transfer: the old base), else None (the adapter's own base_model_name_or_path)."""
+    inputs = recipe.inputs
+    if recipe.spec.tau_from == "pairs":  # (new base, old base, old fine-tune)
+        return inputs[1] if i == 2 else None
+    return recipe.base if recipe.base and i > 0 else None
 
 
 def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:

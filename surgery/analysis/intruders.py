@@ -44,6 +44,7 @@ from surgery.analysis.stats import (
 )
 from surgery.checkpoint import Checkpoint, open_checkpoint
 from surgery.errors import OutputError, RecipeError
+from surgery.inputs import open_input
 from surgery.names import place
 from surgery.writer import natural_key
 
@@ -381,7 +382,7 @@ def find_intruders(
     """
     _check_params(k, eps, eps_grid)
     cache = _prepare_cache(cache_dir)
-    with open_checkpoint(base) as base_ck, open_checkpoint(finetuned) as ft_ck:
+    with open_checkpoint(base) as base_ck, open_input(finetuned, base=str(base)) as ft_ck:
         names, skipped = select_matrices(base_ck, ft_ck, include)
         _require_some(names, base, finetuned, include)
         matrices = tuple(
@@ -440,7 +441,7 @@ def mitigate_intruders(
         raise RecipeError(f"--mitigate needs a finite lambda, got {lam}")
     out = Path(output).expanduser()
     cache = _prepare_cache(cache_dir)
-    with open_checkpoint(base) as base_ck, open_checkpoint(finetuned) as ft_ck:
+    with open_checkpoint(base) as base_ck, open_input(finetuned, base=str(base)) as ft_ck:
         names, skipped = select_matrices(base_ck, ft_ck, include)
         _require_some(names, base, finetuned, include)
         check_output_folder(out, [Path(base).expanduser(), Path(finetuned).expanduser()])

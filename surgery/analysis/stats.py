@@ -36,6 +36,7 @@ import numpy as np
 
 from surgery.checkpoint import Checkpoint, open_checkpoint
 from surgery.errors import RecipeError
+from surgery.inputs import open_input
 from surgery.names import place
 from surgery.writer import natural_key
 
@@ -262,7 +263,7 @@ def diff_stats(
     models = []
     try:
         for path in finetuned:
-            models.append(open_checkpoint(path))
+            models.append(open_input(path, base=str(base)))
         names, skipped = _select(base_ck, models, pattern)
         if not names:
             raise RecipeError(

@@ -498,6 +498,10 @@ cli.add_command(tuco_command)
 cli.add_command(generate_command)
 cli.add_command(localize_command)
 
+from surgery_cli.lora import extract_lora_command  # noqa: E402
+
+cli.add_command(extract_lora_command)
+
 
 if __name__ == "__main__":
     cli()

@@ -57,3 +57,7 @@ class RecipeError(SurgeryError, ValueError):
 
 class OutputError(SurgeryError, OSError):
     """The output folder cannot be used or written (input overlap, not empty, disk full)."""
+
+
+class MemoryBudgetError(SurgeryError, MemoryError):
+    """One unit of work (a matrix to factor) needs more memory than the budget allows."""

@@ -70,3 +70,44 @@ def render_extraction(report) -> str:
         shown = ", ".join(report.not_represented[:8])
         out.append(f"changed by the fine-tune but not in the adapter (kept as the base): {shown}{more}")
     return "\n".join(out)
+
+
+def as_lora_options(fn):
+    """`merge --as-lora`: the merged task vector written as one LoRA adapter."""
+    options = [
+        click.option("--as-lora", is_flag=True, help="Write the merge as a LoRA adapter over --base."),
+        click.option("--rank", type=int, default=None, help="--as-lora: rank of every module."),
+        click.option("--energy", type=float, default=None, help="--as-lora: share of ||tau||_F^2 kept."),
+        click.option("--max-rank", type=int, default=None, help="--as-lora: cap of the --energy ranks."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def lora_rule(as_lora: bool, engine: dict):
+    """Pop the rank options from ``engine``; they belong to --as-lora only."""
+    from surgery.adapters.extract import RankRule
+    from surgery.errors import RecipeError
+
+    rule = RankRule(engine.pop("rank"), engine.pop("energy"), engine.pop("max_rank"))
+    if not as_lora and rule != RankRule():
+        raise RecipeError("--rank, --energy and --max-rank go with --as-lora")
+    return rule
+
+
+def write_as_lora(recipe, rule, dtype: str | None, output: Path, max_memory: str, threads: int | None,
+                  device: str, dry_run: bool, overwrite: bool, quiet: bool, push_to_hub: str | None = None,
+                  private: bool = False, revision: str | None = None) -> None:  # fmt: skip
+    """Run the merge and write its adapter; print the extraction table."""
+    from surgery_cli.hub import push_after_run
+
+    from surgery.adapters.as_lora import merge_as_lora
+    from surgery.engine import EngineOptions
+    from surgery.recipe import parse_size
+
+    options = EngineOptions(parse_size(max_memory), threads, device, overwrite)
+    with _Bar("extract-lora", "matrix", quiet) as bar:
+        report = merge_as_lora(recipe, output, rule, options, dtype=dtype or "float32", progress=bar.update)
+    click.echo(render_extraction(report))
+    push_after_run(output, push_to_hub, private, revision)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 from surgery_cli.hub import push_after_run, push_command, push_options
+from surgery_cli.lora import as_lora_options, extract_lora_command, lora_rule, write_as_lora
 
 METHOD_FLAGS = (
     "task_arithmetic", "breadcrumbs", "breadcrumbs_ties", "ties", "dare", "dare_ties", "linear",
@@ -216,17 +217,19 @@ def _method_flags(fn):
 )
 @click.option("--lines-beta", type=float, default=None, help="LiNeS beta [default: 1 - alpha].")
 @lines_outside_option
+@as_lora_options
 @output_options
 @engine_options
 @click.pass_context
 def merge(ctx: click.Context, models: tuple[str, ...], base: str | None, method_name: str | None,
           density, outliers, scale, weights, granularity, t, seed, use_lines, lines_alpha,
-          lines_beta, lines_outside, dtype, max_shard_size, **engine) -> None:  # fmt: skip
+          lines_beta, lines_outside, dtype, max_shard_size, as_lora, **engine) -> None:  # fmt: skip
     """Merge fine-tunes MODELS of one base into a new checkpoint.
 
     \b
     surgery merge FT_A FT_B --base BASE --breadcrumbs -o merged/
     surgery merge FT_A FT_B --ties --density 0.2 -o merged/
+    surgery merge ADAPTER_A ADAPTER_B --base BASE --ties --as-lora --rank 16 -o merged-lora/
     """
     from surgery.card import base_from_cards
     from surgery.errors import RecipeError
@@ -249,7 +252,11 @@ def merge(ctx: click.Context, models: tuple[str, ...], base: str | None, method_
     lines = None
     if use_lines:
         lines = {"alpha": lines_alpha, "beta": lines_beta, "outside": lines_outside}
-    recipe = make_recipe(method, list(models), base, params, dtype, max_shard_size, lines)
+    rule = lora_rule(as_lora, engine)  # with --as-lora, --dtype is the dtype of the LoRA factors
+    merged_dtype = None if as_lora else dtype
+    recipe = make_recipe(method, list(models), base, params, merged_dtype, max_shard_size, lines)
+    if as_lora and not engine["dry_run"]:
+        return write_as_lora(recipe, rule, dtype, **engine)
     run_recipe(ctx, recipe, **engine)
 
 
@@ -497,9 +504,6 @@ from surgery_cli.forward import generate_command, localize_command, tuco_command
 cli.add_command(tuco_command)
 cli.add_command(generate_command)
 cli.add_command(localize_command)
-
-from surgery_cli.lora import extract_lora_command  # noqa: E402
-
 cli.add_command(extract_lora_command)
 
 

@@ -148,8 +148,11 @@ def extract_lora(
     max_memory: int = 2 * 2**30,
     overwrite: bool = False,
     progress: Progress | None = None,
+    label: str | None = None,
 ) -> ExtractReport:
-    """Write a PEFT LoRA adapter approximating ``finetuned - base`` to ``output`` (see module doc)."""
+    """Write a PEFT LoRA adapter approximating ``finetuned - base`` to ``output`` (see module doc).
+
+    ``label`` names the fine-tune in the report and card (default: ``finetuned``)."""
     rule.check()
     out_dtype = parse_output_dtype(dtype)
     pattern = compile_include(include)
@@ -202,8 +205,8 @@ def extract_lora(
                 writer.write(t.name, 0, sources[t.name]())
                 writer.mark_done(t.name)
             conv = any(is_conv1d(n, config) for n in names)
-            report = ExtractReport(str(base), str(finetuned), str(out), tuple(modules), tuple(sorted(full)),
-                                   tuple(dropped), size, asdict(rule))  # fmt: skip
+            report = ExtractReport(str(base), label or str(finetuned), str(out), tuple(modules),
+                                   tuple(sorted(full)), tuple(dropped), size, asdict(rule))  # fmt: skip
             writer.finalize(_side_files(report, names, modules, full, conv, config, base))
         finally:
             writer.close()

@@ -120,8 +120,19 @@ def test_stats_and_intruders_on_adapter_equal_merged(family, invoke, tmp_path):
             r = invoke(*command, f["base"], ft, "--json", "-q")
             assert r.exit_code == 0, r.output
             reports.append(json.loads(r.stdout))
+        if command[0] == "stats":  # the adapter's own rank is reported beside the statistics
+            ranks = reports[0].pop("adapter_ranks")[0]
+            assert set(ranks.values()) == {4} and len(ranks) == 3 * 3 + 1  # q, v, down per block; embed
+            assert reports[1].pop("adapter_ranks") == [None]
         for report in reports:  # the inputs' names differ; nothing else may
             report.pop("models", None), report.pop("finetuned", None)
         text = [json.dumps(r, sort_keys=True).replace(str(f["adapter"]), "FT").replace(str(f["merged"]), "FT")
                 for r in reports]  # fmt: skip
         assert text[0] == text[1], command[0]
+
+
+def test_stats_table_names_the_adapter_rank(family, invoke):
+    r = invoke("stats", family["base"], family["adapter"], family["full"], "--no-rank", "-q")
+    assert r.exit_code == 0, r.output
+    assert "adapter: LoRA adapter, rank 4 on 10 tensors" in r.stdout
+    assert "full: LoRA" not in r.stdout

@@ -197,3 +197,50 @@ def test_bad_rank_options(pair, invoke, tmp_path, args, message):
     assert r.exit_code == 1
     assert f"error: {message}" in r.stderr
     assert not (tmp_path / "lora").exists()
+
+
+def test_merge_as_lora_equals_extracting_the_merge(tmp_path, invoke):
+    """merge A1 A2 --base B --ties --as-lora --rank R == extract-lora B (merge A1 A2 --ties) --rank R,
+    byte for byte; at full rank peft's merge of it gives the merged model (float32 rounding)."""
+    from peft import LoraConfig
+    from peft_factory import make_adapter, set_base_name
+
+    base = save_base(llama(), tmp_path / "base")
+    adapters = []
+    for i, targets in enumerate((["q_proj", "v_proj"], ["v_proj", "up_proj"])):
+        a = make_adapter(
+            llama(), tmp_path / f"a{i}", LoraConfig(r=2, lora_alpha=4, target_modules=targets), seed=i
+        )
+        set_base_name(a, str(base))
+        adapters.append(a)
+    r = invoke(
+        "merge",
+        *adapters,
+        "--ties",
+        "--density",
+        "0.5",
+        "--as-lora",
+        "--rank",
+        64,
+        "-o",
+        tmp_path / "lora",
+        "-q",
+    )
+    assert r.exit_code == 0, r.output
+    assert not list(tmp_path.glob(".lora.merged-*"))  # the scratch merge is gone
+    r = invoke("merge", *adapters, "--ties", "--density", "0.5", "-o", tmp_path / "merged", "-q")
+    assert r.exit_code == 0, r.output
+    r = invoke("extract-lora", base, tmp_path / "merged", "--rank", 64, "-o", tmp_path / "direct", "-q")
+    assert r.exit_code == 0, r.output
+    name = "adapter_model.safetensors"
+    assert (tmp_path / "lora" / name).read_bytes() == (tmp_path / "direct" / name).read_bytes()
+    merged = peft_merged(LLAMA, base, tmp_path / "lora").state_dict()
+    want = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    for key in block_taus(base, tmp_path / "merged"):
+        torch.testing.assert_close(merged[key], want[key], rtol=0, atol=2e-6, msg=key)
+
+
+def test_rank_options_need_as_lora(pair, invoke, tmp_path):
+    root, base, ft = pair
+    r = invoke("merge", ft, "--base", base, "--rank", 4, "-o", tmp_path / "m")
+    assert r.exit_code == 1 and "error: --rank, --energy and --max-rank go with --as-lora" in r.stderr

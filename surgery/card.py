@@ -8,7 +8,8 @@ from pathlib import Path
 import yaml
 
 from surgery.errors import InputNotFoundError, RecipeError
-from surgery.hub import CARD_NAME, HubRef, hub_ref, resolve
+from surgery.files import ADAPTER_CONFIG, CARD
+from surgery.hub import HubRef, hub_ref, resolve
 from surgery.methods.lines import PAPER as LINES_PAPER
 
 
@@ -39,7 +40,7 @@ def base_from_cards(models: list[str]) -> str:
     for model in models:
         root = resolve(model)  # a Hub fine-tune: its card comes with it
         folder = root if root.is_dir() else root.parent
-        base = _adapter_base(folder) or front_matter(folder / "README.md").get("base_model")
+        base = _adapter_base(folder) or front_matter(folder / CARD).get("base_model")
         if isinstance(base, list) and len(base) == 1:
             base = base[0]
         if not isinstance(base, str) or not base:
@@ -70,7 +71,7 @@ def base_from_cards(models: list[str]) -> str:
 
 
 def _adapter_base(folder: Path) -> str | None:
-    path = folder / "adapter_config.json"
+    path = folder / ADAPTER_CONFIG
     if not path.is_file():
         return None
     try:
@@ -201,10 +202,10 @@ def _cached_card(source: str) -> Path | None:
     ref = hub_ref(source)
     if ref is None:
         path = Path(source).expanduser()
-        return (path if path.is_dir() else path.parent) / CARD_NAME
+        return (path if path.is_dir() else path.parent) / CARD
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
-    found = try_to_load_from_cache(ref.repo_id, CARD_NAME, revision=ref.revision)
+    found = try_to_load_from_cache(ref.repo_id, CARD, revision=ref.revision)
     return Path(found) if isinstance(found, str) else None

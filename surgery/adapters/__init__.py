@@ -10,9 +10,10 @@ from pathlib import Path
 
 from surgery.adapters.lora import AdapterLayout, LowRankUpdate, map_adapter
 from surgery.adapters.merged import AdapterCheckpoint
-from surgery.adapters.peft_config import CONFIG_NAME, WEIGHTS_NAME, LoraSettings, is_adapter, read_settings
+from surgery.adapters.peft_config import CONFIG_NAME, LoraSettings, is_adapter, read_settings
 from surgery.checkpoint import open_checkpoint
 from surgery.errors import IncompatibleTensorsError, InputNotFoundError, RecipeError
+from surgery.files import ADAPTER_WEIGHTS as WEIGHTS_NAME
 
 __all__ = [
     "AdapterCheckpoint", "AdapterLayout", "LoraSettings", "LowRankUpdate", "is_adapter", "open_adapter",

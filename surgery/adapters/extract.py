@@ -27,16 +27,17 @@ from pathlib import Path
 import numpy as np
 
 from surgery.adapters.lora import PREFIX
-from surgery.adapters.peft_config import CONFIG_NAME, WEIGHTS_NAME
 from surgery.analysis.intruders import is_conv1d, select_matrices
 from surgery.analysis.stats import compile_include, read_f32
 from surgery.checkpoint import Checkpoint, open_checkpoint
 from surgery.dtypes import DTYPES, parse_output_dtype
 from surgery.errors import MemoryBudgetError, RecipeError
+from surgery.files import ADAPTER_CONFIG as CONFIG_NAME
+from surgery.files import ADAPTER_WEIGHTS as WEIGHTS_NAME
+from surgery.files import CARD, STAGING
 from surgery.inputs import open_input
 from surgery.kernels import get_backend
 from surgery.writer import (
-    STAGING,
     CheckpointWriter,
     Layout,
     OutputTensor,
@@ -338,6 +339,6 @@ def _side_files(report: ExtractReport, names, modules, full, conv: bool, config:
     )
     return {
         CONFIG_NAME: (json.dumps(adapter_config, indent=2) + "\n").encode(),
-        "README.md": card.encode(),
+        CARD: card.encode(),
         REPORT_NAME: (json.dumps(report.to_dict(), indent=2) + "\n").encode(),
     }

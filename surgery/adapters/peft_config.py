@@ -24,9 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from surgery.errors import CorruptCheckpointError, InputNotFoundError, RecipeError
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+from surgery.files import ADAPTER_CONFIG as CONFIG_NAME
 
 # Config keys that change what the merged weights are; any of them set means "not plain LoRA".
 _VARIANTS = {

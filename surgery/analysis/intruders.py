@@ -487,6 +487,8 @@ def mitigate_intruders(
             side = {n: (ft_ck.root / n).read_bytes() for n in SIDE_FILES if (ft_ck.root / n).is_file()}
             if (ft_ck.root / CONFIG).is_file():
                 side[CONFIG] = (ft_ck.root / CONFIG).read_bytes()
+            elif ft_ck.config() is not None:  # a LoRA adapter folder: its base's config
+                side[CONFIG] = (json.dumps(ft_ck.config(), indent=2) + "\n").encode()
             side[MITIGATION_NAME] = (json.dumps(report.to_dict(), indent=2) + "\n").encode()
             writer.finalize(side)
         finally:

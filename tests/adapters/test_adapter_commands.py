@@ -136,3 +136,15 @@ def test_stats_table_names_the_adapter_rank(family, invoke):
     assert r.exit_code == 0, r.output
     assert "adapter: LoRA adapter, rank 4 on 10 tensors" in r.stdout
     assert "full: LoRA" not in r.stdout
+
+
+def test_intruder_mitigation_of_an_adapter(family, invoke, tmp_path):
+    f = family
+    outs = []
+    for ft in (f["adapter"], f["merged"]):
+        out = tmp_path / ft.name
+        r = invoke("intruders", f["base"], ft, "--mitigate", 0.5, "-o", out, "--no-cache", "-q")
+        assert r.exit_code == 0, r.output
+        outs.append(out)
+    same_weights(*outs)
+    assert json.loads((outs[0] / "config.json").read_text())["model_type"] == "llama"

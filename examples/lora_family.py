@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--ranks", default="4,16,64", help="extraction ranks")
+    parser.add_argument("--ranks", default="4,16,64", help='extraction ranks ("" skips extraction)')
     parser.add_argument("--n", type=int, default=200, help="held-out examples per task")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -101,24 +101,34 @@ def main() -> None:
     print("\n".join(lines) + "\n")
 
     # 3. extraction at each rank
-    ranks = [int(r) for r in args.ranks.split(",")]
-    lines = ["| fine-tune | rank | own task | other tasks (mean) | ||tau||_F^2 kept | adapter MB |",
-             "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    ranks = [int(r) for r in args.ranks.split(",") if r]
+    if not ranks:
+        return
+    whole = r"embed|lm_head|norm"  # --include: saved whole as modules_to_save
+    lines = ["| fine-tune | rank | own task | other tasks (mean) | ||tau||_F^2 kept | adapter MB |"
+             " own task, + embeddings/head/norms whole | adapter MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for task in FINETUNES:
         ft = FAMILY / f"ft_{task}"
         accs = evaluate(load(ft))
         size = sum(p.stat().st_size for p in ft.glob("*.safetensors")) / 1e6
         others = lambda a, task=task: sum(a[t] for t in TASKS if t != task) / (len(TASKS) - 1)  # noqa: E731
         lines.append(f"| ft_{task} | full | {100 * accs[task]:.1f} | {100 * others(accs):.1f} | 100% | "
-                     f"{size:.2f} (whole model) |")  # fmt: skip
+                     f"{size:.2f} (whole model) | | |")  # fmt: skip
         for rank in ranks:
             out = args.out / f"extract_{task}_r{rank}"
             started = time.time()
             report = extract_lora(str(base_dir), str(ft), out, RankRule(rank=rank), overwrite=True)
             seconds = time.time() - started
             accs = evaluate(with_adapter(base_dir, out))
+            out2 = args.out / f"extract_{task}_r{rank}_whole"
+            report2 = extract_lora(
+                str(base_dir), str(ft), out2, RankRule(rank=rank), include=whole, overwrite=True
+            )
+            accs2 = evaluate(with_adapter(base_dir, out2))
             lines.append(f"| ft_{task} | {rank} | {100 * accs[task]:.1f} | {100 * others(accs):.1f} | "
-                         f"{100 * report.energy_kept:.1f}% | {report.adapter_bytes / 1e6:.2f} |")  # fmt: skip
+                         f"{100 * report.energy_kept:.1f}% | {report.adapter_bytes / 1e6:.2f} | "
+                         f"{100 * accs2[task]:.1f} | {report2.adapter_bytes / 1e6:.2f} |")  # fmt: skip
             print(f"extract ft_{task} r={rank}: {seconds:.1f} s", file=sys.stderr)
     print("\n".join(lines))
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from surgery.adapters.extract import ExtractReport, Progress, RankRule, extract_lora
 from surgery.engine import EngineOptions, merge
-from surgery.errors import RecipeError
+from surgery.errors import OutputError, RecipeError
 from surgery.recipe import Recipe
 from surgery.writer import check_output_folder
 
@@ -29,6 +29,12 @@ def merge_as_lora(recipe: Recipe, output: str | Path, rule: RankRule, options: E
     rule.check()
     out = Path(output).expanduser()
     check_output_folder(out, [Path(s).expanduser() for s in recipe.inputs])
+    if out.is_dir() and any(out.iterdir()) and not options.overwrite:  # before the merge, not after
+        raise OutputError(
+            f"output folder {out} is not empty",
+            hint="choose a new folder, or pass --overwrite to replace its contents",
+            path=str(out),
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.merged-", dir=out.parent))
     try:

@@ -244,3 +244,13 @@ def test_rank_options_need_as_lora(pair, invoke, tmp_path):
     root, base, ft = pair
     r = invoke("merge", ft, "--base", base, "--rank", 4, "-o", tmp_path / "m")
     assert r.exit_code == 1 and "error: --rank, --energy and --max-rank go with --as-lora" in r.stderr
+
+
+def test_as_lora_refuses_a_full_output_before_merging(pair, invoke, tmp_path):
+    root, base, ft = pair
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "mine.txt").write_text("keep me")
+    r = invoke("merge", ft, "--base", base, "--as-lora", "--rank", 2, "-o", tmp_path / "lora")
+    assert r.exit_code == 1 and f"error: output folder {tmp_path / 'lora'} is not empty" in r.stderr
+    assert (tmp_path / "lora" / "mine.txt").read_text() == "keep me"
+    assert not list(tmp_path.glob(".lora.merged-*"))

@@ -73,6 +73,7 @@ def main() -> None:
     # 1. a LoRA adapter for the task, saved as an adapter folder
     start = time.time()
     adapter = args.out / f"lora_{args.task}"
+    torch.manual_seed(0)  # lora_A's initialisation
     model = get_peft_model(load(base_dir), LoraConfig(r=args.rank, lora_alpha=2 * args.rank,
                                                       target_modules=LORA_TARGETS))  # fmt: skip
     loss = train(model, tokenizer, args.task, args.steps, args.lr, seed=1)

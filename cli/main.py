@@ -13,10 +13,12 @@ from pathlib import Path
 import click
 from surgery_cli.hub import push_after_run, push_command, push_options
 
-METHOD_FLAGS = (
-    "task_arithmetic", "breadcrumbs", "breadcrumbs_ties", "ties", "dare", "dare_ties", "linear",
-    "slerp", "model_stock",
-)  # fmt: skip
+from surgery.methods import METHODS  # numpy-free: the flags below come from the registry
+from surgery.methods.lines import OUTSIDE_CHOICES
+from surgery.methods.spec import GRANULARITIES
+
+# `surgery merge --<method>`: every registry method that `merge` builds.
+MERGE_METHODS = tuple(name for name, spec in METHODS.items() if spec.command == "merge")
 
 
 class SurgeryGroup(click.Group):
@@ -180,7 +182,7 @@ def _card(plan) -> str:
 def lines_outside_option(fn):
     return click.option(
         "--lines-outside",
-        type=click.Choice(["alpha", "alpha+beta", "one"]),
+        type=click.Choice(OUTSIDE_CHOICES),
         default="alpha",
         show_default=True,
         help="LiNeS scale of tensors outside the blocks (embeddings, final norm, head).",
@@ -189,9 +191,9 @@ def lines_outside_option(fn):
 
 # -- commands ---------------------------------------------------------------------------------------
 def _method_flags(fn):
-    for name in reversed(METHOD_FLAGS):
+    for name in reversed(MERGE_METHODS):
         flag = "--" + name.replace("_", "-")
-        fn = click.option(flag, name, is_flag=True, help=f"Method: {name}.")(fn)
+        fn = click.option(flag, name, is_flag=True, help=f"Method: {METHODS[name].title}.")(fn)
     return fn
 
 
@@ -204,7 +206,7 @@ def _method_flags(fn):
 @click.option("--outliers", type=float, default=None, help="Fraction of largest |tau| removed.")
 @click.option("--scale", type=float, default=None, help="Multiplier of the merged task vector.")
 @click.option("--weights", default=None, help="Per-model weights: w1,w2,...")
-@click.option("--granularity", type=click.Choice(["per_tensor", "per_row", "global"]), default=None)
+@click.option("--granularity", type=click.Choice(GRANULARITIES), default=None)
 @click.option("--t", "t", type=float, default=None, help="SLERP interpolation factor.")
 @click.option("--seed", type=int, default=None, help="Seed for DARE's random stream.")
 @click.option("--lines", "use_lines", is_flag=True, help="LiNeS: scale the merged update by block depth.")
@@ -233,7 +235,7 @@ def merge(ctx: click.Context, models: tuple[str, ...], base: str | None, method_
     from surgery.methods import get_method
     from surgery.recipe import make_recipe
 
-    chosen = [name for name in METHOD_FLAGS if engine.pop(name)]
+    chosen = [name for name in MERGE_METHODS if engine.pop(name)]
     if method_name:
         spec = get_method(method_name)
         if spec.command != "merge":

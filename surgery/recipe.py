@@ -103,17 +103,20 @@ def make_recipe(
     spec = get_method(method)
     models = tuple(_absolute(m) for m in models)
     base = _absolute(base) if base else None
-    n_inputs = len(models) + (1 if base and spec.combine == "slerp" else 0)
+    # A method with fixed endpoints (SLERP) counts a base as one of them.
+    n_inputs = len(models) + (1 if base and spec.endpoints else 0)
     if spec.needs_base and not base:
         raise RecipeError(
             f"method {spec.name} needs a base model",
             hint="pass --base BASE (or name it as base_model in the fine-tunes' model cards)",
         )
-    if n_inputs < spec.min_models or (spec.combine == "slerp" and n_inputs != 2):
-        need = "exactly 2 endpoints" if spec.combine == "slerp" else f"at least {spec.min_models}"
+    if n_inputs < spec.min_models or (spec.endpoints and n_inputs != spec.endpoints):
+        need = f"exactly {spec.endpoints} endpoints" if spec.endpoints else f"at least {spec.min_models}"
         raise RecipeError(
             f"method {spec.name} needs {need} models, got {n_inputs}",
-            hint="slerp takes two models, or --base and one model" if spec.combine == "slerp" else None,
+            hint=f"{spec.name} takes {spec.endpoints} models, or --base and {spec.endpoints - 1} model"
+            if spec.endpoints
+            else None,
         )
     if spec.max_models is not None and n_inputs > spec.max_models:
         raise RecipeError(f"method {spec.name} takes at most {spec.max_models} models")

@@ -110,25 +110,23 @@ def run_recipe(ctx: click.Context, recipe, output: Path, max_memory: str, thread
         total = plan.layout.total_bytes if plan.layout is not None else None
         bar = _LazyBar(total, len(plan.jobs), f"surgery {recipe.method}", quiet)
         try:
-            result = execute(plan, output, options, bar.update, _card)
+            result = execute(plan, output, options, bar.update)
         finally:
             bar.close()
     finally:
         plan.close()
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
-    resumed = f", {result.resumed_tensors} resumed" if result.resumed_tensors else ""
+    resumed = f", {result.resumed} resumed" if result.resumed else ""
     click.echo(
         f"wrote {output} ({result.tensors} tensors{resumed}, "
         f"{result.bytes_written / 1e9:.3f} GB) in {result.seconds:.1f} s"
     )
-    manifest = output / "surgery_diff.json"
-    if manifest.is_file():
-        data = json.loads(manifest.read_text())
-        size = sum(p.stat().st_size for p in output.glob("*.safetensors"))
+    if result.diff is not None:
+        d = result.diff
         click.echo(
-            f"{data['kind']} diff: {data['kept']:,} of {data['total']:,} parameters "
-            f"({100 * data['fraction']:.4g}%), {size / 1e6:.2f} MB of safetensors"
+            f"{d.kind} diff: {d.kept:,} of {d.total:,} parameters "
+            f"({100 * d.fraction:.4g}%), {d.size_bytes / 1e6:.2f} MB of safetensors"
         )
     push_after_run(output, push_to_hub, private, revision)
 
@@ -158,25 +156,6 @@ class _LazyBar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def _card(plan) -> str:
-    from surgery.card import render_card
-
-    spec = plan.recipe.spec
-    lines = None
-    if plan.recipe.lines is not None:
-        lines = {
-            "alpha": plan.resolved["lines_alpha"],
-            "beta": plan.resolved["lines_beta"],
-            "outside": plan.recipe.lines["outside"],
-            "requested_alpha": plan.recipe.lines["alpha"],
-        }
-    return render_card(
-        spec.title, spec.name, spec.paper, spec.formula, list(plan.recipe.inputs),
-        plan.recipe.to_yaml(), plan.recipe.parameters, lines,
-        "merge" if spec.command == "merge" and len(plan.recipe.models) > 1 else "finetune",
-    )  # fmt: skip
 
 
 def lines_outside_option(fn):

@@ -25,22 +25,31 @@ from pathlib import Path
 import numpy as np
 
 from surgery import reduce
+from surgery.card import card_for
 from surgery.dtypes import DTYPES
 from surgery.errors import IncompatibleTensorsError, Interrupted, RecipeError
 from surgery.files import CARD, MANIFEST, RECIPE
 from surgery.kernels import Backend, get_backend
-from surgery.methods.lines import make_schedule
+from surgery.methods.lines import LinesResolved
 from surgery.methods.spec import Operands, Slice
-from surgery.patch import INDICES, VALUES, PatchCursor, manifest_for, patch_layout, target_warning
+from surgery.patch import (
+    INDICES,
+    VALUES,
+    DiffSummary,
+    PatchCursor,
+    manifest_for,
+    patch_layout,
+    target_warning,
+)
 from surgery.plan import MERGED, Plan, TensorJob, build_plan, input_paths
 from surgery.ranks import Band, band_ranks
 from surgery.recipe import Recipe
 from surgery.stream import Chunk, TensorStream, Workspace, chunk_ranges
-from surgery.writer import CheckpointWriter, check_output_folder, fingerprint_of, prepare_output
+from surgery.writer import CheckpointWriter, Layout, check_output_folder, fingerprint_of, prepare_output
 
 ENGINE_VERSION = 1  # part of the resume fingerprint: bump when output bytes could change
 
-__all__ = ["ENGINE_VERSION", "EngineOptions", "Interrupted", "MergeResult", "execute", "merge"]
+__all__ = ["ENGINE_VERSION", "EngineOptions", "Interrupted", "RunResult", "execute", "merge"]
 
 
 @dataclass(frozen=True)
@@ -57,13 +66,18 @@ class EngineOptions:
 
 
 @dataclass(frozen=True)
-class MergeResult:
+class RunResult:
+    """What a run did and settled: counts, time, warnings, the resolved LiNeS schedule, and for a
+    diff or patch what it holds."""
+
     output: Path
     tensors: int
-    resumed_tensors: int
+    resumed: int  # tensors found finished in a partial run
     bytes_written: int
     seconds: float
     warnings: tuple[str, ...] = ()
+    lines: LinesResolved | None = None
+    diff: DiffSummary | None = None
 
 
 @dataclass(frozen=True)
@@ -72,8 +86,7 @@ class Prepared:
 
     bands: reduce.GlobalBands | None  # granularity global: every tensor's share of the model's band
     counts: dict[str, int]  # sparse patch: entries kept per tensor
-    lines_alpha: float | None  # LiNeS, resolved (auto alpha measured); None without LiNeS
-    lines_beta: float | None
+    lines: LinesResolved | None  # LiNeS with auto alpha measured; None without LiNeS
 
 
 # -- entry points ---------------------------------------------------------------------------------
@@ -82,12 +95,12 @@ def merge(
     out: str | Path,
     options: EngineOptions | None = None,
     progress: Callable[[int, str | None], None] | None = None,
-    card: Callable[[Plan], str] | None = None,
-) -> MergeResult:
-    """Plan and run ``recipe``, writing a complete checkpoint to ``out``."""
+) -> RunResult:
+    """Plan and run ``recipe``, writing a complete checkpoint to ``out`` (the same folder, card
+    included, as the ``surgery`` command writes)."""
     plan = build_plan(recipe)
     try:
-        return execute(plan, Path(out), options or EngineOptions(), progress, card)
+        return execute(plan, Path(out), options or EngineOptions(), progress)
     finally:
         plan.close()
 
@@ -95,15 +108,15 @@ def merge(
 def execute(
     plan: Plan,
     out: Path,
-    options: EngineOptions,
+    options: EngineOptions | None = None,
     progress: Callable[[int, str | None], None] | None = None,
-    card: Callable[[Plan], str] | None = None,
-) -> MergeResult:
+) -> RunResult:
     """Run a checked plan.
 
     ``progress(nbytes, tensor)`` is called as output bytes are written; ``tensor`` is the name of a
     tensor just completed, else None.
     """
+    options = options or EngineOptions()
     start = time.perf_counter()
     check_output_folder(out, input_paths(plan))
     # The layout is a pure function of recipe and inputs, so they alone identify a partial run.
@@ -117,35 +130,43 @@ def execute(
     resume = prepare_output(out, fingerprint, options.overwrite)
     run = _Run(plan, options, progress)
     prepared = run.prepare()
-    if plan.layout is None:
-        plan.layout = patch_layout(prepared.counts, plan.recipe.max_shard_size)
-    if prepared.lines_alpha is not None:
-        plan.resolved.update(lines_alpha=prepared.lines_alpha, lines_beta=prepared.lines_beta)
-    writer = CheckpointWriter(out, plan.layout, resume)
+    layout = plan.layout or patch_layout(prepared.counts, plan.recipe.max_shard_size)
+    writer = CheckpointWriter(out, layout, resume)
     try:
         resumed = len(writer.done)
         if progress and resumed:
-            progress(sum(plan.layout.tensors[n].nbytes for n in writer.done), None)
+            progress(sum(layout.tensors[n].nbytes for n in writer.done), None)
         hashes = run.run(prepared, writer)
-        side = plan.side_files()
-        side[RECIPE] = plan.recipe.to_yaml().encode()
-        spec = plan.recipe.spec
-        warnings = []
-        if spec.base_hashes == "record":
-            manifest = manifest_for(plan.recipe, plan.inputs, plan.merge_jobs, hashes, prepared.counts)
-            side[MANIFEST] = (json.dumps(manifest, indent=2) + "\n").encode()
-        elif spec.base_hashes == "check":
-            warning = target_warning(plan.inputs[1], hashes)
-            if warning:
-                warnings.append(warning)
-        if card is not None:
-            side[CARD] = card(plan).encode()
+        side, warnings, diff = _side_files(plan, prepared, hashes, layout)
         writer.finalize(side)
     finally:
         writer.close()
-    return MergeResult(
-        out, len(plan.jobs), resumed, plan.layout.total_bytes, time.perf_counter() - start, tuple(warnings)
+    seconds = time.perf_counter() - start
+    return RunResult(
+        out, len(plan.jobs), resumed, layout.total_bytes, seconds, warnings, prepared.lines, diff
     )
+
+
+def _side_files(
+    plan: Plan, prepared: Prepared, hashes: dict[str, str], layout: Layout
+) -> tuple[dict[str, bytes], tuple[str, ...], DiffSummary | None]:
+    """Files written beside the weights (config, tokenizer, recipe, manifest, card), the run's
+    warnings, and what a diff holds."""
+    side = plan.side_files()
+    side[RECIPE] = plan.recipe.to_yaml().encode()
+    spec = plan.recipe.spec
+    warnings, diff = [], None
+    if spec.base_hashes == "record":
+        manifest = manifest_for(plan.recipe, plan.inputs, plan.merge_jobs, hashes, prepared.counts)
+        side[MANIFEST] = (json.dumps(manifest, indent=2) + "\n").encode()
+        size = sum(s.size for s in layout.shards)
+        diff = DiffSummary(manifest["kind"], manifest["kept"], manifest["total"], manifest["fraction"], size)
+    elif spec.base_hashes == "check":
+        warning = target_warning(plan.inputs[1], hashes)
+        if warning:
+            warnings.append(warning)
+    side[CARD] = card_for(plan.recipe, prepared.lines).encode()
+    return side, tuple(warnings), diff
 
 
 # -- one run ---------------------------------------------------------------------------------------
@@ -167,10 +188,10 @@ class _Run:
         self.workers = options.workers
         self.share = max(1, options.max_memory // self.workers)
         self.n_models = self.spec.tau_from.task_vectors(len(plan.recipe.models))
-        self.lines = make_schedule(plan.recipe.lines)
+        self.lines = plan.recipe.lines
         self.hash_base = self.spec.base_hashes is not None
         self.writer: CheckpointWriter | None = None
-        self.prepared = Prepared(None, {}, None, None)
+        self.prepared = Prepared(None, {}, None)
         self.hashes: dict[str, str] = {}
 
     # -- phases -----------------------------------------------------------------------------------
@@ -182,11 +203,12 @@ class _Run:
         bands = None
         if sparsify is not None and sparsify.needs_ranks and params.get("granularity") == "global":
             bands = reduce.global_bands(jobs, self.stream, params, self.n_models, self.backend, self.parallel)
-        self.prepared = Prepared(bands, {}, None, None)
-        alpha = beta = None
+        self.prepared = Prepared(bands, {}, None)
+        lines = None
         if self.lines is not None:
             alpha = self._auto_alpha() if self.lines.alpha == "auto" else float(self.lines.alpha)
             beta = (1.0 - alpha) if self.lines.beta is None else self.lines.beta
+            lines = LinesResolved(alpha, beta, self.lines.outside, self.lines.alpha)
         counts = {}
         patches = [j for j in jobs if j.kind == "patch"]
         if patches and params.get("granularity") not in ("per_tensor", "global"):
@@ -200,7 +222,7 @@ class _Run:
             else:
                 r_hi, r_lo = band_ranks(job.params, job.numel)
                 counts[job.name] = r_lo - r_hi
-        self.prepared = Prepared(bands, counts, alpha, beta)
+        self.prepared = Prepared(bands, counts, lines)
         return self.prepared
 
     def run(self, prepared: Prepared, writer: CheckpointWriter) -> dict[str, str]:
@@ -382,7 +404,7 @@ class _Run:
     def lines_scale(self, job: TensorJob) -> float:
         if self.lines is None:
             return 1.0
-        return self.lines.scale(self.prepared.lines_alpha, job.depth)
+        return self.lines.scale(self.prepared.lines.alpha, job.depth)
 
     def _auto_alpha(self) -> float:
         """alpha = ||sum_t tau_t||_1 / (T * ||tau_merged||_1) over all merged tensors."""

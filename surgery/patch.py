@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,17 @@ def read_manifest(root: Path) -> dict | None:
     if not isinstance(data, dict) or data.get("format") != "surgery-diff":
         raise CorruptCheckpointError(f"{path} is not a surgery diff manifest", path=str(path))
     return data
+
+
+@dataclass(frozen=True)
+class DiffSummary:
+    """What a diff or patch holds: ``kept`` of ``total`` parameters, ``size_bytes`` of safetensors."""
+
+    kind: str  # "dense" | "patch"
+    kept: int
+    total: int
+    fraction: float
+    size_bytes: int
 
 
 def manifest_for(

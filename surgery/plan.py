@@ -78,15 +78,17 @@ class TensorJob:
         return self.name if self.sources is None else self.sources[i]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
+    """A checked recipe: the opened inputs, one job per output tensor, the output layout. Frozen: a
+    run reads it and returns what it settled (``engine.RunResult``), never writes into it."""
+
     recipe: Recipe
     inputs: list[Checkpoint]  # engine order: base first when the recipe has one
     jobs: list[TensorJob]
     layout: Layout | None  # None for sparse patches: sizes are known after the reduce passes
     config_source: Checkpoint
     notes: list[str] = field(default_factory=list)
-    resolved: dict = field(default_factory=dict)  # values settled while running (LiNeS auto alpha)
     tokenizer_source: Checkpoint | None = None  # tokenizer / chat template / generation config
 
     @property

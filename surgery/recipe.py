@@ -35,7 +35,7 @@ from pathlib import Path
 from surgery.dtypes import parse_output_dtype
 from surgery.errors import RecipeError
 from surgery.methods import Method, get_method
-from surgery.methods.lines import make_schedule
+from surgery.methods.lines import LinesSchedule, make_schedule
 
 RECIPE_VERSION = 1
 
@@ -61,7 +61,7 @@ class Recipe:
     parameters: dict = field(default_factory=dict)
     dtype: str | None = None  # safetensors float dtype name of merged tensors
     max_shard_size: int = 5 * 10**9
-    lines: dict | None = None  # LiNeS schedule {alpha, beta, outside} applied to the merged update
+    lines: LinesSchedule | None = None  # LiNeS on the merged update (parsed once, here)
 
     @property
     def spec(self) -> Method:
@@ -79,7 +79,7 @@ class Recipe:
             "base": self.base,
             "models": list(self.models),
             "parameters": dict(self.parameters),
-            "lines": None if self.lines is None else dict(self.lines),
+            "lines": None if self.lines is None else self.lines.to_dict(),
             "output": {"dtype": self.dtype, "max_shard_size": self.max_shard_size},
         }
 
@@ -97,7 +97,7 @@ def make_recipe(
     parameters: dict | None = None,
     dtype: str | None = None,
     max_shard_size: int | str = 5 * 10**9,
-    lines: dict | None = None,
+    lines: dict | LinesSchedule | None = None,
 ) -> Recipe:
     """Validate and complete a recipe: method known, parameters typed and in range, defaults filled."""
     spec = get_method(method)
@@ -126,11 +126,7 @@ def make_recipe(
     if schedule is not None and not base:
         raise RecipeError("LiNeS scales the update relative to a base: pass --base BASE")
     recipe = Recipe(spec.name, models, str(base) if base else None, params, out_dtype)
-    return replace(
-        recipe,
-        max_shard_size=parse_size(max_shard_size),
-        lines=None if schedule is None else schedule.to_dict(),
-    )
+    return replace(recipe, max_shard_size=parse_size(max_shard_size), lines=schedule)
 
 
 def _absolute(source: str | Path) -> str:

@@ -59,5 +59,9 @@ class OutputError(SurgeryError, OSError):
     """The output folder cannot be used or written (input overlap, not empty, disk full)."""
 
 
+class Interrupted(SurgeryError):
+    """The run was stopped; the output folder holds a resumable partial run."""
+
+
 class MemoryBudgetError(SurgeryError, MemoryError):
     """One unit of work (a matrix to factor) needs more memory than the budget allows."""

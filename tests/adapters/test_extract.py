@@ -64,8 +64,11 @@ def peft_merged(cls, base, adapter):
 
 def test_full_rank_reconstructs_the_fine_tune(pair, invoke, tmp_path):
     root, base, ft = pair
-    r = invoke("extract-lora", base, ft, "--rank", 64, "-o", tmp_path / "lora", "-q")
+    r = invoke(
+        "extract-lora", base, ft, "--rank", 64, "-o", tmp_path / "lora", "-q", "--plot", tmp_path / "r.png"
+    )
     assert r.exit_code == 0, r.output
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     merged = peft_merged(LLAMA, base, tmp_path / "lora").state_dict()
     want = load_file(str(ft / "model.safetensors"))
     for name in block_taus(base, ft):

@@ -106,7 +106,7 @@ def main() -> None:
     if not ranks:
         return
     whole = r"embed|lm_head|norm"  # --include: saved whole as modules_to_save
-    lines = ["| fine-tune | rank | own task | other tasks (mean) | ||tau||_F^2 kept | adapter MB |"
+    lines = ["| fine-tune | rank | own task | other tasks (mean) | energy kept | adapter MB |"
              " own task, + embeddings/head/norms whole | adapter MB |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for task in FINETUNES:

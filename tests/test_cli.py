@@ -267,10 +267,6 @@ def test_parameter_the_method_does_not_take(invoke, merge_args):
     )
 
 
-def test_weights_count_is_rejected(invoke, merge_args):
-    assert_error(invoke("merge", *merge_args, "--weights", "1,2,3"), "task_arithmetic: weights")
-
-
 def test_weights_count_message(invoke, merge_args):
     assert_error(
         invoke("merge", *merge_args, "--weights", "1,2,3"),

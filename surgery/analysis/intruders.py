@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from surgery.analysis.stats import (
+from surgery.analysis._common import (
     compile_include,
     layer_label,
     layer_sort_key,

@@ -16,8 +16,8 @@ from pathlib import Path
 from surgery.adapters.extract import ExtractReport, Progress, RankRule, extract_lora
 from surgery.engine import EngineOptions, merge
 from surgery.errors import OutputError, RecipeError
+from surgery.output import check_output_folder
 from surgery.recipe import Recipe
-from surgery.writer import check_output_folder
 
 
 def merge_as_lora(recipe: Recipe, output: str | Path, rule: RankRule, options: EngineOptions, *,

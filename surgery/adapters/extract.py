@@ -12,7 +12,8 @@ head, norms) are saved whole, as ``modules_to_save``. The singular vectors come 
 ``surgery.spectral`` (randomized with power iterations when r is much smaller than the matrix).
 
 Each matrix is factored alone, within ``max_memory``; its factors are spilled to the output's staging
-folder, and the adapter file is written through the guarded writer (staging, fsync, rename).
+folder, and the adapter is written through ``open_output`` (lock, staging, fsync, rename; a run that
+fails before writing leaves no folder behind).
 """
 
 from __future__ import annotations
@@ -27,28 +28,20 @@ from pathlib import Path
 import numpy as np
 
 from surgery.adapters.lora import PREFIX
+from surgery.analysis._common import compile_include, read_f32
 from surgery.analysis.intruders import is_conv1d, select_matrices
-from surgery.analysis.stats import compile_include, read_f32
 from surgery.checkpoint import Checkpoint, open_checkpoint
 from surgery.dtypes import DTYPES, parse_output_dtype
 from surgery.errors import MemoryBudgetError, RecipeError
 from surgery.files import ADAPTER_CONFIG as CONFIG_NAME
 from surgery.files import ADAPTER_WEIGHTS as WEIGHTS_NAME
-from surgery.files import CARD, STAGING
+from surgery.files import CARD, LORA_REPORT, STAGING
 from surgery.inputs import open_input
 from surgery.kernels import get_backend
-from surgery.writer import (
-    CheckpointWriter,
-    Layout,
-    OutputTensor,
-    ShardLayout,
-    check_output_folder,
-    fingerprint_of,
-    prepare_output,
-    safetensors_header,
-)
+from surgery.output import open_output
+from surgery.writer import Layout, OutputTensor, ShardLayout, fingerprint_of, safetensors_header
 
-REPORT_NAME = "surgery_lora.json"
+REPORT_NAME = LORA_REPORT
 EXTRACT_VERSION = 1
 
 # progress(done, total, tensor name)
@@ -179,38 +172,36 @@ def extract_lora(
                 hint=f"raise --max-memory to at least {math.ceil(need / 2**20)}MiB, or lower the rank",
                 tensor=name,
             )
-        check_output_folder(out, [Path(base).expanduser(), Path(finetuned).expanduser()])
         fingerprint = fingerprint_of({"extract": EXTRACT_VERSION, "rule": asdict(rule), "include": include,
                                       "dtype": out_dtype, "method": method,
                                       "inputs": [base_ck.fingerprint(), ft_ck.fingerprint()]})  # fmt: skip
-        prepare_output(out, fingerprint, overwrite)
-        spill = out / STAGING / "factors"
-        spill.mkdir(exist_ok=True)
-        modules = []
-        for i, name in enumerate(names):
-            conv = is_conv1d(name, config)
-            modules.append(_factor(base_ck, ft_ck, name, conv, rule, method, device, spill / f"{i}.npz"))
-            if progress is not None:
-                progress(i + 1, len(names), name)
-        if not any(m.rank for m in modules):
-            raise RecipeError(f"{finetuned} equals {base} in every block matrix: there is nothing to extract")
-        dropped = _changed(base_ck, ft_ck, set(names) | set(full))
-        tensors, sources = _adapter_tensors(names, modules, full, ft_ck, out_dtype, spill)
-        header, rel = safetensors_header(tensors, {"format": "pt"})
-        offsets = {k: len(header) + v for k, v in rel.items()}
-        size = len(header) + sum(t.nbytes for t in tensors)
-        layout = Layout((ShardLayout(WEIGHTS_NAME, header, offsets, size),), {t.name: t for t in tensors})
-        writer = CheckpointWriter(out, layout, resume=False)
-        try:
+        inputs = [Path(base).expanduser(), Path(finetuned).expanduser()]
+        with open_output(out, inputs, fingerprint, overwrite=overwrite) as staged:
+            spill = out / STAGING / "factors"  # removed with the staging folder when the adapter is done
+            spill.mkdir(exist_ok=True)
+            modules = []
+            for i, name in enumerate(names):
+                conv = is_conv1d(name, config)
+                modules.append(_factor(base_ck, ft_ck, name, conv, rule, method, device, spill / f"{i}.npz"))
+                if progress is not None:
+                    progress(i + 1, len(names), name)
+            if not any(m.rank for m in modules):
+                raise RecipeError(f"{finetuned} equals {base} in every block matrix: nothing to extract")
+            dropped = _changed(base_ck, ft_ck, set(names) | set(full))
+            tensors, sources = _adapter_tensors(names, modules, full, ft_ck, out_dtype, spill)
+            header, rel = safetensors_header(tensors, {"format": "pt"})
+            offsets = {k: len(header) + v for k, v in rel.items()}
+            size = len(header) + sum(t.nbytes for t in tensors)
+            layout = Layout((ShardLayout(WEIGHTS_NAME, header, offsets, size),), {t.name: t for t in tensors})
+            writer = staged.writer(layout)
             for t in tensors:
-                writer.write(t.name, 0, sources[t.name]())
-                writer.mark_done(t.name)
+                if t.name not in writer.done:
+                    writer.write(t.name, 0, sources[t.name]())
+                    writer.mark_done(t.name)
             conv = any(is_conv1d(n, config) for n in names)
             report = ExtractReport(str(base), label or str(finetuned), str(out), tuple(modules),
                                    tuple(sorted(full)), tuple(dropped), size, asdict(rule))  # fmt: skip
             writer.finalize(_side_files(report, names, modules, full, conv, config, base))
-        finally:
-            writer.close()
     return report
 
 

@@ -257,3 +257,13 @@ def test_as_lora_refuses_a_full_output_before_merging(pair, invoke, tmp_path):
     assert r.exit_code == 1 and f"error: output folder {tmp_path / 'lora'} is not empty" in r.stderr
     assert (tmp_path / "lora" / "mine.txt").read_text() == "keep me"
     assert not list(tmp_path.glob(".lora.merged-*"))
+
+
+def test_overwrite_replaces_a_previous_extraction(pair, invoke, tmp_path):
+    root, base, ft = pair
+    assert invoke("extract-lora", base, ft, "--rank", 2, "-o", tmp_path / "lora", "-q").exit_code == 0
+    r = invoke("extract-lora", base, ft, "--rank", 3, "-o", tmp_path / "lora", "-q")
+    assert r.exit_code == 1 and "not empty" in r.stderr
+    r = invoke("extract-lora", base, ft, "--rank", 3, "-o", tmp_path / "lora", "-q", "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["r"] == 3

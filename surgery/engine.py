@@ -315,7 +315,7 @@ class _Run:
         )
         whole = job.kind in ("dense", "update") and self.spec.combine.whole_matrix
         ranges = chunk_ranges(job, self.share, self.n_models, per_row, self.options.min_chunk, whole)
-        uses_tau = self.plan.has_base and (self.spec.combine.uses_tau or job.kind == "patch")
+        uses_tau = self.plan.has_base and self.spec.combine.uses_tau
         tau_from = self.spec.tau_from if uses_tau else None
         return TensorStream(
             job, self.plan.inputs, self.backend, self.ws, ranges, tau_from, self.n_models, self.check_stop

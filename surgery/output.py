@@ -130,12 +130,13 @@ def _lock(out: Path, staging: Path) -> int:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
             os.close(fd)
             if exc.errno not in (errno.EAGAIN, errno.EACCES):
                 raise OutputError(f"cannot lock {staging / LOCK}: {exc.strerror}", path=str(out)) from None
+            who = f" (pid {pid})" if pid.isdigit() else ""  # the holder may not have written it yet
             raise OutputError(
-                f"another surgery process (pid {pid}) is writing {out}",
+                f"another surgery process{who} is writing {out}",
                 hint="wait for it to finish, or choose another output folder",
                 path=str(out),
             ) from None

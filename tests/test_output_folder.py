@@ -4,6 +4,7 @@ surgery wrote, and one process at a time writes a folder (issue 10, items 1 and 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,11 +117,14 @@ def test_three_identical_merges_at_once(make_family, tmp_path):
     results = [(p.wait(timeout=300), p.communicate()[1], p.pid) for p in procs]
     winners = [r for r in results if r[0] == 0]
     assert len(winners) == 1, results
+    pids = "|".join(str(p.pid) for p in procs)  # usually the winner; a late loser may briefly hold it
     for code, err, _ in results:
         assert "No such file" not in err and "Traceback" not in err, err
         if code:
             assert code == 1
-            busy = f"error: another surgery process (pid {winners[0][2]}) is writing {out}" in err
+            busy = re.search(
+                rf"error: another surgery process( \(pid ({pids})\))? is writing {re.escape(str(out))}", err
+            )
             finished = f"error: output folder {out} is not empty" in err
             assert busy or finished, err
     assert folder_bytes(out) == folder_bytes(ref)

@@ -56,7 +56,12 @@ def open_adapter(source: str, folder: Path, base: str | None = None) -> AdapterC
             source,
         )
         odd = sorted(n for n in layout.updates if base_ck.tensors[n].dtype.name not in _MERGEABLE)
-        odd += sorted(n for n in layout.replaced if base_ck.tensors[n].dtype.kind != "float")
+        odd += sorted(  # a replacement is cast to the base's dtype: only between these three
+            n
+            for n, key in layout.replaced.items()
+            if base_ck.tensors[n].dtype.name != adapter_ck.tensors[key].dtype.name
+            and {base_ck.tensors[n].dtype.name, adapter_ck.tensors[key].dtype.name} - set(_MERGEABLE)
+        )
         if odd:
             raise IncompatibleTensorsError(
                 f"adapter {source} changes tensors that are not F32/F16/BF16 in the base: "

@@ -71,6 +71,8 @@ def engine_options(fn):
                      help="cpu (numba kernels) or cuda[:N] (torch kernels)."),
         click.option("--dry-run", is_flag=True, help="Check the inputs and print the plan only."),
         click.option("--overwrite", is_flag=True, help="Replace the output folder's contents."),
+        click.option("--allow-nonfinite", is_flag=True,
+                     help="Write inf/NaN values that finite inputs produced (an error by default)."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
     ]  # fmt: skip
     fn = push_options(fn)  # --push-to-hub, --private, --revision: listed after these
@@ -89,14 +91,15 @@ def output_options(fn):
 
 
 def run_recipe(ctx: click.Context, recipe, output: Path, max_memory: str, threads: int | None,
-               device: str, dry_run: bool, overwrite: bool, quiet: bool, push_to_hub: str | None = None,
+               device: str, dry_run: bool, overwrite: bool, quiet: bool, allow_nonfinite: bool = False,
+               push_to_hub: str | None = None,
                private: bool = False, revision: str | None = None) -> None:  # fmt: skip
     """Plan, then (unless --dry-run) execute with a progress bar; shared by merge and run."""
     from surgery.engine import EngineOptions, execute
     from surgery.plan import build_plan
     from surgery.recipe import parse_size
 
-    options = EngineOptions(parse_size(max_memory), threads, device, overwrite)
+    options = EngineOptions(parse_size(max_memory), threads, device, overwrite, allow_nonfinite)
     plan = build_plan(recipe)
     try:
         if dry_run:

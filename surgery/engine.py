@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from surgery.dtypes import DTYPES
-from surgery.errors import IncompatibleTensorsError, RecipeError, SurgeryError
+from surgery.errors import IncompatibleTensorsError, NonFiniteOutputError, RecipeError, SurgeryError
 from surgery.kernels import Backend, get_backend
 from surgery.methods.dare import dare_key
 from surgery.methods.interpolation import model_stock_k, slerp_coefficients
@@ -56,6 +56,7 @@ class EngineOptions:
     threads: int | None = None  # default: one per CPU core
     device: str = "cpu"  # "cpu" (numba) or "cuda[:N]" (torch)
     overwrite: bool = False
+    allow_nonfinite: bool = False  # write inf / NaN outputs that finite inputs produced
     min_chunk: int = 1  # elements; tests use tiny budgets, real runs never hit this
 
     @property
@@ -194,6 +195,7 @@ class _Runner:
         # content hashes of input 0 (the base of a diff, the target of an apply), chunk by chunk
         self.hash_base = self.spec.output in ("update", "patch") or self.spec.command == "apply"
         self.hashes: dict[str, str] = {}
+        self.nonfinite: dict[str, int] = {}  # tensor -> inf/NaN outputs that finite inputs produced
 
     # -- orchestration ----------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -234,6 +236,8 @@ class _Runner:
         self._parallel(self._run_job, todo)
         if self.spec.command == "apply":
             self._check_target_hashes()
+        if self.nonfinite:
+            self._raise_nonfinite()
 
     def _outputs(self, job: TensorJob) -> set[str]:
         if self.spec.output != "patch":
@@ -375,6 +379,8 @@ class _Runner:
         else:
             self._merge_job(job)
         with self.lock:
+            if job.name in self.nonfinite:  # not journaled: a re-run computes (and checks) it again
+                outputs = set()
             for name in sorted(outputs - self.writer.done):
                 self.writer.mark_done(name)
         if self.progress is not None:
@@ -487,10 +493,46 @@ class _Runner:
     def _merge_job(self, job: TensorJob) -> None:
         lam = self._lines_scale(job)
         hasher = self._hasher(job)
-        for start, count, out in self._merged_chunks(job, lam, hasher=hasher):
-            raw = self.ws.get("out_raw", (count,), DTYPES[job.out_dtype].storage)
-            self._write(job, start, self.backend.encode(out, job.out_dtype, raw))
+        bad = 0
+        for start, _, out in self._merged_chunks(job, lam, hasher=hasher):
+            bad += self._write_floats(job, start, out)
         self._finish_hash(job, hasher)
+        self._check_finite(job, bad, len(job.in_dtypes))
+
+    def _write_floats(self, job: TensorJob, start: int, out: np.ndarray) -> int:
+        """Encode a float32 output chunk to the output dtype, write it; return its inf/NaN count
+        (counted after the cast, so overflow to inf in F16/BF16 is seen)."""
+        raw = self.ws.get("out_raw", (out.size,), DTYPES[job.out_dtype].storage)
+        self.backend.encode(out, job.out_dtype, raw)
+        self._write(job, start, raw)
+        return self.backend.nonfinite(raw, job.out_dtype)
+
+    def _check_finite(self, job: TensorJob, bad: int, n_inputs: int) -> None:
+        """Non-finite outputs are an error when every input value was finite. The inputs are read a
+        second time only then (never on a healthy tensor), and the verdict is per tensor, so it does
+        not depend on chunking or threads."""
+        if bad == 0 or self.options.allow_nonfinite:
+            return
+        for start, count in self._ranges(job):
+            dec = self._load(job, start, count, None, inputs=n_inputs)
+            if self.backend.nonfinite(dec, "F32"):
+                return  # an input already held inf / NaN: not ours to refuse
+        with self.lock:
+            self.nonfinite[job.name] = bad
+
+    def _raise_nonfinite(self) -> None:
+        order = [j.name for j in self.plan.jobs if j.name in self.nonfinite]
+        first, n = order[0], self.nonfinite[order[0]]
+        others = f" (and {len(order) - 1} more tensors)" if len(order) > 1 else ""
+        raise NonFiniteOutputError(
+            f"tensor {first!r} came out with {n:,} non-finite values (inf or NaN) although every "
+            f"input value was finite{others}",
+            hint="weights or scales that (nearly) cancel or blow up cause this, and so does a cast "
+            "to float16 of values above 65504 (try --dtype bfloat16 or float32); pass "
+            "--allow-nonfinite to write such values anyway",
+            tensor=first,
+            tensors=order,
+        )
 
     def _hasher(self, job: TensorJob):
         return hashlib.blake2b(digest_size=16) if self.hash_base else None
@@ -508,10 +550,11 @@ class _Runner:
 
     def _keep_base_job(self, job: TensorJob) -> None:
         """A float tensor outside the region: the base's values in the output dtype."""
+        bad = 0
         for start, count in self._ranges(job):
             dec = self._load(job, start, count, None, inputs=1)
-            raw = self.ws.get("out_raw", (count,), DTYPES[job.out_dtype].storage)
-            self._write(job, start, self.backend.encode(dec[0], job.out_dtype, raw))
+            bad += self._write_floats(job, start, dec[0])
+        self._check_finite(job, bad, 1)
 
     def _patch_job(self, job: TensorJob) -> None:
         """Emit the selected entries of tau as (flat index, value), in index order."""
@@ -548,6 +591,7 @@ class _Runner:
         cursor = PatchCursor(patch, job.name, job.patch_count, job.numel)
         scale = np.float32(self.params["scale"])
         hasher = self._hasher(job)
+        bad = 0
         for start, count in self._ranges(job):
             dec = self._load(job, start, count, None, inputs=1)
             if hasher is not None:
@@ -557,9 +601,9 @@ class _Runner:
             idx, val = cursor.take(start + count)
             local = idx - start
             out[local] = out[local] + scale * val
-            raw = self.ws.get("out_raw", (count,), DTYPES[job.out_dtype].storage)
-            self._write(job, start, self.backend.encode(out, job.out_dtype, raw))
+            bad += self._write_floats(job, start, out)
         self._finish_hash(job, hasher)
+        self._check_finite(job, bad, 1)  # the target's values (a patch's own inf is not seen)
 
     # -- diff manifests -----------------------------------------------------------------------------
     def manifest(self) -> dict | None:

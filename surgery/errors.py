@@ -57,3 +57,7 @@ class RecipeError(SurgeryError, ValueError):
 
 class OutputError(SurgeryError, OSError):
     """The output folder cannot be used or written (input overlap, not empty, disk full)."""
+
+
+class NonFiniteOutputError(SurgeryError, ArithmeticError):
+    """A computed tensor holds inf or NaN although every input value was finite."""

@@ -119,6 +119,13 @@ def make_recipe(
     if spec.max_models is not None and n_inputs > spec.max_models:
         raise RecipeError(f"method {spec.name} takes at most {spec.max_models} models")
     params = _resolve_parameters(spec, dict(parameters or {}), len(models))
+    if spec.combine == "linear" and sum(params["weights"]) == 0.0:
+        raise RecipeError(
+            f"{spec.name}: the weights {params['weights']} sum to 0, and a weighted average divides "
+            "by their sum",
+            hint="give weights with a non-zero sum (they are normalised: 1,1 and 0.5,0.5 are the same "
+            "merge); for a difference of models use task arithmetic with --base",
+        )
     out_dtype = parse_output_dtype(dtype) if dtype else None
     schedule = make_schedule(lines)
     if schedule is not None and not base:

@@ -32,6 +32,7 @@ class Backend:
     gram_accumulate: Callable
     l1_accumulate: Callable
     rescale_update: Callable
+    count_nonfinite: Callable
 
     def decode(self, raw: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
         """Raw storage -> float32. F32 input is returned as is (no copy)."""
@@ -49,9 +50,23 @@ class Backend:
             np.copyto(out, x)
         elif dtype == "BF16":
             self.f32_to_bf16(x.view(np.uint32), out)
-        else:
-            np.copyto(out.view(np.float16), x, casting="unsafe")
+        else:  # overflow to inf is expected here and counted by the caller (nonfinite)
+            with np.errstate(over="ignore"):
+                np.copyto(out.view(np.float16), x, casting="unsafe")
         return out
+
+    def nonfinite(self, raw: np.ndarray, dtype: str) -> int:
+        """How many inf / NaN values ``raw`` (storage of float ``dtype``) holds."""
+        width, mask = _EXPONENT[dtype]
+        return int(self.count_nonfinite(raw.reshape(-1).view(width), width(mask)))
+
+
+# storage width and exponent field of each float dtype: all exponent bits set means inf or NaN
+_EXPONENT = {
+    "BF16": (np.uint16, 0x7F80),
+    "F16": (np.uint16, 0x7C00),
+    "F32": (np.uint32, 0x7F800000),
+}
 
 
 def get_backend(device: str = "cpu") -> Backend:

@@ -341,22 +341,24 @@ def diff(ctx: click.Context, base: str, finetuned: str, density, breadcrumbs, ou
 @click.argument("diff_or_patch")
 @click.option("--to", "target", required=True, help="The base to apply it to (any compatible version).")
 @click.option("--scale", type=float, default=None, help="Multiplier of the diff [default: 1].")
+@click.option("--raw-diff", is_flag=True,
+              help="DIFF_OR_PATCH is a hand-made dense diff (no surgery_diff.json): apply it as is.")  # fmt: skip
 @output_options
 @engine_options
 @click.pass_context
-def apply(
-    ctx: click.Context, diff_or_patch: str, target: str, scale, dtype, max_shard_size, **engine
-) -> None:
+def apply(ctx: click.Context, diff_or_patch: str, target: str, scale, raw_diff: bool, dtype, max_shard_size,
+          **engine) -> None:  # fmt: skip
     """Apply a diff or sparse patch to a base: OUT = BASE + scale * DIFF.
 
-    Warns when the target is not the base the diff was taken from (content hashes differ).
+    DIFF_OR_PATCH is what `surgery diff` wrote (it carries surgery_diff.json). Warns when the target
+    is not the base the diff was taken from (content hashes differ).
     """
     from surgery.checkpoint import open_checkpoint
-    from surgery.patch import is_patch
+    from surgery.patch import diff_kind
     from surgery.recipe import make_recipe
 
     with open_checkpoint(diff_or_patch) as ckpt:
-        method = "apply_patch" if is_patch(ckpt) else "apply"
+        method = "apply_patch" if diff_kind(ckpt, raw_diff) == "patch" else "apply"
     recipe = make_recipe(method, [diff_or_patch], target, {"scale": scale}, dtype, max_shard_size)
     run_recipe(ctx, recipe, **engine)
 

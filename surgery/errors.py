@@ -61,3 +61,7 @@ class OutputError(SurgeryError, OSError):
 
 class NonFiniteOutputError(SurgeryError, ArithmeticError):
     """A computed tensor holds inf or NaN although every input value was finite."""
+
+
+class InputNotADiffError(SurgeryError, ValueError):
+    """``apply`` was given something that is not a diff or patch (for example a full model)."""

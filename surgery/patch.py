@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from surgery.checkpoint import Checkpoint
-from surgery.errors import CorruptCheckpointError
+from surgery.errors import CorruptCheckpointError, InputNotADiffError
 from surgery.writer import Layout, OutputTensor, natural_key, plan_layout
 
 MANIFEST = "surgery_diff.json"
@@ -51,6 +51,22 @@ def read_manifest(root: Path) -> dict | None:
     if not isinstance(data, dict) or data.get("format") != "surgery-diff":
         raise CorruptCheckpointError(f"{path} is not a surgery diff manifest", path=str(path))
     return data
+
+
+def diff_kind(ckpt: Checkpoint, raw_diff: bool = False) -> str:
+    """"dense" or "patch" for what ``surgery diff`` wrote; anything else is refused (a full model
+    applied as a diff would silently add the whole model to the target), unless ``raw_diff`` says
+    that a folder without a manifest is a hand-made dense diff."""
+    if read_manifest(ckpt.root) is not None or raw_diff or is_patch(ckpt):
+        return "patch" if is_patch(ckpt) else "dense"
+    looks = "a full model" if ckpt.config() is not None else "a model, not a diff"
+    raise InputNotADiffError(
+        f"{ckpt.source} has no {MANIFEST}: it looks like {looks}, not something `surgery diff` wrote",
+        hint=f"take the diff first: `surgery diff BASE {ckpt.source} -o DIFF`, then "
+        "`surgery apply DIFF --to NEW_BASE` (or in one step: `surgery transfer`); pass --raw-diff if "
+        "it really is a hand-made dense diff",
+        path=ckpt.source,
+    )
 
 
 def is_patch(ckpt: Checkpoint) -> bool:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import click
+from surgery_cli.checks import refuse_unused
 
 _PLOT = click.Path(dir_okay=False, path_type=Path)
 
@@ -77,6 +78,10 @@ def intruders(ctx: click.Context, base: str, finetuned: tuple[str, ...], k: int,
         raise RecipeError("--mitigate LAMBDA and -o OUT go together", hint="pass both, or neither")
     if lam is not None and len(finetuned) != 1:
         raise RecipeError(f"--mitigate rewrites one fine-tune, got {len(finetuned)}")
+    if lam is None:
+        refuse_unused(ctx, ("overwrite",), "without --mitigate", hint="--overwrite goes with -o OUT")
+    if no_cache:
+        refuse_unused(ctx, ("cache_dir",), "with --no-cache")
     _threads(threads)
     opts = {"k": k, "eps": eps, "include": include, "device": device,
             "cache_dir": None if no_cache else cache_dir or lib.default_cache_dir()}  # fmt: skip
@@ -107,7 +112,8 @@ def intruders(ctx: click.Context, base: str, finetuned: tuple[str, ...], k: int,
 @_apply(_COMMON_OPTIONS)
 @click.option("--no-rank", is_flag=True, help="Skip effective ranks (one SVD per 2-D tensor and model).")
 @click.option("--tensors", "per_tensor", is_flag=True, help="Tables per tensor, not only per layer.")
-def stats(base: str, finetuned: tuple[str, ...], include: str | None, as_json: bool,
+@click.pass_context
+def stats(ctx: click.Context, base: str, finetuned: tuple[str, ...], include: str | None, as_json: bool,
           plot: Path | None, device: str, threads: int | None, quiet: bool, no_rank: bool,
           per_tensor: bool) -> None:  # fmt: skip
     """Task-vector statistics of fine-tunes FINETUNED... of BASE, per tensor and per layer.
@@ -120,6 +126,8 @@ def stats(base: str, finetuned: tuple[str, ...], include: str | None, as_json: b
     """
     from surgery.analysis.stats import diff_stats
 
+    if as_json:
+        refuse_unused(ctx, ("per_tensor",), "with --json", hint="the JSON report holds every tensor")
     _threads(threads)
     with _Bar("stats", "tensor", quiet) as bar:
         report = diff_stats(base, list(finetuned), include=include, effective_ranks=not no_rank,

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import click
+from surgery_cli.checks import refuse_unused
 
 _PLOT = click.Path(dir_okay=False, path_type=Path)
 
@@ -130,8 +131,10 @@ def generate_command(base: str, finetuned: str, alpha: float, prompt: str, max_n
               help="Jaccard overlap of this patch with another (FINETUNED may be a patch then).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--threads", type=int, default=None, help="CPU threads for torch [default: all].")
-def localize_command(base: str, finetuned: str, data_file: Path | None, density: float | None,
-                     region: str | None, steps: int, lr: float, fixed_density: bool, seed: int,
+@click.pass_context
+def localize_command(ctx: click.Context, base: str, finetuned: str, data_file: Path | None,
+                     density: float | None, region: str | None, steps: int, lr: float,
+                     fixed_density: bool, seed: int,
                      output: Path | None, overwrite: bool, compare: Path | None, as_json: bool,
                      threads: int | None) -> None:  # fmt: skip
     """Optimised skill graft (Panigrahi et al., ICML 2023) written as a sparse patch.
@@ -148,6 +151,10 @@ def localize_command(base: str, finetuned: str, data_file: Path | None, density:
 
     if compare is not None:
         from surgery.analysis.localize import compare_patches
+
+        refuse_unused(ctx, ("data_file", "density", "region", "steps", "lr", "fixed_density", "seed",
+                            "output", "overwrite", "threads"), "with --compare",
+                      hint="--compare only reads two patches")  # fmt: skip
 
         report = compare_patches(finetuned, compare)
         click.echo(json.dumps(report, indent=2) if as_json else render_compare(report))

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import click
+from surgery_cli.checks import refuse_unused
 from surgery_cli.hub import push_after_run, push_command, push_options
 
 METHOD_FLAGS = (
@@ -252,6 +253,9 @@ def merge(ctx: click.Context, models: tuple[str, ...], base: str | None, method_
     lines = None
     if use_lines:
         lines = {"alpha": lines_alpha, "beta": lines_beta, "outside": lines_outside}
+    else:
+        refuse_unused(ctx, ("lines_alpha", "lines_beta", "lines_outside"), "without --lines",
+                      hint="add --lines to scale the merged update by block depth")  # fmt: skip
     recipe = make_recipe(method, list(models), base, params, dtype, max_shard_size, lines)
     run_recipe(ctx, recipe, **engine)
 
@@ -322,6 +326,10 @@ def diff(ctx: click.Context, base: str, finetuned: str, density, breadcrumbs, ou
     modes = [m for m, on in flags.items() if on]
     if len(modes) > 1:
         raise RecipeError(f"choose one of --density, --breadcrumbs, --graft (got {', '.join(modes)})")
+    if modes == ["graft"]:
+        refuse_unused(ctx, ("outliers",), "with --graft", hint="--outliers goes with --breadcrumbs")
+    if modes:
+        refuse_unused(ctx, ("dtype",), "for a sparse patch", hint="patch values are always float32")
     if not modes:
         if outliers is not None or region is not None:
             raise RecipeError("--outliers and --region apply to sparse patches only")
@@ -342,7 +350,7 @@ def diff(ctx: click.Context, base: str, finetuned: str, density, breadcrumbs, ou
 @click.option("--to", "target", required=True, help="The base to apply it to (any compatible version).")
 @click.option("--scale", type=float, default=None, help="Multiplier of the diff [default: 1].")
 @click.option("--raw-diff", is_flag=True,
-              help="DIFF_OR_PATCH is a hand-made dense diff (no surgery_diff.json): apply it as is.")  # fmt: skip
+              help="DIFF_OR_PATCH is a hand-made dense diff (no surgery_diff.json).")  # fmt: skip
 @output_options
 @engine_options
 @click.pass_context
@@ -415,6 +423,7 @@ def graft(ctx: click.Context, base: str, finetuned: str, density: float, region,
 
     params = {"density": density, "region": region}
     if as_patch:
+        refuse_unused(ctx, ("dtype",), "with --patch", hint="patch values are always float32")
         params["granularity"] = "global"
         recipe = make_recipe("patch", [finetuned], base, params, None, max_shard_size)
     else:

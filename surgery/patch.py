@@ -54,7 +54,7 @@ def read_manifest(root: Path) -> dict | None:
 
 
 def diff_kind(ckpt: Checkpoint, raw_diff: bool = False) -> str:
-    """"dense" or "patch" for what ``surgery diff`` wrote; anything else is refused (a full model
+    """ "dense" or "patch" for what ``surgery diff`` wrote; anything else is refused (a full model
     applied as a diff would silently add the whole model to the target), unless ``raw_diff`` says
     that a folder without a manifest is a hand-made dense diff."""
     if read_manifest(ckpt.root) is not None or raw_diff or is_patch(ckpt):

@@ -158,6 +158,14 @@ def _resolve_parameters(spec: Method, given: dict, n_models: int) -> dict:
         value = given.get(name)
         value = p.default if value is None else value
         out[name] = _check_parameter(spec, p.name, p.kind, value, p.choices, n_models)
+    density, outliers = out.get("density"), out.get("outliers")
+    if density is not None and outliers is not None and density + outliers > 1.0:
+        raise RecipeError(
+            f"{spec.name}: density {density:g} + outliers {outliers:g} > 1: only {1 - outliers:g} of "
+            "the entries lie below the outliers, so the density could not be kept",
+            hint="density is the fraction KEPT after the largest `outliers` fraction is removed: "
+            "lower one of them",
+        )
     return out
 
 

@@ -11,19 +11,18 @@ import sys
 from pathlib import Path
 
 import click
-from surgery_cli.checks import refuse_unused
-
-_PLOT = click.Path(dir_okay=False, path_type=Path)
-
+from surgery_cli.options import PLOT, THREADS, check_device, check_plot_path, make_parent, refuse_unused
 
 _COMMON_OPTIONS = [
     click.option("--include", default=None, help="Regex of tensor names to analyse."),
     click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON."),
-    click.option("--plot", type=_PLOT, default=None, help="Write a PNG plot of the report."),
-    click.option("--device", default="cpu", show_default=True, help="Torch device for the SVDs."),
-    click.option("--threads", type=int, default=None, help="CPU threads for torch [default: all]."),
+    click.option("--plot", type=PLOT, default=None, callback=check_plot_path,
+                 help="Write a PNG plot of the report (its folder is created)."),
+    click.option("--device", default="cpu", show_default=True, callback=check_device,
+                 help="Torch device for the SVDs: cpu, cuda or cuda:N."),
+    click.option("--threads", type=THREADS, default=None, help="CPU threads [default: all cores]."),
     click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
-]
+]  # fmt: skip
 
 
 _INTRUDER_OPTIONS = [
@@ -215,6 +214,7 @@ def _plot(path: Path | None, function: str, report) -> None:
         return
     from surgery.analysis import plots
 
+    make_parent(path)
     getattr(plots, function)(report, path)
     click.echo(f"wrote plot {path}", err=True)
 

@@ -10,13 +10,11 @@ import json
 from pathlib import Path
 
 import click
-from surgery_cli.checks import refuse_unused
-
-_PLOT = click.Path(dir_okay=False, path_type=Path)
+from surgery_cli.options import PLOT, THREADS, check_plot_path, make_parent, refuse_unused
 
 
 def _threads(threads: int | None) -> None:
-    if threads:
+    if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
@@ -29,8 +27,9 @@ def _threads(threads: int | None) -> None:
               help="Text file (one prompt a line) or JSONL with a 'prompt' field.")  # fmt: skip
 @click.option("--chat", is_flag=True, help="Wrap each prompt in the tokenizer's chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
-@click.option("--plot", type=_PLOT, default=None, help="PNG: TuCo per prompt and mean |FTC| per layer.")
-@click.option("--threads", type=int, default=None, help="CPU threads for torch [default: all].")
+@click.option("--plot", type=PLOT, default=None, callback=check_plot_path,
+              help="PNG: TuCo per prompt and mean |FTC| per layer (its folder is created).")  # fmt: skip
+@click.option("--threads", type=THREADS, default=None, help="CPU threads [default: all cores].")
 def tuco_command(base: str, finetuned: str, prompts_file: Path, chat: bool, as_json: bool,
                  plot: Path | None, threads: int | None) -> None:  # fmt: skip
     """Tuning contribution of FINETUNED over BASE per prompt (Nuti et al., ICML 2025).
@@ -82,6 +81,7 @@ def plot_tuco(report, path: Path) -> None:
     b.plot(range(report.num_layers), report.mean_ftc_norms(), marker="o")
     b.set(xlabel="layer", ylabel="mean |FTC_l|", title="fine-tuning component per layer")
     fig.tight_layout()
+    make_parent(path)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -95,7 +95,7 @@ def plot_tuco(report, path: Path) -> None:
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print text and token ids as JSON.")
-@click.option("--threads", type=int, default=None, help="CPU threads for torch [default: all].")
+@click.option("--threads", type=THREADS, default=None, help="CPU threads [default: all cores].")
 def generate_command(base: str, finetuned: str, alpha: float, prompt: str, max_new_tokens: int, chat: bool,
                      as_json: bool, threads: int | None) -> None:  # fmt: skip
     """Greedy generation steered by TuCo: x_{l+1} = x_l + PTC_l + ALPHA * FTC_l at every layer.
@@ -130,7 +130,7 @@ def generate_command(base: str, finetuned: str, alpha: float, prompt: str, max_n
 @click.option("--compare", "compare", type=click.Path(path_type=Path), default=None,
               help="Jaccard overlap of this patch with another (FINETUNED may be a patch then).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--threads", type=int, default=None, help="CPU threads for torch [default: all].")
+@click.option("--threads", type=THREADS, default=None, help="CPU threads [default: all cores].")
 @click.pass_context
 def localize_command(ctx: click.Context, base: str, finetuned: str, data_file: Path | None,
                      density: float | None, region: str | None, steps: int, lr: float,

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import click
-from surgery_cli.checks import refuse_unused
 from surgery_cli.hub import push_after_run, push_command, push_options
+from surgery_cli.options import THREADS, check_device, refuse_unused
 
 METHOD_FLAGS = (
     "task_arithmetic", "breadcrumbs", "breadcrumbs_ties", "ties", "dare", "dare_ties", "linear",
@@ -21,11 +21,26 @@ METHOD_FLAGS = (
 
 
 class SurgeryGroup(click.Group):
-    """Maps library errors to `error: ...` / `hint: ...` and exit code 1 (traceback with --debug)."""
+    """Maps library errors to `error: ...` / `hint: ...` and exit code 1 (traceback with --debug);
+    usage errors of a command (a bad flag value) to the same two lines and exit code 2."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # --debug is accepted anywhere before a `--`, not only before the subcommand
+        cut = args.index("--") if "--" in args else len(args)
+        if "--debug" in args[1:cut]:
+            args = ["--debug", *(a for a in args[:cut] if a != "--debug"), *args[cut:]]
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:
+            if ctx.meta.get("surgery.debug"):
+                raise
+            command = exc.ctx.command_path if exc.ctx is not None else "surgery"
+            click.echo(f"error: {exc.format_message()}", err=True)
+            click.echo(f"hint: see `{command} --help`", err=True)
+            ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             out = ctx.meta.get("surgery.output")
             click.echo("\nerror: interrupted", err=True)
@@ -67,9 +82,9 @@ def engine_options(fn):
                      help="Output folder (created; must not be or lie inside an input)."),
         click.option("--max-memory", default="2GiB", show_default=True,
                      help="Budget for all working buffers (e.g. 512MiB, 8GiB)."),
-        click.option("--threads", type=int, default=None, help="Worker threads [default: cores]."),
-        click.option("--device", default="cpu", show_default=True,
-                     help="cpu (numba kernels) or cuda[:N] (torch kernels)."),
+        click.option("--threads", type=THREADS, default=None, help="Worker threads [default: all cores]."),
+        click.option("--device", default="cpu", show_default=True, callback=check_device,
+                     help="cpu (numba kernels), cuda or cuda:N (torch kernels)."),
         click.option("--dry-run", is_flag=True, help="Check the inputs and print the plan only."),
         click.option("--overwrite", is_flag=True, help="Replace the output folder's contents."),
         click.option("--allow-nonfinite", is_flag=True,

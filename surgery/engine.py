@@ -27,7 +27,7 @@ import numpy as np
 
 from surgery.dtypes import DTYPES
 from surgery.errors import IncompatibleTensorsError, NonFiniteOutputError, RecipeError, SurgeryError
-from surgery.kernels import Backend, get_backend
+from surgery.kernels import Backend, check_device, get_backend
 from surgery.methods.dare import dare_key
 from surgery.methods.interpolation import model_stock_k, slerp_coefficients
 from surgery.methods.lines import make_schedule
@@ -107,6 +107,7 @@ def execute(
     tensor just completed, else None.
     """
     start = time.perf_counter()
+    check_device(options.device)  # before the output folder is touched
     check_output_folder(out, input_paths(plan))
     # The layout is a pure function of recipe and inputs, so they alone identify a partial run.
     fingerprint = fingerprint_of(

@@ -65,3 +65,7 @@ class NonFiniteOutputError(SurgeryError, ArithmeticError):
 
 class InputNotADiffError(SurgeryError, ValueError):
     """``apply`` was given something that is not a diff or patch (for example a full model)."""
+
+
+class DeviceError(SurgeryError, ValueError):
+    """The requested compute device does not exist on this machine (or is not a device name)."""

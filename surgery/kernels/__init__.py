@@ -7,10 +7,13 @@ the result back, so the engine is the same for both and results can be compared 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from surgery.errors import DeviceError
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,35 @@ _EXPONENT = {
     "F16": (np.uint16, 0x7C00),
     "F32": (np.uint32, 0x7F800000),
 }
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this machine cannot run on, before anything is read or written: ``cpu``,
+    ``torch-cpu`` (tests), ``cuda`` or ``cuda:N`` with N below the number of visible GPUs."""
+    if device in ("cpu", "torch-cpu"):
+        return
+    m = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if m is None:
+        raise DeviceError(f"unknown device {device!r}", hint="use cpu, cuda or cuda:N", device=device)
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency of the CUDA path only
+        raise DeviceError(f"device {device!r} needs torch, which is not installed",
+                          hint="install torch with CUDA support, or use --device cpu") from None  # fmt: skip
+    if not torch.cuda.is_available():
+        why = "torch was built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+        raise DeviceError(
+            f"device {device!r}: CUDA is not available on this machine ({why})",
+            hint="use --device cpu (the numba kernels; the default)",
+            device=device,
+        )
+    count = torch.cuda.device_count()
+    if int(m.group(1) or 0) >= count:
+        raise DeviceError(
+            f"device {device!r}: this machine has {count} CUDA device(s)",
+            hint=f"use cuda:0 ... cuda:{count - 1}",
+            device=device,
+        )
 
 
 def get_backend(device: str = "cpu") -> Backend:

@@ -1,0 +1,72 @@
+"""Checks of flag combinations that the library cannot see: an option the chosen method or mode does
+not use is an error naming it (issue 10: never ignore what the user typed)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+
+def typed(ctx: click.Context, *names: str) -> list[str]:
+    """The flags among ``names`` (parameter names) that the user gave, as they are spelled."""
+    from click.core import ParameterSource
+
+    flags = []
+    for name in names:
+        if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+            param = next(p for p in ctx.command.params if p.name == name)
+            flags.append(max(param.opts, key=len))
+    return flags
+
+
+def refuse_unused(
+    ctx: click.Context, names: tuple[str, ...] | list[str], why: str, hint: str | None = None
+) -> None:
+    """Raise when any of ``names`` was given: they do nothing ``why`` (e.g. "without --lines")."""
+    given = typed(ctx, *names)
+    if given:
+        from surgery.errors import RecipeError
+
+        what = " and ".join(given)
+        raise RecipeError(f"{what} {'does' if len(given) == 1 else 'do'} nothing {why}", hint=hint)
+
+
+# -- option types shared by every command ---------------------------------------------------------
+# one rule for every command: a positive integer, or omitted = all cores
+THREADS = click.IntRange(min=1)
+
+
+def check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """--device is checked when the flags are read, before any input is opened or output written."""
+    from surgery.kernels import check_device as check
+
+    check(value)
+    return value
+
+
+def check_plot_path(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    """--plot: refuse before computing a path whose folder cannot be made; the folder itself is made
+    only when the plot is written (``make_parent``)."""
+    if value is None:
+        return None
+    from surgery.errors import OutputError
+
+    ancestor = value.parent.absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"cannot write plot {value}: {ancestor} is not a folder", path=str(value),
+                          hint="choose a --plot path inside a folder")  # fmt: skip
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write plot {value}: {ancestor} is not writable", path=str(value),
+                          hint="choose a --plot path in a folder you can write to")  # fmt: skip
+    return value
+
+
+PLOT = click.Path(dir_okay=False, path_type=Path)
+
+
+def make_parent(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 from surgery_cli.hub import push_after_run, push_command, push_options
-from surgery_cli.options import THREADS, check_device, refuse_unused
+from surgery_cli.options import THREADS, check_device, check_max_memory, refuse_unused
 
 METHOD_FLAGS = (
     "task_arithmetic", "breadcrumbs", "breadcrumbs_ties", "ties", "dare", "dare_ties", "linear",
@@ -80,8 +80,8 @@ def engine_options(fn):
     options = [
         click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
                      help="Output folder (created; must not be or lie inside an input)."),
-        click.option("--max-memory", default="2GiB", show_default=True,
-                     help="Budget for all working buffers (e.g. 512MiB, 8GiB)."),
+        click.option("--max-memory", default="2GiB", show_default=True, callback=check_max_memory,
+                     help="Budget for all working buffers, at least 4KiB (e.g. 512MiB, 8GiB)."),
         click.option("--threads", type=THREADS, default=None, help="Worker threads [default: all cores]."),
         click.option("--device", default="cpu", show_default=True, callback=check_device,
                      help="cpu (numba kernels), cuda or cuda:N (torch kernels)."),
@@ -119,7 +119,7 @@ def run_recipe(ctx: click.Context, recipe, output: Path, max_memory: str, thread
     plan = build_plan(recipe)
     try:
         if dry_run:
-            click.echo(json.dumps(plan.summary(), indent=2))
+            click.echo(json.dumps(plan.summary(options.max_memory, options.workers), indent=2))
             return
         ctx.meta["surgery.output"] = str(output)
         for note in plan.notes:

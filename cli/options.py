@@ -46,6 +46,23 @@ def check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
     return value
 
 
+MIN_MEMORY = 4 * 2**10
+
+
+def check_max_memory(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A budget so small that chunks hold a few dozen values makes a run crawl: a floor, with why."""
+    from surgery.errors import RecipeError
+    from surgery.recipe import parse_size
+
+    if parse_size(value) < MIN_MEMORY:
+        raise RecipeError(
+            f"--max-memory {value} is below the floor of 4KiB: chunks would hold a few values each and "
+            "fixed per-chunk costs would dominate (a 2 MB merge at 0 takes 20x longer than at 64KiB)",
+            hint="give the working buffers at least 4KiB; 512MiB or more suits real models",
+        )
+    return value
+
+
 def check_plot_path(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
     """--plot: refuse before computing a path whose folder cannot be made; the folder itself is made
     only when the plot is written (``make_parent``)."""

@@ -196,6 +196,18 @@ def _card(plan) -> str:
     )  # fmt: skip
 
 
+def warn_contradicting_cards(base: str, models: list[str]) -> None:
+    """An explicit base that no fine-tune's card names is allowed (a transfer, a renamed copy), but
+    said: it is the classic way to merge against the wrong base."""
+    from surgery.card import contradicting_cards
+
+    named = contradicting_cards(base, models)
+    if named:
+        listing = "; ".join(f"{m} -> {b}" for m, b in named.items())
+        click.echo(f"warning: the base {base} is not the base_model of any fine-tune's model card "
+                   f"({listing})", err=True)  # fmt: skip
+
+
 def lines_outside_option(fn):
     return click.option(
         "--lines-outside",
@@ -263,6 +275,9 @@ def merge(ctx: click.Context, models: tuple[str, ...], base: str | None, method_
     method = chosen[0] if chosen else "task_arithmetic"
     if base is None and get_method(method).needs_base:
         base = base_from_cards(list(models))
+        click.echo(f"base: {base} (the base_model of every fine-tune's model card)", err=True)
+    elif base is not None:
+        warn_contradicting_cards(base, list(models))
     params = {"density": density, "outliers": outliers, "scale": scale, "weights": weights,
               "granularity": granularity, "t": t, "seed": seed}  # fmt: skip
     lines = None
@@ -461,10 +476,41 @@ def run(ctx: click.Context, recipe_file: Path, **engine) -> None:
       models: [path/a, path/b]
       parameters: {density: 0.1, outliers: 0.01, granularity: per_tensor, scale: 1.0}
       output: {dtype: null, max_shard_size: 5GB}
+
+    Relative paths are resolved against the recipe file's folder; without base:, the models' cards
+    name it (as in `surgery merge`).
     """
+    from surgery.errors import SurgeryError
     from surgery.recipe import load_recipe
 
-    run_recipe(ctx, load_recipe(recipe_file), **engine)
+    def from_cards(base: str) -> None:
+        click.echo(f"base: {base} (the base_model of every model's card)", err=True)
+
+    try:
+        run_recipe(ctx, load_recipe(recipe_file, from_cards), **engine)
+    except SurgeryError as exc:
+        exc.hint = recipe_terms(exc.hint, ctx.command)
+        raise
+
+
+def recipe_terms(hint: str | None, command: click.Command) -> str | None:
+    """Hints name the flags of the commands that build recipes; `surgery run` has none of them, so
+    such a flag becomes the recipe key that says the same (a hint never names a missing option)."""
+    import re
+
+    if hint is None:
+        return None
+    own = {opt for p in command.params for opt in p.opts}
+
+    def key(m: re.Match) -> str:
+        flag, value = m.group(1), m.group(2) or ""
+        if flag in own:
+            return m.group(0)
+        name = flag[2:].replace("-", "_")
+        where = "" if name == "base" else "parameters: "
+        return f"`{where}{name}:{value}` in the recipe"
+
+    return re.sub(r"(--[a-z][a-z-]*)( [A-Z_]+(?![a-z]))?", key, hint)
 
 
 @cli.command()

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from surgery.errors import InputNotFoundError, RecipeError
-from surgery.hub import CARD_NAME, HubRef, hub_ref, resolve
+from surgery.errors import InputNotFoundError, RecipeError, SurgeryError
+from surgery.hub import CARD_NAME, HubRef, hub_ref, parse_hub_id, resolve
 from surgery.methods.lines import PAPER as LINES_PAPER
 
 
@@ -28,43 +28,78 @@ def front_matter(readme: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def base_from_cards(models: list[str]) -> str:
+def card_base(model: str) -> str | None:
+    """The base that ``model``'s card names as ``base_model``: a local folder (a relative path is
+    resolved against the fine-tune's folder, never the current directory), else a Hub id; None when
+    the card names no single base."""
+    root = resolve(model)  # a Hub fine-tune: its card comes with it
+    if not root.exists():
+        raise InputNotFoundError(f"{model}: no such folder or file", hint="check the path", path=str(model))
+    folder = root if root.is_dir() else root.parent
+    base = front_matter(folder / "README.md").get("base_model")
+    if isinstance(base, list) and len(base) == 1:
+        base = base[0]
+    if not isinstance(base, str) or not base:
+        return None
+    local = folder / Path(base).expanduser()
+    if local.exists():
+        return str(local.resolve())
+    if parse_hub_id(base) is not None and not base.startswith((".", "/", "~")):
+        return base
+    raise InputNotFoundError(
+        f"the model card of {model} names base {base!r}, which is not a folder beside it "
+        f"({local} does not exist) nor a Hub id",
+        hint="fix base_model in its README.md, or name the base explicitly",
+        path=str(local),
+    )
+
+
+def base_from_cards(models: list[str], explicit: str = "pass --base BASE") -> str:
     """The base that every fine-tune's model card names as ``base_model``.
 
-    A local path in a card is resolved against the fine-tune's folder, then the current directory.
+    ``explicit`` says how the user names a base instead (it goes into the hints).
     """
+    for model in models:  # a typo in any input is reported as such, before any card is read
+        if not resolve(model).exists():
+            raise InputNotFoundError(
+                f"{model}: no such folder or file", hint="check the path", path=str(model)
+            )
     found: dict[str, str] = {}
     for model in models:
-        root = resolve(model)  # a Hub fine-tune: its card comes with it
-        folder = root if root.is_dir() else root.parent
-        base = front_matter(folder / "README.md").get("base_model")
-        if isinstance(base, list) and len(base) == 1:
-            base = base[0]
-        if not isinstance(base, str) or not base:
+        base = card_base(model)
+        if base is None:
             raise RecipeError(
-                f"{model} has no single base_model in its model card (README.md)",
-                hint="pass --base BASE",
+                f"{model} has no single base_model in its model card (README.md)", hint=explicit
             )
-        for candidate in (folder / base, Path(base)):
-            if candidate.exists():
-                base = str(candidate.resolve())
-                break
         found[model] = base
     distinct = sorted(set(found.values()))
     if len(distinct) > 1:
         listing = "; ".join(f"{m} -> {b}" for m, b in found.items())
         raise RecipeError(
             f"the fine-tunes' model cards name different bases ({listing})",
-            hint="pass --base BASE to choose one",
+            hint=f"{explicit} to choose one",
         )
-    base = distinct[0]
-    if not Path(base).exists() and hub_ref(base) is None:
-        raise InputNotFoundError(
-            f"the model cards name base {base!r}, which is not a local folder",
-            hint="download it and pass --base PATH",
-            path=base,
-        )
-    return base
+    return distinct[0]
+
+
+def contradicting_cards(base: str, models: list[str]) -> dict[str, str]:
+    """{model: the base its card names} when every card names a base and none of them is ``base``
+    (an explicit base that may be the wrong one); {} otherwise. Card problems are not errors here:
+    the user named the base."""
+    named: dict[str, str] = {}
+    for model in models:
+        try:
+            card = card_base(model)
+        except SurgeryError:
+            return {}
+        if card is None:
+            return {}
+        named[model] = card
+    chosen = Path(base).expanduser()
+    chosen_key = str(chosen.resolve()) if chosen.exists() else base
+    if any(card == chosen_key for card in named.values()):
+        return {}
+    return named
 
 
 def _lines_section(lines: dict | None) -> str:

@@ -121,22 +121,25 @@ def generate_command(base: str, finetuned: str, alpha: float, prompt: str, max_n
 @click.option("--region", default=None, help="Regex of tensors to graft [default: the transformer blocks].")
 @click.option("--steps", type=int, default=100, show_default=True, help="Gradient steps on the mask.")
 @click.option("--lr", type=float, default=1.0, show_default=True, help="Step size (relative to max |grad|).")
-@click.option(
-    "--fixed-density", is_flag=True, help="Keep the top-k of gamma (k = data-free count), not round."
-)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--allow-growth", is_flag=True,
+              help="The paper's rounded mask: the patch may hold more than --density [default: exactly "
+                   "the data-free count].")  # fmt: skip
+@click.option("--holdout", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.2, show_default=True,
+              help="Fraction of --data held out (never trained on) to report accuracy on.")  # fmt: skip
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the mask init and the split.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Patch folder.")
 @click.option("--overwrite", is_flag=True, help="Replace the output folder's contents.")
 @click.option("--compare", "compare", type=click.Path(path_type=Path), default=None,
               help="Jaccard overlap of this patch with another (FINETUNED may be a patch then).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--threads", type=THREADS, default=None, help="CPU threads [default: all cores].")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def localize_command(ctx: click.Context, base: str, finetuned: str, data_file: Path | None,
                      density: float | None, region: str | None, steps: int, lr: float,
-                     fixed_density: bool, seed: int,
+                     allow_growth: bool, holdout: float, seed: int,
                      output: Path | None, overwrite: bool, compare: Path | None, as_json: bool,
-                     threads: int | None) -> None:  # fmt: skip
+                     threads: int | None, quiet: bool) -> None:  # fmt: skip
     """Optimised skill graft (Panigrahi et al., ICML 2023) written as a sparse patch.
 
     Starts from the data-free top-DENSITY mask of |FINETUNED - BASE| over the region and learns
@@ -152,8 +155,8 @@ def localize_command(ctx: click.Context, base: str, finetuned: str, data_file: P
     if compare is not None:
         from surgery.analysis.localize import compare_patches
 
-        refuse_unused(ctx, ("data_file", "density", "region", "steps", "lr", "fixed_density", "seed",
-                            "output", "overwrite", "threads"), "with --compare",
+        refuse_unused(ctx, ("data_file", "density", "region", "steps", "lr", "allow_growth", "holdout",
+                            "seed", "output", "overwrite", "threads"), "with --compare",
                       hint="--compare only reads two patches")  # fmt: skip
 
         report = compare_patches(finetuned, compare)
@@ -161,12 +164,15 @@ def localize_command(ctx: click.Context, base: str, finetuned: str, data_file: P
         return
     if data_file is None or density is None or output is None:
         raise RecipeError("localize needs --data, --density and -o", hint="or --compare PATCH2")
+    from surgery_cli.analysis import _Bar
+
     from surgery.analysis.localize import localize, read_examples
 
     _threads(threads)
-    report = localize(base, finetuned, read_examples(data_file), density, output, region=region,
-                      steps=steps, lr=lr, fixed_density=fixed_density, seed=seed,
-                      overwrite=overwrite)  # fmt: skip
+    with _Bar("localize", "step", quiet) as bar:
+        report = localize(base, finetuned, read_examples(data_file), density, output, region=region,
+                          steps=steps, lr=lr, fixed_density=not allow_growth, seed=seed,
+                          overwrite=overwrite, progress=bar.update, holdout=holdout)  # fmt: skip
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else render_localize(report))
 
 
@@ -174,7 +180,8 @@ def render_localize(report) -> str:
     rows = [("base", 0.0, report.scores["base"]), ("fine-tune", 1.0, report.scores["finetuned"]),
             ("data-free graft", report.data_free_fraction, report.scores["data_free"]),
             ("optimised graft", report.fraction, report.scores["optimised"])]  # fmt: skip
-    lines = [f"{'model':<16}  {'params':>10}  {'accuracy':>8}  {'loss':>8}"]
+    where = f"{len(report.held_out)} held-out examples" if report.held_out else "the training data"
+    lines = [f"scores on {where}", f"{'model':<16}  {'params':>10}  {'accuracy':>8}  {'loss':>8}"]
     for name, frac, s in rows:
         lines.append(f"{name:<16}  {100 * frac:9.4g}%  {100 * s['accuracy']:7.1f}%  {s['loss']:8.4f}")
     lines.append(f"wrote {report.output}: {report.kept:,} of {report.total:,} region parameters")

@@ -14,8 +14,10 @@ import click
 from surgery_cli.options import PLOT, THREADS, check_device, check_plot_path, make_parent, refuse_unused
 
 _COMMON_OPTIONS = [
-    click.option("--include", default=None, help="Regex of tensor names to analyse."),
-    click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON."),
+    click.option("--include", default=None,
+                 help="Regex of tensor names to analyse [default: stats every float tensor, intruders "
+                      "the 2-D weights of the blocks]."),
+    click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
     click.option("--plot", type=PLOT, default=None, callback=check_plot_path,
                  help="Write a PNG plot of the report (its folder is created)."),
     click.option("--device", default="cpu", show_default=True, callback=check_device,

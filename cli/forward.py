@@ -26,7 +26,7 @@ def _threads(threads: int | None) -> None:
 @click.option("--prompts", "prompts_file", required=True, type=click.Path(path_type=Path),
               help="Text file (one prompt a line) or JSONL with a 'prompt' field.")  # fmt: skip
 @click.option("--chat", is_flag=True, help="Wrap each prompt in the tokenizer's chat template.")
-@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--plot", type=PLOT, default=None, callback=check_plot_path,
               help="PNG: TuCo per prompt and mean |FTC| per layer (its folder is created).")  # fmt: skip
 @click.option("--threads", type=THREADS, default=None, help="CPU threads [default: all cores].")
@@ -92,9 +92,10 @@ def plot_tuco(report, path: Path) -> None:
 @click.option("--alpha", type=float, required=True,
               help="Scale of the fine-tuning component: 1 = FINETUNED, 0 = BASE blocks only.")  # fmt: skip
 @click.option("--prompt", required=True, help="Prompt text.")
-@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Tokens to generate at most (greedy).")  # fmt: skip
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
-@click.option("--json", "as_json", is_flag=True, help="Print text and token ids as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--threads", type=THREADS, default=None, help="CPU threads [default: all cores].")
 def generate_command(base: str, finetuned: str, alpha: float, prompt: str, max_new_tokens: int, chat: bool,
                      as_json: bool, threads: int | None) -> None:  # fmt: skip
@@ -120,7 +121,8 @@ def generate_command(base: str, finetuned: str, alpha: float, prompt: str, max_n
 @click.option("--density", type=float, default=None, help="Fraction of the region's parameters grafted.")
 @click.option("--region", default=None, help="Regex of tensors to graft [default: the transformer blocks].")
 @click.option("--steps", type=int, default=100, show_default=True, help="Gradient steps on the mask.")
-@click.option("--lr", type=float, default=1.0, show_default=True, help="Step size (relative to max |grad|).")
+@click.option("--lr", type=float, default=1.0, show_default=True,
+              help="Step size, in units of the data-free count's largest |grad| (scale-free).")  # fmt: skip
 @click.option("--allow-growth", is_flag=True,
               help="The paper's rounded mask: the patch may hold more than --density [default: exactly "
                    "the data-free count].")  # fmt: skip

@@ -82,7 +82,7 @@ def engine_options(fn):
                      help="Output folder (created; must not be or lie inside an input)."),
         click.option("--max-memory", default="2GiB", show_default=True, callback=check_max_memory,
                      help="Budget for all working buffers, at least 4KiB (e.g. 512MiB, 8GiB)."),
-        click.option("--threads", type=THREADS, default=None, help="Worker threads [default: all cores]."),
+        click.option("--threads", type=THREADS, default=None, help="CPU threads [default: all cores]."),
         click.option("--device", default="cpu", show_default=True, callback=check_device,
                      help="cpu (numba kernels), cuda or cuda:N (torch kernels)."),
         click.option("--dry-run", is_flag=True, help="Check the inputs and print the plan only."),
@@ -97,11 +97,13 @@ def engine_options(fn):
     return fn
 
 
-def output_options(fn):
+def output_options(fn=None, *, dtype_default: str = "the base's"):
     """Options that are part of the recipe: they change the output bytes."""
+    if fn is None:
+        return lambda f: output_options(f, dtype_default=dtype_default)
     fn = click.option("--max-shard-size", default="5GB", show_default=True,
-                      help="Largest output shard (e.g. 2GB, 500MB).")(fn)  # fmt: skip
-    dtype_help = "Output float dtype: bfloat16, float16, float32 [default: the base's]."
+                      help="Largest output shard in bytes (e.g. 2GB, 500MB).")(fn)  # fmt: skip
+    dtype_help = f"Output float dtype: bfloat16, float16, float32 [default: {dtype_default}]."
     fn = click.option("--dtype", default=None, help=dtype_help)(fn)
     return fn
 
@@ -229,15 +231,37 @@ def _method_flags(fn):
 @cli.command()
 @click.argument("models", nargs=-1, required=True)
 @click.option("--base", default=None, help="Base model [default: base_model from the models' cards].")
-@click.option("--method", "method_name", default=None, help="Method by name (see `surgery methods`).")
+@click.option("--method", "method_name", default=None,
+              help="Method by name (see `surgery methods`) [default: task_arithmetic].")  # fmt: skip
 @_method_flags
-@click.option("--density", type=float, default=None, help="Fraction of task-vector entries KEPT.")
-@click.option("--outliers", type=float, default=None, help="Fraction of largest |tau| removed.")
-@click.option("--scale", type=float, default=None, help="Multiplier of the merged task vector.")
-@click.option("--weights", default=None, help="Per-model weights: w1,w2,...")
-@click.option("--granularity", type=click.Choice(["per_tensor", "per_row", "global"]), default=None)
-@click.option("--t", "t", type=float, default=None, help="SLERP interpolation factor.")
-@click.option("--seed", type=int, default=None, help="Seed for DARE's random stream.")
+@click.option(
+    "--density",
+    type=float,
+    default=None,
+    help="Fraction of task-vector entries KEPT [default: the method's, see `surgery methods`].",
+)
+@click.option(
+    "--outliers",
+    type=float,
+    default=None,
+    help="Fraction of the largest |tau| removed [default: the method's: 0.01 breadcrumbs].",
+)
+@click.option("--scale", type=float, default=None, help="Multiplier of the merged task vector [default: 1].")
+@click.option("--weights", default=None, help="Per-model weights w1,w2,... [default: all 1].")
+@click.option(
+    "--granularity",
+    type=click.Choice(["per_tensor", "per_row", "global"]),
+    default=None,
+    help="Group over which ranks are taken [default: per_tensor].",
+)
+@click.option(
+    "--t",
+    "t",
+    type=float,
+    default=None,
+    help="SLERP interpolation factor: 0 = first endpoint, 1 = second [default: 0.5].",
+)
+@click.option("--seed", type=int, default=None, help="Seed of DARE's random stream [default: 0].")
 @click.option("--lines", "use_lines", is_flag=True, help="LiNeS: scale the merged update by block depth.")
 @click.option(
     "--lines-alpha",
@@ -334,7 +358,7 @@ def lines(ctx: click.Context, base: str, finetuned: str, alpha: float, beta: flo
 @click.option(
     "--region", default=None, help="Regex of tensors a patch may touch [default: all; --graft: the blocks]."
 )
-@output_options
+@output_options(dtype_default="float32, exact for bf16/f16 inputs")
 @engine_options
 @click.pass_context
 def diff(ctx: click.Context, base: str, finetuned: str, density, breadcrumbs, outliers, graft_density,
@@ -381,7 +405,7 @@ def diff(ctx: click.Context, base: str, finetuned: str, density, breadcrumbs, ou
 @click.option("--scale", type=float, default=None, help="Multiplier of the diff [default: 1].")
 @click.option("--raw-diff", is_flag=True,
               help="DIFF_OR_PATCH is a hand-made dense diff (no surgery_diff.json).")  # fmt: skip
-@output_options
+@output_options(dtype_default="the target's")
 @engine_options
 @click.pass_context
 def apply(ctx: click.Context, diff_or_patch: str, target: str, scale, raw_diff: bool, dtype, max_shard_size,
@@ -408,7 +432,7 @@ def apply(ctx: click.Context, diff_or_patch: str, target: str, scale, raw_diff: 
 @click.option("--scale", type=float, default=None, help="Multiplier of the diff [default: 1].")
 @click.option("--tokenizer-from", type=click.Choice(["finetuned", "new-base"]), default="finetuned",
               show_default=True, help="Vocabulary, tokenizer and chat template of the output.")  # fmt: skip
-@output_options
+@output_options(dtype_default="the new base's")
 @engine_options
 @click.pass_context
 def transfer(ctx: click.Context, old_base: str, old_ft: str, new_base: str, scale, tokenizer_from, dtype,
@@ -515,7 +539,7 @@ def recipe_terms(hint: str | None, command: click.Command) -> str | None:
 
 @cli.command()
 @click.argument("path")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--layers", "show_layers", is_flag=True, help="List every tensor's block (LiNeS mapping).")
 def inspect(path: str, as_json: bool, show_layers: bool) -> None:
     """Describe a checkpoint: shards, tensors, parameters, dtypes, layers, tied embeddings."""
@@ -557,8 +581,11 @@ def methods() -> None:
         click.echo(f"{'':<17} {base}; models: {models}; command: surgery {spec.command}")
         click.echo(f"{'':<17} roles: {spec.roles}")
         for p in spec.params:
-            default = "all 1" if p.kind == "weights" else p.default
-            click.echo(f"{'':<19}--{p.name:<12} {p.help} [default: {default}]")
+            flag = "--" + p.name.replace("_", "-")  # as the commands spell it
+            default = (
+                "" if "default" in p.help else f" [default: {'all 1' if p.kind == 'weights' else p.default}]"
+            )
+            click.echo(f"{'':<19}{flag:<14} {p.help}{default}")
         click.echo()
 
 

@@ -97,7 +97,7 @@ def test_model_commands_need_config(invoke, tmp_path, write_checkpoint, command)
     base = write_checkpoint(tmp_path / "base", {"w": torch.zeros(2)})
     ft = write_checkpoint(tmp_path / "ft", {"w": torch.ones(2)})
     (tmp_path / "p.txt").write_text("abc\n")
-    (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "a", "answer": "b"}) + "\n")
+    (tmp_path / "d.jsonl").write_text((json.dumps({"prompt": "a", "answer": "b"}) + "\n") * 5)
     args = {"tuco": ["--prompts", tmp_path / "p.txt"], "generate": ["--alpha", "1", "--prompt", "x"],
             "localize": ["--data", tmp_path / "d.jsonl", "--density", "0.1", "-o", tmp_path / "out"]}  # fmt: skip
     before = snapshot(tmp_path)

@@ -1,122 +1,39 @@
-"""Model cards: reading ``base_model`` from the inputs' cards and writing the output's card."""
+"""Model cards: the output's card (``base_model`` of the inputs' cards is read in surgery.bases)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
-from surgery.errors import InputNotFoundError, RecipeError, SurgeryError
+from surgery.bases import front_matter
 from surgery.files import CARD
-from surgery.hub import HubRef, hub_ref, parse_hub_id, resolve
+from surgery.hub import HubRef, hub_ref
 from surgery.methods.lines import PAPER as LINES_PAPER
+from surgery.methods.lines import LinesResolved
+from surgery.recipe import Recipe
 
 
-def front_matter(readme: Path) -> dict:
-    """The YAML front matter of a model card (``---`` ... ``---``), or {} when there is none."""
-    if not readme.is_file():
-        return {}
-    text = readme.read_text(errors="replace")
-    if not text.startswith("---"):
-        return {}
-    end = text.find("\n---", 3)
-    if end < 0:
-        return {}
-    try:
-        data = yaml.safe_load(text[3:end])
-    except yaml.YAMLError:
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def card_base(model: str) -> str | None:
-    """The base that ``model``'s card names as ``base_model``: a local folder (a relative path is
-    resolved against the fine-tune's folder, never the current directory), else a Hub id; None when
-    the card names no single base."""
-    root = resolve(model)  # a Hub fine-tune: its card comes with it
-    if not root.exists():
-        raise InputNotFoundError(f"{model}: no such folder or file", hint="check the path", path=str(model))
-    folder = root if root.is_dir() else root.parent
-    base = front_matter(folder / CARD).get("base_model")
-    if isinstance(base, list) and len(base) == 1:
-        base = base[0]
-    if not isinstance(base, str) or not base:
-        return None
-    local = folder / Path(base).expanduser()
-    if local.exists():
-        return str(local.resolve())
-    if parse_hub_id(base) is not None and not base.startswith((".", "/", "~")):
-        return base
-    raise InputNotFoundError(
-        f"the model card of {model} names base {base!r}, which is not a folder beside it "
-        f"({local} does not exist) nor a Hub id",
-        hint="fix base_model in its README.md, or name the base explicitly",
-        path=str(local),
-    )
-
-
-def base_from_cards(models: list[str], explicit: str = "pass --base BASE") -> str:
-    """The base that every fine-tune's model card names as ``base_model``.
-
-    ``explicit`` says how the user names a base instead (it goes into the hints).
-    """
-    for model in models:  # a typo in any input is reported as such, before any card is read
-        if not resolve(model).exists():
-            raise InputNotFoundError(
-                f"{model}: no such folder or file", hint="check the path", path=str(model)
-            )
-    found: dict[str, str] = {}
-    for model in models:
-        base = card_base(model)
-        if base is None:
-            raise RecipeError(
-                f"{model} has no single base_model in its model card (README.md)", hint=explicit
-            )
-        found[model] = base
-    distinct = sorted(set(found.values()))
-    if len(distinct) > 1:
-        listing = "; ".join(f"{m} -> {b}" for m, b in found.items())
-        raise RecipeError(
-            f"the fine-tunes' model cards name different bases ({listing})",
-            hint=f"{explicit} to choose one",
-        )
-    return distinct[0]
-
-
-def contradicting_cards(base: str, models: list[str]) -> dict[str, str]:
-    """{model: the base its card names} when every card names a base and none of them is ``base``
-    (an explicit base that may be the wrong one); {} otherwise. Card problems are not errors here:
-    the user named the base."""
-    named: dict[str, str] = {}
-    for model in models:
-        try:
-            card = card_base(model)
-        except SurgeryError:
-            return {}
-        if card is None:
-            return {}
-        named[model] = card
-    chosen = Path(base).expanduser()
-    chosen_key = str(chosen.resolve()) if chosen.exists() else base
-    if any(card == chosen_key for card in named.values()):
-        return {}
-    return named
-
-
-def _lines_section(lines: dict | None) -> str:
+def _lines_section(lines: LinesResolved | None) -> str:
     if not lines:
         return ""
     return (
         f"## LiNeS layer scaling ([paper]({LINES_PAPER}))\n\n"
         "Each tensor's update was scaled by its block depth: "
-        f"`lambda(l) = {lines['alpha']:.6g} + {lines['beta']:.6g} * l / (L - 1)`; tensors outside the "
-        f"blocks: `{lines['outside']}`. Requested alpha: `{lines['requested_alpha']}`.\n\n"
+        f"`lambda(l) = {lines.alpha:.6g} + {lines.beta:.6g} * l / (L - 1)`; tensors outside the "
+        f"blocks: `{lines.outside}`. Requested alpha: `{lines.requested_alpha}`.\n\n"
     )
+
+
+def card_for(recipe: Recipe, lines: LinesResolved | None = None) -> str:
+    """The model card of an output of ``recipe`` (``lines``: the LiNeS schedule the run resolved)."""
+    spec = recipe.spec
+    relation = "merge" if spec.command == "merge" and len(recipe.models) > 1 else "finetune"
+    return render_card(spec.title, spec.name, spec.paper, spec.formula, list(recipe.inputs),
+                       recipe.to_yaml(), recipe.parameters, lines, relation)  # fmt: skip
 
 
 def render_card(
     method_title: str, method_name: str, paper: str, formula: str, inputs: list[str],
-    recipe_yaml: str, parameters: dict, lines: dict | None = None, relation: str = "merge",
+    recipe_yaml: str, parameters: dict, lines: LinesResolved | None = None, relation: str = "merge",
 ) -> str:  # fmt: skip
     """The output's model card.
 

@@ -69,3 +69,7 @@ class InputNotADiffError(SurgeryError, ValueError):
 
 class DeviceError(SurgeryError, ValueError):
     """The requested compute device does not exist on this machine (or is not a device name)."""
+
+
+class Interrupted(SurgeryError):
+    """The run was stopped; the output folder holds a resumable partial run."""

@@ -135,7 +135,11 @@ def make_recipe(
     if schedule is not None and not base:
         raise RecipeError("LiNeS scales the update relative to a base: pass --base BASE")
     recipe = Recipe(spec.name, models, str(base) if base else None, params, out_dtype)
-    return replace(recipe, max_shard_size=parse_size(max_shard_size), lines=schedule)
+    shard = parse_size(max_shard_size)
+    if shard < 1:
+        raise RecipeError(f"max_shard_size must be at least 1 byte, not {max_shard_size!r}",
+                          hint="write sizes like 500MB or 5GB")  # fmt: skip
+    return replace(recipe, max_shard_size=shard, lines=schedule)
 
 
 def _absolute(source: str | Path) -> str:

@@ -205,6 +205,10 @@ def localize(
         raise RecipeError(f"density must be in (0, 1], got {density}")
     if steps < 0 or eval_every < 1 or batch_size < 1:
         raise RecipeError("steps must be >= 0, eval_every and batch_size >= 1")
+    if not lr > 0.0 or lr == float("inf"):
+        raise RecipeError(
+            f"lr must be a positive number, got {lr}", hint="the default --lr 1.0 suits most runs"
+        )
     train, held_out = split_examples(len(examples), holdout, seed)
     output = Path(output)
     _check_output(output, [Path(base), Path(finetuned)], overwrite)

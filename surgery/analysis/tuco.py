@@ -374,8 +374,14 @@ def steered_generate(
 ) -> dict[str, Any]:
     """Greedy generation with the fine-tuning component scaled by ``alpha`` (no KV cache: the full
     sequence is recomputed at each step). Returns ``{"text", "token_ids", "prompt_ids"}``."""
+    import math
+
     import torch
 
+    if not math.isfinite(alpha):
+        raise RecipeError(
+            f"alpha must be a finite number, got {alpha}", hint="1 = the fine-tune, 0 = the base"
+        )
     pt, ft, tok = _models(base, finetuned, tokenizer)
     prompt_ids = encode_prompt(tok, prompt, chat)
     ids = torch.tensor([prompt_ids], device=_device(ft))

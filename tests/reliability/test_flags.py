@@ -124,3 +124,34 @@ def test_debug_after_the_subcommand(invoke, tmp_path):
     for args in (["--debug", "inspect", missing], ["inspect", missing, "--debug"]):
         result = invoke(*args)
         assert result.exit_code == 1 and not isinstance(result.exception, SystemExit)  # raised: traceback
+
+
+# -- the same kind of hole elsewhere ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["lines", "{base}", "{ft}", "--alpha", "nan", "-o", "{out}"], "lines: alpha must be finite"),
+        (["merge", "{ft}", "--base", "{base}", "--lines", "--lines-beta", "inf", "-o", "{out}"],
+         "lines: beta must be finite"),
+        (["merge", "{ft}", "--base", "{base}", "--max-shard-size", "0", "-o", "{out}"],
+         "max_shard_size must be at least 1 byte"),
+        (["generate", "{base}", "{ft}", "--alpha", "nan", "--prompt", "x"], "alpha must be a finite number"),
+        (["generate", "{base}", "{ft}", "--alpha", "1", "--prompt", "x", "--max-new-tokens", "0"],
+         "Invalid value for '--max-new-tokens'"),
+    ],
+)  # fmt: skip
+def test_non_finite_and_empty_values_refused(invoke, fam, tmp_path, args, needle):
+    base, (ft, _) = fam
+    out = tmp_path / "out"
+    result = invoke(*[a.format(base=base, ft=ft, out=out) for a in args])
+    assert result.exit_code in (1, 2) and needle in result.stderr, result.output
+    assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_localize_lr_must_be_positive(tmp_path):
+    from surgery.analysis.localize import localize
+    from surgery.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="lr must be a positive number"):
+        localize(tmp_path / "b", tmp_path / "f", [("a", "b")] * 5, 0.1, tmp_path / "o", lr=-1.0)

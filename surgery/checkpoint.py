@@ -20,7 +20,7 @@ import numpy as np
 
 from surgery.dtypes import DTYPES, DType
 from surgery.errors import CorruptCheckpointError, InputNotFoundError, MissingTensorError
-from surgery.files import CONFIG, INDEX, SINGLE
+from surgery.files import CONFIG, INDEX, SINGLE, STAGING
 from surgery.hub import resolve
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own cap
@@ -200,6 +200,12 @@ def _open_folder(text: str, root: Path) -> Checkpoint:
     if len(shards) == 1:
         tensors, metadata = _read_file(shards[0])
         return Checkpoint(text, root, (shards[0],), tensors, metadata)
+    if (root / STAGING).is_dir():
+        raise InputNotFoundError(
+            f"{root} holds an unfinished surgery run ({STAGING}), not a checkpoint",
+            hint="re-run the command that wrote it: it resumes and finishes the output",
+            path=str(root),
+        )
     raise InputNotFoundError(
         f"no safetensors weights in {root}",
         hint="expected model.safetensors, or shards with model.safetensors.index.json "

@@ -94,3 +94,10 @@ def test_run_hints_name_recipe_keys_not_missing_flags(invoke, make_family, tmp_p
     assert "--region" not in message
     assert "`parameters: region: REGEX` in the recipe" in message
     assert snapshot(tmp_path) == before
+
+
+def test_unfinished_run_is_not_a_checkpoint(invoke, tmp_path):
+    (tmp_path / "half" / ".surgery-partial").mkdir(parents=True)
+    assert_fails(invoke("inspect", tmp_path / "half"),
+                 f"{tmp_path / 'half'} holds an unfinished surgery run (.surgery-partial), not a checkpoint",
+                 hint="re-run the command that wrote it")  # fmt: skip

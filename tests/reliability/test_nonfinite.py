@@ -125,3 +125,11 @@ def test_count_kernel_twins(dtype):
     assert expect > 0
     for device in ("cpu", "torch-cpu"):
         assert get_backend(device).nonfinite(bits, dtype) == expect
+
+
+def test_torch_twin_backend_refuses_the_same(invoke, overflowing, tmp_path):
+    """The check runs on the torch kernels too (what --device cuda uses; here on CPU tensors)."""
+    base, (ft1, ft2) = overflowing
+    result = invoke("merge", ft1, ft2, "--base", base, "--dtype", "float16", "--device", "torch-cpu",
+                    "-o", tmp_path / "out", "-q")  # fmt: skip
+    assert_error(result, "tensor 'model.layers.0.w' came out with 1 non-finite values")

@@ -524,10 +524,13 @@ def recipe_terms(hint: str | None, command: click.Command) -> str | None:
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--layers", "show_layers", is_flag=True, help="List every tensor's block (LiNeS mapping).")
-def inspect(path: str, as_json: bool, show_layers: bool) -> None:
+@click.pass_context
+def inspect(ctx: click.Context, path: str, as_json: bool, show_layers: bool) -> None:
     """Describe a checkpoint: shards, tensors, parameters, dtypes, layers, tied embeddings."""
     from surgery.inspect import describe
 
+    if as_json:
+        refuse_unused(ctx, ("show_layers",), "with --json", hint="the JSON report holds every tensor's block")
     report = describe(path)
     if as_json:
         click.echo(json.dumps(report, indent=2))

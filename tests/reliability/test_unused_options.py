@@ -41,6 +41,7 @@ def test_merge_refuses_unused_options(invoke, fam, tmp_path, extra, needle):
         (["intruders", "{base}", "{ft}", "--overwrite"], "--overwrite does nothing without --mitigate"),
         (["intruders", "{base}", "{ft}", "--no-cache", "--cache-dir", "{tmp}/c"], "--cache-dir does nothing with --no-cache"),
         (["stats", "{base}", "{ft}", "--json", "--tensors"], "--tensors does nothing with --json"),
+        (["inspect", "{ft}", "--json", "--layers"], "--layers does nothing with --json"),
         (["localize", "{base}", "{ft}", "--compare", "{ft}", "--density", "0.1"], "--density does nothing with --compare"),
     ],
 )  # fmt: skip

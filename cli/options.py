@@ -1,5 +1,6 @@
-"""Checks of flag combinations that the library cannot see: an option the chosen method or mode does
-not use is an error naming it (issue 10: never ignore what the user typed)."""
+"""Flag checks shared by the commands, all run before any work is done: an option the chosen method or
+mode does not use is an error naming it (never ignore what the user typed); --threads, --device,
+--max-memory and --plot are validated when the flags are read."""
 
 from __future__ import annotations
 

@@ -18,6 +18,9 @@ from surgery.errors import DeviceError
 
 @dataclass(frozen=True)
 class Backend:
+    """A table of kernels over numpy arrays (float32 math, raw bf16 as uint16): pure functions, no
+    I/O, no names; cross-chunk state (tie counters, accumulators) is passed in by the caller."""
+
     name: str
     bf16_to_f32: Callable
     f32_to_bf16: Callable
@@ -79,7 +82,7 @@ def check_device(device: str) -> None:
         return
     m = re.fullmatch(r"cuda(?::(\d+))?", device)
     if m is None:
-        raise DeviceError(f"unknown device {device!r}", hint="use cpu, cuda or cuda:N", device=device)
+        raise DeviceError(f"unknown device {device!r}", hint="use cpu, cuda or cuda:N")
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is a dependency of the CUDA path only
@@ -90,14 +93,12 @@ def check_device(device: str) -> None:
         raise DeviceError(
             f"device {device!r}: CUDA is not available on this machine ({why})",
             hint="use --device cpu (the numba kernels; the default)",
-            device=device,
         )
     count = torch.cuda.device_count()
     if int(m.group(1) or 0) >= count:
         raise DeviceError(
             f"device {device!r}: this machine has {count} CUDA device(s)",
             hint=f"use cuda:0 ... cuda:{count - 1}",
-            device=device,
         )
 
 

@@ -350,6 +350,9 @@ class _Run:
         tensor, so it does not depend on chunking or threads."""
         if bad == 0 or self.options.allow_nonfinite:
             return 0
+        if job.kind == "scatter":  # the patch's own values are inputs too (sparse: read whole)
+            if not np.isfinite(self.plan.inputs[1].read(job.name + VALUES)).all():
+                return 0
         stream = self.stream(job)
         n_inputs = None if job.kind in ("dense", "update") else 1  # keep_base, scatter: the base only
         for start, count in stream.ranges:

@@ -133,3 +133,28 @@ def test_torch_twin_backend_refuses_the_same(invoke, overflowing, tmp_path):
     result = invoke("merge", ft1, ft2, "--base", base, "--dtype", "float16", "--device", "torch-cpu",
                     "-o", tmp_path / "out", "-q")  # fmt: skip
     assert_error(result, "tensor 'model.layers.0.w' came out with 1 non-finite values")
+
+
+def test_patch_values_count_as_inputs(invoke, tmp_path, write_checkpoint):
+    """Applying a patch that itself holds inf: the inf is carried, not refused; a finite patch whose
+    scaled values overflow float16 is refused."""
+    base = write_checkpoint(tmp_path / "base", {"w": torch.zeros(4)})
+    for name, value in (("inf", float("inf")), ("big", 60000.0)):
+        write_checkpoint(tmp_path / name, {"w.indices": torch.tensor([2]), "w.values": torch.tensor([value])})
+    ok = invoke("apply", tmp_path / "inf", "--to", base, "-o", tmp_path / "a", "-q")
+    assert ok.exit_code == 0, ok.output
+    assert torch.isinf(load_file(str(tmp_path / "a" / "model.safetensors"))["w"][2])
+    bad = invoke(
+        "apply",
+        tmp_path / "big",
+        "--to",
+        base,
+        "--scale",
+        "2",
+        "--dtype",
+        "float16",
+        "-o",
+        tmp_path / "b",
+        "-q",
+    )
+    assert_error(bad, "tensor 'w' came out with 1 non-finite values")

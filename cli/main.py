@@ -399,12 +399,9 @@ def apply(ctx: click.Context, diff_or_patch: str, target: str, scale, raw_diff: 
     DIFF_OR_PATCH is what `surgery diff` wrote (it carries surgery_diff.json). Warns when the target
     is not the base the diff was taken from (content hashes differ).
     """
-    from surgery.checkpoint import open_checkpoint
-    from surgery.patch import diff_kind
     from surgery.recipe import make_recipe
 
-    with open_checkpoint(diff_or_patch) as ckpt:
-        method = "apply_patch" if diff_kind(ckpt, raw_diff) == "patch" else "apply"
+    method = check_diff_input(diff_or_patch, None, raw_diff)
     recipe = make_recipe(method, [diff_or_patch], target, {"scale": scale}, dtype, max_shard_size)
     run_recipe(ctx, recipe, **engine)
 
@@ -471,9 +468,11 @@ def graft(ctx: click.Context, base: str, finetuned: str, density: float, region,
 
 @cli.command()
 @click.argument("recipe_file", type=click.Path(path_type=Path))
+@click.option("--raw-diff", is_flag=True,
+              help="An apply recipe's diff is a hand-made dense diff (no surgery_diff.json).")  # fmt: skip
 @engine_options
 @click.pass_context
-def run(ctx: click.Context, recipe_file: Path, **engine) -> None:
+def run(ctx: click.Context, recipe_file: Path, raw_diff: bool, **engine) -> None:
     """Run a recipe YAML file (e.g. an output's surgery_recipe.yaml).
 
     \b
@@ -495,10 +494,33 @@ def run(ctx: click.Context, recipe_file: Path, **engine) -> None:
         click.echo(f"base: {base} (the base_model of every model's card)", err=True)
 
     try:
-        run_recipe(ctx, load_recipe(recipe_file, from_cards), **engine)
+        recipe = load_recipe(recipe_file, from_cards)
+        if recipe.method in ("apply", "apply_patch"):
+            check_diff_input(recipe.models[0], recipe.method, raw_diff)
+        else:
+            refuse_unused(ctx, ("raw_diff",), f"for a {recipe.method} recipe")
+        run_recipe(ctx, recipe, **engine)
     except SurgeryError as exc:
         exc.hint = recipe_terms(exc.hint, ctx.command)
         raise
+
+
+def check_diff_input(source: str, method: str | None, raw_diff: bool) -> str:
+    """The apply method ``source`` calls for ("apply": a dense diff, "apply_patch": a sparse patch);
+    a full model, or a recipe whose method does not match its diff, is refused."""
+    from surgery.checkpoint import open_checkpoint
+    from surgery.errors import RecipeError
+    from surgery.patch import diff_kind
+
+    with open_checkpoint(source) as ckpt:
+        found = "apply_patch" if diff_kind(ckpt, raw_diff) == "patch" else "apply"
+    if method is not None and method != found:
+        raise RecipeError(
+            f"the recipe's method is {method}, but {source} is a "
+            f"{'sparse patch' if found == 'apply_patch' else 'dense diff'}",
+            hint=f"write method: {found}",
+        )
+    return found
 
 
 def recipe_terms(hint: str | None, command: click.Command) -> str | None:

@@ -32,3 +32,30 @@ def test_surgery_diff_output_and_raw_diff_escape(invoke, make_family, tmp_path, 
     assert result.exit_code == 0, result.output
     out = load_file(str(tmp_path / "h" / "model.safetensors"))
     assert all(torch.equal(out[n], b[n] + 0.5) for n in b)
+
+
+def _recipe(path, **fields):
+    import yaml
+
+    path.write_text(yaml.safe_dump({"version": 1, **fields}))
+    return path
+
+
+def test_run_checks_an_apply_recipe_the_same_way(invoke, make_family, tmp_path):
+    base, (ft, _) = make_family()
+    full = _recipe(tmp_path / "full.yaml", method="apply", base=str(base), models=[str(ft)])
+    assert_fails(invoke("run", full, "-o", tmp_path / "o1", "-q"), "it looks like a full model",
+                 hint=f"take the diff first: `surgery diff BASE {ft} -o DIFF`")  # fmt: skip
+    assert not (tmp_path / "o1").exists()
+    assert invoke("diff", base, ft, "-o", tmp_path / "d", "-q").exit_code == 0
+    wrong = _recipe(
+        tmp_path / "wrong.yaml", method="apply_patch", base=str(base), models=[str(tmp_path / "d")]
+    )
+    assert_fails(invoke("run", wrong, "-o", tmp_path / "o2"), "the recipe's method is apply_patch, but",
+                 hint="write method: apply")  # fmt: skip
+    ties = _recipe(tmp_path / "ties.yaml", method="ties", base=str(base), models=[str(ft)])
+    assert_fails(
+        invoke("run", ties, "--raw-diff", "-o", tmp_path / "o3"), "--raw-diff does nothing for a ties recipe"
+    )
+    ok = invoke("run", full, "--raw-diff", "-o", tmp_path / "o4", "-q")  # the escape hatch, as for apply
+    assert ok.exit_code == 0, ok.output

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 from surgery_cli.analysis import _Bar, _plot, _short, _table
+from surgery_cli.options import check_device, check_max_memory, refuse_unused
 
 
 @click.command("extract-lora")
@@ -24,11 +25,11 @@ from surgery_cli.analysis import _Bar, _plot, _short, _table
 @click.option("--dtype", default="float32", show_default=True, help="dtype of the LoRA factors.")
 @click.option("--svd", "method", type=click.Choice(["auto", "exact", "randomized"]), default="auto",
               show_default=True, help="auto: randomized when the rank is far below the size.")  # fmt: skip
-@click.option("--device", default="cpu", show_default=True, help="Torch device for the SVDs (cpu, cuda).")
-@click.option(
-    "--max-memory", default="2GiB", show_default=True, help="Budget for one matrix's factorisation."
-)
-@click.option("--overwrite", is_flag=True, help="Replace the output folder's contents.")
+@click.option("--device", default="cpu", show_default=True, callback=check_device,
+              help="Torch device for the SVDs (cpu, cuda).")  # fmt: skip
+@click.option("--max-memory", default="2GiB", show_default=True, callback=check_max_memory,
+              help="Budget for all working buffers, at least 4KiB (e.g. 512MiB, 8GiB).")  # fmt: skip
+@click.option("--overwrite", is_flag=True, help="Replace a previous surgery output (never other files).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, help="PNG of ranks.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
@@ -85,20 +86,21 @@ def as_lora_options(fn):
     return fn
 
 
-def lora_rule(as_lora: bool, engine: dict):
+def lora_rule(ctx: click.Context, as_lora: bool, engine: dict):
     """Pop the rank options from ``engine``; they belong to --as-lora only."""
     from surgery.adapters.extract import RankRule
-    from surgery.errors import RecipeError
 
     rule = RankRule(engine.pop("rank"), engine.pop("energy"), engine.pop("max_rank"))
-    if not as_lora and rule != RankRule():
-        raise RecipeError("--rank, --energy and --max-rank go with --as-lora")
+    if not as_lora:
+        refuse_unused(ctx, ("rank", "energy", "max_rank"), "without --as-lora",
+                      hint="add --as-lora to write the merge as a LoRA adapter")  # fmt: skip
     return rule
 
 
 def write_as_lora(recipe, rule, dtype: str | None, output: Path, max_memory: str, threads: int | None,
-                  device: str, dry_run: bool, overwrite: bool, quiet: bool, push_to_hub: str | None = None,
-                  private: bool = False, revision: str | None = None) -> None:  # fmt: skip
+                  device: str, dry_run: bool, overwrite: bool, quiet: bool, allow_nonfinite: bool = False,
+                  push_to_hub: str | None = None, private: bool = False,
+                  revision: str | None = None) -> None:  # fmt: skip
     """Run the merge and write its adapter; print the extraction table."""
     from surgery_cli.hub import push_after_run
 
@@ -106,7 +108,9 @@ def write_as_lora(recipe, rule, dtype: str | None, output: Path, max_memory: str
     from surgery.engine import EngineOptions
     from surgery.recipe import parse_size
 
-    options = EngineOptions(parse_size(max_memory), threads, device, overwrite)
+    options = EngineOptions(
+        parse_size(max_memory), threads, device, overwrite, allow_nonfinite=allow_nonfinite
+    )
     with _Bar("extract-lora", "matrix", quiet) as bar:
         report = merge_as_lora(recipe, output, rule, options, dtype=dtype or "float32", progress=bar.update)
     click.echo(render_extraction(report))

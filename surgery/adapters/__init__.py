@@ -28,7 +28,9 @@ def open_adapter(source: str, folder: Path, base: str | None = None) -> AdapterC
     from surgery.kernels import get_backend  # numba: only once an adapter is really read
 
     settings = read_settings(folder)
-    base = base or settings.base_model
+    if base is None and settings.base_model:  # a relative path: against the adapter folder, as cards
+        local = folder / Path(settings.base_model).expanduser()
+        base = str(local.resolve()) if local.exists() else settings.base_model
     if not base:
         raise RecipeError(
             f"adapter {source} names no base model (base_model_name_or_path is empty)",

@@ -1,0 +1,65 @@
+"""The key policy of the per-matrix (spectral) methods, and running a matrix method on any tensor.
+
+METHODS-2 "Key policy": spectral methods apply to 2-D linear weights inside the transformer blocks.
+Stacked 3-D expert tensors ([experts, out, in]) get the method per expert slice. Everything else
+(embeddings, the LM head, norms, biases, MoE router gates) is ``b + scale * mean_t tau_t``. The policy
+text below is what the recipe records, so a merged checkpoint says how each kind of tensor was made.
+
+This module imports nothing heavy at import time: method specs that point at it stay cheap to import.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from surgery.names import place
+
+# MoE routers are 2-D weights inside a block, but their rows are expert logits, not a linear map whose
+# spectrum means anything. `mlp.gate_proj` (a SwiGLU half) must not match.
+_ROUTER = re.compile(r"(^|\.)(gate|router|router\.layer|shared_expert_gate)\.weight$")
+
+KEY_POLICY = (
+    "2-D weights inside the blocks: per matrix; stacked 3-D expert weights: per expert slice; "
+    "embeddings, lm_head, norms, biases, router gates: b + scale * mean_t tau_t"
+)
+
+
+def matrix_role(name: str, ndim: int) -> str:
+    """``"matrix"``, ``"experts"`` (per slice) or ``"mean"`` for a tensor with this name and rank."""
+    if place(name).position != "block" or _ROUTER.search(name):
+        return "mean"
+    return {2: "matrix", 3: "experts"}.get(ndim, "mean")
+
+
+def merge_tensor(
+    fn: Callable[..., Any], name: str, base: Any, taus: Any, *, scale: float = 1.0, **params: Any
+) -> Any:
+    """Apply the matrix method ``fn(base, taus, scale=..., **params)`` following the key policy.
+
+    ``base`` has the tensor's shape, ``taus`` one more leading axis (the models). numpy in, numpy out
+    (float32); torch in, torch out.
+    """
+    role = matrix_role(name, base.ndim)
+    if role == "matrix":
+        return fn(base, taus, scale=scale, **params)
+    if role == "experts":
+        slices = [fn(base[e], taus[:, e], scale=scale, **params) for e in range(base.shape[0])]
+        return _stack(slices)
+    return mean_update(base, taus, scale=scale)
+
+
+def mean_update(base: Any, taus: Any, *, scale: float = 1.0) -> Any:
+    """``b + scale * mean_t tau_t`` in float32."""
+    return base + scale * taus.mean(0)
+
+
+def _stack(parts: list[Any]) -> Any:
+    import numpy as np  # lazy: see the module docstring
+
+    if isinstance(parts[0], np.ndarray):
+        return np.stack(parts)
+    import torch
+
+    return torch.stack(parts)

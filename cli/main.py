@@ -188,6 +188,12 @@ def _method_flags(fn):
 @click.option("--granularity", type=click.Choice(GRANULARITIES), default=None)
 @click.option("--t", "t", type=float, default=None, help="SLERP interpolation factor.")
 @click.option("--seed", type=int, default=None, help="Seed for DARE's random stream.")
+@click.option("--rho", type=float, default=None, help="CART: rank kept per residual, fraction of min(m, n).")
+@click.option("--eta", type=float, default=None, help="STAR: fraction of each nuclear norm kept.")
+@click.option("--wudi-steps", type=int, default=None, help="WUDI: Adam steps [300].")
+@click.option("--wudi-lr", type=float, default=None, help="WUDI: Adam learning rate [1e-5].")
+@click.option("--calibration", multiple=True, help="RegMean: calibration texts, once per model, in order.")
+@click.option("--regmean-alpha", type=float, default=None, help="RegMean: off-diagonal Gram scale [0.9].")
 @click.option("--lines", "use_lines", is_flag=True, help="LiNeS: scale the merged update by block depth.")
 @click.option(
     "--lines-alpha",
@@ -201,13 +207,16 @@ def _method_flags(fn):
 @engine_options
 @click.pass_context
 def merge(ctx: click.Context, models: tuple[str, ...], base: str | None, method_name: str | None,
-          density, outliers, scale, weights, granularity, t, seed, use_lines, lines_alpha,
-          lines_beta, lines_outside, dtype, max_shard_size, **engine) -> None:  # fmt: skip
+          density, outliers, scale, weights, granularity, t, seed, rho, eta, wudi_steps, wudi_lr,
+          calibration, regmean_alpha, use_lines, lines_alpha, lines_beta, lines_outside, dtype,
+          max_shard_size, **engine) -> None:  # fmt: skip
     """Merge fine-tunes MODELS of one base into a new checkpoint.
 
     \b
     surgery merge FT_A FT_B --base BASE --breadcrumbs -o merged/
     surgery merge FT_A FT_B --ties --density 0.2 -o merged/
+    surgery merge FT_A FT_B --tsv-merge -o merged/        (also --iso-c, --iso-cts, --cart, --star, --wudi)
+    surgery merge FT_A FT_B --regmean --calibration a.jsonl --calibration b.jsonl -o merged/
     """
     from surgery.card import base_from_cards
     from surgery.errors import RecipeError
@@ -226,7 +235,9 @@ def merge(ctx: click.Context, models: tuple[str, ...], base: str | None, method_
     if base is None and get_method(method).needs_base:
         base = base_from_cards(list(models))
     params = {"density": density, "outliers": outliers, "scale": scale, "weights": weights,
-              "granularity": granularity, "t": t, "seed": seed}  # fmt: skip
+              "granularity": granularity, "t": t, "seed": seed, "rho": rho, "eta": eta,
+              "steps": wudi_steps, "lr": wudi_lr, "calibration": list(calibration) or None,
+              "regmean_alpha": regmean_alpha}  # fmt: skip
     lines = None
     if use_lines:
         lines = {"alpha": lines_alpha, "beta": lines_beta, "outside": lines_outside}

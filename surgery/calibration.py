@@ -31,6 +31,9 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 
 def default_cache_dir() -> Path:
+    """``$SURGERY_GRAM_CACHE``, else ``$XDG_CACHE_HOME/surgery/grams`` (``~/.cache/surgery/grams``)."""
+    if os.environ.get("SURGERY_GRAM_CACHE"):
+        return Path(os.environ["SURGERY_GRAM_CACHE"])
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(root) / "surgery" / "grams"
 
@@ -171,12 +174,19 @@ def _gram_pass(ckpt, texts: list[str], max_length: int, staging: Path) -> None:
 
 
 class _BlockGrams:
-    """Forward hooks on one block's linear layers that accumulate their input Grams (float64)."""
+    """Forward hooks on one block's linear layers that accumulate their input Grams (float64).
+
+    Inputs are buffered (float32, up to ``FLUSH_BYTES`` per Gram) and folded in by one float64 GEMM
+    per flush: per-text products of a few rows each would cost far more in call overhead.
+    """
+
+    FLUSH_BYTES = 64 * 2**20
 
     def __init__(self, prefix: str, block) -> None:
         self.grams: dict = {}
         self.uses: dict[str, str] = {}
         self.layouts: dict[str, str] = {}
+        self._pending: dict[str, list] = {}
         self._seen: dict[int, tuple] = {}  # id(input) -> (input, Gram name), within one block call
         self._handles = [block.register_forward_pre_hook(lambda *_: self._seen.clear())]
         for name, module in block.named_modules():
@@ -196,15 +206,28 @@ class _BlockGrams:
             name = weight.removesuffix(".weight") + ".input"
             self._seen[id(x)] = (x, name)
             self.uses.setdefault(weight, name)
-            flat = x.reshape(-1, x.shape[-1]).double()
-            gram = flat.T @ flat
-            self.grams[name] = self.grams[name] + gram if name in self.grams else gram
+            rows = self._pending.setdefault(name, [])
+            rows.append(x.detach().reshape(-1, x.shape[-1]).float())
+            if sum(r.numel() for r in rows) * 4 >= self.FLUSH_BYTES:
+                self._flush(name)
 
         return hook
+
+    def _flush(self, name: str) -> None:
+        import torch
+
+        rows = self._pending.pop(name, [])
+        if not rows:
+            return
+        flat = torch.cat(rows).double()
+        gram = flat.T @ flat
+        self.grams[name] = self.grams[name] + gram if name in self.grams else gram
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+        for name in list(self._pending):
+            self._flush(name)
 
 
 def _layout(module) -> str | None:

@@ -17,9 +17,9 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +87,7 @@ class Prepared:
     bands: reduce.GlobalBands | None  # granularity global: every tensor's share of the model's band
     counts: dict[str, int]  # sparse patch: entries kept per tensor
     lines: LinesResolved | None  # LiNeS with auto alpha measured; None without LiNeS
+    extra: Mapping[str, object] = field(default_factory=dict)  # spec.prepare's parameters
 
 
 # -- entry points ---------------------------------------------------------------------------------
@@ -203,7 +204,8 @@ class _Run:
         bands = None
         if sparsify is not None and sparsify.needs_ranks and params.get("granularity") == "global":
             bands = reduce.global_bands(jobs, self.stream, params, self.n_models, self.backend, self.parallel)
-        self.prepared = Prepared(bands, {}, None)
+        extra = self.spec.prepare(self.plan.recipe) if self.spec.prepare is not None else {}
+        self.prepared = Prepared(bands, {}, None, extra)
         lines = None
         if self.lines is not None:
             alpha = self._auto_alpha() if self.lines.alpha == "auto" else float(self.lines.alpha)
@@ -222,7 +224,7 @@ class _Run:
             else:
                 r_hi, r_lo = band_ranks(job.params, job.numel)
                 counts[job.name] = r_lo - r_hi
-        self.prepared = Prepared(bands, counts, lines)
+        self.prepared = Prepared(bands, counts, lines, extra)
         return self.prepared
 
     def run(self, prepared: Prepared, writer: CheckpointWriter) -> dict[str, str]:
@@ -313,7 +315,7 @@ class _Run:
             and sparsify.needs_ranks
             and job.params.get("granularity") == "per_row"
         )
-        whole = job.kind in ("dense", "update") and self.spec.combine.whole_matrix
+        whole = job.kind in ("dense", "update") and self.spec.combine.wants_whole(job.name, job.shape)
         ranges = chunk_ranges(job, self.share, self.n_models, per_row, self.options.min_chunk, whole)
         uses_tau = self.plan.has_base and (self.spec.combine.uses_tau or job.kind == "patch")
         tau_from = self.spec.tau_from if uses_tau else None
@@ -381,8 +383,10 @@ class _Run:
         dec, tau = chunk.inputs, chunk.tau
         models = dec[1:] if self.plan.has_base else dec
         shape = job.shape if count == job.numel else (count,)
+        params = {**job.params, **self.prepared.extra} if self.prepared.extra else job.params
         if not spec.combine.adds_update:
-            spec.combine.apply(be, Operands(dec, models, tau, dec[0], shape), coeffs, None, out)
+            operands = Operands(dec, models, tau, dec[0], shape, job.name, params)
+            spec.combine.apply(be, operands, coeffs, None, out)
             if lam != 1.0:  # LiNeS on an interpolation: b + lambda * (out - b)
                 be.rescale_update(dec[0], out, np.float32(lam))
             return out
@@ -397,7 +401,7 @@ class _Run:
                 )
         scale = np.float32(float(job.params.get("scale", 1.0)) * lam)  # one rounding of scale * lambda
         base = self.zeros(count) if zero_base else dec[0]
-        spec.combine.apply(be, Operands(dec, models, tau, base, shape), coeffs, scale, out)
+        spec.combine.apply(be, Operands(dec, models, tau, base, shape, job.name, params), coeffs, scale, out)
         return out
 
     # -- LiNeS --------------------------------------------------------------------------------------

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from surgery.methods.per_matrix import KEY_POLICY, combine_for
+from surgery.methods.spec import Method, Param
+
 RHO = 0.12
 LAMBDA = 2.0
 
@@ -32,3 +35,22 @@ def cart_merge(
     mean = tau.mean(0)
     low_rank = sum(spectral.thin_svd(tau[t] - mean).truncate(k).matrix() for t in range(n_tasks))
     return spectral.like(b + mean + scale * low_rank, base)
+
+
+CART = Method(
+    name="cart",
+    title="CART (centered arithmetic with rank-reduced task vectors)",
+    paper="https://arxiv.org/abs/2412.12153",
+    formula="avg = b + mean_t tau_t; per block matrix: avg + scale * sum_t LR_k(f_t - avg), "
+    "k = max(1, int(rho r)); other tensors: avg",
+    combine=combine_for(
+        "cart", cart_merge, lambda p: {"scale": p["scale"], "rho": p["rho"]}, adds_update=False
+    ),
+    params=(
+        Param("scale", "float", LAMBDA, "CART's lambda: multiplier of the summed low-rank residuals"),
+        Param("rho", "float", RHO, "rank kept of each centred residual, as a fraction of min(m, n)"),
+        Param(
+            "key_policy", "fixed", KEY_POLICY.replace("b + scale * mean_t tau_t", "avg"), "tensors per matrix"
+        ),
+    ),
+)

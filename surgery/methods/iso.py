@@ -16,6 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from surgery.methods.per_matrix import KEY_POLICY_PARAM, combine_for
+from surgery.methods.spec import SCALE, Method
+
 COMMON_FRACTION = 0.8
 
 
@@ -68,3 +71,24 @@ def iso_cts(
     vh = spectral.polar_factor(torch.cat([p.vh for p in parts], dim=0)[keep, :])
     merged = (u * s[keep].mean()) @ vh
     return spectral.like(b + scale * merged, base)
+
+
+ISO_C = Method(
+    name="iso_c",
+    title="Iso-C (isotropic merging)",
+    paper="https://arxiv.org/abs/2502.04959",
+    formula="per block matrix: b + scale * mean(s) U V^T of sum_t tau_t = U S V^T (numerical rank); "
+    "other tensors: b + scale * mean_t tau_t",
+    combine=combine_for("iso_c", iso_c, lambda p: {}),
+    params=(SCALE, KEY_POLICY_PARAM),
+)
+
+ISO_CTS = Method(
+    name="iso_cts",
+    title="Iso-CTS (isotropic merging, common and task-specific subspaces)",
+    paper="https://arxiv.org/abs/2502.04959",
+    formula="per block matrix: b + scale * mean(s) polar(U) polar(V^T) over the common top 80% of "
+    "sum_t tau_t and each task's top directions off it; other tensors: b + scale * mean_t tau_t",
+    combine=combine_for("iso_cts", iso_cts, lambda p: {}),
+    params=(SCALE, KEY_POLICY_PARAM),
+)

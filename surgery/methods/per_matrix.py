@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from surgery.methods.spec import Combine, Operands, Param
 from surgery.names import place
 
 # MoE routers are 2-D weights inside a block, but their rows are expert logits, not a linear map whose
@@ -33,13 +34,29 @@ def matrix_role(name: str, ndim: int) -> str:
     return {2: "matrix", 3: "experts"}.get(ndim, "mean")
 
 
+KEY_POLICY_PARAM = Param("key_policy", "fixed", KEY_POLICY, "which tensors get the per-matrix method")
+
+
+def needs_whole(name: str, shape: tuple[int, ...]) -> bool:
+    """The engine hands whole tensors only to the tensors the method factors (the rest stream)."""
+    return matrix_role(name, len(shape)) != "mean"
+
+
 def merge_tensor(
-    fn: Callable[..., Any], name: str, base: Any, taus: Any, *, scale: float = 1.0, **params: Any
+    fn: Callable[..., Any],
+    name: str,
+    base: Any,
+    taus: Any,
+    *,
+    scale: float = 1.0,
+    mean_scale: float | None = None,
+    **params: Any,
 ) -> Any:
     """Apply the matrix method ``fn(base, taus, scale=..., **params)`` following the key policy.
 
     ``base`` has the tensor's shape, ``taus`` one more leading axis (the models). numpy in, numpy out
-    (float32); torch in, torch out.
+    (float32); torch in, torch out. Tensors outside the policy get ``b + mean_scale * mean_t tau_t``
+    (``mean_scale`` defaults to ``scale``).
     """
     role = matrix_role(name, base.ndim)
     if role == "matrix":
@@ -47,7 +64,7 @@ def merge_tensor(
     if role == "experts":
         slices = [fn(base[e], taus[:, e], scale=scale, **params) for e in range(base.shape[0])]
         return _stack(slices)
-    return mean_update(base, taus, scale=scale)
+    return mean_update(base, taus, scale=scale if mean_scale is None else mean_scale)
 
 
 def mean_update(base: Any, taus: Any, *, scale: float = 1.0) -> Any:
@@ -63,3 +80,33 @@ def _stack(parts: list[Any]) -> Any:
     import torch
 
     return torch.stack(parts)
+
+
+def device_of(backend: Any) -> str | None:
+    """torch device of an engine backend: None for the numba CPU backend (torch on CPU)."""
+    name = getattr(backend, "name", "cpu")
+    return None if name == "cpu" else ("cpu" if name == "torch-cpu" else name)
+
+
+def combine_for(
+    name: str, fn: Callable[..., Any], kwargs: Callable[[Any], dict], *, adds_update: bool = True
+) -> Combine:
+    """A whole-matrix ``Combine`` running ``fn`` on every tensor under the key policy.
+
+    ``kwargs(params)`` picks the method's own parameters from the job's. With ``adds_update`` the
+    engine's ``scale`` (the recipe's, LiNeS folded in) is the method's scale; without it (CART) the
+    method reads its multiplier from ``kwargs`` and other tensors get the plain mean (scale 1).
+    """
+
+    def apply(be: Any, x: Operands, coeffs: Any, scale: Any, out: Any) -> None:
+        base = x.base.reshape(x.shape)
+        taus = x.tau.reshape(x.tau.shape[0], *x.shape)
+        extra = dict(kwargs(x.params), device=device_of(be))
+        if adds_update:
+            extra["scale"] = float(scale)
+        else:
+            extra["mean_scale"] = 1.0
+        result = merge_tensor(fn, x.tensor, base, taus, **extra)
+        out[...] = result.reshape(-1)
+
+    return Combine(name, uses_tau=True, adds_update=adds_update, apply=apply, whole_matrix=needs_whole)

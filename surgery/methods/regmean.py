@@ -13,9 +13,18 @@ mean of the models' columns (our choice; a plain solve would fail on the singula
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from surgery.methods.spec import Combine, Method, Operands, Param
+from surgery.names import place
+
 ALPHA = 0.9
+MAX_LENGTH = 512  # = surgery.calibration.MAX_LENGTH (not imported: that module needs torch)
+KEY_POLICY = (
+    "block linear weights with calibration Grams: RegMean solve; every other tensor (embeddings, "
+    "lm_head, norms, biases, weights without a Gram): mean_t f_t"
+)
 
 
 def regmean_solve(weights: Any, grams: Any, *, alpha: float = ALPHA, layout: str = "out_in") -> Any:
@@ -41,3 +50,74 @@ def regmean_solve(weights: Any, grams: Any, *, alpha: float = ALPHA, layout: str
     if layout == "in_out":
         merged = merged.T
     return spectral.like(merged, weights)
+
+
+def _prepare(recipe: Any) -> dict:
+    """The calibration pass (or the cache): one Gram folder per model, in model order."""
+    from surgery.calibration import collect_grams
+
+    params = recipe.parameters
+    folders = [
+        str(collect_grams(model, data, max_length=int(params["max_length"])).folder)
+        for model, data in zip(recipe.models, params["calibration"])
+    ]
+    return {"gram_sets": tuple(folders)}
+
+
+def _gram_set(folder: str):
+    from surgery.calibration import GramSet
+
+    cached = _SETS.get(folder)
+    if cached is None:
+        cached = _SETS[folder] = GramSet.load(Path(folder))
+    return cached
+
+
+_SETS: dict = {}  # Gram folder -> GramSet (its index is read once per process)
+
+
+def _whole(name: str, shape: tuple[int, ...]) -> bool:
+    return len(shape) == 2 and place(name).position == "block"
+
+
+def _apply(be: Any, x: Operands, coeffs: Any, scale: Any, out: Any) -> None:
+    models = x.models.reshape(x.models.shape[0], *x.shape)
+    sets = [_gram_set(f) for f in x.params["gram_sets"]]
+    have = [x.tensor in s.uses for s in sets]
+    if not any(have):
+        out[...] = models.mean(0).reshape(-1)
+        return
+    if not all(have) or len({s.layouts[x.tensor] for s in sets}) != 1:
+        from surgery.errors import IncompatibleTensorsError
+
+        raise IncompatibleTensorsError(
+            f"tensor {x.tensor!r} has calibration Grams for some models only",
+            hint="RegMean needs models of one architecture",
+            tensor=x.tensor,
+        )
+    import torch
+
+    grams = torch.stack([s.gram(x.tensor) for s in sets])
+    merged = regmean_solve(
+        models, grams, alpha=float(x.params["regmean_alpha"]), layout=sets[0].layouts[x.tensor]
+    )
+    out[...] = merged.reshape(-1)
+
+
+REGMEAN = Method(
+    name="regmean",
+    title="RegMean (regression mean, calibration data)",
+    paper="https://arxiv.org/abs/2212.09849",
+    formula="per block linear layer: W* = (sum_t W_t G~_t)(sum_t G~_t)^-1, G~_t = a G_t + (1-a) diag(G_t), "
+    "G_t = X_t^T X_t on model t's calibration texts; other tensors: mean_t f_t",
+    combine=Combine("regmean", uses_tau=False, adds_update=False, apply=_apply, whole_matrix=_whole),
+    params=(
+        Param("calibration", "files", None, "calibration texts, one file per model (JSONL `text` or lines)"),
+        Param("regmean_alpha", "float", ALPHA, "scale of the Grams' off-diagonal (RegMean's alpha)"),
+        Param("max_length", "int", MAX_LENGTH, "tokens per calibration text (longer texts are cut)"),
+        Param("key_policy", "fixed", KEY_POLICY, "which tensors get the RegMean solve"),
+    ),
+    needs_base=False,
+    prepare=_prepare,
+    roles="base (optional): not used by the solve; models: the fine-tunes merged, one calibration file each",
+)

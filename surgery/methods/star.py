@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from surgery.methods.per_matrix import KEY_POLICY_PARAM, combine_for
+from surgery.methods.spec import SCALE, Method, Param
+
 ETA = 0.4
 
 
@@ -26,3 +29,18 @@ def star_merge(
         k = spectral.nuclear_rank(svd.s, eta)
         total = total + svd.with_spectrum(spectral.rescaled_to_nuclear(svd.s, k)).matrix()
     return spectral.like(b + scale * total / tau.shape[0], base)
+
+
+STAR = Method(
+    name="star",
+    title="STAR (spectral truncation and rescale)",
+    paper="https://arxiv.org/abs/2502.10339",
+    formula="per block matrix: b + scale * mean_t of tau_t truncated to eta of its nuclear norm and "
+    "rescaled to keep it; other tensors: b + scale * mean_t tau_t",
+    combine=combine_for("star", star_merge, lambda p: {"eta": p["eta"]}),
+    params=(
+        SCALE,
+        Param("eta", "float", ETA, "fraction of each task vector's nuclear norm kept"),
+        KEY_POLICY_PARAM,
+    ),
+)

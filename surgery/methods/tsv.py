@@ -14,6 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from surgery.methods.per_matrix import KEY_POLICY_PARAM, combine_for
+from surgery.methods.spec import SCALE, Method
+
 
 def tsv_merge(base: Any, taus: Any, *, scale: float = 1.0, device: str | None = None) -> Any:
     """TSV-M of one matrix: ``base`` [m, n], ``taus`` [T, m, n]; numpy or torch, same kind out."""
@@ -36,3 +39,14 @@ def tsv_merge(base: Any, taus: Any, *, scale: float = 1.0, device: str | None = 
     vh = spectral.polar_factor(torch.cat([p.vh for p in parts], dim=0))
     merged = spectral.SVD(u, s, vh).matrix()
     return spectral.like(b + scale * merged, base)
+
+
+TSV_MERGE = Method(
+    name="tsv_merge",
+    title="TSV-Merge (task singular vectors)",
+    paper="https://arxiv.org/abs/2412.00081",
+    formula="per block matrix: b + scale * polar(U) diag(s) polar(V^T) of each tau_t's top r/T "
+    "singular triplets; other tensors: b + scale * mean_t tau_t",
+    combine=combine_for("tsv_merge", tsv_merge, lambda p: {}),
+    params=(SCALE, KEY_POLICY_PARAM),
+)

@@ -20,6 +20,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from surgery.methods.per_matrix import KEY_POLICY_PARAM, combine_for
+from surgery.methods.spec import SCALE, Method, Param
+
 LR = 1e-5
 STEPS = 300
 WEIGHT_POWER = 1
@@ -100,3 +103,24 @@ def wudi_loss(x: Any, tau: Any, weight_power: int = WEIGHT_POWER) -> float:
     w = task_weights(tau, weight_power)
     x64, t64 = x.double(), tau.double()
     return float(sum(w[t] * ((x64 - t64[t]) @ t64[t].T).square().sum() for t in range(tau.shape[0])))
+
+
+WUDI = Method(
+    name="wudi",
+    title="WUDI merging (data-free, Adam on the interference loss)",
+    paper="https://arxiv.org/abs/2503.08099",
+    formula="per block matrix: b + scale * X, X from sum_t tau_t by `steps` Adam steps (lr) on "
+    "sum_t ||(X - tau_t) tau_t^T||_F^2 / ||tau_t||_F^p; other tensors: b + scale * mean_t tau_t",
+    combine=combine_for(
+        "wudi",
+        wudi_merge,
+        lambda p: {"steps": p["steps"], "lr": p["lr"], "weight_power": p["weight_power"]},
+    ),
+    params=(
+        SCALE,
+        Param("steps", "int", STEPS, "Adam steps (the authors' 300; FusionBench 400)"),
+        Param("lr", "float", LR, "Adam learning rate"),
+        Param("weight_power", "int", WEIGHT_POWER, "task weight 1/||tau_t||_F^p: 1 authors', 2 FusionBench"),
+        KEY_POLICY_PARAM,
+    ),
+)

@@ -490,6 +490,10 @@ cli.add_command(tuco_command)
 cli.add_command(generate_command)
 cli.add_command(localize_command)
 
+from surgery_cli.tune import tune_command  # noqa: E402
+
+cli.add_command(tune_command)
+
 
 if __name__ == "__main__":
     cli()

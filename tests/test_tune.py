@@ -56,7 +56,7 @@ def add_eval(tmp_path_factory):
     from tasks import eval_set
 
     path = tmp_path_factory.mktemp("eval") / "add.jsonl"
-    examples = eval_set("add", 40)
+    examples = eval_set("add", 20)
     path.write_text("".join(json.dumps({"prompt": e.prompt, "answer": e.answer}) + "\n" for e in examples))
     return path, examples
 
@@ -133,3 +133,27 @@ def test_tune_refuses_a_non_empty_output_before_any_work(add_eval, tmp_path):
     with pytest.raises(RecipeError):  # an unknown grid parameter fails in make_recipe, before merging
         tune.tune(recipe, [{"densty": 1.0}], tune.read_eval(path), tmp_path / "new", never)
     assert not list(tmp_path.glob(".*surgery-tune*"))
+
+
+def test_cli_tune(invoke, add_eval, tmp_path):
+    path, _ = add_eval
+    out = tmp_path / "cli"
+    args = [
+        FAMILY / "ft_add",
+        "--base",
+        FAMILY / "base",
+        "--method",
+        "task_arithmetic",
+        "--eval",
+        path,
+        "-o",
+        out,
+    ]
+    r = invoke("tune", *args, "--grid", "scale=1.0", "--max-memory", "64MiB")
+    assert r.exit_code == 0, r.output
+    assert "best: scale=1.0" in r.stdout and "| 1.0 |" in r.stdout
+    assert json.loads((out / tune.RESULTS).read_text())["best"]["params"] == {"scale": 1.0}
+    r = invoke("tune", *args, "--grid", "scale=1.0")
+    assert r.exit_code == 1 and r.stderr.startswith("error: output folder") and "--overwrite" in r.stderr
+    r = invoke("tune", *args[:-1], tmp_path / "x", "--grid", "scale=a")
+    assert r.exit_code == 1 and "values must be numbers" in r.stderr

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from surgery.methods.per_matrix import KEY_POLICY, combine_for
+from surgery.methods.per_matrix import KEY_POLICY, combine_for, require_torch
 from surgery.methods.spec import Method, Param
 
 RHO = 0.12
@@ -53,4 +53,5 @@ CART = Method(
             "key_policy", "fixed", KEY_POLICY.replace("b + scale * mean_t tau_t", "avg"), "tensors per matrix"
         ),
     ),
+    prepare=require_torch,
 )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from surgery.methods.per_matrix import KEY_POLICY_PARAM, combine_for
+from surgery.methods.per_matrix import KEY_POLICY_PARAM, combine_for, require_torch
 from surgery.methods.spec import SCALE, Method
 
 COMMON_FRACTION = 0.8
@@ -81,6 +81,7 @@ ISO_C = Method(
     "other tensors: b + scale * mean_t tau_t",
     combine=combine_for("iso_c", iso_c, lambda p: {}),
     params=(SCALE, KEY_POLICY_PARAM),
+    prepare=require_torch,
 )
 
 ISO_CTS = Method(
@@ -91,4 +92,5 @@ ISO_CTS = Method(
     "sum_t tau_t and each task's top directions off it; other tensors: b + scale * mean_t tau_t",
     combine=combine_for("iso_cts", iso_cts, lambda p: {}),
     params=(SCALE, KEY_POLICY_PARAM),
+    prepare=require_torch,
 )

@@ -82,6 +82,26 @@ def _stack(parts: list[Any]) -> Any:
     return torch.stack(parts)
 
 
+def require(*modules: str, extra: str = "torch") -> None:
+    """Fail before any output is written when an optional dependency is missing."""
+    import importlib.util
+
+    from surgery.errors import RecipeError
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise RecipeError(
+            f"this method needs {', '.join(missing)}, which is not installed",
+            hint=f"pip install 'model-surgery[{extra}]' (install the CPU wheel of torch first, see README)",
+        )
+
+
+def require_torch(recipe: Any) -> dict:
+    """``Method.prepare`` of the per-matrix methods: torch must be importable (no parameters)."""
+    require("torch")
+    return {}
+
+
 def device_of(backend: Any) -> str | None:
     """torch device of an engine backend: None for the numba CPU backend (torch on CPU)."""
     name = getattr(backend, "name", "cpu")

@@ -54,6 +54,9 @@ def regmean_solve(weights: Any, grams: Any, *, alpha: float = ALPHA, layout: str
 
 def _prepare(recipe: Any) -> dict:
     """The calibration pass (or the cache): one Gram folder per model, in model order."""
+    from surgery.methods.per_matrix import require
+
+    require("torch", "transformers", "safetensors", extra="calibration")
     from surgery.calibration import collect_grams
 
     params = recipe.parameters

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from surgery.methods.per_matrix import KEY_POLICY_PARAM, combine_for
+from surgery.methods.per_matrix import KEY_POLICY_PARAM, combine_for, require_torch
 from surgery.methods.spec import SCALE, Method, Param
 
 ETA = 0.4
@@ -43,4 +43,5 @@ STAR = Method(
         Param("eta", "float", ETA, "fraction of each task vector's nuclear norm kept"),
         KEY_POLICY_PARAM,
     ),
+    prepare=require_torch,
 )

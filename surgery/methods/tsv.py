@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from surgery.methods.per_matrix import KEY_POLICY_PARAM, combine_for
+from surgery.methods.per_matrix import KEY_POLICY_PARAM, combine_for, require_torch
 from surgery.methods.spec import SCALE, Method
 
 
@@ -49,4 +49,5 @@ TSV_MERGE = Method(
     "singular triplets; other tensors: b + scale * mean_t tau_t",
     combine=combine_for("tsv_merge", tsv_merge, lambda p: {}),
     params=(SCALE, KEY_POLICY_PARAM),
+    prepare=require_torch,
 )

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from surgery.methods.per_matrix import KEY_POLICY_PARAM, combine_for
+from surgery.methods.per_matrix import KEY_POLICY_PARAM, combine_for, require_torch
 from surgery.methods.spec import SCALE, Method, Param
 
 LR = 1e-5
@@ -123,4 +123,5 @@ WUDI = Method(
         Param("weight_power", "int", WEIGHT_POWER, "task weight 1/||tau_t||_F^p: 1 authors', 2 FusionBench"),
         KEY_POLICY_PARAM,
     ),
+    prepare=require_torch,
 )

@@ -184,3 +184,16 @@ def test_regmean_through_the_engine_matches_in_memory_regmean(tmp_path, monkeypa
     want = regmean_solve(torch.stack([m[name] for m in models]),
                          torch.stack([torch.from_numpy(g[name]) for g in grams]), alpha=0.5)  # fmt: skip
     np.testing.assert_allclose(again.numpy(), want.numpy(), atol=2e-5)
+
+
+def test_a_missing_torch_is_a_clear_error_before_any_output(invoke, make_family, tmp_path, monkeypatch):
+    import importlib.util
+
+    base, (ft1, ft2) = make_family()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a)
+    )
+    r = invoke("merge", ft1, ft2, "--base", base, "--iso-c", "-o", tmp_path / "out", "-q")
+    assert r.exit_code == 1 and "needs torch" in r.stderr and "model-surgery[torch]" in r.stderr
+    assert not (tmp_path / "out" / "model.safetensors").exists()

@@ -237,7 +237,7 @@ def merge(ctx: click.Context, models: tuple[str, ...], base: str | None, method_
         base = base_from_cards(list(models))
     params = {"density": density, "outliers": outliers, "scale": scale, "weights": weights,
               "granularity": granularity, "t": t, "seed": seed, "rho": rho, "eta": eta,
-              "steps": wudi_steps, "lr": wudi_lr, "calibration": list(calibration) or None,
+              "wudi_steps": wudi_steps, "wudi_lr": wudi_lr, "calibration": list(calibration) or None,
               "regmean_alpha": regmean_alpha}  # fmt: skip
     lines = None
     if use_lines:

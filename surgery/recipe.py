@@ -202,7 +202,7 @@ def _check_parameter(
         raise RecipeError(f"{where} = {number} is outside (0, 1]")
     if name == "regmean_alpha" and not 0.0 <= number <= 1.0:
         raise RecipeError(f"{where} = {number} is outside [0, 1]")
-    if name == "lr" and number <= 0:
+    if name == "wudi_lr" and number <= 0:
         raise RecipeError(f"{where} must be positive")
     return number
 

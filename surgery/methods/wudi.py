@@ -109,17 +109,17 @@ WUDI = Method(
     name="wudi",
     title="WUDI merging (data-free, Adam on the interference loss)",
     paper="https://arxiv.org/abs/2503.08099",
-    formula="per block matrix: b + scale * X, X from sum_t tau_t by `steps` Adam steps (lr) on "
+    formula="per block matrix: b + scale * X, X from sum_t tau_t by `wudi_steps` Adam steps (`wudi_lr`) on "
     "sum_t ||(X - tau_t) tau_t^T||_F^2 / ||tau_t||_F^p; other tensors: b + scale * mean_t tau_t",
     combine=combine_for(
         "wudi",
         wudi_merge,
-        lambda p: {"steps": p["steps"], "lr": p["lr"], "weight_power": p["weight_power"]},
+        lambda p: {"steps": p["wudi_steps"], "lr": p["wudi_lr"], "weight_power": p["weight_power"]},
     ),
     params=(
         SCALE,
-        Param("steps", "int", STEPS, "Adam steps (the authors' 300; FusionBench 400)"),
-        Param("lr", "float", LR, "Adam learning rate"),
+        Param("wudi_steps", "int", STEPS, "Adam steps (the authors' 300; FusionBench 400)"),
+        Param("wudi_lr", "float", LR, "Adam learning rate"),
         Param("weight_power", "int", WEIGHT_POWER, "task weight 1/||tau_t||_F^p: 1 authors', 2 FusionBench"),
         KEY_POLICY_PARAM,
     ),

@@ -31,7 +31,7 @@ CASES = {
     "iso_cts": (iso_cts, {}, {"scale": 1.0}),
     "cart": (cart_merge, {"scale": 1.5, "rho": 0.25}, {"scale": 1.5, "rho": 0.25, "mean_scale": 1.0}),
     "star": (star_merge, {"eta": 0.6}, {"scale": 1.0, "eta": 0.6}),
-    "wudi": (wudi_merge, {"steps": 40, "lr": 1e-4}, {"scale": 1.0, "steps": 40, "lr": 1e-4}),
+    "wudi": (wudi_merge, {"wudi_steps": 40, "wudi_lr": 1e-4}, {"scale": 1.0, "steps": 40, "lr": 1e-4}),
 }
 # A small budget: embeddings and the head (mean policy) stream in several chunks, block matrices whole.
 SMALL = EngineOptions(max_memory=48_000, threads=2)
@@ -82,7 +82,7 @@ def test_a_matrix_over_the_budget_is_an_error_naming_the_need(tmp_path):
 
 
 def test_parameters_are_checked():
-    for method, params in [("cart", {"rho": 0.0}), ("star", {"eta": 1.5}), ("wudi", {"lr": 0}),
+    for method, params in [("cart", {"rho": 0.0}), ("star", {"eta": 1.5}), ("wudi", {"wudi_lr": 0}),
                            ("tsv_merge", {"key_policy": "all"}), ("tsv_merge", {"density": 0.5})]:  # fmt: skip
         with pytest.raises(RecipeError):
             make_recipe(method, ["a", "b"], "base", params)
@@ -99,7 +99,8 @@ def test_cli_flags_reach_the_recipe(invoke, make_family, tmp_path):
     r = invoke("merge", ft1, ft2, "--base", base, "--wudi", "--wudi-steps", "5", "-o", tmp_path / "w", "-q")
     assert (
         r.exit_code == 0
-        and yaml.safe_load((tmp_path / "w" / "surgery_recipe.yaml").read_text())["parameters"]["steps"] == 5
+        and yaml.safe_load((tmp_path / "w" / "surgery_recipe.yaml").read_text())["parameters"]["wudi_steps"]
+        == 5
     )
     r = invoke("merge", ft1, ft2, "--regmean", "-o", tmp_path / "r", "-q")
     assert r.exit_code == 1 and "error: " in r.stderr and "--calibration FILE once per model" in r.stderr

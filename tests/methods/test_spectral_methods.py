@@ -308,3 +308,34 @@ def test_merge_tensor_follows_the_policy():
     experts_t = np.stack([taus, taus * 0.5], axis=1)  # [T, experts, m, n]
     got = merge_tensor(iso_c, "model.layers.1.mlp.experts.up_proj", experts_b, experts_t)
     np.testing.assert_allclose(got[1], iso_c(base * 2, taus * 0.5), atol=1e-6)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (owed: no GPU in this session)"
+)
+@pytest.mark.parametrize("name", ALL)
+def test_cuda_equals_cpu_within_tolerance(name):
+    base, taus = family(64, 48, seed=15)
+    cpu = ALL[name](base, taus)
+    gpu = ALL[name](base, taus, device="cuda")
+    assert isinstance(gpu, np.ndarray)
+    np.testing.assert_allclose(gpu, cpu, atol=1e-4)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (owed: no GPU in this session)"
+)
+def test_spectral_core_on_cuda():
+    from surgery import spectral
+
+    a = np.random.default_rng(16).standard_normal((300, 200)).astype(np.float32)
+    t = torch.from_numpy(a).cuda()
+    for rank, method in [(10, "randomized"), (10, "exact")]:
+        got = spectral.truncated_svd(t, rank, method=method)
+        assert got.u.is_cuda
+        np.testing.assert_allclose(
+            got.s.cpu().numpy(), spectral.truncated_svd(a, rank, method=method).s, rtol=1e-4
+        )
+    np.testing.assert_allclose(
+        spectral.polar_factor(t, route="gram").cpu().numpy(), spectral.polar_factor(a), atol=1e-4
+    )

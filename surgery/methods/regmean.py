@@ -100,10 +100,13 @@ def _apply(be: Any, x: Operands, coeffs: Any, scale: Any, out: Any) -> None:
         )
     import torch
 
+    from surgery.methods.per_matrix import one_torch_thread_per_worker
+
     grams = torch.stack([s.gram(x.tensor) for s in sets])
-    merged = regmean_solve(
-        models, grams, alpha=float(x.params["regmean_alpha"]), layout=sets[0].layouts[x.tensor]
-    )
+    with one_torch_thread_per_worker():
+        merged = regmean_solve(
+            models, grams, alpha=float(x.params["regmean_alpha"]), layout=sets[0].layouts[x.tensor]
+        )
     out[...] = merged.reshape(-1)
 
 

@@ -339,3 +339,21 @@ def test_spectral_core_on_cuda():
     np.testing.assert_allclose(
         spectral.polar_factor(t, route="gram").cpu().numpy(), spectral.polar_factor(a), atol=1e-4
     )
+
+
+def test_engine_workers_run_torch_single_threaded_and_restore_it():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from surgery.methods.per_matrix import one_torch_thread_per_worker
+
+    before = torch.get_num_threads()
+
+    def inside(_):
+        with one_torch_thread_per_worker():
+            return torch.get_num_threads()
+
+    with ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(inside, range(4))) == [1, 1, 1, 1]
+    assert torch.get_num_threads() == before
+    with one_torch_thread_per_worker():  # the calling (main) thread keeps torch's setting
+        assert torch.get_num_threads() == before

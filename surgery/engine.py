@@ -17,9 +17,9 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +27,9 @@ import numpy as np
 from surgery import reduce
 from surgery.card import card_for
 from surgery.dtypes import DTYPES
-from surgery.errors import IncompatibleTensorsError, Interrupted, RecipeError
+from surgery.errors import IncompatibleTensorsError, Interrupted, NonFiniteOutputError, RecipeError
 from surgery.files import CARD, MANIFEST, RECIPE
-from surgery.kernels import Backend, get_backend
+from surgery.kernels import Backend, check_device, get_backend
 from surgery.methods.lines import LinesResolved
 from surgery.methods.spec import Operands, Slice
 from surgery.output import open_output
@@ -59,6 +59,7 @@ class EngineOptions:
     threads: int | None = None  # default: one per CPU core
     device: str = "cpu"  # "cpu" (numba) or "cuda[:N]" (torch)
     overwrite: bool = False
+    allow_nonfinite: bool = False  # write inf / NaN outputs that finite inputs produced
     min_chunk: int = 1  # elements; tests use tiny budgets, real runs never hit this
 
     @property
@@ -88,7 +89,6 @@ class Prepared:
     bands: reduce.GlobalBands | None  # granularity global: every tensor's share of the model's band
     counts: dict[str, int]  # sparse patch: entries kept per tensor
     lines: LinesResolved | None  # LiNeS with auto alpha measured; None without LiNeS
-    extra: Mapping[str, object] = field(default_factory=dict)  # spec.prepare's parameters
 
 
 # -- entry points ---------------------------------------------------------------------------------
@@ -120,6 +120,7 @@ def execute(
     """
     options = options or EngineOptions()
     start = time.perf_counter()
+    check_device(options.device)  # before the output folder is touched
     # The layout is a pure function of recipe and inputs, so they alone identify a partial run.
     fingerprint = fingerprint_of(
         {
@@ -167,6 +168,15 @@ def _side_files(
     return side, tuple(warnings), diff
 
 
+def with_prepared_params(plan: Plan) -> Plan:
+    """Run the method's one-off preparation (a calibration pass) and add its parameters to every job."""
+    prepare = plan.recipe.spec.prepare
+    if prepare is None:
+        return plan
+    extra = prepare(plan.recipe)
+    return replace(plan, jobs=[replace(j, params={**j.params, **extra}) for j in plan.jobs])
+
+
 # -- one run ---------------------------------------------------------------------------------------
 class _Run:
     """Orchestration state of one run: options, backend, the stop flag and lock shared by the
@@ -191,6 +201,7 @@ class _Run:
         self.writer: CheckpointWriter | None = None
         self.prepared = Prepared(None, {}, None)
         self.hashes: dict[str, str] = {}
+        self.nonfinite: dict[str, int] = {}  # tensor -> inf/NaN outputs that finite inputs produced
 
     # -- phases -----------------------------------------------------------------------------------
     def prepare(self) -> Prepared:
@@ -204,8 +215,8 @@ class _Run:
         if self.spec.combine.whole_matrix:  # refuse a matrix over the budget before writing anything
             for job in jobs:
                 self.stream(job)
-        extra = self.spec.prepare(self.plan.recipe) if self.spec.prepare is not None else {}
-        self.prepared = Prepared(bands, {}, None, extra)
+        self.plan = with_prepared_params(self.plan)
+        self.prepared = Prepared(bands, {}, None)
         lines = None
         if self.lines is not None:
             alpha = self._auto_alpha() if self.lines.alpha == "auto" else float(self.lines.alpha)
@@ -224,7 +235,7 @@ class _Run:
             else:
                 r_hi, r_lo = band_ranks(job.params, job.numel)
                 counts[job.name] = r_lo - r_hi
-        self.prepared = Prepared(bands, counts, lines, extra)
+        self.prepared = Prepared(bands, counts, lines)
         return self.prepared
 
     def run(self, prepared: Prepared, writer: CheckpointWriter) -> dict[str, str]:
@@ -239,9 +250,12 @@ class _Run:
         ]
         todo.sort(key=lambda j: -j.numel)  # big tensors first balance the workers
         self.parallel(self.run_job, todo)
+        if self.nonfinite:
+            self._raise_nonfinite()
         return self.hashes
 
     def run_job(self, job: TensorJob) -> None:
+        self.local.nonfinite = 0  # counted by encode(): this job runs on this thread only
         match job.kind:
             case "copy_equal" | "copy_base":
                 _copy(self, job)
@@ -255,8 +269,11 @@ class _Run:
                 _scatter(self, job)
             case _:
                 raise AssertionError(f"unknown job kind {job.kind!r}")
+        bad = self._nonfinite_from_finite(job, self.local.nonfinite)
         with self.lock:
-            for name in sorted(self.outputs(job) - self.writer.done):
+            if bad:  # not journaled: a re-run computes (and checks) it again
+                self.nonfinite[job.name] = bad
+            for name in sorted(self.outputs(job) - self.writer.done if not bad else ()):
                 self.writer.mark_done(name)
             if self.progress is not None:
                 self.progress(0, job.name)
@@ -309,12 +326,8 @@ class _Run:
     # -- streams and chunks -------------------------------------------------------------------------
     def stream(self, job: TensorJob) -> TensorStream:
         sparsify = self.spec.sparsify
-        per_row = (
-            job.kind in MERGED
-            and sparsify is not None
-            and sparsify.needs_ranks
-            and job.params.get("granularity") == "per_row"
-        )
+        ranked = job.kind in MERGED and sparsify is not None and sparsify.needs_ranks
+        per_row = ranked and job.params.get("granularity") == "per_row"
         whole = job.kind in ("dense", "update") and self.spec.combine.wants_whole(job.name, job.shape)
         ranges = chunk_ranges(job, self.share, self.n_models, per_row, self.options.min_chunk, whole)
         uses_tau = self.plan.has_base and self.spec.combine.uses_tau
@@ -330,8 +343,41 @@ class _Run:
                 self.progress(raw.nbytes, None)
 
     def encode(self, job: TensorJob, out: np.ndarray) -> np.ndarray:
+        """float32 chunk -> output storage; counts its inf / NaN after the cast (so an overflow to
+        inf in F16 / BF16 is seen) for the finiteness check of the job."""
         raw = self.ws.get("out_raw", (out.size,), DTYPES[job.out_dtype].storage)
-        return self.backend.encode(out, job.out_dtype, raw)
+        self.backend.encode(out, job.out_dtype, raw)
+        self.local.nonfinite += self.backend.nonfinite(raw, job.out_dtype)
+        return raw
+
+    def _nonfinite_from_finite(self, job: TensorJob, bad: int) -> int:
+        """``bad`` when a job wrote inf / NaN although every input value it read was finite, else 0.
+        The inputs are read a second time only then (never for a healthy tensor); the verdict is per
+        tensor, so it does not depend on chunking or threads."""
+        if bad == 0 or self.options.allow_nonfinite:
+            return 0
+        if job.kind == "scatter":  # the patch's own values are inputs too (sparse: read whole)
+            if not np.isfinite(self.plan.inputs[1].read(job.name + VALUES)).all():
+                return 0
+        stream = self.stream(job)
+        n_inputs = None if job.kind in ("dense", "update") else 1  # keep_base, scatter: the base only
+        for start, count in stream.ranges:
+            if self.backend.nonfinite(stream.load(start, count, None, n_inputs), "F32"):
+                return 0  # an input already held inf / NaN: not ours to refuse
+        return bad
+
+    def _raise_nonfinite(self) -> None:
+        order = [j.name for j in self.plan.jobs if j.name in self.nonfinite]
+        first, n = order[0], self.nonfinite[order[0]]
+        others = f" (and {len(order) - 1} more tensors)" if len(order) > 1 else ""
+        raise NonFiniteOutputError(
+            f"tensor {first!r} came out with {n:,} non-finite values (inf or NaN) although every "
+            f"input value was finite{others}",
+            hint="weights or scales that (nearly) cancel or blow up cause this, and so does a cast "
+            "to float16 of values above 65504 (try --dtype bfloat16 or float32); pass "
+            "--allow-nonfinite to write such values anyway",
+            tensors=order,
+        )
 
     def zeros(self, count: int) -> np.ndarray:
         """A float32 base of zeros: the combine kernels then yield the merged update itself."""
@@ -383,10 +429,8 @@ class _Run:
         dec, tau = chunk.inputs, chunk.tau
         models = dec[1:] if self.plan.has_base else dec
         shape = job.shape if count == job.numel else (count,)
-        params = {**job.params, **self.prepared.extra} if self.prepared.extra else job.params
         if not spec.combine.adds_update:
-            operands = Operands(dec, models, tau, dec[0], shape, job.name, params)
-            spec.combine.apply(be, operands, coeffs, None, out)
+            spec.combine.apply(be, Operands(dec, models, tau, dec[0], shape, job), coeffs, None, out)
             if lam != 1.0:  # LiNeS on an interpolation: b + lambda * (out - b)
                 be.rescale_update(dec[0], out, np.float32(lam))
             return out
@@ -401,7 +445,7 @@ class _Run:
                 )
         scale = np.float32(float(job.params.get("scale", 1.0)) * lam)  # one rounding of scale * lambda
         base = self.zeros(count) if zero_base else dec[0]
-        spec.combine.apply(be, Operands(dec, models, tau, base, shape, job.name, params), coeffs, scale, out)
+        spec.combine.apply(be, Operands(dec, models, tau, base, shape, job), coeffs, scale, out)
         return out
 
     # -- LiNeS --------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ when they run), so the CLI builds its flags from the registry without slowing ``
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 GRANULARITIES = ("per_tensor", "per_row", "global")
@@ -60,8 +60,15 @@ class Operands:
     tau: Any  # [T, count] task vectors after sparsify, or None when the combine does not use them
     base: Any  # [count]: the row the update is added to (zeros: the output is the update itself)
     shape: tuple[int, ...]  # the chunk's shape: (count,), or the whole tensor for whole-matrix stages
-    tensor: str = ""  # output tensor name (per-matrix methods follow a key policy by name)
-    params: Mapping[str, object] = field(default_factory=dict)  # the job's parameters + prepared ones
+    job: Any = None  # the TensorJob: its name (per-matrix methods' key policy) and parameters
+
+    @property
+    def tensor(self) -> str:
+        return self.job.name if self.job is not None else ""
+
+    @property
+    def params(self) -> Mapping[str, object]:
+        return self.job.params if self.job is not None else {}
 
 
 @dataclass(frozen=True)
@@ -160,7 +167,7 @@ class Method:
     # manifest of input 1 (applying a diff), or neither.
     base_hashes: Literal["record", "check"] | None = None
     # Work a method needs once before the first tensor (never in --dry-run), such as a calibration
-    # pass: ``prepare(recipe)`` returns parameters the combine then sees in ``Operands.params``.
+    # pass: ``prepare(recipe)`` returns parameters added to every job's (``Operands.params``).
     prepare: Callable[[Any], Mapping[str, object]] | None = None
     # For `surgery methods` and the model card only: the command that builds it, what inputs mean.
     command: str = "merge"

@@ -258,6 +258,12 @@ def _method_flags(fn):
 @click.option("--wudi-steps", type=int, default=None, help="WUDI: Adam steps [default: 300].")
 @click.option("--wudi-lr", type=float, default=None, help="WUDI: Adam learning rate [default: 1e-5].")
 @click.option(
+    "--wudi-weight-power",
+    type=int,
+    default=None,
+    help="WUDI: task weights 1/||tau_t||^p, 1 the authors', 2 FusionBench's [default: 1].",
+)
+@click.option(
     "--calibration",
     multiple=True,
     help="RegMean: calibration texts (JSONL `text` or lines), once per model, in model order.",
@@ -267,6 +273,12 @@ def _method_flags(fn):
     type=float,
     default=None,
     help="RegMean: scale of the Grams' off-diagonal [default: 0.9].",
+)
+@click.option(
+    "--max-length",
+    type=int,
+    default=None,
+    help="RegMean: tokens per calibration text, longer ones cut [default: 512].",
 )
 @click.option("--lines", "use_lines", is_flag=True, help="LiNeS: scale the merged update by block depth.")
 @click.option(
@@ -282,8 +294,8 @@ def _method_flags(fn):
 @click.pass_context
 def merge(ctx: click.Context, models: tuple[str, ...], base: str | None, method_name: str | None,
           density, outliers, scale, weights, granularity, t, seed, rho, eta, wudi_steps, wudi_lr,
-          calibration, regmean_alpha, use_lines, lines_alpha, lines_beta, lines_outside, dtype,
-          max_shard_size, **engine) -> None:  # fmt: skip
+          wudi_weight_power, calibration, regmean_alpha, max_length, use_lines, lines_alpha,
+          lines_beta, lines_outside, dtype, max_shard_size, **engine) -> None:  # fmt: skip
     """Merge fine-tunes MODELS of one base into a new checkpoint.
 
     \b
@@ -313,8 +325,9 @@ def merge(ctx: click.Context, models: tuple[str, ...], base: str | None, method_
         warn_contradicting_cards(base, list(models))
     params = {"density": density, "outliers": outliers, "scale": scale, "weights": weights,
               "granularity": granularity, "t": t, "seed": seed, "rho": rho, "eta": eta,
-              "wudi_steps": wudi_steps, "wudi_lr": wudi_lr, "calibration": list(calibration) or None,
-              "regmean_alpha": regmean_alpha}  # fmt: skip
+              "wudi_steps": wudi_steps, "wudi_lr": wudi_lr, "wudi_weight_power": wudi_weight_power,
+              "calibration": list(calibration) or None, "regmean_alpha": regmean_alpha,
+              "max_length": max_length}  # fmt: skip
     lines = None
     if use_lines:
         lines = {"alpha": lines_alpha, "beta": lines_beta, "outside": lines_outside}
@@ -617,6 +630,9 @@ def methods() -> None:
         click.echo(f"{'':<17} {base}; models: {models}; command: surgery {spec.command}")
         click.echo(f"{'':<17} roles: {spec.roles}")
         for p in spec.params:
+            if p.kind == "fixed":  # not settable: recorded in every recipe as it is
+                click.echo(f"{'':<19}{p.name}: {p.default}")
+                continue
             flag = "--" + p.name.replace("_", "-")  # as the commands spell it
             default = (
                 "" if "default" in p.help else f" [default: {'all 1' if p.kind == 'weights' else p.default}]"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from surgery_cli.options import THREADS, check_device, check_max_memory
 
 
 @click.command("tune")
@@ -31,14 +32,30 @@ import click
     type=click.Path(path_type=Path),
     help='JSONL: {"prompt", "answer"} (exact match, greedy) or {"text"} (mean token loss).',
 )
-@click.option("--calibration", multiple=True, help="RegMean: calibration texts, once per model, in order.")
+@click.option(
+    "--calibration",
+    multiple=True,
+    help="RegMean: calibration texts (JSONL `text` or lines), once per model, in model order.",
+)
 @click.option(
     "-o", "--output", required=True, type=click.Path(path_type=Path), help="Where the best merge goes."
 )
-@click.option("--max-memory", default="2GiB", show_default=True, help="Budget of each merge's buffers.")
-@click.option("--threads", type=int, default=None, help="Worker threads [default: cores].")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N] (merges).")
-@click.option("--overwrite", is_flag=True, help="Replace the output folder's contents.")
+@click.option(
+    "--max-memory",
+    default="2GiB",
+    show_default=True,
+    callback=check_max_memory,
+    help="Budget for all working buffers, at least 4KiB (e.g. 512MiB, 8GiB).",
+)
+@click.option("--threads", type=THREADS, default=None, help="CPU threads [default: all cores].")
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    callback=check_device,
+    help="cpu (numba kernels), cuda or cuda:N (torch kernels).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace a previous surgery output (never other files).")
 def tune_command(models, base, method_name, grids, eval_file, calibration, output, max_memory, threads,
                  device, overwrite) -> None:  # fmt: skip
     """Merge MODELS at every grid point, score each on --eval, keep the best in -o.

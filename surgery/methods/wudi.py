@@ -114,13 +114,15 @@ WUDI = Method(
     combine=combine_for(
         "wudi",
         wudi_merge,
-        lambda p: {"steps": p["wudi_steps"], "lr": p["wudi_lr"], "weight_power": p["weight_power"]},
+        lambda p: {"steps": p["wudi_steps"], "lr": p["wudi_lr"], "weight_power": p["wudi_weight_power"]},
     ),
     params=(
         SCALE,
         Param("wudi_steps", "int", STEPS, "Adam steps (the authors' 300; FusionBench 400)"),
         Param("wudi_lr", "float", LR, "Adam learning rate"),
-        Param("weight_power", "int", WEIGHT_POWER, "task weight 1/||tau_t||_F^p: 1 authors', 2 FusionBench"),
+        Param(
+            "wudi_weight_power", "int", WEIGHT_POWER, "task weight 1/||tau_t||_F^p: 1 authors', 2 FusionBench"
+        ),
         KEY_POLICY_PARAM,
     ),
     prepare=require_torch,

@@ -66,7 +66,7 @@ def tune_command(models, base, method_name, grids, eval_file, calibration, outpu
     Writes best/surgery_tune.json (every point), best/surgery_tune.png and a section in the card.
     """
     from surgery import tune
-    from surgery.card import base_from_cards
+    from surgery.bases import base_from_cards
     from surgery.engine import EngineOptions, merge
     from surgery.methods import get_method
     from surgery.recipe import make_recipe, parse_size

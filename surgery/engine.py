@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from surgery.compose import DENSE
 from surgery.dtypes import DTYPES
 from surgery.errors import IncompatibleTensorsError, RecipeError, SurgeryError
 from surgery.kernels import Backend, get_backend
@@ -543,20 +544,43 @@ class _Runner:
         self._finish_hash(job, hasher)
 
     def _scatter_job(self, job: TensorJob) -> None:
-        """out = b, plus scale * v_i at every patched index i (one float32 rounding)."""
-        patch = self.plan.inputs[1]
-        cursor = PatchCursor(patch, job.name, job.patch_count, job.numel)
+        """out = b + scale * sum_i w_i p_i over the patches (and dense diffs) touching this tensor,
+        accumulated in float32 in patch order, one rounding to the output dtype; untouched entries
+        keep b's bits. One patch gives b[i] + scale * v_i, as it always did."""
+        patches = self.plan.inputs[1:]
+        weights = [np.float32(w) for w in self.params.get("scales") or [1.0] * len(patches)]
+        cursors = [
+            PatchCursor(p, job.name, n, job.numel) if n > 0 else None
+            for p, n in zip(patches, job.patch_counts)
+        ]
         scale = np.float32(self.params["scale"])
         hasher = self._hasher(job)
         for start, count in self._ranges(job):
             dec = self._load(job, start, count, None, inputs=1)
             if hasher is not None:
                 hasher.update(self._raw0(job, dec, count))
+            acc = self._zeros(count)
+            hit = self.ws.get("hit", (count,), np.bool_)
+            hit.fill(False)
+            for patch, n, cursor, w in zip(patches, job.patch_counts, cursors, weights):
+                if cursor is not None:
+                    idx, val = cursor.take(start + count)
+                    local = idx - start
+                    acc[local] += w * val
+                    hit[local] = True
+                elif n == DENSE:
+                    dtype = patch.tensors[job.name].dtype.name
+                    diff = self.ws.get("diff", (count,), np.float32)
+                    if dtype == "F32":
+                        patch.read_into(job.name, start, diff)
+                    else:
+                        raw = self.ws.get("diff_raw", (count,), DTYPES[dtype].storage)
+                        self.backend.decode(patch.read_into(job.name, start, raw), dtype, diff)
+                    acc += w * diff
+                    hit.fill(True)
             out = self.ws.get("out", (count,), np.float32)
             np.copyto(out, dec[0])
-            idx, val = cursor.take(start + count)
-            local = idx - start
-            out[local] = out[local] + scale * val
+            out[hit] = out[hit] + scale * acc[hit]
             raw = self.ws.get("out_raw", (count,), DTYPES[job.out_dtype].storage)
             self._write(job, start, self.backend.encode(out, job.out_dtype, raw))
         self._finish_hash(job, hasher)
@@ -595,21 +619,23 @@ class _Runner:
         return data
 
     def _check_target_hashes(self) -> None:
-        """apply: warn when the target is not the base the diff was taken from."""
-        manifest = read_manifest(self.plan.inputs[1].root)
-        if manifest is None:
-            self.warnings.append(
-                f"{self.plan.inputs[1].source} has no {MANIFEST}: cannot check that the target is its base"
-            )
-            return
-        recorded = manifest.get("base", {}).get("tensors", {})
-        differ = sorted(n for n, h in self.hashes.items() if n in recorded and recorded[n]["hash"] != h)
-        if differ:
-            self.warnings.append(
-                f"the target differs from the base this diff was taken from "
-                f"({manifest['base'].get('source')}) in {len(differ)} of {len(self.hashes)} tensors, "
-                f"e.g. {differ[0]}: the result is a transfer, not a reconstruction"
-            )
+        """apply: warn when the target is not the base a diff or patch was taken from."""
+        for diff in self.plan.inputs[1:]:
+            manifest = read_manifest(diff.root)
+            if manifest is None:
+                self.warnings.append(
+                    f"{diff.source} has no {MANIFEST}: cannot check that the target is its base"
+                )
+                continue
+            recorded = manifest.get("base", {}).get("tensors", {})
+            differ = sorted(n for n, h in self.hashes.items() if n in recorded and recorded[n]["hash"] != h)
+            if differ:
+                of = f" {diff.source}" if len(self.plan.inputs) > 2 else ""
+                self.warnings.append(
+                    f"the target differs from the base this diff{of} was taken from "
+                    f"({manifest['base'].get('source')}) in {len(differ)} of {len(self.hashes)} tensors, "
+                    f"e.g. {differ[0]}: the result is a transfer, not a reconstruction"
+                )
 
     # -- LiNeS --------------------------------------------------------------------------------------
     def _lines_scale(self, job: TensorJob) -> float:

@@ -164,6 +164,10 @@ def _check_parameter(
         if value not in choices:
             raise RecipeError(f"{where} must be one of {', '.join(choices)}, not {value!r}")
         return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise RecipeError(f"{where} must be true or false, not {value!r}")
+        return value
     if kind == "fixed":
         if value != spec.defaults[name]:
             raise RecipeError(f"{where} is fixed at {spec.defaults[name]!r} for this method")

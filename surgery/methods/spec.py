@@ -15,7 +15,7 @@ GRANULARITIES = ("per_tensor", "per_row", "global")
 @dataclass(frozen=True)
 class Param:
     name: str
-    kind: str  # "float", "int", "weights", "choice"
+    kind: str  # "float", "int", "weights", "choice", "regex", "bool", "fixed"
     default: object
     help: str
     choices: tuple[str, ...] = ()

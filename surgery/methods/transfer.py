@@ -67,17 +67,22 @@ APPLY = Method(
 
 APPLY_PATCH = Method(
     name="apply_patch",
-    title="Apply a sparse patch",
+    title="Apply sparse patches (composed)",
     paper=_GRAFT_PAPER,
-    formula="out = b; out[i] = b[i] + scale * v_i for every (i, v_i) in the patch",
+    formula="out = b + scale * sum_i s_i p_i (overlapping entries added; untouched entries keep b)",
     sparsify=None,
     combine="sum",
     needs_base=True,
     min_models=1,
-    max_models=1,
-    params=(SCALE,),
+    max_models=None,
+    params=(
+        SCALE,
+        Param("scales", "weights", None, "per-patch multipliers s1,s2,... (default all 1)"),
+        Param("force_base", "bool", False, "compose patches taken from different bases"),
+    ),
     command="apply",
-    roles="base: the target model; models: [a sparse patch written by `surgery diff --density/--graft`]",
+    roles="base: the target model; models: sparse patches (or dense diffs) of that base, composed "
+    "in one pass (Ansell et al., arXiv 2110.07560)",
     output="scatter",
 )
 

@@ -447,6 +447,38 @@ def graft(ctx: click.Context, base: str, finetuned: str, density: float, region,
 
 
 @cli.command()
+@click.argument("base")
+@click.argument("finetuned")
+@click.option("--fraction", type=float, default=0.5, show_default=True,
+              help="Fraction of each block's matrices (or elements) reset to BASE.")  # fmt: skip
+@click.option("--by", type=click.Choice(["matrix", "element"]), default="matrix", show_default=True)
+@click.option("--seed", type=int, default=None, help="Seed of the permutation that picks them [default: 0].")
+@click.option("--select", type=click.Choice(["smallest-update", "largest-update"]), default=None,
+              help="Pick by relative update ||f - b|| / ||b|| instead of at random.")  # fmt: skip
+@output_options
+@engine_options
+@click.pass_context
+def reset(ctx: click.Context, base: str, finetuned: str, fraction: float, by: str, seed: int | None,
+          select: str | None, dtype, max_shard_size, **engine) -> None:  # fmt: skip
+    """Half reset (HFT, Hui et al. 2024): per block, floor(fraction * n) of its n matrices (or
+    elements) := BASE, the rest := FINETUNED, bit for bit. Vectors and non-block tensors keep
+    FINETUNED. Resetting half of a fine-tune restores much of what it forgot.
+
+    \b
+    surgery reset BASE FT --fraction 0.5 --seed 1 -o reset/
+    surgery reset BASE FT --select smallest-update -o reset/
+    """
+    from surgery.errors import RecipeError
+    from surgery.recipe import make_recipe
+
+    if seed is not None and select is not None:
+        raise RecipeError("choose --seed (a random permutation) or --select, not both")
+    params = {"fraction": fraction, "by": by, "select": select or "random", "seed": seed}
+    recipe = make_recipe("half_reset", [finetuned], base, params, dtype, max_shard_size)
+    run_recipe(ctx, recipe, **engine)
+
+
+@cli.command()
 @click.argument("recipe_file", type=click.Path(path_type=Path))
 @engine_options
 @click.pass_context

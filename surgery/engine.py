@@ -30,6 +30,7 @@ from surgery.dtypes import DTYPES
 from surgery.errors import IncompatibleTensorsError, RecipeError, SurgeryError
 from surgery.kernels import Backend, get_backend
 from surgery.methods.dare import dare_key
+from surgery.methods.half_reset import ResetRule, reset_rules
 from surgery.methods.interpolation import model_stock_k, slerp_coefficients
 from surgery.methods.lines import make_schedule
 from surgery.patch import INDICES, MANIFEST, VALUES, PatchCursor, patch_layout, read_manifest
@@ -191,6 +192,7 @@ class _Runner:
         self.lines = make_schedule(plan.recipe.lines)
         self.lines_alpha = 1.0
         self.patch_counts: dict[str, int] = {}
+        self.reset: dict[str, ResetRule] = {}  # output "pick": per block matrix, base or fine-tune
         self.warnings: list[str] = []
         # content hashes of input 0 (the base of a diff, the target of an apply), chunk by chunk
         self.hash_base = self.spec.output in ("update", "patch") or self.spec.command == "apply"
@@ -208,6 +210,17 @@ class _Runner:
             self.plan.resolved["lines_alpha"] = self.lines_alpha
             beta = self.lines.beta
             self.plan.resolved["lines_beta"] = (1.0 - self.lines_alpha) if beta is None else beta
+        if self.spec.output == "pick":
+            jobs = self.plan.merge_jobs
+            scores = None
+            if self.params["select"] != "random":
+                matrices = [j for j in jobs if len(j.shape) >= 2]
+                scores = dict(
+                    zip((j.name for j in matrices), self._parallel(self._relative_update, matrices))
+                )
+            self.reset = reset_rules(
+                [j.name for j in jobs], {j.name: j.shape for j in jobs}, self.params, scores
+            )
         if self.spec.output == "patch":
             if granularity not in ("per_tensor", "global"):
                 raise RecipeError(
@@ -373,6 +386,8 @@ class _Runner:
             self._patch_job(job)
         elif self.spec.output == "scatter":
             self._scatter_job(job)
+        elif self.spec.output == "pick":
+            self._pick_job(job)
         else:
             self._merge_job(job)
         with self.lock:
@@ -584,6 +599,32 @@ class _Runner:
             raw = self.ws.get("out_raw", (count,), DTYPES[job.out_dtype].storage)
             self._write(job, start, self.backend.encode(out, job.out_dtype, raw))
         self._finish_hash(job, hasher)
+
+    def _pick_job(self, job: TensorJob) -> None:
+        """Each element from the base (where the reset rule says so) or from the fine-tune, bit for
+        bit in their dtype (decode then encode is exact); tensors without a rule keep the fine-tune."""
+        rule = self.reset.get(job.name)
+        ranges = self._ranges(job)
+        for k, (start, count) in enumerate(ranges):
+            dec = self._load(job, start, count, ranges[k + 1] if k + 1 < len(ranges) else None)
+            out = self.ws.get("out", (count,), np.float32)
+            if rule is None:
+                np.copyto(out, dec[1])
+            else:
+                np.copyto(out, np.where(rule.mask(start, count), dec[0], dec[1]))
+            raw = self.ws.get("out_raw", (count,), DTYPES[job.out_dtype].storage)
+            self._write(job, start, self.backend.encode(out, job.out_dtype, raw))
+
+    def _relative_update(self, job: TensorJob) -> float:
+        """||f - b||_F / ||b||_F in float64 (inf for a zero base that moved, 0 when nothing moved)."""
+        sums = np.zeros(2, np.float64)
+        for start, count in self._ranges(job):
+            dec = self._load(job, start, count, None)
+            b, f = dec[0].astype(np.float64), dec[1].astype(np.float64)
+            sums += (np.dot(f - b, f - b), np.dot(b, b))
+        if sums[1] == 0.0:
+            return math.inf if sums[0] > 0.0 else 0.0
+        return math.sqrt(sums[0] / sums[1])
 
     # -- diff manifests -----------------------------------------------------------------------------
     def manifest(self) -> dict | None:

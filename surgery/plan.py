@@ -122,6 +122,8 @@ class Plan:
             passes = 3
         elif spec.combine in ("slerp", "model_stock"):
             passes = 2
+        elif spec.output == "pick" and self.recipe.parameters.get("select") != "random":
+            passes = 2  # relative updates of every block matrix first
         return {
             "method": spec.name,
             "inputs": [c.source for c in self.inputs],
@@ -247,11 +249,11 @@ def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
         layout = plan_layout(
             [OutputTensor(j.name, j.out_dtype, j.shape) for j in jobs], recipe.max_shard_size
         )
-    # config.json from the base (for a diff: from the fine-tune it describes); tokenizer, chat template
+    # config.json from the base (for a diff or a reset: from the fine-tune); tokenizer, chat template
     # and generation config from the fine-tune the update came from (a diff carries the fine-tune's)
     command = recipe.spec.command
-    config_source = inputs[-1] if command == "diff" else reference
-    tokenizer_source = inputs[-1] if command in ("diff", "transfer", "apply") else reference
+    config_source = inputs[-1] if command in ("diff", "reset") else reference
+    tokenizer_source = inputs[-1] if command in ("diff", "transfer", "apply", "reset") else reference
     if recipe.parameters.get("tokenizer_from") == "new-base":
         tokenizer_source = reference
     return Plan(recipe, inputs, jobs, layout, config_source, notes, tokenizer_source=tokenizer_source)

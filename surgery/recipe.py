@@ -200,6 +200,8 @@ def _check_parameter(
         raise RecipeError(f"{where} = {number} is outside (0, 1]", hint="density is the fraction KEPT")
     if name == "outliers" and not 0.0 <= number < 1.0:
         raise RecipeError(f"{where} = {number} is outside [0, 1)")
+    if name == "fraction" and not 0.0 <= number <= 1.0:
+        raise RecipeError(f"{where} = {number} is outside [0, 1]")
     if name == "t" and not 0.0 <= number <= 1.0:
         raise RecipeError(f"{where} = {number} is outside [0, 1]")
     return number

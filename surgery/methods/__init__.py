@@ -5,6 +5,7 @@ from __future__ import annotations
 from surgery.errors import RecipeError
 from surgery.methods.breadcrumbs import BREADCRUMBS, BREADCRUMBS_TIES
 from surgery.methods.dare import DARE, DARE_TIES
+from surgery.methods.half_reset import HALF_RESET
 from surgery.methods.interpolation import LINEAR, MODEL_STOCK, SLERP
 from surgery.methods.spec import Method, Param
 from surgery.methods.task_arithmetic import TASK_ARITHMETIC
@@ -29,6 +30,7 @@ METHODS: dict[str, Method] = {
         APPLY_PATCH,
         TRANSFER,
         GRAFT,
+        HALF_RESET,
     )
 }
 

@@ -1,0 +1,180 @@
+"""Half reset: the operation behind Half Fine-Tuning (HFT, Hui et al., arXiv 2404.18466), as surgery.
+
+HFT freezes half of each block's parameter matrices at their pre-trained values while fine-tuning;
+resetting part of a fine-tune's parameters to the base afterwards restores forgotten knowledge. Per
+block (a transformer layer), with n units (its matrices, or the elements of its matrices):
+
+    exactly k = floor(fraction * n) units := base,  the other n - k := fine-tune   (bit for bit)
+
+Which units: a seeded permutation pi of 0..n-1 (unit j is reset iff pi(j) < k), or the relative
+update r_j = ||f_j - b_j||_F / ||b_j||_F of each matrix (``smallest-update`` resets the k matrices the
+fine-tune changed least, ``largest-update`` the k it changed most; ties by lower position).
+
+The permutation is counter-based: a 4-round Feistel network on 2^(2h) >= n keyed by
+(seed, block), with cycle-walking back into 0..n-1. pi(j) depends on nothing but (seed, block, j), so
+the result never depends on chunking, threads or order, and exactly k units are reset (pi is a
+bijection). A block's elements are numbered across its matrices in name order, row-major inside each.
+
+"Matrices" are the float tensors of two or more dimensions inside the blocks. Vectors (norms,
+biases) and everything outside the blocks (embeddings, head, final norm) keep the fine-tune's values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from surgery.errors import RecipeError
+from surgery.methods.spec import SEED, Method, Param
+from surgery.names import place
+from surgery.ranks import rank_count
+from surgery.writer import natural_key
+
+SELECTIONS = ("random", "smallest-update", "largest-update")
+
+HALF_RESET = Method(
+    name="half_reset",
+    title="Half reset (Half Fine-Tuning as surgery)",
+    paper="https://arxiv.org/abs/2404.18466",
+    formula="per block: floor(fraction * n) of its n matrices (or elements) := base, the rest := fine-tune",
+    sparsify=None,
+    combine="sum",
+    needs_base=True,
+    min_models=1,
+    max_models=1,
+    params=(
+        Param("fraction", "float", 0.5, "fraction of each block's matrices (or elements) reset to the base"),
+        Param(
+            "by",
+            "choice",
+            "matrix",
+            "unit of the reset: whole matrices or single elements",
+            ("matrix", "element"),
+        ),  # fmt: skip
+        Param(
+            "select",
+            "choice",
+            "random",
+            "which units: a seeded permutation or by relative update",
+            SELECTIONS,
+        ),  # fmt: skip
+        SEED,
+    ),
+    command="reset",
+    roles="base: the pre-trained model; models: [the fine-tune]",
+    output="pick",
+)
+
+
+@dataclass(frozen=True)
+class ResetRule:
+    """How one block matrix is written: all base, all fine-tune, or by element.
+
+    By element, element ``i`` of the tensor is reset iff pi(offset + i) < k, with pi the block's
+    permutation of 0..n-1 under ``key``."""
+
+    whole: bool | None  # True: all base; False: all fine-tune; None: by element
+    key: int = 0
+    offset: int = 0
+    n: int = 0
+    k: int = 0
+
+    def mask(self, start: int, count: int) -> np.ndarray:
+        """True where elements start..start+count-1 of the tensor are reset to the base."""
+        if self.whole is not None:
+            return np.full(count, self.whole)
+        pos = np.arange(self.offset + start, self.offset + start + count, dtype=np.uint64)
+        return permute(pos, self.n, self.key) < np.uint64(self.k)
+
+
+def block_matrices(names: Sequence[str], shapes: dict[str, tuple[int, ...]]) -> dict[int, list[str]]:
+    """Block index -> its matrices (float tensors with >= 2 dims), in name order."""
+    blocks: dict[int, list[str]] = {}
+    for name in sorted(names, key=natural_key):
+        block = place(name).block
+        if block is not None and len(shapes[name]) >= 2:
+            blocks.setdefault(block, []).append(name)
+    return blocks
+
+
+def reset_rules(
+    names: Sequence[str],
+    shapes: dict[str, tuple[int, ...]],
+    params: dict,
+    scores: dict[str, float] | None = None,
+) -> dict[str, ResetRule]:
+    """A rule for every block matrix (tensors without one keep the fine-tune).
+
+    ``scores``: the relative update of each matrix, needed when ``select`` is not ``random``."""
+    fraction, by, select = float(params["fraction"]), params["by"], params["select"]
+    seed = int(params["seed"])
+    if by == "element" and select != "random":
+        raise RecipeError(
+            f"--by element picks elements by a seeded permutation only, not by {select}",
+            hint="use --by matrix with --select, or --by element with --seed",
+        )
+    rules: dict[str, ResetRule] = {}
+    for block, members in block_matrices(names, shapes).items():
+        key = block_key(seed, block)
+        if by == "element":
+            sizes = [int(np.prod(shapes[m])) for m in members]
+            n = sum(sizes)
+            k = rank_count(fraction, n)
+            offset = 0
+            for m, size in zip(members, sizes):
+                rules[m] = ResetRule(None if 0 < k < n else k == n, key, offset, n, k)
+                offset += size
+            continue
+        n = len(members)
+        k = rank_count(fraction, n)
+        if select == "random":
+            pi = permute(np.arange(n, dtype=np.uint64), n, key)
+            chosen = {m for m, p in zip(members, pi) if p < k}
+        else:
+            assert scores is not None
+            sign = 1.0 if select == "smallest-update" else -1.0
+            order = sorted(range(n), key=lambda j: (sign * scores[members[j]], j))
+            chosen = {members[j] for j in order[:k]}
+        for m in members:
+            rules[m] = ResetRule(m in chosen)
+    return rules
+
+
+def block_key(seed: int, block: int) -> int:
+    """64-bit key of one block's permutation."""
+    digest = hashlib.blake2b(f"half_reset\0{seed}\0{block}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _round(x: np.ndarray, key: int, r: int, mask: np.ndarray) -> np.ndarray:
+    """Feistel round function: splitmix64 finaliser of (x, key, round), cut to the half width."""
+    z = x + np.uint64((key + 0x9E3779B97F4A7C15 * (r + 1)) % 2**64)
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    return (z ^ (z >> np.uint64(31))) & mask
+
+
+def permute(x: np.ndarray, n: int, key: int, rounds: int = 4) -> np.ndarray:
+    """pi(x) for x in 0..n-1: a keyed bijection of 0..n-1 (Feistel network + cycle-walking)."""
+    if n <= 1:
+        return np.zeros_like(x)
+    half = max(1, ((n - 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << half) - 1)
+    shift = np.uint64(half)
+    out = x.astype(np.uint64, copy=True)
+    todo = np.ones(out.size, bool)
+    with np.errstate(over="ignore"):
+        while todo.any():  # cycle-walking: re-encrypt until the value falls back into 0..n-1
+            v = out[todo]
+            left, right = v >> shift, v & mask
+            for r in range(rounds):
+                left, right = right, left ^ _round(right, key, r, mask)
+            out[todo] = (left << shift) | right
+            todo[todo] = out[todo] >= np.uint64(n)
+    return out

@@ -301,11 +301,13 @@ def lines(ctx: click.Context, base: str, finetuned: str, alpha: float, beta: flo
 @click.option(
     "--region", default=None, help="Regex of tensors a patch may touch [default: all; --graft: the blocks]."
 )
+@click.option("--lift-rank", type=int, default=None,
+              help="LIFT patch: top --density of |rank-R approx.| of each base block matrix.")  # fmt: skip
 @output_options
 @engine_options
 @click.pass_context
 def diff(ctx: click.Context, base: str, finetuned: str, density, breadcrumbs, outliers, graft_density,
-         region, dtype, max_shard_size, **engine) -> None:  # fmt: skip
+         region, lift_rank, dtype, max_shard_size, **engine) -> None:  # fmt: skip
     """Write the task vector FINETUNED - BASE as a checkpoint of its own.
 
     Dense by default (float32, so bf16/f16 inputs are exact); --density, --breadcrumbs or --graft write
@@ -316,18 +318,28 @@ def diff(ctx: click.Context, base: str, finetuned: str, density, breadcrumbs, ou
     from surgery.recipe import make_recipe
 
     flags = {
-        "density": density is not None and not breadcrumbs,
+        "density": density is not None and not breadcrumbs and lift_rank is None,
         "breadcrumbs": breadcrumbs,
         "graft": graft_density is not None,
+        "lift-rank": lift_rank is not None,
     }
     modes = [m for m, on in flags.items() if on]
     if len(modes) > 1:
-        raise RecipeError(f"choose one of --density, --breadcrumbs, --graft (got {', '.join(modes)})")
+        raise RecipeError(
+            f"choose one of --density, --breadcrumbs, --graft, --lift-rank (got {', '.join(modes)})"
+        )
     if not modes:
         if outliers is not None or region is not None:
             raise RecipeError("--outliers and --region apply to sparse patches only")
         recipe = make_recipe("diff", [finetuned], base, {}, dtype or "float32", max_shard_size)
         return run_recipe(ctx, recipe, **engine)
+    if modes == ["lift-rank"]:
+        if outliers is not None:
+            raise RecipeError("--outliers does not apply to a LIFT patch")
+        params = {"density": density, "rank": lift_rank, "region": region}
+        return run_recipe(
+            ctx, make_recipe("lift_patch", [finetuned], base, params, None, max_shard_size), **engine
+        )
     if modes == ["graft"]:
         params = {"density": graft_density, "granularity": "global", "region": region}
     elif modes == ["breadcrumbs"]:
@@ -426,18 +438,26 @@ def config_differences(old: dict, new: dict) -> list[str]:
 @click.option("--density", type=float, required=True, help="Fraction of the region's parameters grafted.")
 @click.option("--region", default=None, help="Regex of tensors to graft [default: the transformer blocks].")
 @click.option("--patch", "as_patch", is_flag=True, help="Write a sparse patch instead of a full checkpoint.")
+@click.option("--lift-rank", type=int, default=None,
+              help="Graft at LIFT positions: top DENSITY of |rank-R approx.| per block matrix.")  # fmt: skip
 @output_options
 @engine_options
 @click.pass_context
-def graft(ctx: click.Context, base: str, finetuned: str, density: float, region, as_patch: bool, dtype,
-          max_shard_size, **engine) -> None:  # fmt: skip
+def graft(ctx: click.Context, base: str, finetuned: str, density: float, region, as_patch: bool,
+          lift_rank: int | None, dtype, max_shard_size, **engine) -> None:  # fmt: skip
     """Data-free skill graft: BASE + the top-DENSITY entries of (FINETUNED - BASE) over the region.
 
     Panigrahi et al. (ICML 2023): a tiny fraction of the parameters carries a fine-tune's skill.
+    With --lift-rank R the positions are LIFT's principal weights instead (per block matrix).
     """
     from surgery.recipe import make_recipe
 
     params = {"density": density, "region": region}
+    if lift_rank is not None:
+        params["rank"] = lift_rank
+        method = "lift_patch" if as_patch else "lift_graft"
+        recipe = make_recipe(method, [finetuned], base, params, None if as_patch else dtype, max_shard_size)
+        return run_recipe(ctx, recipe, **engine)
     if as_patch:
         params["granularity"] = "global"
         recipe = make_recipe("patch", [finetuned], base, params, None, max_shard_size)

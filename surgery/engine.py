@@ -42,6 +42,7 @@ from surgery.ranks import (
     count_above,
     count_at,
     edge_bins,
+    rank_count,
     sparse,
     threshold_from_hists,
 )
@@ -221,7 +222,10 @@ class _Runner:
             self.reset = reset_rules(
                 [j.name for j in jobs], {j.name: j.shape for j in jobs}, self.params, scores
             )
-        if self.spec.output == "patch":
+        if self.spec.output == "patch" and self.spec.sparsify == "key":
+            for job in self.plan.merge_jobs:
+                self.patch_counts[job.name] = self._key_count(job)
+        elif self.spec.output == "patch":
             if granularity not in ("per_tensor", "global"):
                 raise RecipeError(
                     f"a sparse patch ranks per tensor or globally, not {granularity}",
@@ -462,6 +466,7 @@ class _Runner:
         [||sum_t tau_t||_1, ||tau_merged||_1] of this tensor (float64).
         """
         ranges = self._ranges(job)
+        selection = self._key_selection(job) if self.spec.sparsify == "key" else None
         read, cache = self._chunk_reader(job, ranges)
         bands = self._bands_for(job, ranges, read)
         coeffs = self._coefficients(job, ranges, read)
@@ -474,7 +479,8 @@ class _Runner:
                 base = None
                 if self.spec.output == "update":  # a diff: the update itself, b + tau - b would round
                     base = self._zeros(count)
-                out = self._apply(job, dec, tau, start, count, bands, coeffs, lam, base=base)
+                out = self._apply(job, dec, tau, start, count, bands, coeffs, lam, base=base,
+                                  selection=selection)  # fmt: skip
                 if job.row_map is not None:
                     self._fix_rows(job, dec, start, count, out)
                 yield start, count, out
@@ -531,6 +537,8 @@ class _Runner:
 
     def _patch_job(self, job: TensorJob) -> None:
         """Emit the selected entries of tau as (flat index, value), in index order."""
+        if self.spec.sparsify == "key":
+            return self._key_patch_job(job)
         ranges = self._ranges(job)
         read, cache = self._chunk_reader(job, ranges)
         bands = self._bands_for(job, ranges, read)
@@ -557,6 +565,49 @@ class _Runner:
                 written += n
         assert written == total, (job.name, written, total)
         self._finish_hash(job, hasher)
+
+    def _key_patch_job(self, job: TensorJob) -> None:
+        """A patch of tau at the positions chosen by the spec's whole-matrix key of the base."""
+        selection = self._key_selection(job)
+        ranges = self._ranges(job)
+        read, _ = self._chunk_reader(job, ranges)
+        hasher = self._hasher(job)
+        for k, (start, count) in enumerate(ranges):
+            dec, tau = read(k)
+            if hasher is not None:
+                hasher.update(self._raw0(job, dec, count))
+            lo, hi = np.searchsorted(selection, [start, start + count])
+            if hi > lo:
+                self._write_named(job.name + INDICES, int(lo), selection[lo:hi])
+                self._write_named(
+                    job.name + VALUES, int(lo), np.ascontiguousarray(tau[0, selection[lo:hi] - start])
+                )
+        self._finish_hash(job, hasher)
+
+    def _key_count(self, job: TensorJob) -> int:
+        """Entries a key selection keeps: floor(density * numel) of a matrix; nothing of other shapes."""
+        return rank_count(float(self.params["density"]), job.numel) if len(job.shape) == 2 else 0
+
+    def _key_selection(self, job: TensorJob) -> np.ndarray:
+        """Ascending flat indices of the top ``_key_count`` entries of ``spec.rank_key(base matrix)``,
+        ties by lower index (radix select, as every rank in surgery). Holds the whole matrix."""
+        k = self._key_count(job)
+        if k == 0:
+            return np.empty(0, np.int64)
+        base = self._load(job, 0, job.numel, None, inputs=1)[0].reshape(job.shape).copy()
+        key = np.ascontiguousarray(self.spec.rank_key(base, self.params), np.float32).reshape(-1)
+        high = np.zeros(HIST, np.int64)
+        self.backend.abs_hist_high(key, high)
+        lows = {b: np.zeros(HIST, np.int64) for b in edge_bins(high, 0, k)}
+        for b, hist in lows.items():
+            self.backend.abs_hist_low(key, b, hist)
+        band = self._band(high, lows, 0, k)
+        idx, val = np.empty(k, np.int64), np.empty(k, np.float32)
+        n = self.backend.band_select(
+            key, band.v_hi, band.ties_hi, band.v_lo, band.ties_lo, band.seen, 0, idx, val
+        )
+        assert n == k, (job.name, n, k)
+        return idx
 
     def _scatter_job(self, job: TensorJob) -> None:
         """out = b + scale * sum_i w_i p_i over the patches (and dense diffs) touching this tensor,
@@ -819,6 +870,7 @@ class _Runner:
         coeffs: np.ndarray | None,
         lam: float,
         base: np.ndarray | None = None,
+        selection: np.ndarray | None = None,
     ) -> np.ndarray:
         """Output chunk in float32. ``lam`` is the LiNeS scale of this tensor's update (1 = none);
         ``base`` replaces the base row in the final sum (zeros: the merged update itself)."""
@@ -848,6 +900,11 @@ class _Runner:
             else:
                 for t, b in enumerate(bands):
                     be.band_mask(tau[t], b.v_hi, b.ties_hi, b.v_lo, b.ties_lo, b.seen)
+        elif self.spec.sparsify == "key":  # keep tau only at the selected flat indices
+            lo, hi = np.searchsorted(selection, [start, start + count])
+            keep = tau[0, selection[lo:hi] - start]
+            tau.fill(0.0)
+            tau[0, selection[lo:hi] - start] = keep
         elif self.spec.sparsify == "bernoulli":
             for t in range(self.n_models):
                 key = dare_key(int(self.params["seed"]), job.name, t)

@@ -7,6 +7,7 @@ from surgery.methods.breadcrumbs import BREADCRUMBS, BREADCRUMBS_TIES
 from surgery.methods.dare import DARE, DARE_TIES
 from surgery.methods.half_reset import HALF_RESET
 from surgery.methods.interpolation import LINEAR, MODEL_STOCK, SLERP
+from surgery.methods.lift import LIFT_GRAFT, LIFT_PATCH
 from surgery.methods.spec import Method, Param
 from surgery.methods.task_arithmetic import TASK_ARITHMETIC
 from surgery.methods.ties import TIES
@@ -31,6 +32,8 @@ METHODS: dict[str, Method] = {
         TRANSFER,
         GRAFT,
         HALF_RESET,
+        LIFT_PATCH,
+        LIFT_GRAFT,
     )
 }
 

@@ -7,6 +7,7 @@ specs with different stages and defaults, not new code. The engine runs the stag
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 GRANULARITIES = ("per_tensor", "per_row", "global")
@@ -27,7 +28,8 @@ class Method:
     title: str
     paper: str
     formula: str
-    sparsify: str | None  # None, "band" (exact rank band), "bernoulli" (DARE)
+    # None, "band" (exact rank band of |tau|), "bernoulli" (DARE), "key" (top density of ``rank_key``)
+    sparsify: str | None
     combine: str  # "sum", "ties", "linear", "slerp", "model_stock"
     needs_base: bool
     min_models: int
@@ -42,6 +44,9 @@ class Method:
     # What is written: "dense" (b + update), "update" (the update alone: a diff), "patch" (sparse
     # indices + values of the selected update), "scatter" (b + a sparse patch).
     output: str = "dense"
+    # sparsify "key": a whole-matrix ranking key computed from the BASE matrix (float32, >= 0, same
+    # shape); the top ``density`` of each 2-D tensor by key, ties by lower index, is selected.
+    rank_key: Callable | None = None
 
     @property
     def defaults(self) -> dict[str, object]:

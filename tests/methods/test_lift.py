@@ -1,0 +1,118 @@
+"""LIFT principal weights (arXiv 2506.00772) as a patch selector: per block matrix, the top density of
+|W_r| (W_r the base's rank-r approximation), ties by lower index, holding the fine-tune's diff."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from ckpt_factory import INT_NAME, load_f32, load_raw, make_family, rank_band_mask, round_to
+from click.testing import CliRunner
+from surgery_cli.main import cli
+
+from surgery.engine import EngineOptions, merge
+from surgery.methods.lift import lift_key
+from surgery.names import place
+from surgery.recipe import make_recipe
+
+DENSITY, RANK = 0.2, 3
+
+
+def surgery(*args):
+    result = CliRunner().invoke(cli, [*map(str, args), "-q"])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture
+def pair(tmp_path):
+    base, (ft,) = make_family(tmp_path / "in", n_models=1, dtype="BF16")
+    return base, ft, tmp_path
+
+
+def block_matrices(b):
+    return [n for n, t in b.items() if n != INT_NAME and t.ndim == 2 and place(n).block is not None]
+
+
+def reference_positions(w: np.ndarray, k: int) -> np.ndarray:
+    """Top-k of |W_r| with W_r from a float64 numpy SVD (ties by lower index)."""
+    u, s, vh = np.linalg.svd(w.astype(np.float64), full_matrices=False)
+    key = np.abs((u[:, :RANK] * s[:RANK]) @ vh[:RANK])
+    return np.flatnonzero(rank_band_mask(key, 0, k)), key
+
+
+def test_patch_positions_and_values(pair):
+    base, ft, tmp = pair
+    surgery("diff", base, ft, "--lift-rank", RANK, "--density", DENSITY, "-o", tmp / "p")
+    patch = load_raw(tmp / "p")
+    b, f = load_f32(base), load_f32(ft)
+    matrices = block_matrices(b)
+    assert {n.rsplit(".", 1)[0] for n in patch} == set(matrices)  # no vectors, nothing outside the blocks
+    for name in matrices:
+        idx, val = patch[name + ".indices"].numpy(), patch[name + ".values"].numpy()
+        k = math.floor(DENSITY * b[name].size)
+        assert idx.size == k and np.all(np.diff(idx) > 0)
+        tau = (f[name] - b[name]).reshape(-1)
+        np.testing.assert_array_equal(val, tau[idx])
+        # exact given the key the engine used: ranks by a full stable sort
+        key = lift_key(b[name], {"rank": RANK})
+        np.testing.assert_array_equal(idx, np.flatnonzero(rank_band_mask(key, 0, k)))
+        # against a float64 SVD: every selected |W_r| is at least every unselected one, up to float32
+        # rounding of the factorisation (1e-5 of the largest |W_r|)
+        want, ref_key = reference_positions(b[name], k)
+        flat = ref_key.reshape(-1)
+        chosen = np.zeros(flat.size, bool)
+        chosen[idx] = True
+        assert flat[chosen].min() >= flat[~chosen].max() - 1e-5 * flat.max()
+        assert len(set(want) & set(idx)) >= k - 1
+    manifest = (tmp / "p" / "surgery_diff.json").read_text()
+    assert '"method": "lift_patch"' in manifest and '"rank": 3' in manifest
+
+
+def test_graft_formula_and_patch_equivalence(pair):
+    base, ft, tmp = pair
+    surgery("graft", base, ft, "--density", DENSITY, "--lift-rank", RANK, "-o", tmp / "g")
+    surgery("graft", base, ft, "--density", DENSITY, "--lift-rank", RANK, "--patch", "-o", tmp / "gp")
+    surgery("diff", base, ft, "--lift-rank", RANK, "--density", DENSITY, "-o", tmp / "p")
+    assert (tmp / "gp" / "model.safetensors").read_bytes() == (tmp / "p" / "model.safetensors").read_bytes()
+    b, f = load_f32(base), load_f32(ft)
+    got = load_raw(tmp / "g")
+    patch = load_raw(tmp / "p")
+    for name, w in b.items():
+        if name == INT_NAME:
+            continue
+        mask = np.zeros(w.size, bool)
+        if name + ".indices" in patch:
+            mask[patch[name + ".indices"].numpy()] = True
+        tau = (f[name] - w).reshape(-1)
+        want = round_to(
+            (w.reshape(-1) + np.float32(1.0) * np.where(mask, tau, np.float32(0))).reshape(w.shape), "BF16"
+        )
+        assert torch.equal(got[name], want), name
+    surgery("apply", tmp / "p", "--to", base, "-o", tmp / "a")
+    applied = load_raw(tmp / "a")
+    assert all(torch.equal(applied[n], got[n]) for n in got)
+
+
+@pytest.mark.parametrize("method", ["lift_patch", "lift_graft"])
+def test_streamed_equals_whole(pair, method):
+    base, ft, tmp = pair
+    recipe = make_recipe(method, [str(ft)], str(base), {"density": 0.3, "rank": 2})
+    merge(recipe, tmp / "whole", EngineOptions(max_memory=2**30, threads=1))
+    merge(recipe, tmp / "tiny", EngineOptions(max_memory=300, threads=3))
+    assert (tmp / "whole" / "model.safetensors").read_bytes() == (
+        tmp / "tiny" / "model.safetensors"
+    ).read_bytes()
+
+
+def test_flag_errors(pair):
+    base, ft, tmp = pair
+    res = CliRunner().invoke(cli, ["diff", str(base), str(ft), "--lift-rank", "0", "-o", str(tmp / "x")])
+    assert res.exit_code == 1 and "error: lift_patch: rank must be at least 1, not 0" in res.output
+    res = CliRunner().invoke(
+        cli, ["diff", str(base), str(ft), "--lift-rank", "2", "--breadcrumbs", "-o", str(tmp / "x")]
+    )
+    assert res.exit_code == 1 and "choose one of --density, --breadcrumbs, --graft, --lift-rank" in res.output
+    assert not (tmp / "x").exists()

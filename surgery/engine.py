@@ -45,6 +45,7 @@ from surgery.ranks import (
     rank_count,
     sparse,
     threshold_from_hists,
+    top_k_indices,
 )
 from surgery.recipe import RECIPE_NAME, Recipe
 from surgery.vocab import CARRY
@@ -595,19 +596,7 @@ class _Runner:
         if k == 0:
             return np.empty(0, np.int64)
         base = self._load(job, 0, job.numel, None, inputs=1)[0].reshape(job.shape).copy()
-        key = np.ascontiguousarray(self.spec.rank_key(base, self.params), np.float32).reshape(-1)
-        high = np.zeros(HIST, np.int64)
-        self.backend.abs_hist_high(key, high)
-        lows = {b: np.zeros(HIST, np.int64) for b in edge_bins(high, 0, k)}
-        for b, hist in lows.items():
-            self.backend.abs_hist_low(key, b, hist)
-        band = self._band(high, lows, 0, k)
-        idx, val = np.empty(k, np.int64), np.empty(k, np.float32)
-        n = self.backend.band_select(
-            key, band.v_hi, band.ties_hi, band.v_lo, band.ties_lo, band.seen, 0, idx, val
-        )
-        assert n == k, (job.name, n, k)
-        return idx
+        return top_k_indices(self.backend, self.spec.rank_key(base, self.params), k)
 
     def _scatter_job(self, job: TensorJob) -> None:
         """out = b + scale * sum_i w_i p_i over the patches (and dense diffs) touching this tensor,

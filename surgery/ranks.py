@@ -99,3 +99,21 @@ def count_above(
     above = int(cnt[idx > (v >> 16)].sum())
     low_idx, low_cnt = lows[v >> 16]  # the edge bin of v always has a low histogram
     return above + int(low_cnt[low_idx > (v & 0xFFFF)].sum())
+
+
+def top_k_indices(backend, x: np.ndarray, k: int) -> np.ndarray:
+    """Ascending flat indices of the k largest |x| of an in-memory array, ties by lower index
+    (``backend``: a ``surgery.kernels.Backend``; two histogram passes and one select)."""
+    x = np.ascontiguousarray(x, np.float32).reshape(-1)
+    k = max(0, min(int(k), x.size))
+    high = np.zeros(HIST, np.int64)
+    backend.abs_hist_high(x, high)
+    lows = {b: np.zeros(HIST, np.int64) for b in edge_bins(high, 0, k)}
+    for b, hist in lows.items():
+        backend.abs_hist_low(x, b, hist)
+    v, ties = threshold_from_hists(high, k, lows.__getitem__)
+    band = Band(NONE_ABOVE, 0, v, ties)
+    idx, val = np.empty(k, np.int64), np.empty(k, np.float32)
+    n = int(backend.band_select(x, band.v_hi, band.ties_hi, band.v_lo, band.ties_lo, band.seen, 0, idx, val))
+    assert n == k, (n, k)
+    return idx

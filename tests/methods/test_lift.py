@@ -116,3 +116,34 @@ def test_flag_errors(pair):
     )
     assert res.exit_code == 1 and "choose one of --density, --breadcrumbs, --graft, --lift-rank" in res.output
     assert not (tmp / "x").exists()
+
+
+def test_stats_overlap_with_the_finetunes_top_diff(pair):
+    from surgery.analysis.stats import diff_stats
+
+    base, ft, tmp = pair
+    _, (ft2,) = make_family(tmp / "in2", n_models=1, dtype="BF16", seed=0, update=0.3)
+    report = diff_stats(base, [ft, ft2], effective_ranks=False, lift_rank=RANK, lift_density=DENSITY)
+    b = load_f32(base)
+    fts = [load_f32(ft), load_f32(ft2)]
+    matrices = block_matrices(b)
+    assert set(report.lift.per_tensor) == set(matrices)
+    layers: dict[str, list[int]] = {}
+    for name in matrices:
+        k = math.floor(DENSITY * b[name].size)
+        lift = rank_band_mask(lift_key(b[name], {"rank": RANK}), 0, k)
+        shared = [int((rank_band_mask(f[name] - b[name], 0, k) & lift).sum()) for f in fts]
+        assert report.lift.per_tensor[name] == (k, *shared)
+        acc = layers.setdefault(str(place(name).block), [0, 0, 0])
+        for i, v in enumerate((k, *shared)):
+            acc[i] += v
+    assert {k: list(v) for k, v in report.lift.layers.items()} == layers
+    data = report.to_dict()["lift_overlap"]
+    assert data["overall"]["selected"] == sum(v[0] for v in layers.values())
+    res = CliRunner().invoke(cli, ["stats", str(base), str(ft), "--no-rank", "-q", "--lift-rank", str(RANK),
+                                   "--lift-density", str(DENSITY)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert (
+        "overlap of the top 0.2 |tau| with LIFT positions (rank 3); independent positions: 20.00%"
+        in res.output
+    )

@@ -378,13 +378,13 @@ def apply(ctx: click.Context, patches: tuple[str, ...], target: str, scale, scal
 
     with contextlib.ExitStack() as stack:
         ckpts = [stack.enter_context(open_checkpoint(p)) for p in patches]
-        composed = len(ckpts) > 1 or scales is not None or is_patch(ckpts[0])
+        composed = len(ckpts) > 1 or scales is not None
+        method = "compose" if composed else "apply_patch" if is_patch(ckpts[0]) else "apply"
         table = overlaps(ckpts) if len(ckpts) > 1 else None
     params = {"scale": scale}
     if composed:
         params |= {"scales": scales, "force_base": force_base or None}
-    recipe = make_recipe("apply_patch" if composed else "apply", list(patches), target, params, dtype,
-                         max_shard_size)  # fmt: skip
+    recipe = make_recipe(method, list(patches), target, params, dtype, max_shard_size)
     run_recipe(ctx, recipe, summary_to_stderr=as_json, **engine)
     if table is not None:
         click.echo(json.dumps(table.to_dict(), indent=2) if as_json else render_overlaps(table))

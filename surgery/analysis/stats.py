@@ -37,8 +37,7 @@ import numpy as np
 from surgery.analysis.lift_overlap import LiftOverlap, lift_overlap
 from surgery.checkpoint import Checkpoint, open_checkpoint
 from surgery.errors import RecipeError
-from surgery.names import place
-from surgery.writer import natural_key
+from surgery.names import natural_key, place
 
 # progress(done, total, tensor name)
 Progress = Callable[[int, int, str], None]

@@ -11,7 +11,7 @@ from surgery.methods.lift import LIFT_GRAFT, LIFT_PATCH
 from surgery.methods.spec import Method, Param
 from surgery.methods.task_arithmetic import TASK_ARITHMETIC
 from surgery.methods.ties import TIES
-from surgery.methods.transfer import APPLY, APPLY_PATCH, DIFF, GRAFT, PATCH, TRANSFER
+from surgery.methods.transfer import APPLY, APPLY_PATCH, COMPOSE, DIFF, GRAFT, PATCH, TRANSFER
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -29,6 +29,7 @@ METHODS: dict[str, Method] = {
         PATCH,
         APPLY,
         APPLY_PATCH,
+        COMPOSE,
         TRANSFER,
         GRAFT,
         HALF_RESET,

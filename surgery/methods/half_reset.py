@@ -29,9 +29,8 @@ import numpy as np
 
 from surgery.errors import RecipeError
 from surgery.methods.spec import SEED, Method, Param
-from surgery.names import place
+from surgery.names import natural_key, place
 from surgery.ranks import rank_count
-from surgery.writer import natural_key
 
 SELECTIONS = ("random", "smallest-update", "largest-update")
 

@@ -12,6 +12,8 @@ sparse patch (``patch``: flat indices + values per tensor), a tiny file; ``apply
 base. Sparse patches can also keep the top ``density`` per tensor, or a Breadcrumbs band.
 """
 
+from dataclasses import replace
+
 from surgery.methods.spec import REGION, SCALE, Method, Param, density, granularity, outliers
 
 _TRANSFER_PAPER = "https://arxiv.org/abs/2503.20110"
@@ -67,23 +69,35 @@ APPLY = Method(
 
 APPLY_PATCH = Method(
     name="apply_patch",
-    title="Apply sparse patches (composed)",
+    title="Apply a sparse patch",
     paper=_GRAFT_PAPER,
-    formula="out = b + scale * sum_i s_i p_i (overlapping entries added; untouched entries keep b)",
+    formula="out = b; out[i] = b[i] + scale * v_i for every (i, v_i) in the patch",
     sparsify=None,
     combine="sum",
     needs_base=True,
     min_models=1,
+    max_models=1,
+    params=(SCALE,),
+    command="apply",
+    roles="base: the target model; models: [a sparse patch written by `surgery diff --density/--graft`]",
+    output="scatter",
+)
+
+# Several patches (or dense diffs) in one pass: the same scatter output, with per-patch scales.
+COMPOSE = replace(
+    APPLY_PATCH,
+    name="compose",
+    title="Composed sparse patches",
+    paper="https://arxiv.org/abs/2110.07560",
+    formula="out = b + scale * sum_i s_i p_i (overlapping entries added; untouched entries keep b)",
     max_models=None,
     params=(
         SCALE,
         Param("scales", "weights", None, "per-patch multipliers s1,s2,... (default all 1)"),
         Param("force_base", "bool", False, "compose patches taken from different bases"),
     ),
-    command="apply",
-    roles="base: the target model; models: sparse patches (or dense diffs) of that base, composed "
-    "in one pass (Ansell et al., arXiv 2110.07560)",
-    output="scatter",
+    roles="base: the target model; models: sparse patches (or dense diffs) taken from that base "
+    "(Ansell et al., ACL 2022)",
 )
 
 TRANSFER = Method(

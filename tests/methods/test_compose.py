@@ -83,7 +83,7 @@ def test_two_patches_match_reference_and_overlaps(patches):
     assert table.entries == (n1, n2)
     assert table.shared == ((n1, both), (both, n2))
     recipe = (tmp / "out" / "surgery_recipe.yaml").read_text()
-    assert "method: apply_patch" in recipe and "- 0.5" in recipe
+    assert "method: compose" in recipe and "- 0.5" in recipe
 
 
 def test_json_table_and_dense_diff_in_the_mix(patches):
@@ -117,7 +117,7 @@ def test_one_patch_is_todays_apply_bitwise(patches):
 
 def test_streamed_equals_whole(patches):
     base, tmp = patches
-    recipe = make_recipe("apply_patch", [str(tmp / "p1"), str(tmp / "p2"), str(tmp / "d2")], str(base),
+    recipe = make_recipe("compose", [str(tmp / "p1"), str(tmp / "p2"), str(tmp / "d2")], str(base),
                          {"scales": [1.0, -0.5, 0.25], "scale": 0.75})  # fmt: skip
     merge(recipe, tmp / "whole", EngineOptions(max_memory=2**30, threads=1))
     merge(recipe, tmp / "tiny", EngineOptions(max_memory=300, threads=3))
@@ -141,7 +141,7 @@ def test_patches_of_different_bases_are_refused(patches):
     assert "hint: " in res.output and "--force-base" in res.output
     assert not (tmp / "out").exists()
     with pytest.raises(PlanError, match="base tensors differ"):
-        make = make_recipe("apply_patch", [str(tmp / "p1"), str(tmp / "q")], str(base), {})
+        make = make_recipe("compose", [str(tmp / "p1"), str(tmp / "q")], str(base), {})
         merge(make, tmp / "out")
     res = CliRunner().invoke(cli, [*args, "--force-base", "-q"])
     assert res.exit_code == 0, res.output
@@ -154,4 +154,4 @@ def test_scales_count_must_match(patches):
     res = CliRunner().invoke(cli, ["apply", str(tmp / "p1"), str(tmp / "p2"), "--to", str(base),
                                    "--scales", "1", "-o", str(tmp / "out")])  # fmt: skip
     assert res.exit_code == 1
-    assert "error: apply_patch: scales has 1 values for 2 models" in res.output
+    assert "error: compose: scales has 1 values for 2 models" in res.output

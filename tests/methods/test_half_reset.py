@@ -15,9 +15,8 @@ from click.testing import CliRunner
 from surgery_cli.main import cli
 
 from surgery.engine import EngineOptions, merge
-from surgery.names import place
+from surgery.names import natural_key, place
 from surgery.recipe import make_recipe
-from surgery.writer import natural_key
 
 # 5 matrices and a norm per block: floor(0.5 * 5) = 2 exercises the floor
 SHAPES = {"model.embed_tokens.weight": (20, 8), "model.norm.weight": (8,), "lm_head.weight": (20, 8)}

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ from surgery.errors import IncompatibleTensorsError, RecipeError, SurgeryError
 from surgery.files import CARD, MANIFEST, RECIPE
 from surgery.kernels import Backend, get_backend
 from surgery.methods.dare import dare_key
-from surgery.methods.half_reset import ResetRule, reset_rules
+from surgery.methods.half_reset import ResetRule, element_bands, reset_key, reset_rules
 from surgery.methods.interpolation import model_stock_k, slerp_coefficients
 from surgery.methods.lines import make_schedule
 from surgery.patch import INDICES, VALUES, PatchCursor, patch_layout, read_manifest
@@ -214,16 +214,7 @@ class _Runner:
             beta = self.lines.beta
             self.plan.resolved["lines_beta"] = (1.0 - self.lines_alpha) if beta is None else beta
         if self.spec.output == "pick":
-            jobs = self.plan.merge_jobs
-            scores = None
-            if self.params["select"] != "random":
-                matrices = [j for j in jobs if len(j.shape) >= 2]
-                scores = dict(
-                    zip((j.name for j in matrices), self._parallel(self._relative_update, matrices))
-                )
-            self.reset = reset_rules(
-                [j.name for j in jobs], {j.name: j.shape for j in jobs}, self.params, scores
-            )
+            self.reset = self._reset_rules()
         if self.spec.output == "patch" and self.spec.sparsify == "key":
             for job in self.plan.merge_jobs:
                 self.patch_counts[job.name] = self._key_count(job)
@@ -645,6 +636,7 @@ class _Runner:
         """Each element from the base (where the reset rule says so) or from the fine-tune, bit for
         bit in their dtype (decode then encode is exact); tensors without a rule keep the fine-tune."""
         rule = self.reset.get(job.name)
+        band = None if rule is None or rule.band is None else replace(rule.band, seen=np.zeros(2, np.int64))
         ranges = self._ranges(job)
         for k, (start, count) in enumerate(ranges):
             dec = self._load(job, start, count, ranges[k + 1] if k + 1 < len(ranges) else None)
@@ -652,9 +644,33 @@ class _Runner:
             if rule is None:
                 np.copyto(out, dec[1])
             else:
-                np.copyto(out, np.where(rule.mask(start, count), dec[0], dec[1]))
+                mask = rule.mask(start, count, dec[0], dec[1], self.backend, band)
+                np.copyto(out, np.where(mask, dec[0], dec[1]))
             raw = self.ws.get("out_raw", (count,), DTYPES[job.out_dtype].storage)
             self._write(job, start, self.backend.encode(out, job.out_dtype, raw))
+
+    def _reset_rules(self) -> dict[str, ResetRule]:
+        """Half reset: which block matrices (or elements) take the base, from the reduce pass the
+        selection needs (none for a permutation, matrix norms, or block-wide element ranks)."""
+        jobs = {j.name: j for j in self.plan.merge_jobs}
+        shapes = {n: j.shape for n, j in jobs.items()}
+        by, select = self.params["by"], self.params["select"]
+        scores = bands = None
+        if select != "random" and by == "matrix":
+            matrices = [j for j in jobs.values() if len(j.shape) >= 2]
+            scores = dict(zip((j.name for j in matrices), self._parallel(self._relative_update, matrices)))
+        elif select != "random":
+            pmap = lambda f, items: self._parallel(f, list(items))  # noqa: E731
+            keys = lambda name: self._reset_keys(jobs[name])  # noqa: E731
+            bands = element_bands(list(jobs), shapes, self.params, keys, self.backend, pmap)
+        return reset_rules(list(jobs), shapes, self.params, scores, bands)
+
+    def _reset_keys(self, job: TensorJob):
+        """The half-reset ranking key of each chunk (``half_reset.reset_key``), in index order."""
+        smallest = self.params["select"] == "smallest-update"
+        for start, count in self._ranges(job):
+            dec = self._load(job, start, count, None)
+            yield reset_key(dec[0], dec[1], smallest)
 
     def _relative_update(self, job: TensorJob) -> float:
         """||f - b||_F / ||b||_F in float64 (inf for a zero base that moved, 0 when nothing moved)."""

@@ -8,7 +8,10 @@ block (a transformer layer), with n units (its matrices, or the elements of its 
 
 Which units: a seeded permutation pi of 0..n-1 (unit j is reset iff pi(j) < k), or the relative
 update r_j = ||f_j - b_j||_F / ||b_j||_F of each matrix (``smallest-update`` resets the k matrices the
-fine-tune changed least, ``largest-update`` the k it changed most; ties by lower position).
+fine-tune changed least, ``largest-update`` the k it changed most; ties by lower position). By
+element, the relative update of an element is r_i = |f_i - b_i| / |b_i| (float32; inf where b_i = 0
+and f_i != 0, 0 where both are 0), ranked exactly over the whole block by radix select
+(``ranks.group_bands``; ties by lower position across the block's matrices).
 
 The permutation is counter-based: a 4-round Feistel network on 2^(2h) >= n keyed by
 (seed, block), with cycle-walking back into 0..n-1. pi(j) depends on nothing but (seed, block, j), so
@@ -22,15 +25,14 @@ biases) and everything outside the blocks (embeddings, head, final norm) keep th
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from surgery.errors import RecipeError
 from surgery.methods.spec import SEED, Method, Param
 from surgery.names import natural_key, place
-from surgery.ranks import rank_count
+from surgery.ranks import Band, group_bands, rank_count
 
 SELECTIONS = ("random", "smallest-update", "largest-update")
 
@@ -80,13 +82,40 @@ class ResetRule:
     offset: int = 0
     n: int = 0
     k: int = 0
+    band: Band | None = None  # by element and update size: this tensor's part of the block's top-k
+    select: str = "random"
 
-    def mask(self, start: int, count: int) -> np.ndarray:
-        """True where elements start..start+count-1 of the tensor are reset to the base."""
+    def mask(
+        self, start: int, count: int, base: np.ndarray, ft: np.ndarray, backend, band: Band | None = None
+    ) -> np.ndarray:
+        """True where elements start..start+count-1 of the tensor are reset to the base. ``band``:
+        this run's copy of ``self.band`` (its tie counter advances chunk by chunk, in order)."""
         if self.whole is not None:
             return np.full(count, self.whole)
-        pos = np.arange(self.offset + start, self.offset + start + count, dtype=np.uint64)
-        return permute(pos, self.n, self.key) < np.uint64(self.k)
+        if band is None:
+            pos = np.arange(self.offset + start, self.offset + start + count, dtype=np.uint64)
+            return permute(pos, self.n, self.key) < np.uint64(self.k)
+        x = reset_key(base, ft, self.select == "smallest-update")
+        idx, val = np.empty(count, np.int64), np.empty(count, np.float32)
+        n = backend.band_select(x, band.v_hi, band.ties_hi, band.v_lo, band.ties_lo, band.seen, 0, idx, val)
+        mask = np.zeros(count, bool)
+        mask[idx[:n]] = True
+        return mask
+
+
+_INF_BITS = np.uint32(0x7F800000)
+
+
+def reset_key(base: np.ndarray, ft: np.ndarray, smallest: bool) -> np.ndarray:
+    """A float32 key whose k largest values are the elements to reset: the relative update
+    r = |f - b| / |b| (``largest-update``), or a value decreasing in r (``smallest-update``:
+    bits(inf) - bits(r), exact and order-reversing on 0 <= r <= inf)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.abs(ft - base) / np.abs(base)
+    r = np.where(np.isnan(r), np.where(ft == base, np.float32(0), np.float32(np.inf)), r).astype(np.float32)
+    if not smallest:
+        return r
+    return (_INF_BITS - r.view(np.uint32)).view(np.float32)
 
 
 def block_matrices(names: Sequence[str], shapes: dict[str, tuple[int, ...]]) -> dict[int, list[str]]:
@@ -104,17 +133,15 @@ def reset_rules(
     shapes: dict[str, tuple[int, ...]],
     params: dict,
     scores: dict[str, float] | None = None,
+    bands: dict[str, Band] | None = None,
 ) -> dict[str, ResetRule]:
     """A rule for every block matrix (tensors without one keep the fine-tune).
 
-    ``scores``: the relative update of each matrix, needed when ``select`` is not ``random``."""
+    ``select`` other than ``random`` needs ``scores`` (by matrix: each matrix's relative update) or
+    ``bands`` (by element: each matrix's share of its block's top-k ``reset_key``, ``element_bands``)."""
     fraction, by, select = float(params["fraction"]), params["by"], params["select"]
     seed = int(params["seed"])
-    if by == "element" and select != "random":
-        raise RecipeError(
-            f"--by element picks elements by a seeded permutation only, not by {select}",
-            hint="use --by matrix with --select, or --by element with --seed",
-        )
+    assert by != "element" or select == "random" or bands is not None, "by element needs the bands"
     rules: dict[str, ResetRule] = {}
     for block, members in block_matrices(names, shapes).items():
         key = block_key(seed, block)
@@ -124,7 +151,8 @@ def reset_rules(
             k = rank_count(fraction, n)
             offset = 0
             for m, size in zip(members, sizes):
-                rules[m] = ResetRule(None if 0 < k < n else k == n, key, offset, n, k)
+                band = None if select == "random" else bands[m]
+                rules[m] = ResetRule(None if 0 < k < n else k == n, key, offset, n, k, band, select)
                 offset += size
             continue
         n = len(members)
@@ -140,6 +168,24 @@ def reset_rules(
         for m in members:
             rules[m] = ResetRule(m in chosen)
     return rules
+
+
+def element_bands(
+    names: Sequence[str],
+    shapes: dict[str, tuple[int, ...]],
+    params: dict,
+    key_chunks: Callable[[str], Iterable[np.ndarray]],
+    backend,
+    pmap: Callable,
+) -> dict[str, Band]:
+    """By element and update size: per block, the exact top-floor(fraction * n) of ``reset_key``
+    over its matrices (``key_chunks(name)`` streams one matrix's keys), as one Band per matrix."""
+    bands: dict[str, Band] = {}
+    for members in block_matrices(names, shapes).values():
+        k = rank_count(float(params["fraction"]), sum(int(np.prod(shapes[m])) for m in members))
+        streams = [lambda m=m: key_chunks(m) for m in members]
+        bands.update(zip(members, group_bands(streams, k, backend, pmap)))
+    return bands
 
 
 def block_key(seed: int, block: int) -> int:

@@ -162,3 +162,49 @@ def test_cli_records_recipe_and_card(pair):
     res = CliRunner().invoke(cli, ["reset", str(base), str(ft), "--fraction", "1.5", "-o", str(tmp / "x")])
     assert res.exit_code == 1 and "error: half_reset: fraction = 1.5 is outside [0, 1]" in res.output
     assert not (tmp / "x").exists()
+
+
+def tied_pair(root):
+    """Base entries +-1, +-2 and relative updates in {0.25, 0.5, 0.75, 1}: exact in bf16, so many
+    elements share one relative update and the k-th falls inside a tie group spanning matrices."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(3)
+    folders = []
+    for name in ("base", "ft"):
+        (root / name).mkdir(parents=True)
+        folders.append(root / name)
+    tensors_b, tensors_f = {}, {}
+    for n, shape in SHAPES.items():
+        b = torch.tensor([-2.0, -1.0, 1.0, 2.0])[torch.randint(0, 4, shape, generator=g)]
+        d = torch.tensor([0.25, 0.5, 0.75, 1.0])[torch.randint(0, 4, shape, generator=g)]
+        tensors_b[n], tensors_f[n] = b.bfloat16(), (b * (1 + d)).bfloat16()
+    save_file(tensors_b, str(folders[0] / "model.safetensors"))
+    save_file(tensors_f, str(folders[1] / "model.safetensors"))
+    return folders
+
+
+@pytest.mark.parametrize("select", ["smallest-update", "largest-update"])
+def test_element_select_by_relative_update(tmp_path, select):
+    base, ft = tied_pair(tmp_path / "in")
+    b, f = load_raw(base), load_raw(ft)
+    got = run(base, ft, tmp_path / "out", by="element", select=select, fraction=0.3)
+    for members in blocks().values():
+        keys = np.concatenate([(np.abs(f[m].float().numpy() - b[m].float().numpy()) /
+                                np.abs(b[m].float().numpy())).reshape(-1) for m in members])  # fmt: skip
+        k = math.floor(0.3 * keys.size)
+        order = np.lexsort((np.arange(keys.size), keys if select == "smallest-update" else -keys))
+        assert keys[order[k - 1]] == keys[order[k]]  # the cut falls inside a tie group
+        reset = np.zeros(keys.size, bool)
+        reset[order[:k]] = True
+        offset = 0
+        for m in members:
+            size = math.prod(SHAPES[m])
+            mask = torch.from_numpy(reset[offset : offset + size].reshape(SHAPES[m]))
+            assert torch.equal(got[m], torch.where(mask, b[m], f[m])), m
+            offset += size
+    recipe = make_recipe("half_reset", [str(ft)], str(base), {"by": "element", "select": select})
+    merge(recipe, tmp_path / "whole", EngineOptions(max_memory=2**30, threads=1))
+    merge(recipe, tmp_path / "tiny", EngineOptions(max_memory=300, threads=3))
+    whole, tiny = (tmp_path / "whole" / "model.safetensors"), (tmp_path / "tiny" / "model.safetensors")
+    assert whole.read_bytes() == tiny.read_bytes()

@@ -480,9 +480,10 @@ def graft(ctx: click.Context, base: str, finetuned: str, density: float, region,
 @click.pass_context
 def reset(ctx: click.Context, base: str, finetuned: str, fraction: float, by: str, seed: int | None,
           select: str | None, dtype, max_shard_size, **engine) -> None:  # fmt: skip
-    """Half reset (HFT, Hui et al. 2024): per block, floor(fraction * n) of its n matrices (or
-    elements) := BASE, the rest := FINETUNED, bit for bit. Vectors and non-block tensors keep
-    FINETUNED. Resetting half of a fine-tune restores much of what it forgot.
+    """Half reset: part of each block of FINETUNED back to BASE (Half Fine-Tuning's operation).
+
+    Per block, floor(fraction * n) of its n matrices (or elements) := BASE, the rest := FINETUNED,
+    bit for bit (Hui et al. 2024, arXiv 2404.18466). Vectors and non-block tensors keep FINETUNED.
 
     \b
     surgery reset BASE FT --fraction 0.5 --seed 1 -o reset/

@@ -116,7 +116,8 @@ class Plan:
         elif spec.combine in ("slerp", "model_stock"):
             passes = 2
         elif spec.output == "pick" and self.recipe.parameters.get("select") != "random":
-            passes = 2  # relative updates of every block matrix first
+            # relative updates first: one pass (matrix norms) or two (block-wide element ranks)
+            passes = 3 if self.recipe.parameters.get("by") == "element" else 2
         return {
             "method": spec.name,
             "inputs": [c.source for c in self.inputs],

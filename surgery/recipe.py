@@ -180,6 +180,8 @@ def _check_parameter(
             raise RecipeError(f"{where} is not a valid regular expression: {exc}") from None
         return str(value)
     if kind == "int":
+        if value is None:
+            raise RecipeError(f"{where} is required (no default)", hint="give it in the recipe's parameters")
         if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise RecipeError(f"{where} must be a non-negative integer, not {value!r}")
         try:

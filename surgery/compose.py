@@ -8,11 +8,13 @@ what is decided from the patch files alone, before any weight is read:
   a dense diff every position of its float tensors;
 - the pairwise overlap table (``overlaps``): how many (tensor, position) pairs two inputs share;
 - whether the inputs were taken from one base (``base_conflicts``): the BLAKE2b hashes of the base
-  tensors recorded in each manifest must agree on the tensors the inputs share.
+  tensors recorded in each manifest must agree on the tensors the inputs share;
+- one output chunk (``compose_chunk``), for the engine's scatter writer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,3 +98,23 @@ def base_conflicts(inputs: list[Checkpoint]) -> list[str]:
                     f"{src_j}: {len(differ)} base tensors differ, e.g. {differ[0]}"
                 )
     return problems
+
+
+def compose_chunk(out: np.ndarray, start: int, parts: Sequence, weights: Sequence, scale: np.float32,
+                  acc: np.ndarray, hit: np.ndarray) -> None:  # fmt: skip
+    """``out`` holds b for elements start..start+count-1 of one tensor; make it
+    b + scale * sum_i w_i p_i where some input touches, leaving b's bits elsewhere. ``parts[i]`` is
+    input i's ``PatchCursor``, a callable returning its dense diff's float32 chunk, or None (the
+    input does not touch this tensor). ``acc`` and ``hit`` are scratch buffers of the chunk's size."""
+    acc.fill(0.0)
+    hit.fill(False)
+    for part, w in zip(parts, weights):  # float32 sums in input order
+        if isinstance(part, PatchCursor):
+            idx, val = part.take(start + out.size)
+            local = idx - start
+            acc[local] += w * val
+            hit[local] = True
+        elif part is not None:
+            acc += w * part()
+            hit.fill(True)
+    out[hit] = out[hit] + scale * acc[hit]

@@ -19,18 +19,18 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import numpy as np
-
 from surgery.errors import RecipeError
-from surgery.methods.spec import REGION, Param, density
-from surgery.methods.transfer import GRAFT, PATCH
+from surgery.methods.graft import GRAFT, PATCH
+from surgery.methods.spec import REGION, Param, Slice, Sparsify, density
 
 _PAPER = "https://arxiv.org/abs/2506.00772"
 RANK = Param("rank", "int", None, "rank r of the base matrix's approximation W_r (LIFT)")
 
 
-def lift_key(base: np.ndarray, params: dict) -> np.ndarray:
+def lift_key(base, params) -> object:
     """|W_r|: the magnitude of the rank-r approximation of the base matrix (float32)."""
+    import numpy as np
+
     from surgery.spectral import truncated_svd
 
     rank = params.get("rank")
@@ -39,15 +39,28 @@ def lift_key(base: np.ndarray, params: dict) -> np.ndarray:
     return np.abs(truncated_svd(base, rank).matrix()).astype(np.float32)
 
 
+def _keep_selected(be, tau, s: Slice) -> None:
+    """tau_t := tau_t at the selected flat indices of this chunk, 0 elsewhere."""
+    import numpy as np
+
+    lo, hi = np.searchsorted(s.selected, [s.start, s.start + tau.size])
+    local = s.selected[lo:hi] - s.start
+    keep = tau[local]
+    tau.fill(0.0)
+    tau[local] = keep
+
+
+# Positions ranked by the base's principal weights, not by |tau|.
+PRINCIPAL = Sparsify("lift", needs_ranks=False, apply=_keep_selected, key=lift_key)
+
 LIFT_PATCH = replace(
     PATCH,
     name="lift_patch",
     title="LIFT principal-weight patch",
     paper=_PAPER,
     formula="patch = {(i, tau_i) : i in top-density |W_r| of the base's rank-r approximation}",
-    sparsify="key",
+    sparsify=PRINCIPAL,
     params=(density(0.05), RANK, REGION),
-    rank_key=lift_key,
 )
 
 LIFT_GRAFT = replace(
@@ -56,7 +69,6 @@ LIFT_GRAFT = replace(
     title="LIFT principal-weight graft",
     paper=_PAPER,
     formula="out = b + tau * mask, mask = top-density |W_r| of the base's rank-r approximation",
-    sparsify="key",
+    sparsify=PRINCIPAL,
     params=(density(0.05), RANK, REGION),
-    rank_key=lift_key,
 )

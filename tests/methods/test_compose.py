@@ -145,7 +145,7 @@ def test_patches_of_different_bases_are_refused(patches):
         merge(make, tmp / "out")
     res = CliRunner().invoke(cli, [*args, "--force-base", "-q"])
     assert res.exit_code == 0, res.output
-    assert "warning: the target differs from the base this diff" in res.output
+    assert f"warning: {tmp / 'q'}: the target differs from the base this diff" in res.output
     assert "force_base: true" in (tmp / "out" / "surgery_recipe.yaml").read_text()
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from surgery.analysis._common import layer_label, read_f32
 from surgery.checkpoint import Checkpoint
 from surgery.methods.lift import lift_key
 from surgery.ranks import rank_count, top_k_indices
@@ -59,8 +60,6 @@ def lift_overlap(
     names: Sequence[str],
     rank: int,
     density: float,
-    read_f32,
-    layer_of,
 ) -> LiftOverlap:
     """Overlap of each fine-tune's top-``density`` |tau| with the LIFT positions, per block matrix."""
     from surgery.kernels import get_backend
@@ -70,7 +69,7 @@ def lift_overlap(
     layers: dict[str, list[int]] = {}
     for name in names:
         info = base.info(name)
-        if len(info.shape) != 2 or layer_of(name) in ("before", "after", "unknown"):
+        if len(info.shape) != 2 or layer_label(name) in ("before", "after", "unknown"):
             continue
         k = rank_count(density, info.numel)
         b = read_f32(base, name)
@@ -80,7 +79,7 @@ def lift_overlap(
             top = top_k_indices(backend, read_f32(ck, name) - b, k)
             shared.append(int(np.intersect1d(top, lift, assume_unique=True).size))
         per_tensor[name] = (k, *shared)
-        acc = layers.setdefault(layer_of(name), [0] * (1 + len(models)))
+        acc = layers.setdefault(layer_label(name), [0] * (1 + len(models)))
         for i, v in enumerate(per_tensor[name]):
             acc[i] += v
     return LiftOverlap(rank, density, per_tensor, {k: tuple(v) for k, v in layers.items()})

@@ -142,7 +142,8 @@ def half_reset(out: Path, n: int) -> None:
             ("by matrix, smallest update", ("--select", "smallest-update")),
             ("by matrix, largest update", ("--select", "largest-update")),
             ("by element, seed 0", ("--by", "element", "--seed", 0)),
-            ("by element, smallest update", ("--by", "element", "--select", "smallest-update"))]  # fmt: skip
+            ("by element, smallest update", ("--by", "element", "--select", "smallest-update")),
+            ("by element, largest update", ("--by", "element", "--select", "largest-update"))]  # fmt: skip
     for fraction in (0.5, 0.25):
         for name, flags in runs:
             o = out / f"reset_{fraction}_{name.replace(' ', '_').replace(',', '')}"

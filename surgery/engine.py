@@ -438,13 +438,14 @@ class _Run:
         """alpha = ||sum_t tau_t||_1 / (T * ||tau_merged||_1) over all merged tensors."""
 
         def measure(job: TensorJob) -> np.ndarray:
+            selected = self.key_selection(job)
             stream = self.stream(job)
             bands, coeffs = self.bands(job, stream), self.coefficients(job, stream)
 
             def merged_update(chunk: Chunk, tmp: np.ndarray) -> np.ndarray:
                 if self.spec.combine.adds_update:  # the update itself, without b + ... - b
-                    return self.apply(job, chunk, bands, coeffs, 1.0, zero_base=True)
-                out = self.apply(job, chunk, bands, coeffs, 1.0)
+                    return self.apply(job, chunk, bands, coeffs, 1.0, zero_base=True, selected=selected)
+                out = self.apply(job, chunk, bands, coeffs, 1.0, selected=selected)
                 np.subtract(out, chunk.inputs[0], out=tmp)
                 return tmp
 

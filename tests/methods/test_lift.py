@@ -147,3 +147,26 @@ def test_stats_overlap_with_the_finetunes_top_diff(pair):
         "overlap of the top 0.2 |tau| with LIFT positions (rank 3); independent positions: 20.00%"
         in res.output
     )
+
+
+def test_lines_auto_alpha_runs_on_the_keyed_selection(pair):
+    # LiNeS' auto alpha measures the merged update, so it must see the LIFT selection too
+    base, ft, tmp = pair
+    recipe = make_recipe(
+        "lift_graft", [str(ft)], str(base), {"density": 0.3, "rank": 2}, lines={"alpha": "auto"}
+    )
+    result = merge(recipe, tmp / "out", EngineOptions(threads=2))
+    # alpha = ||tau||_1 / ||tau_merged||_1 over the region (the blocks), tau_merged = tau at LIFT positions
+    surgery("diff", base, ft, "--lift-rank", 2, "--density", 0.3, "-o", tmp / "p")
+    b, f = load_f32(base), load_f32(ft)
+    total = sum(
+        np.abs(f[n] - b[n]).astype(np.float64).sum()
+        for n in b
+        if n != INT_NAME and place(n).block is not None
+    )
+    kept = sum(
+        np.abs(v.numpy()).astype(np.float64).sum()
+        for n, v in load_raw(tmp / "p").items()
+        if n.endswith(".values")
+    )
+    assert result.lines.alpha == pytest.approx(total / kept, rel=1e-6)

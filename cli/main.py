@@ -362,13 +362,13 @@ def apply(ctx: click.Context, patches: tuple[str, ...], target: str, scale, scal
         ckpts = [stack.enter_context(open_checkpoint(p)) for p in patches]
         composed = len(ckpts) > 1 or scales is not None
         method = "compose" if composed else "apply_patch" if is_patch(ckpts[0]) else "apply"
-        table = overlaps(ckpts) if len(ckpts) > 1 else None
+        table = overlaps(ckpts) if len(ckpts) > 1 or as_json else None
     params = {"scale": scale}
     if composed:
         params |= {"scales": scales, "force_base": force_base or None}
     recipe = make_recipe(method, list(patches), target, params, dtype, max_shard_size)
     run_recipe(ctx, recipe, summary_to_stderr=as_json, **engine)
-    if table is not None:
+    if table is not None and not engine["dry_run"]:  # a dry run prints the plan (JSON) only
         click.echo(json.dumps(table.to_dict(), indent=2) if as_json else render_overlaps(table))
 
 

@@ -107,6 +107,11 @@ def test_one_patch_is_todays_apply_bitwise(patches):
     surgery("apply", tmp / "p1", "--to", base, "--scales", "0.5", "-o", tmp / "b")
     a, b = (tmp / "a" / "model.safetensors").read_bytes(), (tmp / "b" / "model.safetensors").read_bytes()
     assert a == b
+    res = CliRunner().invoke(
+        cli, ["apply", str(tmp / "p1"), "--to", str(base), "--json", "-q", "-o", str(tmp / "c")]
+    )
+    n1 = sum(v[0].size for v in read_patch(tmp / "p1").values())
+    assert json.loads(res.stdout) == {"sources": [str(tmp / "p1")], "entries": [n1], "shared": [[n1]]}
     p1 = read_patch(tmp / "p1")
     got, bf = load_raw(tmp / "a"), load_f32(base)
     for name, (idx, val) in p1.items():  # the formula apply has always used: b[i] + scale * v_i

@@ -28,11 +28,10 @@ import numpy as np
 
 from surgery import reduce
 from surgery.card import card_for
-from surgery.compose import DENSE, compose_chunk
 from surgery.dtypes import DTYPES
-from surgery.errors import IncompatibleTensorsError, Interrupted, RecipeError
+from surgery.errors import IncompatibleTensorsError, Interrupted, NonFiniteOutputError, RecipeError
 from surgery.files import CARD, MANIFEST, RECIPE
-from surgery.kernels import Backend, get_backend
+from surgery.kernels import Backend, check_device, get_backend
 from surgery.methods.lines import LinesResolved
 from surgery.methods.spec import Operands, Slice
 from surgery.output import open_output
@@ -40,7 +39,6 @@ from surgery.patch import (
     INDICES,
     VALUES,
     DiffSummary,
-    PatchCursor,
     manifest_for,
     patch_layout,
     target_warning,
@@ -48,6 +46,7 @@ from surgery.patch import (
 from surgery.plan import MERGED, Plan, TensorJob, build_plan, input_paths
 from surgery.ranks import Band, band_ranks
 from surgery.recipe import Recipe
+from surgery.select_jobs import key_patch, key_selection, pair_chunks, pick, scatter
 from surgery.stream import Chunk, TensorStream, Workspace, chunk_ranges
 from surgery.writer import CheckpointWriter, Layout, fingerprint_of
 
@@ -62,6 +61,7 @@ class EngineOptions:
     threads: int | None = None  # default: one per CPU core
     device: str = "cpu"  # "cpu" (numba) or "cuda[:N]" (torch)
     overwrite: bool = False
+    allow_nonfinite: bool = False  # write inf / NaN outputs that finite inputs produced
     min_chunk: int = 1  # elements; tests use tiny budgets, real runs never hit this
 
     @property
@@ -123,6 +123,7 @@ def execute(
     """
     options = options or EngineOptions()
     start = time.perf_counter()
+    check_device(options.device)  # before the output folder is touched
     # The layout is a pure function of recipe and inputs, so they alone identify a partial run.
     fingerprint = fingerprint_of(
         {
@@ -195,6 +196,7 @@ class _Run:
         self.writer: CheckpointWriter | None = None
         self.prepared = Prepared(None, {}, None)
         self.hashes: dict[str, str] = {}
+        self.nonfinite: dict[str, int] = {}  # tensor -> inf/NaN outputs that finite inputs produced
 
     # -- phases -----------------------------------------------------------------------------------
     def prepare(self) -> Prepared:
@@ -214,34 +216,14 @@ class _Run:
             alpha = self._auto_alpha() if self.lines.alpha == "auto" else float(self.lines.alpha)
             beta = (1.0 - alpha) if self.lines.beta is None else self.lines.beta
             lines = LinesResolved(alpha, beta, self.lines.outside, self.lines.alpha)
-        counts = {}
-        patches = [j for j in jobs if j.kind == "patch"]
-        keyed = sparsify is not None and sparsify.key is not None
-        if patches and not keyed and params.get("granularity") not in ("per_tensor", "global"):
-            raise RecipeError(
-                f"a sparse patch ranks per tensor or globally, not {params.get('granularity')}",
-                hint="use --granularity per_tensor or global",
-            )
-        for job in patches:
-            if keyed:
-                counts[job.name] = reduce.key_count(job)
-            elif bands is not None:
-                counts[job.name] = bands.counts[job.name]
-            else:
-                r_hi, r_lo = band_ranks(job.params, job.numel)
-                counts[job.name] = r_lo - r_hi
+        counts = _patch_counts([j for j in jobs if j.kind == "patch"], params, sparsify, bands)
         picks = {}
         if self.spec.pick is not None:
-            picks = self.spec.pick.rules(jobs, params, self.backend, self.parallel, self.pair_chunks)
+            picks = self.spec.pick.rules(
+                jobs, params, self.backend, self.parallel, partial(pair_chunks, self)
+            )
         self.prepared = Prepared(bands, counts, lines, picks)
         return self.prepared
-
-    def pair_chunks(self, job: TensorJob):
-        """(input 0, input 1) float32 chunks of a tensor, in index order (for ``Pick.rules``)."""
-        stream = self.stream(job)
-        for start, count in stream.ranges:
-            dec = stream.load(start, count, None)
-            yield dec[0], dec[1]
 
     def run(self, prepared: Prepared, writer: CheckpointWriter) -> dict[str, str]:
         """Run every job not yet journaled; return the content hashes of input 0 (if recorded)."""
@@ -255,9 +237,12 @@ class _Run:
         ]
         todo.sort(key=lambda j: -j.numel)  # big tensors first balance the workers
         self.parallel(self.run_job, todo)
+        if self.nonfinite:
+            self._raise_nonfinite()
         return self.hashes
 
     def run_job(self, job: TensorJob) -> None:
+        self.local.nonfinite = 0  # counted by encode(): this job runs on this thread only
         match job.kind:
             case "copy_equal" | "copy_base":
                 _copy(self, job)
@@ -268,13 +253,16 @@ class _Run:
             case "patch":
                 _patch(self, job)
             case "scatter":
-                _scatter(self, job)
+                scatter(self, job)
             case "pick":
-                _pick(self, job)
+                pick(self, job)
             case _:
                 raise AssertionError(f"unknown job kind {job.kind!r}")
+        bad = self._nonfinite_from_finite(job, self.local.nonfinite)
         with self.lock:
-            for name in sorted(self.outputs(job) - self.writer.done):
+            if bad:  # not journaled: a re-run computes (and checks) it again
+                self.nonfinite[job.name] = bad
+            for name in sorted(self.outputs(job) - self.writer.done if not bad else ()):
                 self.writer.mark_done(name)
             if self.progress is not None:
                 self.progress(0, job.name)
@@ -348,8 +336,41 @@ class _Run:
                 self.progress(raw.nbytes, None)
 
     def encode(self, job: TensorJob, out: np.ndarray) -> np.ndarray:
+        """float32 chunk -> output storage; counts its inf / NaN after the cast (so an overflow to
+        inf in F16 / BF16 is seen) for the finiteness check of the job."""
         raw = self.ws.get("out_raw", (out.size,), DTYPES[job.out_dtype].storage)
-        return self.backend.encode(out, job.out_dtype, raw)
+        self.backend.encode(out, job.out_dtype, raw)
+        self.local.nonfinite += self.backend.nonfinite(raw, job.out_dtype)
+        return raw
+
+    def _nonfinite_from_finite(self, job: TensorJob, bad: int) -> int:
+        """``bad`` when a job wrote inf / NaN although every input value it read was finite, else 0.
+        The inputs are read a second time only then (never for a healthy tensor); the verdict is per
+        tensor, so it does not depend on chunking or threads."""
+        if bad == 0 or self.options.allow_nonfinite:
+            return 0
+        if job.kind == "scatter":  # the patch's own values are inputs too (sparse: read whole)
+            if not np.isfinite(self.plan.inputs[1].read(job.name + VALUES)).all():
+                return 0
+        stream = self.stream(job)
+        n_inputs = None if job.kind in ("dense", "update") else 1  # keep_base, scatter: the base only
+        for start, count in stream.ranges:
+            if self.backend.nonfinite(stream.load(start, count, None, n_inputs), "F32"):
+                return 0  # an input already held inf / NaN: not ours to refuse
+        return bad
+
+    def _raise_nonfinite(self) -> None:
+        order = [j.name for j in self.plan.jobs if j.name in self.nonfinite]
+        first, n = order[0], self.nonfinite[order[0]]
+        others = f" (and {len(order) - 1} more tensors)" if len(order) > 1 else ""
+        raise NonFiniteOutputError(
+            f"tensor {first!r} came out with {n:,} non-finite values (inf or NaN) although every "
+            f"input value was finite{others}",
+            hint="weights or scales that (nearly) cancel or blow up cause this, and so does a cast "
+            "to float16 of values above 65504 (try --dtype bfloat16 or float32); pass "
+            "--allow-nonfinite to write such values anyway",
+            tensors=order,
+        )
 
     def zeros(self, count: int) -> np.ndarray:
         """A float32 base of zeros: the combine kernels then yield the merged update itself."""
@@ -421,13 +442,6 @@ class _Run:
         spec.combine.apply(be, Operands(dec, models, tau, base, shape), coeffs, scale, out)
         return out
 
-    def key_selection(self, job: TensorJob) -> np.ndarray | None:
-        """A keyed sparsify stage's flat indices of this tensor (``reduce.key_selection``), else None."""
-        sparsify = self.spec.sparsify
-        if sparsify is None or sparsify.key is None:
-            return None
-        return reduce.key_selection(self.stream(job), job, sparsify.key, self.backend)
-
     # -- LiNeS --------------------------------------------------------------------------------------
     def lines_scale(self, job: TensorJob) -> float:
         if self.lines is None:
@@ -438,7 +452,7 @@ class _Run:
         """alpha = ||sum_t tau_t||_1 / (T * ||tau_merged||_1) over all merged tensors."""
 
         def measure(job: TensorJob) -> np.ndarray:
-            selected = self.key_selection(job)
+            selected = key_selection(self, job)
             stream = self.stream(job)
             bands, coeffs = self.bands(job, stream), self.coefficients(job, stream)
 
@@ -458,6 +472,26 @@ class _Run:
         if totals[1] == 0.0:
             return 1.0  # the merge changes nothing: any alpha gives the base
         return float(totals[0] / (self.n_models * totals[1]))
+
+
+def _patch_counts(patches: list[TensorJob], params, sparsify, bands) -> dict[str, int]:
+    """Entries each sparse-patch tensor keeps: its band's count, or a keyed stage's floor(D * numel)."""
+    keyed = sparsify is not None and sparsify.key is not None
+    if patches and not keyed and params.get("granularity") not in ("per_tensor", "global"):
+        raise RecipeError(
+            f"a sparse patch ranks per tensor or globally, not {params.get('granularity')}",
+            hint="use --granularity per_tensor or global",
+        )
+    counts = {}
+    for job in patches:
+        if keyed:
+            counts[job.name] = reduce.key_count(job)
+        elif bands is not None:
+            counts[job.name] = bands.counts[job.name]
+        else:
+            r_hi, r_lo = band_ranks(job.params, job.numel)
+            counts[job.name] = r_lo - r_hi
+    return counts
 
 
 # -- job writers: one per job kind ------------------------------------------------------------------
@@ -490,7 +524,7 @@ def _keep_base(run: _Run, job: TensorJob) -> None:
 
 def _merge(run: _Run, job: TensorJob) -> None:
     """The method's output (kind dense), or the merged update alone (kind update: a diff)."""
-    selected = run.key_selection(job)
+    selected = key_selection(run, job)
     stream = run.stream(job)
     bands, coeffs = run.bands(job, stream), run.coefficients(job, stream)
     lam = run.lines_scale(job)
@@ -508,9 +542,9 @@ def _merge(run: _Run, job: TensorJob) -> None:
 
 def _patch(run: _Run, job: TensorJob) -> None:
     """Emit the selected entries of tau as (flat index, value), in index order."""
-    selected = run.key_selection(job)
+    selected = key_selection(run, job)
     if selected is not None:
-        return _key_patch(run, job, selected)
+        return key_patch(run, job, selected)
     stream = run.stream(job)
     bands = run.bands(job, stream)
     assert bands is not None and len(bands) == 1
@@ -532,68 +566,3 @@ def _patch(run: _Run, job: TensorJob) -> None:
             written += n
     assert written == total, (job.name, written, total)
     run.finish_hash(job, hasher)
-
-
-def _key_patch(run: _Run, job: TensorJob, selected: np.ndarray) -> None:
-    """A patch of tau at the positions a keyed sparsify stage chose (from the base tensor)."""
-    stream = run.stream(job)
-    hasher = run.hasher()
-    for k in range(len(stream.ranges)):
-        chunk = stream.take(k)
-        if hasher is not None:
-            hasher.update(stream.raw0(chunk))
-        lo, hi = np.searchsorted(selected, [chunk.start, chunk.start + chunk.count])
-        if hi > lo:
-            values = np.ascontiguousarray(chunk.tau[0, selected[lo:hi] - chunk.start])
-            run.write(job.name + INDICES, int(lo), selected[lo:hi])
-            run.write(job.name + VALUES, int(lo), values)
-    run.finish_hash(job, hasher)
-
-
-def _scatter(run: _Run, job: TensorJob) -> None:
-    """out = b + scale * sum_i s_i p_i over the patches (and dense diffs) touching this tensor
-    (``compose.compose_chunk``: float32 in patch order, one rounding; untouched entries keep b)."""
-    patches = run.plan.inputs[1:]
-    weights = [np.float32(w) for w in job.params.get("scales") or [1.0] * len(patches)]
-    scale = np.float32(job.params["scale"])
-    hasher = run.hasher()
-    stream = run.stream(job)
-    cursors = [
-        PatchCursor(p, job.name, n, job.numel) if n > 0 else None for p, n in zip(patches, job.patch_counts)
-    ]
-    for start, count in stream.ranges:
-        dec = stream.load(start, count, None, n_inputs=1)
-        if hasher is not None:
-            hasher.update(stream.raw0(Chunk(start, count, dec, None)))
-        parts = [c if n != DENSE else partial(_read_f32, run, p, job.name, start, count)
-                 for p, n, c in zip(patches, job.patch_counts, cursors)]  # fmt: skip
-        out = run.ws.get("out", (count,), np.float32)
-        np.copyto(out, dec[0])
-        hit = run.ws.get("hit", (count,), np.bool_)
-        compose_chunk(out, start, parts, weights, scale, run.ws.get("acc", (count,), np.float32), hit)
-        run.write(job.name, start, run.encode(job, out))
-    run.finish_hash(job, hasher)
-
-
-def _read_f32(run: _Run, ckpt, name: str, start: int, count: int) -> np.ndarray:
-    """Elements start:start+count of a float tensor of ``ckpt``, decoded to float32."""
-    dtype = ckpt.tensors[name].dtype.name
-    out = run.ws.get("dense", (count,), np.float32)
-    if dtype == "F32":
-        return ckpt.read_into(name, start, out)
-    raw = run.ws.get("dense_raw", (count,), DTYPES[dtype].storage)
-    return run.backend.decode(ckpt.read_into(name, start, raw), dtype, out)
-
-
-def _pick(run: _Run, job: TensorJob) -> None:
-    """Each element from input 0 where the spec's rule says so, else from input 1, bit for bit
-    (decode then encode in the same dtype is exact); tensors without a rule take input 1."""
-    rule = run.prepared.picks.get(job.name)
-    state = None if rule is None else rule.fresh()
-    stream = run.stream(job)
-    for start, count in stream.ranges:
-        dec = stream.load(start, count, None)
-        take0 = False if rule is None else rule.mask(start, count, dec[0], dec[1], run.backend, state)
-        out = run.ws.get("out", (count,), np.float32)
-        np.copyto(out, np.where(take0, dec[0], dec[1]))
-        run.write(job.name, start, run.encode(job, out))

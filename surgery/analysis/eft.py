@@ -17,6 +17,7 @@ combined logits ARE l_SF bit for bit and the decoding reproduces the small fine-
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,10 @@ def eft_generate(
         sb, sf, lb = (m.eval() for m in models)
     if max_new_tokens < 0:
         raise RecipeError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    if not math.isfinite(alpha):
+        raise RecipeError(
+            f"alpha must be a finite number, got {alpha}", hint="1 = the small fine-tune's delta"
+        )
     # Same-size families often pad the embedding differently (e.g. 151936 vs 152064 rows): the rows
     # past the tokenizer's length are never produced by it, so compare on the common prefix.
     vocab = min(m.get_output_embeddings().weight.shape[0] for m in (sb, sf, lb))

@@ -100,7 +100,7 @@ def plot_tuco(report, path: Path) -> None:
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
               help="Tokens to generate at most (greedy).")  # fmt: skip
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
-@click.option("--json", "as_json", is_flag=True, help='Print {"tokens": [...], "text": ...} as JSON.')
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--threads", type=THREADS, default=None, help="CPU threads [default: all cores].")
 def generate_command(base: str | None, finetuned: str | None, alpha: float | None, eft: bool,
                      small_base: str | None, small_finetuned: str | None, large_base: str | None,

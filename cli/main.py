@@ -384,7 +384,7 @@ def diff(ctx: click.Context, base: str, finetuned: str, density, breadcrumbs, ou
     if modes == ["lift-rank"]:
         if outliers is not None:
             raise RecipeError("--outliers does not apply to a LIFT patch")
-        params = {"density": density, "rank": lift_rank, "region": region}
+        params = {"density": density, "lift_rank": lift_rank, "region": region}
         return run_recipe(
             ctx, make_recipe("lift_patch", [finetuned], base, params, None, max_shard_size), **engine
         )
@@ -404,7 +404,7 @@ def diff(ctx: click.Context, base: str, finetuned: str, density, breadcrumbs, ou
 @click.option("--scale", type=float, default=None, help="Multiplier of the (summed) diff [default: 1].")
 @click.option("--scales", default=None, help="Per-patch multipliers s1,s2,... [default: all 1].")
 @click.option("--force-base", is_flag=True, help="Compose patches taken from different bases anyway.")
-@click.option("--json", "as_json", is_flag=True, help="Print the pairwise overlap table as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--raw-diff", is_flag=True,
               help="The inputs are hand-made dense diffs (no surgery_diff.json).")  # fmt: skip
 @output_options(dtype_default="the target's")
@@ -506,7 +506,7 @@ def graft(ctx: click.Context, base: str, finetuned: str, density: float, region,
 
     params = {"density": density, "region": region}
     if lift_rank is not None:
-        params["rank"] = lift_rank
+        params["lift_rank"] = lift_rank
         method = "lift_patch" if as_patch else "lift_graft"
         recipe = make_recipe(method, [finetuned], base, params, None if as_patch else dtype, max_shard_size)
         return run_recipe(ctx, recipe, **engine)

@@ -210,7 +210,7 @@ def _check_parameter(
             raise RecipeError(f"{where} must be a non-negative integer, not {value!r}") from None
         if number != float(value) or number < 0:
             raise RecipeError(f"{where} must be a non-negative integer, not {value!r}")
-        if name == "rank" and number < 1:
+        if name == "lift_rank" and number < 1:
             raise RecipeError(f"{where} must be at least 1, not {number}")
         return number
     try:

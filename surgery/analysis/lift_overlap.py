@@ -73,7 +73,7 @@ def lift_overlap(
             continue
         k = rank_count(density, info.numel)
         b = read_f32(base, name)
-        lift = top_k_indices(backend, lift_key(b.reshape(info.shape), {"rank": rank}), k)
+        lift = top_k_indices(backend, lift_key(b.reshape(info.shape), {"lift_rank": rank}), k)
         shared = []
         for ck in models:
             top = top_k_indices(backend, read_f32(ck, name) - b, k)

@@ -24,7 +24,7 @@ from surgery.methods.graft import GRAFT, PATCH
 from surgery.methods.spec import REGION, Param, Slice, Sparsify, density
 
 _PAPER = "https://arxiv.org/abs/2506.00772"
-RANK = Param("rank", "int", None, "rank r of the base matrix's approximation W_r (LIFT)")
+RANK = Param("lift_rank", "int", None, "rank r of the base matrix's approximation W_r (LIFT)")
 
 
 def lift_key(base, params) -> object:
@@ -33,7 +33,7 @@ def lift_key(base, params) -> object:
 
     from surgery.spectral import truncated_svd
 
-    rank = params.get("rank")
+    rank = params.get("lift_rank")
     if not isinstance(rank, int) or rank < 1:
         raise RecipeError(f"LIFT needs a rank of at least 1, got {rank!r}", hint="pass --lift-rank R")
     return np.abs(truncated_svd(base, rank).matrix()).astype(np.float32)

@@ -57,7 +57,7 @@ def test_patch_positions_and_values(pair):
         tau = (f[name] - b[name]).reshape(-1)
         np.testing.assert_array_equal(val, tau[idx])
         # exact given the key the engine used: ranks by a full stable sort
-        key = lift_key(b[name], {"rank": RANK})
+        key = lift_key(b[name], {"lift_rank": RANK})
         np.testing.assert_array_equal(idx, np.flatnonzero(rank_band_mask(key, 0, k)))
         # against a float64 SVD: every selected |W_r| is at least every unselected one, up to float32
         # rounding of the factorisation (1e-5 of the largest |W_r|)
@@ -68,7 +68,7 @@ def test_patch_positions_and_values(pair):
         assert flat[chosen].min() >= flat[~chosen].max() - 1e-5 * flat.max()
         assert len(set(want) & set(idx)) >= k - 1
     manifest = (tmp / "p" / "surgery_diff.json").read_text()
-    assert '"method": "lift_patch"' in manifest and '"rank": 3' in manifest
+    assert '"method": "lift_patch"' in manifest and '"lift_rank": 3' in manifest
 
 
 def test_graft_formula_and_patch_equivalence(pair):
@@ -99,7 +99,7 @@ def test_graft_formula_and_patch_equivalence(pair):
 @pytest.mark.parametrize("method", ["lift_patch", "lift_graft"])
 def test_streamed_equals_whole(pair, method):
     base, ft, tmp = pair
-    recipe = make_recipe(method, [str(ft)], str(base), {"density": 0.3, "rank": 2})
+    recipe = make_recipe(method, [str(ft)], str(base), {"density": 0.3, "lift_rank": 2})
     merge(recipe, tmp / "whole", EngineOptions(max_memory=2**30, threads=1))
     merge(recipe, tmp / "tiny", EngineOptions(max_memory=300, threads=3))
     assert (tmp / "whole" / "model.safetensors").read_bytes() == (
@@ -110,7 +110,7 @@ def test_streamed_equals_whole(pair, method):
 def test_flag_errors(pair):
     base, ft, tmp = pair
     res = CliRunner().invoke(cli, ["diff", str(base), str(ft), "--lift-rank", "0", "-o", str(tmp / "x")])
-    assert res.exit_code == 1 and "error: lift_patch: rank must be at least 1, not 0" in res.output
+    assert res.exit_code == 1 and "error: lift_patch: lift_rank must be at least 1, not 0" in res.output
     res = CliRunner().invoke(
         cli, ["diff", str(base), str(ft), "--lift-rank", "2", "--breadcrumbs", "-o", str(tmp / "x")]
     )
@@ -131,7 +131,7 @@ def test_stats_overlap_with_the_finetunes_top_diff(pair):
     layers: dict[str, list[int]] = {}
     for name in matrices:
         k = math.floor(DENSITY * b[name].size)
-        lift = rank_band_mask(lift_key(b[name], {"rank": RANK}), 0, k)
+        lift = rank_band_mask(lift_key(b[name], {"lift_rank": RANK}), 0, k)
         shared = [int((rank_band_mask(f[name] - b[name], 0, k) & lift).sum()) for f in fts]
         assert report.lift.per_tensor[name] == (k, *shared)
         acc = layers.setdefault(str(place(name).block), [0, 0, 0])
@@ -153,7 +153,7 @@ def test_lines_auto_alpha_runs_on_the_keyed_selection(pair):
     # LiNeS' auto alpha measures the merged update, so it must see the LIFT selection too
     base, ft, tmp = pair
     recipe = make_recipe(
-        "lift_graft", [str(ft)], str(base), {"density": 0.3, "rank": 2}, lines={"alpha": "auto"}
+        "lift_graft", [str(ft)], str(base), {"density": 0.3, "lift_rank": 2}, lines={"alpha": "auto"}
     )
     result = merge(recipe, tmp / "out", EngineOptions(threads=2))
     # alpha = ||tau||_1 / ||tau_merged||_1 over the region (the blocks), tau_merged = tau at LIFT positions

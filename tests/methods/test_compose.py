@@ -160,3 +160,18 @@ def test_scales_count_must_match(patches):
                                    "--scales", "1", "-o", str(tmp / "out")])  # fmt: skip
     assert res.exit_code == 1
     assert "error: compose: scales has 1 values for 2 models" in res.output
+
+
+def test_a_patch_value_inf_is_carried_not_refused(patches):
+    # the non-finite check: a composed patch's own values are inputs, so its inf is carried
+    from safetensors.torch import save_file
+
+    base, tmp = patches
+    raw = load_raw(tmp / "p2")  # the second input: every composed input counts
+    name = next(n for n in raw if n.endswith(".values"))
+    raw[name][0] = float("inf")
+    save_file(raw, str(tmp / "p2" / "model.safetensors"))
+    res = CliRunner().invoke(cli, ["apply", str(tmp / "p1"), str(tmp / "p2"), "--to", str(base), "-q",
+                                   "-o", str(tmp / "out")])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert not torch.isfinite(load_raw(tmp / "out")[name[: -len(".values")]].float()).all()

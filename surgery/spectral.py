@@ -66,25 +66,31 @@ class SVD:
 # --- conversions -------------------------------------------------------------------------------
 
 
-def _as_torch(a: Any, device: str | torch.device | None) -> torch.Tensor:
+def to_torch(a: Any, device: str | torch.device | None = None) -> torch.Tensor:
+    """A numpy array (zero-copy) or tensor as a float32/float64 torch tensor, on ``device`` if given."""
     t = torch.from_numpy(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"expected a numpy array or a torch tensor, got {type(a).__name__}")
-    if t.ndim != 2:
-        raise ValueError(f"expected a matrix, got shape {tuple(t.shape)}")
     if device is not None:
         t = t.to(device)
     return t if t.dtype in (torch.float32, torch.float64) else t.to(torch.float32)
 
 
-def _back(t: torch.Tensor, like: Any, dtype: torch.dtype = torch.float32) -> Any:
-    """Cast to ``dtype``; to numpy (on the CPU) when the caller passed numpy."""
+def like(t: torch.Tensor, ref: Any, dtype: torch.dtype = torch.float32) -> Any:
+    """``t`` cast to ``dtype``, as numpy on the CPU when ``ref`` is numpy, else as a tensor."""
     t = t.to(dtype)
-    return t.cpu().numpy() if isinstance(like, np.ndarray) else t
+    return t.cpu().numpy() if isinstance(ref, np.ndarray) else t
 
 
-def _svd_back(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, like: Any) -> SVD:
-    return SVD(_back(u, like), _back(s, like), _back(vh, like))
+def _as_torch(a: Any, device: str | torch.device | None) -> torch.Tensor:
+    t = to_torch(a, device)
+    if t.ndim != 2:
+        raise ValueError(f"expected a matrix, got shape {tuple(t.shape)}")
+    return t
+
+
+def _svd_like(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, ref: Any) -> SVD:
+    return SVD(like(u, ref), like(s, ref), like(vh, ref))
 
 
 # --- SVDs --------------------------------------------------------------------------------------
@@ -94,7 +100,7 @@ def thin_svd(a: Any, *, device: str | None = None) -> SVD:
     """Thin SVD of ``a`` (k = min(m, n) triplets), singular values descending, float32."""
     t = _as_torch(a, device)
     u, s, vh = torch.linalg.svd(t, full_matrices=False)
-    return _svd_back(u, s, vh, a)
+    return _svd_like(u, s, vh, a)
 
 
 def truncated_svd(
@@ -126,9 +132,9 @@ def truncated_svd(
     sketch = min(rank + max(0, int(oversample)), full)
     if method == "exact" or (method == "auto" and 4 * sketch > full):
         u, s, vh = torch.linalg.svd(t, full_matrices=False)
-        return _svd_back(u[:, :rank], s[:rank], vh[:rank, :], a)
+        return _svd_like(u[:, :rank], s[:rank], vh[:rank, :], a)
     u, s, vh = _randomized(t, rank, sketch, power_iters, seed)
-    return _svd_back(u, s, vh, a)
+    return _svd_like(u, s, vh, a)
 
 
 def _randomized(
@@ -162,7 +168,7 @@ def polar_factor(a: Any, *, route: str = "svd", device: str | None = None) -> An
     t = _as_torch(a, device)
     if route == "svd":
         u, _, vh = torch.linalg.svd(t, full_matrices=False)
-        return _back(u @ vh, a)
+        return like(u @ vh, a)
     tall = t.shape[0] >= t.shape[1]
     x = (t if tall else t.T).to(torch.float64)
     lam, vecs = torch.linalg.eigh(x.T @ x)
@@ -172,7 +178,7 @@ def polar_factor(a: Any, *, route: str = "svd", device: str | None = None) -> An
             "polar factor by the Gram route needs a full-rank matrix; use route='svd' for this one"
         )
     q = x @ ((vecs / lam.sqrt()[None, :]) @ vecs.T)
-    return _back(q if tall else q.T, a)
+    return like(q if tall else q.T, a)
 
 
 # --- rank rules and spectrum edits -------------------------------------------------------------

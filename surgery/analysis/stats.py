@@ -42,6 +42,7 @@ from surgery.analysis._common import (
     read_f32,
     require_torch,
 )
+from surgery.analysis.lift_overlap import LiftOverlap, lift_overlap
 from surgery.checkpoint import Checkpoint, open_checkpoint
 from surgery.errors import RecipeError
 from surgery.inputs import open_input
@@ -178,10 +179,12 @@ class StatsReport:
     # per model: the LoRA rank r of every tensor an adapter input changes (None: a full fine-tune).
     # The effective rank of tau says less for an adapter: rounding to the weights' dtype adds noise.
     adapter_ranks: tuple[dict[str, int] | None, ...] = ()
+    lift: LiftOverlap | None = None  # --lift-rank: top-D |tau| against LIFT's principal weights
 
     def to_dict(self) -> dict:
         pairs = self.pairs
-        return {
+        lift = {} if self.lift is None else {"lift_overlap": self.lift.to_dict()}
+        return lift | {
             "base": self.base,
             "models": list(self.models),
             "adapter_ranks": list(self.adapter_ranks),
@@ -203,12 +206,20 @@ def diff_stats(
     device: str = "cpu",
     chunk_elements: int = 1 << 22,
     progress: Progress | None = None,
+    lift_rank: int | None = None,
+    lift_density: float = 0.05,
 ) -> StatsReport:
     """Diff statistics of every float tensor shared (same shape) by ``base`` and all ``finetuned``.
 
     ``include`` (regex, searched in the name) restricts the tensors. ``effective_ranks`` computes the
     singular values of each 2-D update (torch on ``device``), the costly part on big models.
+    ``lift_rank``: also the overlap of each fine-tune's top-``lift_density`` |tau| with LIFT's
+    principal weights (top |W_r|) per block matrix (``surgery.analysis.lift_overlap``).
     """
+    if lift_rank is not None and (lift_rank < 1 or not 0.0 < lift_density <= 1.0):
+        raise RecipeError(
+            f"--lift-rank must be >= 1 and --lift-density in (0, 1], got {lift_rank} and {lift_density}"
+        )
     if not finetuned:
         raise RecipeError("diff statistics need at least one fine-tuned model")
     if chunk_elements < 1:
@@ -237,6 +248,9 @@ def diff_stats(
             )
             if progress is not None:
                 progress(done + 1, len(names), name)
+        lift = None
+        if lift_rank is not None:
+            lift = lift_overlap(base_ck, models, names, lift_rank, lift_density)
     finally:
         base_ck.close()
         for ck in models:
@@ -254,6 +268,7 @@ def diff_stats(
         overall=combine(per_tensor, "all"),
         skipped=tuple(skipped),
         adapter_ranks=adapter_ranks,
+        lift=lift,
     )
 
 

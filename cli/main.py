@@ -69,6 +69,11 @@ def engine_options(fn):
         click.option("--threads", type=int, default=None, help="Worker threads [default: cores]."),
         click.option("--device", default="cpu", show_default=True,
                      help="cpu (numba kernels) or cuda[:N] (torch kernels)."),
+        click.option("--stream", "--no-download", "stream", is_flag=True,
+                     help="Read Hub inputs by HTTP range instead of downloading them."),
+        click.option("--range-cache", type=click.Path(path_type=Path), default=None,
+                     help="With --stream: where multi-pass methods keep fetched ranges "
+                          "[default: HF_HOME/surgery-ranges]."),
         click.option("--dry-run", is_flag=True, help="Check the inputs and print the plan only."),
         click.option("--overwrite", is_flag=True, help="Replace the output folder's contents."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
@@ -90,14 +95,16 @@ def output_options(fn):
 
 def run_recipe(ctx: click.Context, recipe, output: Path, max_memory: str, threads: int | None,
                device: str, dry_run: bool, overwrite: bool, quiet: bool, push_to_hub: str | None = None,
-               private: bool = False, revision: str | None = None) -> None:  # fmt: skip
+               private: bool = False, revision: str | None = None, stream: bool = False,
+               range_cache: Path | None = None) -> None:  # fmt: skip
     """Plan, then (unless --dry-run) execute with a progress bar; shared by merge and run."""
     from surgery.engine import EngineOptions, execute
     from surgery.plan import build_plan
     from surgery.recipe import parse_size
+    from surgery.remote import InputOptions, stream_stats
 
     options = EngineOptions(parse_size(max_memory), threads, device, overwrite)
-    plan = build_plan(recipe)
+    plan = build_plan(recipe, InputOptions(stream, range_cache))
     try:
         if dry_run:
             click.echo(json.dumps(plan.summary(), indent=2))
@@ -111,6 +118,7 @@ def run_recipe(ctx: click.Context, recipe, output: Path, max_memory: str, thread
             result = execute(plan, output, options, bar.update, _card)
         finally:
             bar.close()
+        streamed = stream_stats(plan.inputs)
     finally:
         plan.close()
     for warning in result.warnings:
@@ -120,6 +128,12 @@ def run_recipe(ctx: click.Context, recipe, output: Path, max_memory: str, thread
         f"wrote {output} ({result.tensors} tensors{resumed}, "
         f"{result.bytes_written / 1e9:.3f} GB) in {result.seconds:.1f} s"
     )
+    if streamed is not None:
+        click.echo(
+            f"streamed inputs: {streamed.header_requests} header + {streamed.data_requests} data requests, "
+            f"{streamed.bytes_fetched / 1e6:.2f} MB fetched, {streamed.bytes_from_cache / 1e6:.2f} MB "
+            "from the range cache"
+        )
     manifest = output / "surgery_diff.json"
     if manifest.is_file():
         data = json.loads(manifest.read_text())

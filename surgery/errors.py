@@ -26,6 +26,10 @@ class InputNotFoundError(SurgeryError, FileNotFoundError):
     """A checkpoint, shard or file named by the user does not exist."""
 
 
+class InputReadError(SurgeryError, OSError):
+    """An input exists but could not be read (e.g. the network failed while streaming it by range)."""
+
+
 class CorruptCheckpointError(SurgeryError, ValueError):
     """A safetensors file or index is malformed (bad header, offsets, truncated data)."""
 

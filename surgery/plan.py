@@ -11,13 +11,14 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from surgery.checkpoint import Checkpoint, open_checkpoint
+from surgery.checkpoint import Checkpoint
 from surgery.dtypes import DTYPES
 from surgery.errors import PlanError
 from surgery.methods.lines import depths
 from surgery.names import layer_map, place
 from surgery.patch import patched_names, read_manifest
 from surgery.recipe import Recipe
+from surgery.remote import InputOptions, open_input
 from surgery.vocab import RowMap, align_rows, load_vocab
 from surgery.writer import Layout, OutputTensor, natural_key, plan_layout
 
@@ -114,11 +115,7 @@ class Plan:
         read = sum(c.total_bytes for c in self.inputs)
         write = self.layout.total_bytes if self.layout is not None else 0
         spec = self.recipe.spec
-        passes = 1
-        if spec.sparsify == "band" and self.recipe.parameters.get("granularity") != "per_row":
-            passes = 3
-        elif spec.combine in ("slerp", "model_stock"):
-            passes = 2
+        passes = input_passes(self.recipe)
         return {
             "method": spec.name,
             "inputs": [c.source for c in self.inputs],
@@ -136,12 +133,28 @@ class Plan:
         }
 
 
-def build_plan(recipe: Recipe) -> Plan:
-    """Open the inputs (headers only) and check that the recipe can run on them."""
+def input_passes(recipe: Recipe) -> int:
+    """How many times a run reads each input tensor (at most: a tensor that fits one chunk is read once)."""
+    spec = recipe.spec
+    passes = 1
+    if spec.sparsify == "band" and recipe.parameters.get("granularity") != "per_row":
+        passes = 3  # two radix-select histogram passes, then the apply pass
+    elif spec.combine in ("slerp", "model_stock"):
+        passes = 2  # a Gram-matrix pass, then the apply pass
+    if recipe.lines is not None and recipe.lines.get("alpha") == "auto":
+        passes *= 2  # the auto alpha is measured on the merged update before it is applied
+    return passes
+
+
+def build_plan(recipe: Recipe, sources: InputOptions | None = None) -> Plan:
+    """Open the inputs (headers only) and check that the recipe can run on them. ``sources`` says how
+    Hub inputs are read (downloaded, or streamed by range with a cache for multi-pass methods)."""
+    sources = sources or InputOptions()
+    cache = sources.cache_folder() if sources.stream and input_passes(recipe) > 1 else None
     inputs: list[Checkpoint] = []
     try:
         for source in recipe.inputs:
-            inputs.append(open_checkpoint(source))
+            inputs.append(open_input(source, stream=sources.stream, range_cache=cache))
         if recipe.spec.output == "scatter":
             return _plan_scatter(recipe, inputs)
         return _plan(recipe, inputs)

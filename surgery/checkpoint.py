@@ -22,11 +22,10 @@ import numpy as np
 
 from surgery.dtypes import DTYPES, DType
 from surgery.errors import CorruptCheckpointError, InputNotFoundError, MissingTensorError
+from surgery.files import CONFIG, INDEX, SINGLE
 from surgery.hub import resolve
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own cap
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -119,7 +118,7 @@ class Checkpoint:
         return sum(t.numel for t in self.tensors.values())
 
     def config(self) -> dict | None:
-        path = self.root / "config.json"
+        path = self.root / CONFIG
         if not path.is_file():
             return None
         try:
@@ -208,7 +207,7 @@ def open_folder(
     extra = {} if io is None else {"io": io}
     if weights is None:
         weights = sorted(p.name for p in root.glob("*.safetensors") if p.is_file())
-    index_path = root / INDEX_NAME
+    index_path = root / INDEX
     if index_path.is_file():
         weight_map = _read_index(index_path)
         by_file: dict[str, list[str]] = {}
@@ -232,11 +231,11 @@ def open_folder(
                     )
                 tensors[name] = found[name]
         return Checkpoint(text, root, tuple(files), tensors, metadata, **extra)
-    if SINGLE_NAME in weights:
-        weights = [SINGLE_NAME]
+    if SINGLE in weights:
+        weights = [SINGLE]
     if len(weights) > 1:
         raise CorruptCheckpointError(
-            f"{root} holds {len(weights)} .safetensors files but no {INDEX_NAME}",
+            f"{root} holds {len(weights)} .safetensors files but no {INDEX}",
             hint="restore the index file, or name one .safetensors file directly",
             path=str(root),
         )

@@ -46,7 +46,7 @@ from surgery.ranks import (
 )
 from surgery.recipe import Recipe
 from surgery.vocab import CARRY
-from surgery.writer import CheckpointWriter, check_output_folder, fingerprint_of, prepare_output
+from surgery.writer import CheckpointWriter, ShardWriter, check_output_folder, fingerprint_of, prepare_output
 
 ENGINE_VERSION = 1  # part of the resume fingerprint: bump when output bytes could change
 
@@ -108,19 +108,8 @@ def execute(
     """
     start = time.perf_counter()
     check_output_folder(out, input_paths(plan))
-    # The layout is a pure function of recipe and inputs, so they alone identify a partial run.
-    fingerprint = fingerprint_of(
-        {
-            "engine": ENGINE_VERSION,
-            "recipe": plan.recipe.to_dict(),
-            "inputs": [c.fingerprint() for c in plan.inputs],
-        }
-    )
-    resume = prepare_output(out, fingerprint, options.overwrite)
-    runner = _Runner(plan, options, progress)
-    runner.prepare()  # whole-model reduce passes: global ranks, LiNeS auto alpha, patch sizes
-    if plan.layout is None:
-        plan.layout = patch_layout(runner.patch_counts, plan.recipe.max_shard_size)
+    resume = prepare_output(out, run_fingerprint(plan), options.overwrite)
+    runner = start_run(plan, options, progress=progress)
     writer = CheckpointWriter(out, plan.layout, resume)
     try:
         runner.writer = writer
@@ -128,14 +117,7 @@ def execute(
         if progress and resumed:
             progress(sum(plan.layout.tensors[n].nbytes for n in writer.done), None)
         runner.run()
-        side = plan.side_files()
-        side[RECIPE] = plan.recipe.to_yaml().encode()
-        manifest = runner.manifest()
-        if manifest is not None:
-            side[MANIFEST] = (json.dumps(manifest, indent=2) + "\n").encode()
-        if card is not None:
-            side[CARD] = card(plan).encode()
-        writer.finalize(side)
+        writer.finalize(side_files(runner, card))
     finally:
         writer.close()
     return MergeResult(
@@ -146,6 +128,77 @@ def execute(
         time.perf_counter() - start,
         tuple(runner.warnings),
     )
+
+
+def run_fingerprint(plan: Plan) -> str:
+    """The layout is a pure function of recipe and inputs, so they alone identify a partial run."""
+    payload = {
+        "engine": ENGINE_VERSION,
+        "recipe": plan.recipe.to_dict(),
+        "inputs": [c.fingerprint() for c in plan.inputs],
+    }
+    return fingerprint_of(payload)
+
+
+# -- pieces of a run, for backends that share it between processes (surgery.scaleout) --------------
+def start_run(
+    plan: Plan,
+    options: EngineOptions,
+    stage_map: Callable[[Callable, list], list] | None = None,
+    progress: Callable[[int, str | None], None] | None = None,
+) -> _Runner:
+    """Run the whole-model reduce passes (global ranks, LiNeS auto alpha, patch sizes) and fix the
+    layout. ``stage_map(fn, items)`` replaces the worker threads for those passes: it must return
+    ``[fn(x) for x in items]`` in item order, wherever it computes them."""
+    runner = _Runner(plan, options, progress, stage_map)
+    runner.prepare()
+    if plan.layout is None:
+        plan.layout = patch_layout(runner.patch_counts, plan.recipe.max_shard_size)
+    return runner
+
+
+def shard_jobs(runner: _Runner, filename: str) -> list[TensorJob]:
+    """The jobs whose outputs lie in output shard ``filename``; refuses a job split across shards."""
+    where = {n: s.filename for s in runner.plan.layout.shards for n in s.offsets}
+    jobs = []
+    for job in runner.plan.jobs:
+        files = {where[n] for n in runner._outputs(job)}
+        if len(files) > 1:
+            raise RecipeError(
+                f"tensor {job.name!r} has outputs in several shards ({', '.join(sorted(files))}), so "
+                "this run cannot be split by output shard",
+                hint="raise --max-shard-size, or run it in one process",
+            )
+        if files == {filename}:
+            jobs.append(job)
+    return jobs
+
+
+def write_shard(runner: _Runner, shard_dir: Path, filename: str) -> None:
+    """Compute every tensor of output shard ``filename`` and write it whole into ``shard_dir``
+    (temporary name, fsync, rename: see writer.ShardWriter)."""
+    writer = ShardWriter(runner.plan.layout, filename, shard_dir)
+    try:
+        runner.writer = writer
+        jobs = sorted(shard_jobs(runner, filename), key=lambda j: -j.numel)
+        runner._parallel(runner._run_job, jobs)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def side_files(runner: _Runner, card: Callable[[Plan], str] | None) -> dict[str, bytes]:
+    """Everything written beside the weights: config, tokenizer files, recipe, diff manifest, card."""
+    plan = runner.plan
+    side = plan.side_files()
+    side[RECIPE] = plan.recipe.to_yaml().encode()
+    manifest = runner.manifest()
+    if manifest is not None:
+        side[MANIFEST] = (json.dumps(manifest, indent=2) + "\n").encode()
+    if card is not None:
+        side[CARD] = card(plan).encode()
+    return side
 
 
 # -- buffers --------------------------------------------------------------------------------------
@@ -171,8 +224,10 @@ class _Runner:
         plan: Plan,
         options: EngineOptions,
         progress: Callable[[int, str | None], None] | None,
+        stage_map: Callable[[Callable, list], list] | None = None,
     ) -> None:
         self.plan = plan
+        self.stage_map = stage_map  # whole-model reduce passes: the worker threads unless given
         self.spec = plan.recipe.spec
         self.params = plan.recipe.parameters
         self.writer: CheckpointWriter | None = None  # set once the layout is known
@@ -267,6 +322,9 @@ class _Runner:
             raise
         finally:
             pool.shutdown(wait=True)
+
+    def _stages(self, fn: Callable, items: list) -> list:
+        return (self.stage_map or self._parallel)(fn, items)
 
     def _check_stop(self) -> None:
         if self.stop.is_set():
@@ -628,7 +686,7 @@ class _Runner:
             return acc
 
         totals = np.zeros(2, np.float64)
-        for acc in self._parallel(measure, self.plan.merge_jobs):  # summed in plan order
+        for acc in self._stages(measure, self.plan.merge_jobs):  # summed in plan order
             totals += acc
         if totals[1] == 0.0:
             return 1.0  # the merge changes nothing: any alpha gives the base
@@ -691,7 +749,7 @@ class _Runner:
             hist = self._hist_high(ranges, self._chunk_reader(job, ranges)[0])
             return [sparse(hist[t]) for t in range(T)]
 
-        per_job_high = self._parallel(pass_high, jobs)
+        per_job_high = self._stages(pass_high, jobs)
         highs = np.zeros((T, HIST), np.int64)
         for job_high in per_job_high:
             for t, (idx, cnt) in enumerate(job_high):
@@ -705,7 +763,7 @@ class _Runner:
             hists = self._hist_low(ranges, self._chunk_reader(job, ranges)[0], bins)
             return [{b: sparse(h) for b, h in hists[t].items()} for t in range(T)]
 
-        per_job_low = self._parallel(pass_low, jobs)
+        per_job_low = self._stages(pass_low, jobs)
         result: dict[str, list[Band]] = {j.name: [] for j in jobs}
         self.global_counts = {j.name: 0 for j in jobs}
         for t in range(T):

@@ -61,3 +61,7 @@ class RecipeError(SurgeryError, ValueError):
 
 class OutputError(SurgeryError, OSError):
     """The output folder cannot be used or written (input overlap, not empty, disk full)."""
+
+
+class BackendError(SurgeryError, ConnectionError):
+    """A distributed backend (Ray) could not be reached, or lost the run."""

@@ -63,5 +63,9 @@ class OutputError(SurgeryError, OSError):
     """The output folder cannot be used or written (input overlap, not empty, disk full)."""
 
 
+class Interrupted(SurgeryError):
+    """The run was stopped; the output folder holds a resumable partial run."""
+
+
 class BackendError(SurgeryError, ConnectionError):
     """A distributed backend (Ray) could not be reached, or lost the run."""

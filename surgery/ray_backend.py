@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from surgery.engine import EngineOptions, MergeResult, run_fingerprint, side_files, start_run, write_shard
+from surgery.engine import EngineOptions, RunResult, run_fingerprint, side_files, start_run, write_shard
 from surgery.errors import BackendError, SurgeryError
 from surgery.files import STAGING
 from surgery.plan import Plan, build_plan, input_paths
@@ -78,8 +78,8 @@ def stage_task(spec: WorkerSpec, known: list[list], indices: list[int]) -> list:
 def shard_task(spec: WorkerSpec, known: list[list], filename: str) -> str:
     """Output shard ``filename``, written whole into the staging folder; returns its name."""
     plan = _plan(spec)
-    runner = start_run(plan, spec.options, stage_map=Replay(known, thread_map(1)))
-    write_shard(runner, Path(spec.out) / STAGING / SHARDS, filename)
+    shared = start_run(plan, spec.options, stage_map=Replay(known, thread_map(1)))
+    write_shard(shared, Path(spec.out) / STAGING / SHARDS, filename)
     return filename
 
 
@@ -131,9 +131,9 @@ class RayStages:
 
 
 def _gather(ray, refs: list) -> list:
-    """``ray.get``, with a task's own SurgeryError re-raised as it is (the CLI prints its hint)."""
+    """The tasks' results; a task's own SurgeryError is re-raised as it is (the CLI prints its hint)."""
     try:
-        return ray.get(refs)
+        return _settled(ray, refs)
     except ray.exceptions.RayTaskError as exc:
         cause = getattr(exc, "cause", None)
         if isinstance(cause, SurgeryError):
@@ -148,15 +148,26 @@ def _gather(ray, refs: list) -> list:
         ) from None
 
 
+def _settled(ray, refs: list) -> list:
+    """``ray.get``; on a failure the other tasks are cancelled and waited for, so that nothing
+    writes into OUT after the driver returns."""
+    try:
+        return ray.get(refs)
+    except BaseException:
+        for ref in refs:
+            ray.cancel(ref)
+        ray.wait(refs, num_returns=len(refs), timeout=60)
+        raise
+
+
 def execute_on_ray(
     plan: Plan,
     out: Path,
     options: EngineOptions,
     sources: InputOptions,
     address: str = "local",
-    card: Callable[[Plan], str] | None = None,
     shard_fn: Callable[[WorkerSpec, list, str], str] = shard_task,
-) -> MergeResult:
+) -> RunResult:
     """Run a checked plan on Ray (see the module doc). ``shard_fn`` is the apply task (tests wrap it)."""
     start = time.perf_counter()
     check_output_folder(out, input_paths(plan))
@@ -169,12 +180,15 @@ def execute_on_ray(
     spec = WorkerSpec(plan.recipe, sources, replace(options, threads=1), os.path.abspath(out))
     cpus = int(ray.cluster_resources().get("CPU", 1))
     stages = RayStages(ray, spec, staging / STAGES, 2 * cpus)
-    runner = start_run(plan, options, stage_map=stages)
+    shared = start_run(plan, options, stage_map=stages)
     shard_dir = staging / SHARDS
-    todo = [s.filename for s in plan.layout.shards if not (shard_dir / s.filename).is_file()]
+    todo = [s.filename for s in shared.layout.shards if not (shard_dir / s.filename).is_file()]
     task = ray.remote(num_cpus=1, max_retries=RETRIES)(shard_fn)
     known = ray.put(stages.known)
     _gather(ray, [task.remote(spec, known, filename) for filename in todo])
-    publish(out, plan.layout, shard_dir, side_files(runner, card))
-    resumed = sum(len(s.offsets) for s in plan.layout.shards if s.filename not in todo)
-    return MergeResult(out, len(plan.jobs), resumed, plan.layout.total_bytes, time.perf_counter() - start)
+    publish(out, plan.layout, shard_dir, side_files(shared))
+    resumed = sum(len(s.offsets) for s in shared.layout.shards if s.filename not in todo)
+    seconds = time.perf_counter() - start
+    return RunResult(
+        out, len(plan.jobs), resumed, shared.layout.total_bytes, seconds, (), shared.prepared.lines
+    )

@@ -35,7 +35,7 @@ from pathlib import Path
 from surgery.dtypes import parse_output_dtype
 from surgery.errors import RecipeError
 from surgery.methods import Method, get_method
-from surgery.methods.lines import make_schedule
+from surgery.methods.lines import LinesSchedule, make_schedule
 
 RECIPE_VERSION = 1
 
@@ -61,7 +61,7 @@ class Recipe:
     parameters: dict = field(default_factory=dict)
     dtype: str | None = None  # safetensors float dtype name of merged tensors
     max_shard_size: int = 5 * 10**9
-    lines: dict | None = None  # LiNeS schedule {alpha, beta, outside} applied to the merged update
+    lines: LinesSchedule | None = None  # LiNeS on the merged update (parsed once, here)
 
     @property
     def spec(self) -> Method:
@@ -79,7 +79,7 @@ class Recipe:
             "base": self.base,
             "models": list(self.models),
             "parameters": dict(self.parameters),
-            "lines": None if self.lines is None else dict(self.lines),
+            "lines": None if self.lines is None else self.lines.to_dict(),
             "output": {"dtype": self.dtype, "max_shard_size": self.max_shard_size},
         }
 
@@ -97,23 +97,26 @@ def make_recipe(
     parameters: dict | None = None,
     dtype: str | None = None,
     max_shard_size: int | str = 5 * 10**9,
-    lines: dict | None = None,
+    lines: dict | LinesSchedule | None = None,
 ) -> Recipe:
     """Validate and complete a recipe: method known, parameters typed and in range, defaults filled."""
     spec = get_method(method)
     models = tuple(_absolute(m) for m in models)
     base = _absolute(base) if base else None
-    n_inputs = len(models) + (1 if base and spec.combine == "slerp" else 0)
+    # A method with fixed endpoints (SLERP) counts a base as one of them.
+    n_inputs = len(models) + (1 if base and spec.endpoints else 0)
     if spec.needs_base and not base:
         raise RecipeError(
             f"method {spec.name} needs a base model",
             hint="pass --base BASE (or name it as base_model in the fine-tunes' model cards)",
         )
-    if n_inputs < spec.min_models or (spec.combine == "slerp" and n_inputs != 2):
-        need = "exactly 2 endpoints" if spec.combine == "slerp" else f"at least {spec.min_models}"
+    if n_inputs < spec.min_models or (spec.endpoints and n_inputs != spec.endpoints):
+        need = f"exactly {spec.endpoints} endpoints" if spec.endpoints else f"at least {spec.min_models}"
         raise RecipeError(
             f"method {spec.name} needs {need} models, got {n_inputs}",
-            hint="slerp takes two models, or --base and one model" if spec.combine == "slerp" else None,
+            hint=f"{spec.name} takes {spec.endpoints} models, or --base and {spec.endpoints - 1} model"
+            if spec.endpoints
+            else None,
         )
     if spec.max_models is not None and n_inputs > spec.max_models:
         raise RecipeError(f"method {spec.name} takes at most {spec.max_models} models")
@@ -123,11 +126,7 @@ def make_recipe(
     if schedule is not None and not base:
         raise RecipeError("LiNeS scales the update relative to a base: pass --base BASE")
     recipe = Recipe(spec.name, models, str(base) if base else None, params, out_dtype)
-    return replace(
-        recipe,
-        max_shard_size=parse_size(max_shard_size),
-        lines=None if schedule is None else schedule.to_dict(),
-    )
+    return replace(recipe, max_shard_size=parse_size(max_shard_size), lines=schedule)
 
 
 def _absolute(source: str | Path) -> str:

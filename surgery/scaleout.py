@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from surgery.engine import EngineOptions, MergeResult, run_fingerprint, side_files, start_run, write_shard
+from surgery.engine import EngineOptions, RunResult, run_fingerprint, side_files, start_run, write_shard
 from surgery.errors import OutputError, RecipeError
 from surgery.files import STAGING
 from surgery.plan import Plan, build_plan, input_paths
@@ -285,25 +285,23 @@ def run_share(
     cache = None if sources.range_cache is None else str(sources.range_cache)
     save_split(out, {"shares": share.count, "stream": sources.stream, "range_cache": cache})
     stages = SplitStages(out, share, thread_map(options.workers), on_wait)
-    runner = start_run(plan, options, stage_map=stages)
+    shared = start_run(plan, options, stage_map=stages)
     shard_dir = staging / SHARDS
     written = resumed = 0
     nbytes = 0
-    for k, shard in enumerate(plan.layout.shards):
+    for k, shard in enumerate(shared.layout.shards):
         if not share.owns(k):
             continue
         if (shard_dir / shard.filename).is_file():
             resumed += 1
             continue
-        write_shard(runner, shard_dir, shard.filename)
+        write_shard(shared, shard_dir, shard.filename)
         written += 1
         nbytes += shard.size
     return ShareResult(out, written, resumed, nbytes, time.perf_counter() - start)
 
 
-def finalize_split(
-    out: Path, card: Callable[[Plan], str] | None = None, threads: int | None = None
-) -> MergeResult:
+def finalize_split(out: Path, threads: int | None = None) -> RunResult:
     """Complete a split run: check that every output shard is there, then write the side files and
     the index and move everything into place, as a single-process run does. Reads no tensor."""
     start = time.perf_counter()
@@ -321,20 +319,23 @@ def finalize_split(
                 path=str(out),
             )
         stages = known_stages(out, int(split["shares"]))
-        runner = start_run(plan, EngineOptions(threads=threads), stage_map=Replay(stages, thread_map(1)))
+        shared = start_run(plan, EngineOptions(threads=threads), stage_map=Replay(stages, thread_map(1)))
         shard_dir = staging / SHARDS
-        missing = [s.filename for s in plan.layout.shards if not (shard_dir / s.filename).is_file()]
+        missing = [s.filename for s in shared.layout.shards if not (shard_dir / s.filename).is_file()]
         if missing:
-            owners = sorted({k % int(split["shares"]) for k, s in enumerate(plan.layout.shards)
+            owners = sorted({k % int(split["shares"]) for k, s in enumerate(shared.layout.shards)
                              if s.filename in missing})  # fmt: skip
             raise OutputError(
-                f"{len(missing)} of {len(plan.layout.shards)} output shards are not written yet "
+                f"{len(missing)} of {len(shared.layout.shards)} output shards are not written yet "
                 f"(e.g. {missing[0]})",
                 hint=f"run (or re-run) shares {', '.join(str(i) for i in owners)} of {split['shares']}, "
                 "then finalize again",
                 path=str(out),
             )
-        publish(out, plan.layout, shard_dir, side_files(runner, card))
-        return MergeResult(out, len(plan.jobs), 0, plan.layout.total_bytes, time.perf_counter() - start)
+        publish(out, plan.layout, shard_dir, side_files(shared))
+        seconds = time.perf_counter() - start
+        return RunResult(
+            out, len(plan.jobs), 0, shared.layout.total_bytes, seconds, (), shared.prepared.lines
+        )
     finally:
         plan.close()

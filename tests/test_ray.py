@@ -74,7 +74,7 @@ def test_ray_equals_single_process(ray_cluster, family, tmp_path, case):
     expected = _files(tmp_path / "single")
     assert sum(n.endswith(".safetensors") for n in expected) >= 3
     assert _files(tmp_path / "ray") == expected
-    assert result.resumed_tensors == 0
+    assert result.resumed == 0
 
 
 def crash_once(spec, known, filename):
@@ -115,12 +115,18 @@ def test_driver_resumes_after_a_failed_run(ray_cluster, family, tmp_path):
     assert (out / STAGING).is_dir() and not list(out.glob("*.safetensors"))  # unfinished, not published
     stages = sorted(p.name for p in (out / STAGING / "stages").iterdir())
     assert stages == ["stage-0.pkl", "stage-1.pkl", "stage-2.pkl"]  # high, low histograms, LiNeS L1
+    # Nothing runs on after the failure (the other tasks were cancelled or finished): what is in the
+    # staging folder now is exactly what the second run must not redo.
+    done = {p.name for p in (out / STAGING / "shards").glob("*.safetensors")}
+    assert not list((out / STAGING / "shards").glob("*.tmp-*"))
     (tmp_path / "calls").unlink()
     (tmp_path / "fixed").touch()
     result = _on_ray(recipe, out, shard_fn=fail_shard_two)
     again = (tmp_path / "calls").read_text().split()
-    assert len(again) < 5 and any(c.startswith("model-00002") for c in again)  # only the unfinished shards
-    assert result.resumed_tensors > 0
+    assert sorted(again) == sorted(f"model-{i:05d}-of-00004.safetensors" for i in range(1, 5) if
+                                   f"model-{i:05d}-of-00004.safetensors" not in done)  # fmt: skip
+    assert "model-00002-of-00004.safetensors" in again
+    assert result.resumed == (0 if not done else result.resumed) and (result.resumed > 0) == bool(done)
     assert _files(out) == _files(tmp_path / "single")
 
 

@@ -76,6 +76,11 @@ def engine_options(fn):
         click.option("--range-cache", type=click.Path(path_type=Path), default=None,
                      help="With --stream: where multi-pass methods keep fetched ranges "
                           "[default: HF_HOME/surgery-ranges]."),
+        click.option("--shards", "share", default=None, metavar="I/N",
+                     help="Run share I (0-based) of N of the work (static split, e.g. SLURM); then "
+                          "`surgery finalize OUT`."),
+        click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
+                     help="Run on a Ray cluster: local, auto or host:port (OUT on shared storage)."),
         click.option("--dry-run", is_flag=True, help="Check the inputs and print the plan only."),
         click.option("--overwrite", is_flag=True, help="Replace the output folder's contents."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
@@ -98,7 +103,8 @@ def output_options(fn):
 def run_recipe(ctx: click.Context, recipe, output: Path, max_memory: str, threads: int | None,
                device: str, dry_run: bool, overwrite: bool, quiet: bool, push_to_hub: str | None = None,
                private: bool = False, revision: str | None = None, stream: bool = False,
-               range_cache: Path | None = None) -> None:  # fmt: skip
+               range_cache: Path | None = None, share: str | None = None,
+               ray_address: str | None = None) -> None:  # fmt: skip
     """Plan, then (unless --dry-run) execute with a progress bar; shared by merge and run."""
     from surgery.engine import EngineOptions, execute
     from surgery.plan import build_plan
@@ -114,12 +120,19 @@ def run_recipe(ctx: click.Context, recipe, output: Path, max_memory: str, thread
         ctx.meta["surgery.output"] = str(output)
         for note in plan.notes:
             click.echo(f"note: {note}", err=True)
-        total = plan.layout.total_bytes if plan.layout is not None else None
-        bar = _LazyBar(total, len(plan.jobs), f"surgery {recipe.method}", quiet)
-        try:
-            result = execute(plan, output, options, bar.update)
-        finally:
-            bar.close()
+        if share is not None or ray_address is not None:
+            result = _run_elsewhere(
+                plan, output, options, InputOptions(stream, range_cache), share, ray_address
+            )
+            if result is None:
+                return
+        else:
+            total = plan.layout.total_bytes if plan.layout is not None else None
+            bar = _LazyBar(total, len(plan.jobs), f"surgery {recipe.method}", quiet)
+            try:
+                result = execute(plan, output, options, bar.update)
+            finally:
+                bar.close()
         streamed = stream_stats(plan.inputs)
     finally:
         plan.close()
@@ -143,6 +156,40 @@ def run_recipe(ctx: click.Context, recipe, output: Path, max_memory: str, thread
             f"({100 * d.fraction:.4g}%), {d.size_bytes / 1e6:.2f} MB of safetensors"
         )
     push_after_run(output, push_to_hub, private, revision)
+
+
+def _run_elsewhere(plan, output: Path, options, sources, share: str | None, ray_address: str | None):
+    """--shards: this process's share (None: `surgery finalize` completes the run); --ray: the run."""
+    from surgery.errors import RecipeError
+
+    if share is not None and ray_address is not None:
+        raise RecipeError("--shards and --ray are two ways to split a run: choose one")
+    if ray_address is not None:
+        from surgery.ray_backend import execute_on_ray
+
+        return execute_on_ray(plan, output, options, sources, ray_address)
+    from surgery.scaleout import Share, run_share
+
+    part = Share.parse(share)
+    done = run_share(plan, output, options, part, sources, lambda m: click.echo(f"note: {m}", err=True))
+    click.echo(
+        f"share {part.index}/{part.count}: wrote {done.shards_written} output shards "
+        f"({done.shards_resumed} already done, {done.bytes_written / 1e9:.3f} GB) in {done.seconds:.1f} s; "
+        f"run `surgery finalize {output}` once every share is done"
+    )
+    return None
+
+
+@cli.command()
+@click.argument("output", type=click.Path(path_type=Path))
+@click.pass_context
+def finalize(ctx: click.Context, output: Path) -> None:
+    """Complete OUTPUT after every `--shards I/N` share has run (index, config, card, recipe)."""
+    from surgery.scaleout import finalize_split
+
+    ctx.meta["surgery.output"] = str(output)
+    result = finalize_split(output)
+    click.echo(f"wrote {output} ({result.tensors} tensors, {result.bytes_written / 1e9:.3f} GB)")
 
 
 class _LazyBar:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from surgery.engine import EngineOptions, RunResult, run_fingerprint, side_files, start_run, write_shard
-from surgery.errors import BackendError, SurgeryError
+from surgery.errors import BackendError, OutputError, SurgeryError
 from surgery.files import STAGING
 from surgery.plan import Plan, build_plan, input_paths
 from surgery.recipe import Recipe
@@ -48,6 +48,7 @@ class WorkerSpec:
     sources: InputOptions
     options: EngineOptions
     out: str
+    fingerprint: str  # the driver's inputs (file sizes and dates, or Hub commits): workers must match
 
 
 _OPEN: dict[str, tuple[WorkerSpec, Plan]] = {}  # per worker process: the last plan opened
@@ -61,6 +62,13 @@ def _plan(spec: WorkerSpec) -> Plan:
     if held is not None:
         held[1].close()
     plan = build_plan(spec.recipe, spec.sources)
+    if run_fingerprint(plan) != spec.fingerprint:
+        plan.close()
+        raise OutputError(
+            "a Ray worker sees different inputs than the driver (other files, dates or Hub commits)",
+            hint="put the inputs on storage every node shares, or read Hub inputs with --stream "
+            "(pinned to the driver's commit); a branch that moved during the run also does this",
+        )
     _OPEN["plan"] = (spec, plan)
     return plan
 
@@ -172,12 +180,13 @@ def execute_on_ray(
     start = time.perf_counter()
     check_output_folder(out, input_paths(plan))
     ray = connect(address)
-    prepare_output(out, run_fingerprint(plan), options.overwrite)
+    fingerprint = run_fingerprint(plan)
+    prepare_output(out, fingerprint, options.overwrite)
     staging = out / STAGING
     for sub in (STAGES, SHARDS):
         (staging / sub).mkdir(exist_ok=True)
     # One thread per task: Ray runs as many tasks as the cluster has CPUs.
-    spec = WorkerSpec(plan.recipe, sources, replace(options, threads=1), os.path.abspath(out))
+    spec = WorkerSpec(plan.recipe, sources, replace(options, threads=1), os.path.abspath(out), fingerprint)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     stages = RayStages(ray, spec, staging / STAGES, 2 * cpus)
     shared = start_run(plan, options, stage_map=stages)
@@ -186,7 +195,7 @@ def execute_on_ray(
     task = ray.remote(num_cpus=1, max_retries=RETRIES)(shard_fn)
     known = ray.put(stages.known)
     _gather(ray, [task.remote(spec, known, filename) for filename in todo])
-    publish(out, plan.layout, shard_dir, side_files(shared))
+    publish(out, shared.layout, shard_dir, side_files(shared))
     resumed = sum(len(s.offsets) for s in shared.layout.shards if s.filename not in todo)
     seconds = time.perf_counter() - start
     return RunResult(

@@ -332,7 +332,7 @@ def finalize_split(out: Path, threads: int | None = None) -> RunResult:
                 "then finalize again",
                 path=str(out),
             )
-        publish(out, plan.layout, shard_dir, side_files(shared))
+        publish(out, shared.layout, shard_dir, side_files(shared))
         seconds = time.perf_counter() - start
         return RunResult(
             out, len(plan.jobs), 0, shared.layout.total_bytes, seconds, (), shared.prepared.lines

@@ -484,11 +484,12 @@ def run(ctx: click.Context, recipe_file: Path, **engine) -> None:
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--layers", "show_layers", is_flag=True, help="List every tensor's block (LiNeS mapping).")
-def inspect(path: str, as_json: bool, show_layers: bool) -> None:
+@click.option("--stream", is_flag=True, help="Hub repos: read the headers by range, download no weights.")
+def inspect(path: str, as_json: bool, show_layers: bool, stream: bool) -> None:
     """Describe a checkpoint: shards, tensors, parameters, dtypes, layers, tied embeddings."""
     from surgery.inspect import describe
 
-    report = describe(path)
+    report = describe(path, stream)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

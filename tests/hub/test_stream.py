@@ -199,7 +199,24 @@ def test_stream_read_failure_mid_run_is_clear(tmp_path, seeded, fake_hub, stream
     assert result["left"] == [".surgery-partial"]
 
 
+def test_inspect_stream_reads_headers_only(tmp_path, seeded, fake_hub, stream_child):
+    from surgery.inspect import describe
+
+    result = stream_child("child_inspect", "alice/sharded")
+    local = describe(str(seeded["sharded"]))
+    assert result["report"] == {**local, "source": "alice/sharded"}
+    requests = _requests(fake_hub)
+    assert sorted(requests) == [("alice/sharded", f"model-0000{i}-of-00002.safetensors") for i in (1, 2)]
+    assert all(r == [(0, 100_000)] for r in requests.values())  # one header request each, no data
+
+
 # -- children (fresh interpreter, Hub environment set) --------------------------------------------------
+def child_inspect(source: str) -> dict:
+    from surgery.inspect import describe
+
+    return {"report": describe(source, stream=True)}
+
+
 def child_stream(out: str, method: str, params: dict, cache: str, probe: int | None = None) -> dict:
     import time
 

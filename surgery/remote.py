@@ -24,6 +24,7 @@ import os
 import re
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -298,8 +299,10 @@ class RangeCache:
             for name, fd in self._fds.items():
                 os.fsync(fd)
                 os.close(fd)
+                # A unique temporary name: processes sharing a node's cache never mix their lists
+                # (each lists only ranges whose bytes it fsynced; the last rename wins).
                 index = self.folder / f"{name}.ranges.json"
-                tmp = index.with_suffix(".tmp")
+                tmp = self.folder / f"{name}.ranges.{uuid.uuid4().hex}.tmp"
                 tmp.write_text(json.dumps(self._spans[name]))
                 os.replace(tmp, index)
             self._fds.clear()

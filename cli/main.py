@@ -107,9 +107,10 @@ def run_recipe(ctx: click.Context, recipe, output: Path, max_memory: str, thread
                ray_address: str | None = None) -> None:  # fmt: skip
     """Plan, then (unless --dry-run) execute with a progress bar; shared by merge and run."""
     from surgery.engine import EngineOptions, execute
+    from surgery.inputs import InputOptions
     from surgery.plan import build_plan
     from surgery.recipe import parse_size
-    from surgery.remote import InputOptions, stream_stats
+    from surgery.remote import stream_stats
 
     options = EngineOptions(parse_size(max_memory), threads, device, overwrite)
     plan = build_plan(recipe, InputOptions(stream, range_cache))

@@ -17,12 +17,12 @@ from surgery.checkpoint import Checkpoint
 from surgery.dtypes import DTYPES
 from surgery.errors import PlanError
 from surgery.files import CONFIG, SIDE_FILES
+from surgery.inputs import InputOptions, open_input
 from surgery.methods.lines import depths
 from surgery.methods.spec import TAU_GIVEN, TAU_PAIRS
 from surgery.names import layer_map, natural_key, place
 from surgery.patch import patched_names, read_manifest
 from surgery.recipe import Recipe
-from surgery.remote import InputOptions, open_input
 from surgery.vocab import RowMap, align_rows, load_vocab
 from surgery.writer import Layout, OutputTensor, plan_layout
 
@@ -169,13 +169,14 @@ def input_passes(recipe: Recipe) -> int:
 
 def build_plan(recipe: Recipe, sources: InputOptions | None = None) -> Plan:
     """Open the inputs (headers only) and check that the recipe can run on them. ``sources`` says how
-    Hub inputs are read (downloaded, or streamed by range with a cache for multi-pass methods)."""
+    remote inputs are read (Hub ids downloaded or streamed by range; ranges cached for multi-pass
+    methods)."""
     sources = sources or InputOptions()
-    cache = sources.cache_folder() if sources.stream and input_passes(recipe) > 1 else None
+    cache_ranges = input_passes(recipe) > 1  # streamed or URL inputs read more than once: keep ranges
     inputs: list[Checkpoint] = []
     try:
         for source in recipe.inputs:
-            inputs.append(open_input(source, stream=sources.stream, range_cache=cache))
+            inputs.append(open_input(source, sources, cache_ranges))
         if recipe.spec.output == "scatter":
             return _plan_scatter(recipe, inputs)
         return _plan(recipe, inputs)

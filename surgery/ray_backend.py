@@ -31,9 +31,9 @@ from pathlib import Path
 from surgery.engine import EngineOptions, RunResult, run_fingerprint, side_files, start_run, write_shard
 from surgery.errors import BackendError, OutputError, SurgeryError
 from surgery.files import STAGING
+from surgery.inputs import InputOptions
 from surgery.plan import Plan, build_plan, input_paths
 from surgery.recipe import Recipe
-from surgery.remote import InputOptions
 from surgery.scaleout import SHARDS, STAGES, Replay, StageDone, thread_map, write_atomic
 from surgery.writer import check_output_folder, prepare_output, publish
 

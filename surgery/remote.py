@@ -32,13 +32,11 @@ from surgery.checkpoint import (
     Checkpoint,
     TensorInfo,
     header_length,
-    open_checkpoint,
-    open_folder,
     parse_header_json,
     tensors_from_header,
 )
 from surgery.errors import CorruptCheckpointError, InputReadError, SurgeryError
-from surgery.hub import HubRef, hub_ref, scrub, stream_snapshot
+from surgery.hub import HubRef, scrub
 
 # 97% of the Hub's safetensors headers are under 100 kB (huggingface_hub PR #1855): one request each.
 HEADER_PROBE = 100_000
@@ -47,44 +45,7 @@ RETRIES = 5  # as huggingface_hub's http_backoff: waits 1, 2, 4, 8, 8 s
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 
 
-@dataclass(frozen=True)
-class InputOptions:
-    """How Hub inputs are read: downloaded (the default) or streamed by HTTP range."""
-
-    stream: bool = False
-    range_cache: Path | None = None  # where multi-pass streamed runs keep ranges [default: HF_HOME]
-
-    def cache_folder(self) -> Path:
-        if self.range_cache is not None:
-            return Path(self.range_cache)
-        from huggingface_hub import constants
-
-        return Path(constants.HF_HOME) / "surgery-ranges"
-
-
-def open_input(
-    source: str | os.PathLike, *, stream: bool = False, range_cache: Path | None = None
-) -> Checkpoint:
-    """Open a checkpoint; with ``stream``, a Hub id is read by range instead of downloaded.
-
-    ``range_cache`` (a folder) keeps the fetched ranges for methods that read inputs more than once.
-    Local paths (which win over Hub ids) are opened as always.
-    """
-    ref = hub_ref(source) if stream and isinstance(source, str) else None
-    snapshot = stream_snapshot(ref) if ref is not None else None
-    if snapshot is None:
-        return open_checkpoint(source)
-    folder, commit, weights = snapshot
-    cache = RangeCache(range_cache / _cache_key(ref.repo_id, commit)) if range_cache else None
-    io = HubRanges(ref, commit, cache)
-    try:
-        return open_folder(str(source), folder, io.read_header, weights, io)
-    except BaseException:
-        io.close()
-        raise
-
-
-def _cache_key(repo_id: str, commit: str) -> str:
+def cache_key(repo_id: str, commit: str) -> str:
     return f"models--{repo_id.replace('/', '--')}/{commit}"
 
 
@@ -102,16 +63,24 @@ class StreamStats:
             setattr(self, key, getattr(self, key) + getattr(other, key))
 
 
-class HubRanges:
-    """The byte source of a streamed checkpoint: HTTP range requests to one pinned commit of a repo."""
+class RangeFiles:
+    """The byte source of a streamed checkpoint: ranges of remote files, through an optional
+    ``RangeCache``. ``_get`` (one request) is the transport's: HubRanges (HTTP to a pinned Hub
+    commit) or surgery.urls.UrlRanges (any fsspec URL)."""
 
-    def __init__(self, ref: HubRef, commit: str, cache: RangeCache | None) -> None:
-        self.ref = ref
-        self.commit = commit
+    def __init__(self, version: str, cache: RangeCache | None) -> None:
+        self.version = version  # what pins the files' content (a commit, an ETag or a date)
         self.cache = cache
         self.sizes: dict[str, int] = {}
         self.stats = StreamStats()
         self._lock = threading.Lock()
+
+    def _get(self, name: str, start: int, end: int, into: memoryview, kind: str) -> tuple[int, int]:
+        """One request for bytes [start, end) of ``name`` into ``into``: (bytes received, file size)."""
+        raise NotImplementedError
+
+    def _label(self, name: str) -> str:
+        return f"{self.version}:{name}"
 
     # -- TensorBytes ------------------------------------------------------------------------------
     def read_into(self, path: Path, offset: int, view: memoryview) -> int:
@@ -131,7 +100,7 @@ class HubRanges:
         pass  # each chunk is one request already; read-ahead would only add requests
 
     def fingerprint(self, files: tuple[Path, ...]) -> list[list]:
-        return [[p.name, self.sizes[p.name], self.commit] for p in files]
+        return [[p.name, self.sizes[p.name], self.version] for p in files]
 
     def close(self) -> None:
         if self.cache is not None:
@@ -167,14 +136,22 @@ class HubRanges:
             done += got
         return done
 
-    def _label(self, name: str) -> str:
-        return f"{self.ref.repo_id}@{self.commit[:12]}:{name}"
-
     def _count(self, key: str, n: int) -> None:
         with self._lock:
             setattr(self.stats, key, getattr(self.stats, key) + n)
 
-    # -- HTTP -------------------------------------------------------------------------------------
+
+class HubRanges(RangeFiles):
+    """HTTP range requests to one pinned commit of a Hub repo, through huggingface_hub's client."""
+
+    def __init__(self, ref: HubRef, commit: str, cache: RangeCache | None) -> None:
+        super().__init__(commit, cache)
+        self.ref = ref
+        self.commit = commit
+
+    def _label(self, name: str) -> str:
+        return f"{self.ref.repo_id}@{self.commit[:12]}:{name}"
+
     def _get(self, name: str, start: int, end: int, into: memoryview, kind: str) -> tuple[int, int]:
         """GET bytes [start, end) of ``name`` into ``into``: (bytes received, the file's size).
 
@@ -348,7 +325,7 @@ def stream_stats(inputs: list[Checkpoint]) -> StreamStats | None:
     """The summed cost of the streamed inputs among ``inputs``; None when none was streamed."""
     total, streamed = StreamStats(), False
     for ckpt in inputs:
-        if isinstance(ckpt.io, HubRanges):
+        if isinstance(ckpt.io, RangeFiles):
             total.add(ckpt.io.stats)
             streamed = True
     return total if streamed else None

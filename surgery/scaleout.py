@@ -35,9 +35,9 @@ from pathlib import Path
 from surgery.engine import EngineOptions, RunResult, run_fingerprint, side_files, start_run, write_shard
 from surgery.errors import OutputError, RecipeError
 from surgery.files import STAGING
+from surgery.inputs import InputOptions
 from surgery.plan import Plan, build_plan, input_paths
 from surgery.recipe import load_recipe
-from surgery.remote import InputOptions
 from surgery.writer import STATE, check_output_folder, publish
 
 STAGES = "stages"  # staging subfolder: results of reduce stages

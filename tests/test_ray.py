@@ -16,10 +16,10 @@ ray = pytest.importorskip("ray")
 
 from surgery.engine import EngineOptions, merge  # noqa: E402
 from surgery.files import STAGING  # noqa: E402
+from surgery.inputs import InputOptions  # noqa: E402
 from surgery.plan import build_plan  # noqa: E402
 from surgery.ray_backend import execute_on_ray, shard_task  # noqa: E402
 from surgery.recipe import make_recipe  # noqa: E402
-from surgery.remote import InputOptions  # noqa: E402
 
 SHARD_SIZE = 1000
 LINES = {"alpha": "auto", "beta": None, "outside": "alpha"}

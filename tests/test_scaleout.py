@@ -15,9 +15,9 @@ from ckpt_factory import make_family
 from surgery.engine import EngineOptions, merge
 from surgery.errors import OutputError, RecipeError
 from surgery.files import STAGING
+from surgery.inputs import InputOptions
 from surgery.plan import build_plan
 from surgery.recipe import make_recipe
-from surgery.remote import InputOptions
 from surgery.scaleout import SHARDS, Share, finalize_split, run_share
 
 SHARD_SIZE = 1000  # bytes: the tiny family's output spans several shards

@@ -224,9 +224,10 @@ def child_stream(out: str, method: str, params: dict, cache: str, probe: int | N
 
     import surgery.remote
     from surgery.engine import EngineOptions, execute
+    from surgery.inputs import InputOptions
     from surgery.plan import build_plan
     from surgery.recipe import make_recipe
-    from surgery.remote import InputOptions, stream_stats
+    from surgery.remote import stream_stats
 
     time.sleep = lambda seconds: None  # retries back off: not what is tested
     if probe:
@@ -273,9 +274,9 @@ def child_fail_data(out: str, dead_endpoint: str) -> dict:
 
     from surgery.engine import EngineOptions, execute
     from surgery.errors import SurgeryError
+    from surgery.inputs import InputOptions
     from surgery.plan import build_plan
     from surgery.recipe import make_recipe
-    from surgery.remote import InputOptions
 
     time.sleep = lambda seconds: None
     recipe = make_recipe("task_arithmetic", ["alice/ft1", "alice/ft2"], "alice/sharded", {"scale": 0.5})

@@ -82,7 +82,8 @@ def engine_options(fn):
         click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
                      help="Run on a Ray cluster: local, auto or host:port (OUT on shared storage)."),
         click.option("--dry-run", is_flag=True, help="Check the inputs and print the plan only."),
-        click.option("--overwrite", is_flag=True, help="Replace the output folder's contents."),
+        click.option("--overwrite", is_flag=True,
+                     help="Replace a previous surgery output (never other files)."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
     ]  # fmt: skip
     fn = push_options(fn)  # --push-to-hub, --private, --revision: listed after these

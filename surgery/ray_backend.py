@@ -32,10 +32,11 @@ from surgery.engine import EngineOptions, RunResult, run_fingerprint, side_files
 from surgery.errors import BackendError, OutputError, SurgeryError
 from surgery.files import STAGING
 from surgery.inputs import InputOptions
+from surgery.output import open_output
 from surgery.plan import Plan, build_plan, input_paths
 from surgery.recipe import Recipe
 from surgery.scaleout import SHARDS, STAGES, Replay, StageDone, thread_map, write_atomic
-from surgery.writer import check_output_folder, prepare_output, publish
+from surgery.writer import publish
 
 RETRIES = 3  # attempts after a worker dies (os._exit, OOM kill, lost node)
 
@@ -178,24 +179,26 @@ def execute_on_ray(
 ) -> RunResult:
     """Run a checked plan on Ray (see the module doc). ``shard_fn`` is the apply task (tests wrap it)."""
     start = time.perf_counter()
-    check_output_folder(out, input_paths(plan))
     ray = connect(address)
     fingerprint = run_fingerprint(plan)
-    prepare_output(out, fingerprint, options.overwrite)
-    staging = out / STAGING
-    for sub in (STAGES, SHARDS):
-        (staging / sub).mkdir(exist_ok=True)
-    # One thread per task: Ray runs as many tasks as the cluster has CPUs.
-    spec = WorkerSpec(plan.recipe, sources, replace(options, threads=1), os.path.abspath(out), fingerprint)
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    stages = RayStages(ray, spec, staging / STAGES, 2 * cpus)
-    shared = start_run(plan, options, stage_map=stages)
-    shard_dir = staging / SHARDS
-    todo = [s.filename for s in shared.layout.shards if not (shard_dir / s.filename).is_file()]
-    task = ray.remote(num_cpus=1, max_retries=RETRIES)(shard_fn)
-    known = ray.put(stages.known)
-    _gather(ray, [task.remote(spec, known, filename) for filename in todo])
-    publish(out, shared.layout, shard_dir, side_files(shared))
+    with open_output(out, input_paths(plan), fingerprint, overwrite=options.overwrite) as staged:
+        staged.writing = True  # stage results and shards are a resumable partial run from the first
+        staging = out / STAGING
+        for sub in (STAGES, SHARDS):
+            (staging / sub).mkdir(exist_ok=True)
+        # One thread per task: Ray runs as many tasks as the cluster has CPUs.
+        spec = WorkerSpec(
+            plan.recipe, sources, replace(options, threads=1), os.path.abspath(out), fingerprint
+        )
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        stages = RayStages(ray, spec, staging / STAGES, 2 * cpus)
+        shared = start_run(plan, options, stage_map=stages)
+        shard_dir = staging / SHARDS
+        todo = [s.filename for s in shared.layout.shards if not (shard_dir / s.filename).is_file()]
+        task = ray.remote(num_cpus=1, max_retries=RETRIES)(shard_fn)
+        known = ray.put(stages.known)
+        _gather(ray, [task.remote(spec, known, filename) for filename in todo])
+        publish(out, shared.layout, shard_dir, side_files(shared))
     resumed = sum(len(s.offsets) for s in shared.layout.shards if s.filename not in todo)
     seconds = time.perf_counter() - start
     return RunResult(

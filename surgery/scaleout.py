@@ -21,6 +21,7 @@ Nothing here knows a method: stage maps see functions and items, shards see a la
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pickle
@@ -34,11 +35,12 @@ from pathlib import Path
 
 from surgery.engine import EngineOptions, RunResult, run_fingerprint, side_files, start_run, write_shard
 from surgery.errors import OutputError, RecipeError
-from surgery.files import STAGING
+from surgery.files import LOCK, STAGING
 from surgery.inputs import InputOptions
+from surgery.output import check_output_folder, open_output
 from surgery.plan import Plan, build_plan, input_paths
 from surgery.recipe import load_recipe
-from surgery.writer import STATE, check_output_folder, publish
+from surgery.writer import JOURNAL, STATE, publish
 
 STAGES = "stages"  # staging subfolder: results of reduce stages
 SHARDS = "shards"  # staging subfolder: complete output shards
@@ -233,12 +235,37 @@ def thread_map(workers: int) -> StageMap:
 RECIPE_COPY = "split-recipe.yaml"  # staging: the recipe every share runs (finalize rebuilds the plan)
 
 
-def open_shared_output(out: Path, plan: Plan) -> None:
-    """Create (or join) the staging folder several shares write into, without racing one another."""
-    staging = out / STAGING
-    fingerprint = run_fingerprint(plan)
+def join_output(out: Path, plan: Plan) -> int:
+    """Create or join the staging folder several shares write into, without racing one another.
+
+    Shares hold a *shared* flock on the staging folder's lock file: they coexist, while a
+    single-process run or ``finalize`` (an exclusive lock, ``output.open_output``) cannot start on the
+    folder meanwhile, nor a share while one of those runs. Returns the fd that holds the lock.
+    """
+    check_output_folder(out, input_paths(plan))
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {out} exists and is not a folder", path=str(out))
+    staging = out / STAGING
+    staging.mkdir(parents=True, exist_ok=True)
+    fd = os.open(staging / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise OutputError(
+            f"another surgery process is writing {out} on its own (a run without --shards, or finalize)",
+            hint="wait for it to finish, or choose another output folder",
+            path=str(out),
+        ) from None
+    try:
+        _settle_share(out, staging, run_fingerprint(plan))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _settle_share(out: Path, staging: Path, fingerprint: str) -> None:
     state = staging / STATE
     if state.is_file():
         if json.loads(state.read_text()).get("fingerprint") != fingerprint:
@@ -247,14 +274,14 @@ def open_shared_output(out: Path, plan: Plan) -> None:
                 hint="every share must run the same command; pass a new output folder to start over",
                 path=str(out),
             )
-    elif out.is_dir() and any(p.name != STAGING for p in out.iterdir()):
+    elif any(p.name != STAGING for p in out.iterdir()):
         raise OutputError(
             f"output folder {out} is not empty", hint="choose a new folder for a split run", path=str(out)
         )
-    (staging / SHARDS).mkdir(parents=True, exist_ok=True)
+    (staging / SHARDS).mkdir(exist_ok=True)
     if not state.is_file():
         write_atomic(state, json.dumps({"fingerprint": fingerprint}).encode())
-        (staging / "journal.txt").touch()
+        (staging / JOURNAL).touch()
 
 
 @dataclass(frozen=True)
@@ -277,27 +304,28 @@ def run_share(
     """Share ``share`` of a run: its items of every reduce stage (waiting for the other shares'), then
     its output shards. ``finalize_split`` completes the folder once every share is done."""
     start = time.perf_counter()
-    check_output_folder(out, input_paths(plan))
-    open_shared_output(out, plan)
-    staging = out / STAGING
-    if not (staging / RECIPE_COPY).is_file():
-        write_atomic(staging / RECIPE_COPY, plan.recipe.to_yaml().encode())
-    cache = None if sources.range_cache is None else str(sources.range_cache)
-    save_split(out, {"shares": share.count, "stream": sources.stream, "range_cache": cache})
-    stages = SplitStages(out, share, thread_map(options.workers), on_wait)
-    shared = start_run(plan, options, stage_map=stages)
-    shard_dir = staging / SHARDS
-    written = resumed = 0
-    nbytes = 0
-    for k, shard in enumerate(shared.layout.shards):
-        if not share.owns(k):
-            continue
-        if (shard_dir / shard.filename).is_file():
-            resumed += 1
-            continue
-        write_shard(shared, shard_dir, shard.filename)
-        written += 1
-        nbytes += shard.size
+    lock = join_output(out, plan)
+    try:
+        staging = out / STAGING
+        if not (staging / RECIPE_COPY).is_file():
+            write_atomic(staging / RECIPE_COPY, plan.recipe.to_yaml().encode())
+        cache = None if sources.range_cache is None else str(sources.range_cache)
+        save_split(out, {"shares": share.count, "stream": sources.stream, "range_cache": cache})
+        stages = SplitStages(out, share, thread_map(options.workers), on_wait)
+        shared = start_run(plan, options, stage_map=stages)
+        shard_dir = staging / SHARDS
+        written = resumed = nbytes = 0
+        for k, shard in enumerate(shared.layout.shards):
+            if not share.owns(k):
+                continue
+            if (shard_dir / shard.filename).is_file():
+                resumed += 1
+                continue
+            write_shard(shared, shard_dir, shard.filename)
+            written += 1
+            nbytes += shard.size
+    finally:
+        os.close(lock)
     return ShareResult(out, written, resumed, nbytes, time.perf_counter() - start)
 
 
@@ -306,36 +334,34 @@ def finalize_split(out: Path, threads: int | None = None) -> RunResult:
     the index and move everything into place, as a single-process run does. Reads no tensor."""
     start = time.perf_counter()
     split = load_split(out)
-    staging = out / STAGING
-    recipe = load_recipe(staging / RECIPE_COPY)
+    recipe = load_recipe(out / STAGING / RECIPE_COPY)
     cache = split.get("range_cache")
     plan = build_plan(recipe, InputOptions(split.get("stream", False), Path(cache) if cache else None))
     try:
-        state = json.loads((staging / STATE).read_text())
-        if state.get("fingerprint") != run_fingerprint(plan):
-            raise OutputError(
-                f"the inputs of the split run in {out} changed since it started",
-                hint="re-run every share on the same inputs with a new output folder",
-                path=str(out),
-            )
-        stages = known_stages(out, int(split["shares"]))
-        shared = start_run(plan, EngineOptions(threads=threads), stage_map=Replay(stages, thread_map(1)))
-        shard_dir = staging / SHARDS
-        missing = [s.filename for s in shared.layout.shards if not (shard_dir / s.filename).is_file()]
-        if missing:
-            owners = sorted({k % int(split["shares"]) for k, s in enumerate(shared.layout.shards)
-                             if s.filename in missing})  # fmt: skip
-            raise OutputError(
-                f"{len(missing)} of {len(shared.layout.shards)} output shards are not written yet "
-                f"(e.g. {missing[0]})",
-                hint=f"run (or re-run) shares {', '.join(str(i) for i in owners)} of {split['shares']}, "
-                "then finalize again",
-                path=str(out),
-            )
-        publish(out, shared.layout, shard_dir, side_files(shared))
-        seconds = time.perf_counter() - start
-        return RunResult(
-            out, len(plan.jobs), 0, shared.layout.total_bytes, seconds, (), shared.prepared.lines
-        )
+        # Exclusive, like any single writer: refused while a share still runs (it holds a shared lock).
+        with open_output(out, input_paths(plan), run_fingerprint(plan), overwrite=False) as staged:
+            staged.writing = True
+            return _finalize(out, plan, split, threads, start)
     finally:
         plan.close()
+
+
+def _finalize(out: Path, plan: Plan, split: dict, threads: int | None, start: float) -> RunResult:
+    staging = out / STAGING
+    stages = known_stages(out, int(split["shares"]))
+    shared = start_run(plan, EngineOptions(threads=threads), stage_map=Replay(stages, thread_map(1)))
+    shard_dir = staging / SHARDS
+    missing = [s.filename for s in shared.layout.shards if not (shard_dir / s.filename).is_file()]
+    if missing:
+        owners = sorted({k % int(split["shares"]) for k, s in enumerate(shared.layout.shards)
+                         if s.filename in missing})  # fmt: skip
+        raise OutputError(
+            f"{len(missing)} of {len(shared.layout.shards)} output shards are not written yet "
+            f"(e.g. {missing[0]})",
+            hint=f"run (or re-run) shares {', '.join(str(i) for i in owners)} of {split['shares']}, "
+            "then finalize again",
+            path=str(out),
+        )
+    publish(out, shared.layout, shard_dir, side_files(shared))
+    seconds = time.perf_counter() - start
+    return RunResult(out, len(plan.jobs), 0, shared.layout.total_bytes, seconds, (), shared.prepared.lines)

@@ -6,6 +6,7 @@ in the output's staging folder.
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from surgery.files import STAGING
 from surgery.inputs import InputOptions
 from surgery.plan import build_plan
 from surgery.recipe import make_recipe
-from surgery.scaleout import SHARDS, Share, finalize_split, run_share
+from surgery.scaleout import SHARDS, Share, finalize_split, join_output, run_share
 
 SHARD_SIZE = 1000  # bytes: the tiny family's output spans several shards
 
@@ -114,6 +115,17 @@ def test_resume_and_finalize_errors(family, tmp_path):
     again = _run_shares(recipe, out, 2, only=[1])[0]
     assert again.shards_written == 1 and again.shards_resumed >= 1
     assert _run_shares(recipe, out, 2, only=[0])[0].shards_written == 0
+    # While a share holds the folder (a shared lock), neither finalize nor a plain run may start.
+    plan = build_plan(recipe)
+    held = join_output(out, plan)
+    try:
+        with pytest.raises(OutputError, match="another surgery process"):
+            finalize_split(out)
+        with pytest.raises(OutputError, match="another surgery process"):
+            merge(recipe, out, EngineOptions(max_memory=6000))
+    finally:
+        os.close(held)
+        plan.close()
     finalize_split(out)
     assert _files(out) == _files(tmp_path / "single")
 

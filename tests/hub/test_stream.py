@@ -117,7 +117,9 @@ def _tiles(ranges: list[tuple[int, int]], spans: dict[str, tuple[int, int]]) -> 
     [
         ("task_arithmetic", {"scale": 0.5}),  # one pass: no cache at all
         ("breadcrumbs", {"density": 0.5, "outliers": 0.1}),  # three passes: 2 and 3 from the cache
-        ("ties", {"density": 0.4, "granularity": "global"}),  # global ranks over the whole model
+        pytest.param(  # global ranks over the whole model
+            "ties", {"density": 0.4, "granularity": "global"}, marks=pytest.mark.slow
+        ),
     ],
 )
 def test_stream_matches_local_and_counts_requests(tmp_path, seeded, fake_hub, stream_child, method, params):

@@ -115,10 +115,10 @@ def stream_runs(args, common: list[str], env: dict, record, runs: list[str]) -> 
             hub_env["HF_HOME"] = str(args.work / f"hf-{name}")
             out = args.work / name
             flags = ["--stream", "--range-cache", str(args.work / "ranges")] if name == "stream" else []
-            hub.ranges.clear()
+            hub.range_log.clear()
             seconds, output = run([*CLI, "merge", *ids, *common, "-o", str(out), *flags], hub_env)
             line = next((ln for ln in output.splitlines() if ln.startswith("streamed inputs:")), "")
-            gets = [r for r in hub.ranges if r[1].endswith(".safetensors")]
+            gets = [r for r in hub.range_log if r[1].endswith(".safetensors")]
             record(name, seconds, out, weight_gets=len(gets), report=line)
     finally:
         hub.stop()

@@ -27,9 +27,9 @@ import numpy as np
 from surgery import reduce
 from surgery.card import card_for
 from surgery.dtypes import DTYPES
-from surgery.errors import IncompatibleTensorsError, Interrupted, RecipeError
+from surgery.errors import IncompatibleTensorsError, Interrupted, NonFiniteOutputError, RecipeError
 from surgery.files import CARD, MANIFEST, RECIPE
-from surgery.kernels import Backend, get_backend
+from surgery.kernels import Backend, check_device, get_backend
 from surgery.methods.lines import LinesResolved
 from surgery.methods.spec import Operands, Slice
 from surgery.output import open_output
@@ -46,7 +46,7 @@ from surgery.plan import MERGED, Plan, TensorJob, build_plan, input_paths
 from surgery.ranks import Band, band_ranks
 from surgery.recipe import Recipe
 from surgery.stream import Chunk, TensorStream, Workspace, chunk_ranges
-from surgery.writer import CheckpointWriter, Layout, ShardWriter, fingerprint_of
+from surgery.writer import CheckpointWriter, Layout, fingerprint_of
 
 ENGINE_VERSION = 1  # part of the resume fingerprint: bump when output bytes could change
 
@@ -59,6 +59,7 @@ class EngineOptions:
     threads: int | None = None  # default: one per CPU core
     device: str = "cpu"  # "cpu" (numba) or "cuda[:N]" (torch)
     overwrite: bool = False
+    allow_nonfinite: bool = False  # write inf / NaN outputs that finite inputs produced
     min_chunk: int = 1  # elements; tests use tiny budgets, real runs never hit this
 
     @property
@@ -119,6 +120,7 @@ def execute(
     """
     options = options or EngineOptions()
     start = time.perf_counter()
+    check_device(options.device)  # before the output folder is touched
     with open_output(out, input_paths(plan), run_fingerprint(plan), overwrite=options.overwrite) as staged:
         run = _Run(plan, options, progress)
         prepared = run.prepare()
@@ -140,57 +142,6 @@ def run_fingerprint(plan: Plan) -> str:
     """The layout is a pure function of recipe and inputs, so they alone identify a partial run."""
     inputs = [c.fingerprint() for c in plan.inputs]
     return fingerprint_of({"engine": ENGINE_VERSION, "recipe": plan.recipe.to_dict(), "inputs": inputs})
-
-
-# -- a run shared by several processes (surgery.scaleout, surgery.ray_backend) -----------------------
-@dataclass(frozen=True)
-class SharedRun:
-    """A prepared run whose output shards are written one by one, possibly by other processes."""
-
-    run: _Run
-    prepared: Prepared
-    layout: Layout
-
-
-def start_run(plan: Plan, options: EngineOptions, stage_map: Callable | None = None) -> SharedRun:
-    """The reduce passes of ``plan``, with ``stage_map(fn, items)`` (which must return
-    ``[fn(x) for x in items]`` in item order, wherever it computes them) in place of the threads."""
-    if plan.recipe.spec.base_hashes is not None:
-        raise RecipeError(
-            f"{plan.recipe.spec.name} checks its inputs tensor by tensor across the whole model, so it "
-            "cannot be split by output shard",
-            hint="run it in one process (without --shards / --ray)",
-        )
-    run = _Run(plan, options, None, stage_map)
-    prepared = run.prepare()
-    return SharedRun(run, prepared, plan.layout or patch_layout(prepared.counts, plan.recipe.max_shard_size))
-
-
-def write_shard(shared: SharedRun, shard_dir: Path, filename: str) -> None:
-    """Every tensor of output shard ``filename``, written whole into ``shard_dir`` (ShardWriter)."""
-    run, where = shared.run, {n: s.filename for s in shared.layout.shards for n in s.offsets}
-    writer = ShardWriter(shared.layout, filename, shard_dir)
-    try:
-        run.prepared, run.writer = shared.prepared, writer
-        jobs = []
-        for job in shared.run.plan.jobs:
-            files = {where[n] for n in run.outputs(job)}
-            if len(files) > 1:
-                raise RecipeError(
-                    f"tensor {job.name!r} has outputs in several shards, so the run cannot be split",
-                    hint="raise --max-shard-size, or run it in one process",
-                )
-            if files == {filename}:
-                jobs.append(job)
-        run.parallel(run.run_job, sorted(jobs, key=lambda j: -j.numel))
-        writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
-
-
-def side_files(shared: SharedRun) -> dict[str, bytes]:
-    return _side_files(shared.run.plan, shared.prepared, {}, shared.layout)[0]
 
 
 def _side_files(
@@ -221,14 +172,9 @@ class _Run:
     worker threads, each thread's workspace, and (while jobs run) the writer and prepared values."""
 
     def __init__(
-        self,
-        plan: Plan,
-        options: EngineOptions,
-        progress: Callable[[int, str | None], None] | None,
-        stage_map: Callable | None = None,
+        self, plan: Plan, options: EngineOptions, progress: Callable[[int, str | None], None] | None
     ) -> None:
         self.plan = plan
-        self.stages = stage_map or self.parallel  # whole-model reduce passes (SharedRun: elsewhere)
         self.spec = plan.recipe.spec
         self.options = options
         self.progress = progress
@@ -244,6 +190,7 @@ class _Run:
         self.writer: CheckpointWriter | None = None
         self.prepared = Prepared(None, {}, None)
         self.hashes: dict[str, str] = {}
+        self.nonfinite: dict[str, int] = {}  # tensor -> inf/NaN outputs that finite inputs produced
 
     # -- phases -----------------------------------------------------------------------------------
     def prepare(self) -> Prepared:
@@ -253,7 +200,7 @@ class _Run:
         sparsify = self.spec.sparsify
         bands = None
         if sparsify is not None and sparsify.needs_ranks and params.get("granularity") == "global":
-            bands = reduce.global_bands(jobs, self.stream, params, self.n_models, self.backend, self.stages)
+            bands = reduce.global_bands(jobs, self.stream, params, self.n_models, self.backend, self.parallel)
         if self.spec.combine.whole_matrix:  # refuse a matrix over the budget before writing anything
             for job in jobs:
                 self.stream(job)
@@ -291,9 +238,12 @@ class _Run:
         ]
         todo.sort(key=lambda j: -j.numel)  # big tensors first balance the workers
         self.parallel(self.run_job, todo)
+        if self.nonfinite:
+            self._raise_nonfinite()
         return self.hashes
 
     def run_job(self, job: TensorJob) -> None:
+        self.local.nonfinite = 0  # counted by encode(): this job runs on this thread only
         match job.kind:
             case "copy_equal" | "copy_base":
                 _copy(self, job)
@@ -307,8 +257,11 @@ class _Run:
                 _scatter(self, job)
             case _:
                 raise AssertionError(f"unknown job kind {job.kind!r}")
+        bad = self._nonfinite_from_finite(job, self.local.nonfinite)
         with self.lock:
-            for name in sorted(self.outputs(job) - self.writer.done):
+            if bad:  # not journaled: a re-run computes (and checks) it again
+                self.nonfinite[job.name] = bad
+            for name in sorted(self.outputs(job) - self.writer.done if not bad else ()):
                 self.writer.mark_done(name)
             if self.progress is not None:
                 self.progress(0, job.name)
@@ -382,8 +335,41 @@ class _Run:
                 self.progress(raw.nbytes, None)
 
     def encode(self, job: TensorJob, out: np.ndarray) -> np.ndarray:
+        """float32 chunk -> output storage; counts its inf / NaN after the cast (so an overflow to
+        inf in F16 / BF16 is seen) for the finiteness check of the job."""
         raw = self.ws.get("out_raw", (out.size,), DTYPES[job.out_dtype].storage)
-        return self.backend.encode(out, job.out_dtype, raw)
+        self.backend.encode(out, job.out_dtype, raw)
+        self.local.nonfinite += self.backend.nonfinite(raw, job.out_dtype)
+        return raw
+
+    def _nonfinite_from_finite(self, job: TensorJob, bad: int) -> int:
+        """``bad`` when a job wrote inf / NaN although every input value it read was finite, else 0.
+        The inputs are read a second time only then (never for a healthy tensor); the verdict is per
+        tensor, so it does not depend on chunking or threads."""
+        if bad == 0 or self.options.allow_nonfinite:
+            return 0
+        if job.kind == "scatter":  # the patch's own values are inputs too (sparse: read whole)
+            if not np.isfinite(self.plan.inputs[1].read(job.name + VALUES)).all():
+                return 0
+        stream = self.stream(job)
+        n_inputs = None if job.kind in ("dense", "update") else 1  # keep_base, scatter: the base only
+        for start, count in stream.ranges:
+            if self.backend.nonfinite(stream.load(start, count, None, n_inputs), "F32"):
+                return 0  # an input already held inf / NaN: not ours to refuse
+        return bad
+
+    def _raise_nonfinite(self) -> None:
+        order = [j.name for j in self.plan.jobs if j.name in self.nonfinite]
+        first, n = order[0], self.nonfinite[order[0]]
+        others = f" (and {len(order) - 1} more tensors)" if len(order) > 1 else ""
+        raise NonFiniteOutputError(
+            f"tensor {first!r} came out with {n:,} non-finite values (inf or NaN) although every "
+            f"input value was finite{others}",
+            hint="weights or scales that (nearly) cancel or blow up cause this, and so does a cast "
+            "to float16 of values above 65504 (try --dtype bfloat16 or float32); pass "
+            "--allow-nonfinite to write such values anyway",
+            tensors=order,
+        )
 
     def zeros(self, count: int) -> np.ndarray:
         """A float32 base of zeros: the combine kernels then yield the merged update itself."""
@@ -478,7 +464,7 @@ class _Run:
             return reduce.update_l1(stream, merged_update, self.backend, self.zeros, scratch)
 
         totals = np.zeros(2, np.float64)
-        for acc in self.stages(measure, self.plan.merge_jobs):  # summed in plan order
+        for acc in self.parallel(measure, self.plan.merge_jobs):  # summed in plan order
             totals += acc
         if totals[1] == 0.0:
             return 1.0  # the merge changes nothing: any alpha gives the base

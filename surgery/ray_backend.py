@@ -28,14 +28,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from surgery.engine import EngineOptions, RunResult, run_fingerprint, side_files, start_run, write_shard
+from surgery.engine import EngineOptions, RunResult, run_fingerprint
 from surgery.errors import BackendError, OutputError, SurgeryError
 from surgery.files import STAGING
 from surgery.inputs import InputOptions
 from surgery.output import open_output
 from surgery.plan import Plan, build_plan, input_paths
 from surgery.recipe import Recipe
-from surgery.scaleout import SHARDS, STAGES, Replay, StageDone, thread_map, write_atomic
+from surgery.scaleout import (
+    SHARDS,
+    STAGES,
+    Replay,
+    StageDone,
+    side_files,
+    start_run,
+    thread_map,
+    write_atomic,
+    write_shard,
+)
 from surgery.writer import publish
 
 RETRIES = 3  # attempts after a worker dies (os._exit, OOM kill, lost node)

@@ -33,14 +33,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from surgery.engine import EngineOptions, RunResult, run_fingerprint, side_files, start_run, write_shard
+# _Run and _side_files: the engine's own run state and side files, reused rather than re-implemented.
+from surgery.engine import EngineOptions, Prepared, RunResult, _Run, _side_files, run_fingerprint
 from surgery.errors import OutputError, RecipeError
 from surgery.files import LOCK, STAGING
 from surgery.inputs import InputOptions
 from surgery.output import check_output_folder, open_output
+from surgery.patch import patch_layout
 from surgery.plan import Plan, build_plan, input_paths
 from surgery.recipe import load_recipe
-from surgery.writer import JOURNAL, STATE, publish
+from surgery.writer import JOURNAL, STATE, Layout, ShardWriter, publish
 
 STAGES = "stages"  # staging subfolder: results of reduce stages
 SHARDS = "shards"  # staging subfolder: complete output shards
@@ -71,6 +73,65 @@ class Share:
 
     def __str__(self) -> str:
         return f"{self.index}-of-{self.count}"
+
+
+# -- the engine's pieces for a run shared by processes ------------------------------------------------
+@dataclass(frozen=True)
+class SharedRun:
+    """A prepared run whose output shards are written one by one, possibly by other processes."""
+
+    run: _Run
+    prepared: Prepared
+    layout: Layout
+
+
+def start_run(plan: Plan, options: EngineOptions, stage_map: Callable | None = None) -> SharedRun:
+    """The reduce passes of ``plan``, with ``stage_map(fn, items)`` (which must return
+    ``[fn(x) for x in items]`` in item order, wherever it computes them) in place of the threads."""
+    if plan.recipe.spec.base_hashes is not None:
+        raise RecipeError(
+            f"{plan.recipe.spec.name} checks its inputs tensor by tensor across the whole model, so it "
+            "cannot be split by output shard",
+            hint="run it in one process (without --shards / --ray)",
+        )
+    run = _Run(plan, options, None)
+    if stage_map is not None:
+        # The engine's documented seam: its whole-model passes map their items through
+        # ``run.parallel``; shadowing it on this instance sends them to the stage map. Jobs then run
+        # on this process's threads again (the method, once the shadow is gone).
+        run.parallel = stage_map
+    try:
+        prepared = run.prepare()
+    finally:
+        run.__dict__.pop("parallel", None)
+    return SharedRun(run, prepared, plan.layout or patch_layout(prepared.counts, plan.recipe.max_shard_size))
+
+
+def write_shard(shared: SharedRun, shard_dir: Path, filename: str) -> None:
+    """Every tensor of output shard ``filename``, written whole into ``shard_dir`` (ShardWriter)."""
+    run, where = shared.run, {n: s.filename for s in shared.layout.shards for n in s.offsets}
+    writer = ShardWriter(shared.layout, filename, shard_dir)
+    try:
+        run.prepared, run.writer = shared.prepared, writer
+        jobs = []
+        for job in shared.run.plan.jobs:
+            files = {where[n] for n in run.outputs(job)}
+            if len(files) > 1:
+                raise RecipeError(
+                    f"tensor {job.name!r} has outputs in several shards, so the run cannot be split",
+                    hint="raise --max-shard-size, or run it in one process",
+                )
+            if files == {filename}:
+                jobs.append(job)
+        run.parallel(run.run_job, sorted(jobs, key=lambda j: -j.numel))
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def side_files(shared: SharedRun) -> dict[str, bytes]:
+    return _side_files(shared.run.plan, shared.prepared, {}, shared.layout)[0]
 
 
 def write_atomic(path: Path, data: bytes) -> None:

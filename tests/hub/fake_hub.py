@@ -10,12 +10,13 @@ It implements what huggingface_hub 2.4 calls with Xet disabled (``HF_HUB_DISABLE
   ``GET /api/models/{repo}/tree/{rev}`` (the listing ``snapshot_download`` filters), and
   ``HEAD``/``GET /{repo}/resolve/{rev}/{path}`` with ``X-Repo-Commit``, ``ETag``, ``Content-Length`` and, for
   LFS files, ``X-Linked-Etag``/``X-Linked-Size``; ``Range: bytes=A-[B]`` requests (resumed downloads,
-  streamed reads) answer 206 with ``Content-Range`` and are logged in ``FakeHub.ranges``.
+  streamed reads) answer 206 with ``Content-Range``; ``FakeHub.range_log`` keeps (repo, file, Range).
 
 Errors carry the headers the client maps to its exception types (``X-Error-Code: RepoNotFound``,
 ``RevisionNotFound``, ``EntryNotFound``, ``GatedRepo``). Failure injection (``FakeHub.faults``):
 ``upload_500`` (the next N LFS PUTs answer 500), ``drop`` ({path: N}: the next N GETs of that file send the
 headers and ``drop_after`` body bytes, then close the connection), ``reject_token`` (every request: 401).
+``ranges`` records the ``Range`` header of every file GET (to check that a retry resumes).
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ class FakeHub:
         self.blobs: dict[str, bytes] = {}  # LFS objects by sha256
         self.faults: dict = {"upload_500": 0, "drop": {}, "drop_after": 0, "reject_token": False}
         self.log: list[tuple[str, str]] = []  # (method, path) of every request
-        self.ranges: list[tuple[str, str, str | None]] = []  # (repo, file, Range header) of file GETs
+        self.ranges: list[tuple[str, str | None]] = []  # (file path, Range header) of every file GET
+        self.range_log: list[tuple[str, str, str | None]] = []  # (repo, file, Range) of file GETs
         self.seen_headers: list[str] = []  # every request header line, to check what the client sends
         self.yaml_checked: list[str] = []
         self.lock = threading.Lock()
@@ -445,7 +447,8 @@ class _Handler(BaseHTTPRequestHandler):
         status = 200
         m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
         with self.state.lock:
-            self.state.ranges.append((repo_id, path, self.headers.get("Range")))
+            self.state.ranges.append((path, self.headers.get("Range")))
+            self.state.range_log.append((repo_id, path, self.headers.get("Range")))
         if m:
             start, status = int(m.group(1)), 206
             end = min(len(data), int(m.group(2)) + 1) if m.group(2) else len(data)

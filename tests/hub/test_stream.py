@@ -88,7 +88,7 @@ def _requests(fake_hub) -> dict[tuple[str, str], list[tuple[int, int]]]:
     """Byte ranges [start, end) asked of each (repo, weight file), in order; fails on a GET of a whole
     weight file (no Range header)."""
     out: dict[tuple[str, str], list[tuple[int, int]]] = {}
-    for repo_id, path, rng in fake_hub.ranges:
+    for repo_id, path, rng in fake_hub.range_log:
         if path.endswith(".safetensors"):
             assert rng is not None, f"{repo_id}/{path} was downloaded whole"
             start, end = (int(x) for x in rng[len("bytes=") :].split("-"))
@@ -149,7 +149,7 @@ def test_stream_matches_local_and_counts_requests(tmp_path, seeded, fake_hub, st
     assert result["hf_cache_weights"] == []  # nothing downloaded whole into the Hugging Face cache
     # The same run again (e.g. a resume or another method on the same inputs) reuses the range cache.
     if method != "task_arithmetic":
-        fake_hub.ranges.clear()
+        fake_hub.range_log.clear()
         again = stream_child("child_stream", tmp_path / "out2", method, params, tmp_path / "ranges")
         assert again["stats"]["data_requests"] == 0 and again["stats"]["header_requests"] == 4
         assert _weights(tmp_path / "out2") == _weights(local)

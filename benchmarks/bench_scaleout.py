@@ -34,9 +34,10 @@ CLI = [sys.executable, "-m", "surgery_cli.main"]
 
 
 def digest(folder: Path) -> dict[str, str]:
-    return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()
-    }
+    """Hashes of the weights, index and config (the recipe and card name the inputs as given: Hub ids
+    for the streamed runs, paths for the others)."""
+    names = [p for p in sorted(folder.iterdir()) if p.suffix in (".safetensors", ".json")]
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in names}
 
 
 def run(cmd: list[str], env: dict | None = None) -> tuple[float, str]:

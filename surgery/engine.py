@@ -239,7 +239,7 @@ class _Run:
         todo.sort(key=lambda j: -j.numel)  # big tensors first balance the workers
         self.parallel(self.run_job, todo)
         if self.nonfinite:
-            self._raise_nonfinite()
+            _raise_nonfinite(self)
         return self.hashes
 
     def run_job(self, job: TensorJob) -> None:
@@ -257,7 +257,7 @@ class _Run:
                 _scatter(self, job)
             case _:
                 raise AssertionError(f"unknown job kind {job.kind!r}")
-        bad = self._nonfinite_from_finite(job, self.local.nonfinite)
+        bad = _nonfinite_from_finite(self, job, self.local.nonfinite)
         with self.lock:
             if bad:  # not journaled: a re-run computes (and checks) it again
                 self.nonfinite[job.name] = bad
@@ -341,35 +341,6 @@ class _Run:
         self.backend.encode(out, job.out_dtype, raw)
         self.local.nonfinite += self.backend.nonfinite(raw, job.out_dtype)
         return raw
-
-    def _nonfinite_from_finite(self, job: TensorJob, bad: int) -> int:
-        """``bad`` when a job wrote inf / NaN although every input value it read was finite, else 0.
-        The inputs are read a second time only then (never for a healthy tensor); the verdict is per
-        tensor, so it does not depend on chunking or threads."""
-        if bad == 0 or self.options.allow_nonfinite:
-            return 0
-        if job.kind == "scatter":  # the patch's own values are inputs too (sparse: read whole)
-            if not np.isfinite(self.plan.inputs[1].read(job.name + VALUES)).all():
-                return 0
-        stream = self.stream(job)
-        n_inputs = None if job.kind in ("dense", "update") else 1  # keep_base, scatter: the base only
-        for start, count in stream.ranges:
-            if self.backend.nonfinite(stream.load(start, count, None, n_inputs), "F32"):
-                return 0  # an input already held inf / NaN: not ours to refuse
-        return bad
-
-    def _raise_nonfinite(self) -> None:
-        order = [j.name for j in self.plan.jobs if j.name in self.nonfinite]
-        first, n = order[0], self.nonfinite[order[0]]
-        others = f" (and {len(order) - 1} more tensors)" if len(order) > 1 else ""
-        raise NonFiniteOutputError(
-            f"tensor {first!r} came out with {n:,} non-finite values (inf or NaN) although every "
-            f"input value was finite{others}",
-            hint="weights or scales that (nearly) cancel or blow up cause this, and so does a cast "
-            "to float16 of values above 65504 (try --dtype bfloat16 or float32); pass "
-            "--allow-nonfinite to write such values anyway",
-            tensors=order,
-        )
 
     def zeros(self, count: int) -> np.ndarray:
         """A float32 base of zeros: the combine kernels then yield the merged update itself."""
@@ -469,6 +440,38 @@ class _Run:
         if totals[1] == 0.0:
             return 1.0  # the merge changes nothing: any alpha gives the base
         return float(totals[0] / (self.n_models * totals[1]))
+
+
+# -- the finiteness check -------------------------------------------------------------------------
+def _nonfinite_from_finite(run: _Run, job: TensorJob, bad: int) -> int:
+    """``bad`` when a job wrote inf / NaN although every input value it read was finite, else 0.
+    The inputs are read a second time only then (never for a healthy tensor); the verdict is per
+    tensor, so it does not depend on chunking or threads."""
+    if bad == 0 or run.options.allow_nonfinite:
+        return 0
+    if job.kind == "scatter":  # the patch's own values are inputs too (sparse: read whole)
+        if not np.isfinite(run.plan.inputs[1].read(job.name + VALUES)).all():
+            return 0
+    stream = run.stream(job)
+    n_inputs = None if job.kind in ("dense", "update") else 1  # keep_base, scatter: the base only
+    for start, count in stream.ranges:
+        if run.backend.nonfinite(stream.load(start, count, None, n_inputs), "F32"):
+            return 0  # an input already held inf / NaN: not ours to refuse
+    return bad
+
+
+def _raise_nonfinite(run: _Run) -> None:
+    order = [j.name for j in run.plan.jobs if j.name in run.nonfinite]
+    first, n = order[0], run.nonfinite[order[0]]
+    others = f" (and {len(order) - 1} more tensors)" if len(order) > 1 else ""
+    raise NonFiniteOutputError(
+        f"tensor {first!r} came out with {n:,} non-finite values (inf or NaN) although every "
+        f"input value was finite{others}",
+        hint="weights or scales that (nearly) cancel or blow up cause this, and so does a cast "
+        "to float16 of values above 65504 (try --dtype bfloat16 or float32); pass "
+        "--allow-nonfinite to write such values anyway",
+        tensors=order,
+    )
 
 
 # -- job writers: one per job kind ------------------------------------------------------------------

@@ -205,7 +205,8 @@ def execute_on_ray(
         shared = start_run(plan, options, stage_map=stages)
         shard_dir = staging / SHARDS
         todo = [s.filename for s in shared.layout.shards if not (shard_dir / s.filename).is_file()]
-        task = ray.remote(num_cpus=1, max_retries=RETRIES)(shard_fn)
+        # SPREAD: shard tasks are I/O-bound, so spreading them uses every node's disk and network.
+        task = ray.remote(num_cpus=1, max_retries=RETRIES, scheduling_strategy="SPREAD")(shard_fn)
         known = ray.put(stages.known)
         _gather(ray, [task.remote(spec, known, filename) for filename in todo])
         publish(out, shared.layout, shard_dir, side_files(shared))

@@ -169,6 +169,7 @@ def two_node_child(ft1: str, ft2: str, base: str, out: str, temp: str) -> None:
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     method, params, lines = CASES["ties_global_lines"]
     recipe = make_recipe(method, [ft1, ft2], base, params, None, SHARD_SIZE, lines)

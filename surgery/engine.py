@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +166,15 @@ def _side_files(
     return side, tuple(warnings), diff
 
 
+def with_prepared_params(plan: Plan) -> Plan:
+    """Run the method's one-off preparation (a calibration pass) and add its parameters to every job."""
+    prepare = plan.recipe.spec.prepare
+    if prepare is None:
+        return plan
+    extra = prepare(plan.recipe)
+    return replace(plan, jobs=[replace(j, params={**j.params, **extra}) for j in plan.jobs])
+
+
 # -- one run ---------------------------------------------------------------------------------------
 class _Run:
     """Orchestration state of one run: options, backend, the stop flag and lock shared by the
@@ -204,6 +213,7 @@ class _Run:
         if self.spec.combine.whole_matrix:  # refuse a matrix over the budget before writing anything
             for job in jobs:
                 self.stream(job)
+        self.plan = with_prepared_params(self.plan)
         self.prepared = Prepared(bands, {}, None)
         lines = None
         if self.lines is not None:
@@ -314,13 +324,9 @@ class _Run:
     # -- streams and chunks -------------------------------------------------------------------------
     def stream(self, job: TensorJob) -> TensorStream:
         sparsify = self.spec.sparsify
-        per_row = (
-            job.kind in MERGED
-            and sparsify is not None
-            and sparsify.needs_ranks
-            and job.params.get("granularity") == "per_row"
-        )
-        whole = job.kind in ("dense", "update") and self.spec.combine.whole_matrix
+        ranked = job.kind in MERGED and sparsify is not None and sparsify.needs_ranks
+        per_row = ranked and job.params.get("granularity") == "per_row"
+        whole = job.kind in ("dense", "update") and self.spec.combine.wants_whole(job.name, job.shape)
         ranges = chunk_ranges(job, self.share, self.n_models, per_row, self.options.min_chunk, whole)
         uses_tau = self.plan.has_base and self.spec.combine.uses_tau
         tau_from = self.spec.tau_from if uses_tau else None
@@ -393,7 +399,7 @@ class _Run:
         models = dec[1:] if self.plan.has_base else dec
         shape = job.shape if count == job.numel else (count,)
         if not spec.combine.adds_update:
-            spec.combine.apply(be, Operands(dec, models, tau, dec[0], shape), coeffs, None, out)
+            spec.combine.apply(be, Operands(dec, models, tau, dec[0], shape, job), coeffs, None, out)
             if lam != 1.0:  # LiNeS on an interpolation: b + lambda * (out - b)
                 be.rescale_update(dec[0], out, np.float32(lam))
             return out
@@ -408,7 +414,7 @@ class _Run:
                 )
         scale = np.float32(float(job.params.get("scale", 1.0)) * lam)  # one rounding of scale * lambda
         base = self.zeros(count) if zero_base else dec[0]
-        spec.combine.apply(be, Operands(dec, models, tau, base, shape), coeffs, scale, out)
+        spec.combine.apply(be, Operands(dec, models, tau, base, shape, job), coeffs, scale, out)
         return out
 
     # -- LiNeS --------------------------------------------------------------------------------------

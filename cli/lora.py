@@ -99,15 +99,20 @@ def lora_rule(ctx: click.Context, as_lora: bool, engine: dict):
 
 def write_as_lora(recipe, rule, dtype: str | None, output: Path, max_memory: str, threads: int | None,
                   device: str, dry_run: bool, overwrite: bool, quiet: bool, allow_nonfinite: bool = False,
-                  push_to_hub: str | None = None, private: bool = False,
-                  revision: str | None = None) -> None:  # fmt: skip
+                  push_to_hub: str | None = None, private: bool = False, revision: str | None = None,
+                  stream: bool = False, range_cache: Path | None = None, share: str | None = None,
+                  ray_address: str | None = None) -> None:  # fmt: skip
     """Run the merge and write its adapter; print the extraction table."""
     from surgery_cli.hub import push_after_run
 
     from surgery.adapters.as_lora import merge_as_lora
     from surgery.engine import EngineOptions
+    from surgery.errors import RecipeError
     from surgery.recipe import parse_size
 
+    if stream or range_cache or share or ray_address:
+        raise RecipeError("--as-lora runs the merge locally: --stream, --range-cache, --share and --ray "
+                          "do not apply", hint="drop them, or merge first and run extract-lora")  # fmt: skip
     options = EngineOptions(
         parse_size(max_memory), threads, device, overwrite, allow_nonfinite=allow_nonfinite
     )

@@ -56,6 +56,11 @@ class AdapterCheckpoint:
         return self.base.root
 
     @property
+    def io(self):
+        """How tensor bytes are read (local files or ranges): the base's (adapters are downloaded)."""
+        return self.base.io
+
+    @property
     def files(self) -> tuple[Path, ...]:
         return self.base.files + self.adapter.files
 

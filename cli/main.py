@@ -422,7 +422,7 @@ def graft(ctx: click.Context, base: str, finetuned: str, density: float, region,
 @engine_options
 @click.pass_context
 def run(ctx: click.Context, recipe_file: Path, **engine) -> None:
-    """Run a recipe YAML file (e.g. an output's surgery_recipe.yaml).
+    """Run a recipe YAML file (e.g. an output's surgery_recipe.yaml) or a mergekit config.
 
     \b
     Schema:
@@ -432,10 +432,26 @@ def run(ctx: click.Context, recipe_file: Path, **engine) -> None:
       models: [path/a, path/b]
       parameters: {density: 0.1, outliers: 0.01, granularity: per_tensor, scale: 1.0}
       output: {dtype: null, max_shard_size: 5GB}
+    A file with `merge_method:` is read as a mergekit config (see `surgery convert`).
     """
-    from surgery.recipe import load_recipe
+    from surgery.mergekit.load import load_any
 
-    run_recipe(ctx, load_recipe(recipe_file), **engine)
+    recipe, notes = load_any(recipe_file)
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+    run_recipe(ctx, recipe, **engine)
+
+
+@cli.command()
+@click.argument("config_file", type=click.Path(path_type=Path))
+def convert(config_file: Path) -> None:
+    """Print the surgery recipe equivalent to a mergekit config (or why there is none yet)."""
+    from surgery.mergekit.load import convert_file
+
+    converted = convert_file(config_file)
+    for note in converted.notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(converted.recipe.to_yaml(), nl=False)
 
 
 @cli.command()

@@ -75,3 +75,11 @@ def layer_map(names: list[str], config: dict | None = None) -> LayerMap:
         return layer_map(names, config["text_config"])
     unknown = tuple(sorted(n for n, p in placements.items() if p.position == "unknown"))
     return LayerMap(placements, (max(blocks) + 1) if blocks else 0, unknown, config_layers)
+
+
+def with_block(name: str, index: int) -> str:
+    """The same tensor in block ``index``: ``model.layers.5.mlp.w`` -> ``model.layers.2.mlp.w``."""
+    m = _BLOCK.search(name)
+    if m is None:
+        raise ValueError(f"{name!r} is not inside a block")
+    return name[: m.start(1)] + str(index) + name[m.end(1) :]

@@ -220,19 +220,28 @@ def _check_weights(where: str, value: object, n_models: int) -> list[float]:
     return weights
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe YAML file."""
+def read_yaml(path: str | Path) -> object:
+    """A YAML file's content; errors name the file."""
     import yaml
 
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except FileNotFoundError:
         from surgery.errors import InputNotFoundError
 
         raise InputNotFoundError(f"recipe not found: {path}", path=str(path)) from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path} is not valid YAML: {exc}") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe YAML file."""
+    return recipe_from_dict(read_yaml(path), Path(path))
+
+
+def recipe_from_dict(data: object, path: Path) -> Recipe:
+    """Validate a loaded recipe (``path`` names it in errors)."""
     if not isinstance(data, dict) or "method" not in data or "models" not in data:
         raise RecipeError(
             f"{path} is not a surgery recipe (needs at least 'method' and 'models')",

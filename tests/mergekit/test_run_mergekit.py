@@ -1,0 +1,321 @@
+"""`surgery run CONFIG.yml` on mergekit configs, checked against mergekit's math written out here.
+
+Tiny Llama models built from a config (no download), float32, four blocks. The reference below is
+mergekit 0.1.5's generalized task arithmetic and linear merge re-derived from its documented
+semantics (weights applied before TIES election, ``normalize`` dividing by the sum of weights, top-k
+by a full sort of |delta|), in torch on whole tensors. Float32 inputs: within 1e-5 relative.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.test_e2e_transformers import load_state
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("mk")
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+    )  # fmt: skip
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        base = transformers.AutoModelForCausalLM.from_config(config).eval()
+    paths = {"base": root / "base"}
+    base.save_pretrained(paths["base"])
+    for i in (1, 2, 3):
+        ft = copy.deepcopy(base)
+        g = torch.Generator().manual_seed(10 + i)
+        with torch.no_grad():
+            for p in ft.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=g))
+        paths[f"ft{i}"] = root / f"ft{i}"
+        ft.save_pretrained(paths[f"ft{i}"])
+    return paths
+
+
+def write_config(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "merge.yml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# -- mergekit's math, re-derived ---------------------------------------------------------------------
+def magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
+    if density >= 1:
+        return delta
+    k = max(1, int(density * delta.numel()))
+    order = torch.sort(delta.abs().flatten(), descending=True, stable=True).indices
+    mask = torch.zeros(delta.numel())
+    mask[order[:k]] = 1
+    return delta * mask.reshape(delta.shape)
+
+
+def outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    keep, top = int(density * n), int(gamma * n)
+    order = torch.sort(delta.abs().flatten(), descending=True, stable=True).indices
+    mask = torch.zeros(n)
+    mask[order[top : top + keep]] = 1
+    return delta * mask.reshape(delta.shape)
+
+
+def gta(base, models, weights, *, sparsify=None, consensus=False, normalize=False, lam=1.0):
+    deltas = torch.stack([sparsify(m - base) if sparsify else m - base for m in models])
+    w = torch.tensor(weights).reshape(-1, *([1] * base.dim()))
+    deltas = deltas * w
+    if consensus:
+        majority = torch.where(deltas.sum(0) >= 0, 1.0, -1.0)
+        mask = (deltas.sign() == majority).float()
+        mixed, divisor = (deltas * mask).sum(0), (w * mask).sum(0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed, divisor = deltas.sum(0), w.sum(0).expand_as(base).clone()
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed = mixed / divisor
+    return base + lam * mixed
+
+
+def check(out: Path, expect) -> None:
+    got = load_state(out)
+    states = {}
+    for name, tensor in got.items():
+        want = expect(name, states)
+        assert tensor.dtype == want.dtype, name
+        torch.testing.assert_close(tensor, want, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def states_of(family, *keys):
+    return [load_state(family[k]) for k in keys]
+
+
+# -- methods -----------------------------------------------------------------------------------------
+def test_task_arithmetic_with_weights_lambda_and_normalize(family, invoke, tmp_path):
+    cfg = write_config(
+        tmp_path,
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(family["base"]),
+            "models": [
+                {"model": str(family["ft1"]), "parameters": {"weight": 0.7}},
+                {"model": str(family["ft2"]), "parameters": {"weight": 0.2}},
+            ],
+            "parameters": {"normalize": True, "lambda": 1.3},
+            "dtype": "float32",
+        },
+    )
+    result = invoke("run", cfg, "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    b, f1, f2 = states_of(family, "base", "ft1", "ft2")
+    check(tmp_path / "out", lambda n, _: gta(b[n], [f1[n], f2[n]], [0.7, 0.2], normalize=True, lam=1.3))
+    recipe = yaml.safe_load((tmp_path / "out" / "surgery_recipe.yaml").read_text())
+    assert recipe["method"] == "task_arithmetic"
+    assert recipe["parameters"]["weights"] == pytest.approx([0.7 / 0.9, 0.2 / 0.9])
+
+
+def test_ties_equal_weights_and_density(family, invoke, tmp_path):
+    cfg = write_config(
+        tmp_path,
+        {
+            "merge_method": "ties",
+            "base_model": str(family["base"]),
+            "models": [{"model": str(family[k])} for k in ("ft1", "ft2", "ft3")],
+            "parameters": {"weight": 0.5, "density": 0.5},
+        },
+    )
+    result = invoke("run", cfg, "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    b, *fs = states_of(family, "base", "ft1", "ft2", "ft3")
+    check(
+        tmp_path / "out",
+        lambda n, _: gta(
+            b[n],
+            [f[n] for f in fs],
+            [0.5] * 3,
+            sparsify=lambda d: magnitude(d, 0.5),
+            consensus=True,
+            normalize=True,
+        ),
+    )
+
+
+def test_breadcrumbs_density_and_gamma(family, invoke, tmp_path):
+    cfg = write_config(
+        tmp_path,
+        {
+            "merge_method": "breadcrumbs",
+            "base_model": str(family["base"]),
+            "models": [
+                {"model": str(family[k]), "parameters": {"weight": w}}
+                for k, w in (("ft1", 0.6), ("ft2", 0.4))
+            ],
+            "parameters": {"density": 0.5, "gamma": 0.125},
+        },
+    )
+    result = invoke("run", cfg, "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    b, f1, f2 = states_of(family, "base", "ft1", "ft2")
+    check(
+        tmp_path / "out",
+        lambda n, _: gta(b[n], [f1[n], f2[n]], [0.6, 0.4], sparsify=lambda d: outliers(d, 0.5, 0.125)),
+    )
+
+
+def test_breadcrumbs_default_density_keeps_everything(family, invoke, tmp_path):
+    """mergekit's breadcrumbs defaults to density 1.0, which skips the outlier removal too."""
+    cfg = write_config(
+        tmp_path,
+        {
+            "merge_method": "breadcrumbs",
+            "base_model": str(family["base"]),
+            "models": [{"model": str(family["ft1"]), "parameters": {"weight": 1.0}}],
+        },
+    )
+    result = invoke("run", cfg, "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    (f1,) = states_of(family, "ft1")
+    check(tmp_path / "out", lambda n, _: f1[n])
+
+
+def test_linear_includes_the_base_as_mergekit_does(family, invoke, tmp_path):
+    cfg = write_config(
+        tmp_path,
+        {
+            "merge_method": "linear",
+            "base_model": str(family["base"]),
+            "models": [{"model": str(family["ft1"]), "parameters": {"weight": 3.0}}],
+            "parameters": {"weight": 1.0},
+        },
+    )
+    result = invoke("run", cfg, "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    b, f1 = states_of(family, "base", "ft1")
+    check(tmp_path / "out", lambda n, _: (3.0 * f1[n] + 1.0 * b[n]) / 4.0)
+
+
+def test_dare_linear_without_rescale_keeps_the_masked_weighted_update(family, invoke, tmp_path):
+    """Random masks cannot equal mergekit's: every kept entry is w * tau exactly (no 1/p), and the
+    kept fraction matches the density."""
+    cfg = write_config(
+        tmp_path,
+        {
+            "merge_method": "dare_linear",
+            "base_model": str(family["base"]),
+            "models": [{"model": str(family["ft1"]), "parameters": {"weight": 0.8, "density": 0.3}}],
+            "parameters": {"rescale": False},
+        },
+    )
+    result = invoke("run", cfg, "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    b, f1 = states_of(family, "base", "ft1")
+    got = load_state(tmp_path / "out")
+    kept = total = 0
+    for name, out in got.items():
+        update = out - b[name]
+        on = update != 0
+        torch.testing.assert_close(update[on], 0.8 * (f1[name] - b[name])[on], rtol=1e-5, atol=1e-7)
+        kept, total = kept + int(on.sum()), total + on.numel()
+    assert abs(kept / total - 0.3) < 0.01, kept / total
+
+
+def test_passthrough_of_one_model_copies_it(family, invoke, tmp_path):
+    cfg = write_config(tmp_path, {"merge_method": "passthrough", "models": [{"model": str(family["ft2"])}]})
+    result = invoke("run", cfg, "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    (f2,) = states_of(family, "ft2")
+    check(tmp_path / "out", lambda n, _: f2[n])
+
+
+# -- convert, reproduction, refusals -----------------------------------------------------------------
+def test_convert_prints_a_recipe_that_reproduces_the_run(family, invoke, tmp_path):
+    data = {
+        "merge_method": "ties",
+        "base_model": str(family["base"]),
+        "models": [{"model": str(family[k]), "parameters": {"weight": 1.0}} for k in ("ft1", "ft2")],
+        "parameters": {"density": 0.25, "lambda": 0.9},
+        "out_dtype": "bfloat16",
+    }
+    cfg = write_config(tmp_path, data)
+    converted = invoke("convert", cfg)
+    assert converted.exit_code == 0, converted.output
+    recipe = yaml.safe_load(converted.stdout)
+    assert recipe["method"] == "ties" and recipe["output"]["dtype"] == "BF16"
+    assert recipe["parameters"]["density"] == 0.25 and recipe["parameters"]["scale"] == 0.9
+    (tmp_path / "native.yml").write_text(converted.stdout)
+    assert invoke("run", cfg, "-o", tmp_path / "a", "-q").exit_code == 0
+    assert invoke("run", tmp_path / "native.yml", "-o", tmp_path / "b", "-q").exit_code == 0
+    assert invoke("run", tmp_path / "a" / "surgery_recipe.yaml", "-o", tmp_path / "c", "-q").exit_code == 0
+    a, b, c = (load_state(tmp_path / k) for k in "abc")
+    assert all(torch.equal(a[n], b[n]) and torch.equal(a[n], c[n]) for n in a)
+    assert all(t.dtype == torch.bfloat16 for t in a.values())
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            {"merge_method": "task_arithmetic", "parameters": {"weight": [0.2, 1.0]}},
+            r"per-tensor values of 'weight' \(a gradient or filter\) is not supported yet",
+        ),
+        (
+            {"merge_method": "della", "parameters": {"weight": 1.0}},
+            "merge_method: della is not supported yet",
+        ),
+        (
+            {"merge_method": "slerp", "parameters": {"t": 0.5}},
+            "slerp.*mergekit's numerics.*not supported yet",
+        ),
+        (
+            {
+                "merge_method": "ties",
+                "parameters": {"density": 0.5, "weight": [{"filter": "mlp", "value": 2}, {"value": 1}]},
+            },
+            "per-tensor values of 'weight'",
+        ),
+        (
+            {"merge_method": "dare_ties", "parameters": {"weight": 1.0, "density": 0.5}},
+            "rescale: true.*normalize: false",
+        ),
+        (
+            {"merge_method": "ties", "parameters": {"weight": 1.0, "density": 0.5, "normalize": False}},
+            "normalize: false",
+        ),
+    ],
+)
+def test_refusals_name_the_missing_feature(family, invoke, tmp_path, data, message):
+    data = {"base_model": str(family["base"]), "models": [{"model": str(family["ft1"])}], **data}
+    cfg = write_config(tmp_path, data)
+    result = invoke("run", cfg, "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert "error: mergekit config:" in result.stderr and "hint:" in result.stderr
+    assert re.search(message, result.stderr), result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_stacking_slices_are_refused_by_name(family, invoke, tmp_path):
+    cfg = write_config(
+        tmp_path,
+        {
+            "merge_method": "passthrough",
+            "slices": [
+                {"sources": [{"model": str(family["ft1"]), "layer_range": [0, 3]}]},
+                {"sources": [{"model": str(family["ft2"]), "layer_range": [1, 4]}]},
+            ],
+        },
+    )
+    result = invoke("run", cfg, "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 1 and "slices that stack or move layers" in result.stderr

@@ -217,7 +217,7 @@ class _Runner:
                 if granularity == "global":
                     self.patch_counts[job.name] = self.global_counts[job.name]
                 else:
-                    r_hi, r_lo = band_ranks(self.params, job.numel)
+                    r_hi, r_lo = band_ranks(self._params(job), job.numel)
                     self.patch_counts[job.name] = r_lo - r_hi
 
     def run(self) -> None:
@@ -294,6 +294,10 @@ class _Runner:
             cols = self._cols(job)
             chunk = max(cols, chunk // cols * cols)
         return min(n, chunk)
+
+    def _params(self, job: TensorJob) -> dict:
+        """The recipe's parameters with this tensor's own values (per-layer schedules) on top."""
+        return self.params if not job.params else {**self.params, **job.params}
 
     def _per_row(self, job: TensorJob) -> bool:
         return (
@@ -546,7 +550,7 @@ class _Runner:
         """out = b, plus scale * v_i at every patched index i (one float32 rounding)."""
         patch = self.plan.inputs[1]
         cursor = PatchCursor(patch, job.name, job.patch_count, job.numel)
-        scale = np.float32(self.params["scale"])
+        scale = np.float32(self._params(job)["scale"])
         hasher = self._hasher(job)
         for start, count in self._ranges(job):
             dec = self._load(job, start, count, None, inputs=1)
@@ -642,7 +646,7 @@ class _Runner:
             return None
         if granularity == "global":
             return [Band(b.v_hi, b.ties_hi, b.v_lo, b.ties_lo) for b in self.global_bands[job.name]]
-        r_hi, r_lo = band_ranks(self.params, job.numel)
+        r_hi, r_lo = band_ranks(self._params(job), job.numel)
         highs = self._hist_high(ranges, chunk)
         bins = [edge_bins(highs[t], r_hi, r_lo) for t in range(self.n_models)]
         lows = self._hist_low(ranges, chunk, bins)
@@ -737,7 +741,7 @@ class _Runner:
             dec, tau = chunk(k)
             self.backend.gram_accumulate(dec if combine == "slerp" else tau, gram)
         if combine == "slerp":
-            return slerp_coefficients(gram, float(self.params["t"]))
+            return slerp_coefficients(gram, float(self._params(job)["t"]))
         return np.array([model_stock_k(gram)], np.float32)
 
     # -- apply ------------------------------------------------------------------------------------
@@ -758,11 +762,12 @@ class _Runner:
         be = self.backend
         out = self.ws.get("out", (count,), np.float32)
         combine = self.spec.combine
-        weights = np.asarray(self.params.get("weights") or [1.0] * self.n_models, np.float32)
+        params = self._params(job)
+        weights = np.asarray(params.get("weights") or [1.0] * self.n_models, np.float32)
         if combine in ("linear", "slerp", "model_stock"):
             if combine == "linear":
                 models = dec[1:] if self.plan.has_base else dec
-                w = np.asarray(self.params["weights"], np.float64)
+                w = np.asarray(params["weights"], np.float64)
                 be.combine_weighted(models, (w / w.sum()).astype(np.float32), out)
             elif combine == "slerp":
                 be.combine_weighted(dec, coeffs, out)
@@ -774,7 +779,7 @@ class _Runner:
         assert tau is not None
         if self.spec.sparsify == "band":
             if bands is None:  # per row
-                r_hi, r_lo = band_ranks(self.params, self._cols(job))
+                r_hi, r_lo = band_ranks(params, self._cols(job))
                 keys = self.ws.get("keys", (self._cols(job),), np.uint64)
                 for t in range(self.n_models):
                     be.row_band_mask(tau[t], self._cols(job), r_hi, r_lo, keys)
@@ -783,9 +788,9 @@ class _Runner:
                     be.band_mask(tau[t], b.v_hi, b.ties_hi, b.v_lo, b.ties_lo, b.seen)
         elif self.spec.sparsify == "bernoulli":
             for t in range(self.n_models):
-                key = dare_key(int(self.params["seed"]), job.name, t)
-                be.dare_mask(tau[t], float(self.params["density"]), np.uint64(key), start)
-        scale = np.float32(float(self.params.get("scale", 1.0)) * lam)  # one rounding of scale * lambda
+                key = dare_key(int(params["seed"]), job.name, t)
+                be.dare_mask(tau[t], float(params["density"]), np.uint64(key), start)
+        scale = np.float32(float(params.get("scale", 1.0)) * lam)  # one rounding of scale * lambda
         base = dec[0] if base is None else base
         if combine == "sum":
             be.combine_sum(base, tau, weights, scale, out)

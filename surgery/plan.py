@@ -45,6 +45,7 @@ class TensorJob:
     selected: bool = True  # inside the method's region (graft / patch); outside: kept as the base
     row_map: RowMap | None = None  # transfer across vocabularies: output rows by token string
     patch_count: int = 0  # apply_patch: entries of this tensor in the patch
+    params: dict | None = None  # this tensor's own parameter values (recipe.per_tensor), over the recipe's
 
     @property
     def numel(self) -> int:
@@ -233,6 +234,8 @@ def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
             hint="every input must be a fine-tune of the same architecture as the base "
             "(check with `surgery inspect`)",
         )
+    if recipe.per_tensor:
+        jobs = _with_params(jobs, recipe.per_tensor)
     if recipe.lines is not None:
         jobs = _with_depths(jobs, reference, notes)
     if "region" in recipe.parameters:
@@ -252,6 +255,18 @@ def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
     if recipe.parameters.get("tokenizer_from") == "new-base":
         tokenizer_source = reference
     return Plan(recipe, inputs, jobs, layout, config_source, notes, tokenizer_source=tokenizer_source)
+
+
+def _with_params(jobs: list[TensorJob], per_tensor: dict[str, dict]) -> list[TensorJob]:
+    """Attach each tensor's own parameter values; a name that is not a merged tensor is an error."""
+    merged = {j.name for j in jobs if j.action == "merge"}
+    stray = sorted(set(per_tensor) - merged, key=natural_key)
+    if stray:
+        raise PlanError(
+            [f"per_tensor names {n!r}, which is not a float tensor of the inputs" for n in stray],
+            hint="per_tensor keys are tensor names as `surgery inspect --layers` lists them",
+        )
+    return [replace(j, params=per_tensor.get(j.name)) for j in jobs]
 
 
 def _vocab_indexed(name: str, infos: list) -> bool:

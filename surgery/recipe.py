@@ -15,6 +15,8 @@ Schema (YAML), every field explicit in a saved recipe::
     output:
       dtype: null                  # float dtype of merged tensors; null keeps each base tensor's
       max_shard_size: 5000000000   # bytes (strings such as 5GB or 2GiB are accepted)
+    per_tensor:                    # optional: a tensor's own values (per-layer schedules, mergekit
+      model.layers.0.mlp.up_proj.weight: {scale: 0.2}   # gradients and filters, resolved)
     lines:                         # optional LiNeS on the merged update (arXiv 2410.17146)
       alpha: auto                  # number, or auto = ||sum tau||_1 / (T ||tau_merged||_1)
       beta: null                   # null = 1 - alpha
@@ -63,6 +65,7 @@ class Recipe:
     dtype: str | None = None  # safetensors float dtype name of merged tensors
     max_shard_size: int = 5 * 10**9
     lines: dict | None = None  # LiNeS schedule {alpha, beta, outside} applied to the merged update
+    per_tensor: dict[str, dict] = field(default_factory=dict)  # tensor name -> its own parameter values
 
     @property
     def spec(self) -> Method:
@@ -82,7 +85,7 @@ class Recipe:
             "parameters": dict(self.parameters),
             "lines": None if self.lines is None else dict(self.lines),
             "output": {"dtype": self.dtype, "max_shard_size": self.max_shard_size},
-        }
+        } | ({"per_tensor": {k: dict(v) for k, v in self.per_tensor.items()}} if self.per_tensor else {})
 
     def to_yaml(self) -> str:
         import yaml
@@ -99,6 +102,7 @@ def make_recipe(
     dtype: str | None = None,
     max_shard_size: int | str = 5 * 10**9,
     lines: dict | None = None,
+    per_tensor: dict[str, dict] | None = None,
 ) -> Recipe:
     """Validate and complete a recipe: method known, parameters typed and in range, defaults filled."""
     spec = get_method(method)
@@ -128,7 +132,35 @@ def make_recipe(
         recipe,
         max_shard_size=parse_size(max_shard_size),
         lines=None if schedule is None else schedule.to_dict(),
+        per_tensor=_check_per_tensor(spec, per_tensor or {}, len(models), params),
     )
+
+
+# Parameters a tensor may set for itself; the others shape the whole run (ranks over all tensors...).
+_PER_TENSOR = {"scale", "weights", "density", "outliers", "t"}
+
+
+def _check_per_tensor(spec: Method, per_tensor: object, n_models: int, params: dict) -> dict[str, dict]:
+    if not isinstance(per_tensor, dict):
+        raise RecipeError("per_tensor must map tensor names to {parameter: value}")
+    known = {p.name: p for p in spec.params}
+    out = {}
+    for name, values in per_tensor.items():
+        if not isinstance(values, dict):
+            raise RecipeError(f"per_tensor: {name} must map parameter names to values")
+        bad = sorted(k for k in values if k not in known or k not in _PER_TENSOR)
+        if bad:
+            raise RecipeError(
+                f"per_tensor: {name} sets {', '.join(bad)}, which {spec.name} cannot vary by tensor",
+                hint=f"per-tensor parameters: {', '.join(sorted(_PER_TENSOR & set(known)))}",
+            )
+        if params.get("granularity") == "global" and {"density", "outliers"} & set(values):
+            raise RecipeError(f"per_tensor: {name}: global ranks take one density for the whole model")
+        out[str(name)] = {
+            k: _check_parameter(spec, k, known[k].kind, v, known[k].choices, n_models)
+            for k, v in values.items()
+        }
+    return out
 
 
 def _absolute(source: str | Path) -> str:
@@ -249,7 +281,7 @@ def recipe_from_dict(data: object, path: Path) -> Recipe:
         )
     if data.get("version", RECIPE_VERSION) != RECIPE_VERSION:
         raise RecipeError(f"{path} has recipe version {data['version']}; this surgery reads 1")
-    extra = set(data) - {"version", "method", "base", "models", "parameters", "lines", "output"}
+    extra = set(data) - {"version", "method", "base", "models", "parameters", "lines", "output", "per_tensor"}
     if extra:
         raise RecipeError(f"{path} has unknown keys: {', '.join(sorted(extra))}")
     output = data.get("output") or {}
@@ -264,4 +296,5 @@ def recipe_from_dict(data: object, path: Path) -> Recipe:
         output.get("dtype"),
         output.get("max_shard_size", 5 * 10**9),
         data.get("lines"),
+        data.get("per_tensor"),
     )

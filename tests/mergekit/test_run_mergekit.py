@@ -239,6 +239,80 @@ def test_passthrough_of_one_model_copies_it(family, invoke, tmp_path):
     check(tmp_path / "out", lambda n, _: f2[n])
 
 
+# -- per-layer parameters ----------------------------------------------------------------------------
+def position(name: str) -> float:
+    """mergekit's t: block / (L - 1) inside the one slice of a models: config; 0 outside the blocks."""
+    m = re.search(r"layers\.(\d+)\.", name)
+    return int(m.group(1)) / 3 if m else 0.0
+
+
+def gradient(values: list[float], t: float) -> float:
+    s = t * (len(values) - 1)
+    i0 = int(s)
+    i1 = min(len(values) - 1, i0 + 1)
+    return (1 - (s - i0)) * values[i0] + (s - i0) * values[i1]
+
+
+def test_gradients_and_filters_per_tensor(family, invoke, tmp_path):
+    cfg = write_config(
+        tmp_path,
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(family["base"]),
+            "models": [
+                {"model": str(family["ft1"]), "parameters": {"weight": [0.0, 0.5, 1.0]}},
+                {"model": str(family["ft2"]), "parameters": {"weight": [{"filter": "mlp", "value": 1.0}]}},
+            ],
+            "parameters": {
+                "weight": 0.25,
+                "lambda": [{"filter": "self_attn", "value": [0.5, 1.5]}, {"value": 1.0}],
+            },
+        },
+    )
+    result = invoke("run", cfg, "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    b, f1, f2 = states_of(family, "base", "ft1", "ft2")
+
+    def expect(n, _):
+        t = position(n)
+        w2 = 1.0 if "mlp" in n else 0.25
+        lam = gradient([0.5, 1.5], t) if "self_attn" in n else 1.0
+        return gta(b[n], [f1[n], f2[n]], [gradient([0.0, 0.5, 1.0], t), w2], lam=lam)
+
+    check(tmp_path / "out", expect)
+    recipe = yaml.safe_load((tmp_path / "out" / "surgery_recipe.yaml").read_text())
+    assert recipe["per_tensor"]["model.layers.3.mlp.up_proj.weight"] == {"weights": [1.0, 1.0]}
+    # streamed in tiny chunks on 3 threads: the same bytes
+    again = invoke("run", cfg, "-o", tmp_path / "small", "-q", "--max-memory", "300B", "--threads", "3")
+    assert again.exit_code == 0, again.output
+    a, c = load_state(tmp_path / "out"), load_state(tmp_path / "small")
+    assert all(torch.equal(a[n], c[n]) for n in a)
+
+
+def test_ties_density_gradient(family, invoke, tmp_path):
+    cfg = write_config(
+        tmp_path,
+        {
+            "merge_method": "ties",
+            "base_model": str(family["base"]),
+            "models": [
+                {"model": str(family[k]), "parameters": {"weight": 0.4}} for k in ("ft1", "ft2", "ft3")
+            ],
+            "parameters": {"density": [1.0, 0.5, 0.25]},
+        },
+    )
+    result = invoke("run", cfg, "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    b, *fs = states_of(family, "base", "ft1", "ft2", "ft3")
+
+    def expect(n, _):
+        d = gradient([1.0, 0.5, 0.25], position(n))
+        trim = lambda x: magnitude(x, d)  # noqa: E731
+        return gta(b[n], [f[n] for f in fs], [0.4] * 3, sparsify=trim, consensus=True, normalize=True)
+
+    check(tmp_path / "out", expect)
+
+
 # -- convert, reproduction, refusals -----------------------------------------------------------------
 def test_convert_prints_a_recipe_that_reproduces_the_run(family, invoke, tmp_path):
     data = {
@@ -267,10 +341,6 @@ def test_convert_prints_a_recipe_that_reproduces_the_run(family, invoke, tmp_pat
     ("data", "message"),
     [
         (
-            {"merge_method": "task_arithmetic", "parameters": {"weight": [0.2, 1.0]}},
-            r"per-tensor values of 'weight' \(a gradient or filter\) is not supported yet",
-        ),
-        (
             {"merge_method": "della", "parameters": {"weight": 1.0}},
             "merge_method: della is not supported yet",
         ),
@@ -281,9 +351,13 @@ def test_convert_prints_a_recipe_that_reproduces_the_run(family, invoke, tmp_pat
         (
             {
                 "merge_method": "ties",
-                "parameters": {"density": 0.5, "weight": [{"filter": "mlp", "value": 2}, {"value": 1}]},
+                "parameters": {"density": 0.5},
+                "models": [
+                    {"model": "FT1", "parameters": {"weight": 1.0}},
+                    {"model": "FT2", "parameters": {"weight": [1.0, 2.0]}},
+                ],
             },
-            "per-tensor values of 'weight'",
+            "unequal weights with sign consensus",
         ),
         (
             {"merge_method": "dare_ties", "parameters": {"weight": 1.0, "density": 0.5}},
@@ -297,6 +371,8 @@ def test_convert_prints_a_recipe_that_reproduces_the_run(family, invoke, tmp_pat
 )
 def test_refusals_name_the_missing_feature(family, invoke, tmp_path, data, message):
     data = {"base_model": str(family["base"]), "models": [{"model": str(family["ft1"])}], **data}
+    for m in data["models"]:
+        m["model"] = str(family[m["model"].lower()]) if m["model"] in ("FT1", "FT2") else m["model"]
     cfg = write_config(tmp_path, data)
     result = invoke("run", cfg, "-o", tmp_path / "out", "-q")
     assert result.exit_code == 1

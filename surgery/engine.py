@@ -741,8 +741,9 @@ class _Runner:
             dec, tau = chunk(k)
             self.backend.gram_accumulate(dec if combine == "slerp" else tau, gram)
         if combine == "slerp":
-            return slerp_coefficients(gram, float(self._params(job)["t"]))
-        return np.array([model_stock_k(gram)], np.float32)
+            params = self._params(job)
+            return slerp_coefficients(gram, float(params["t"]), float(params["linear_above"]))
+        return np.array([model_stock_k(gram, float(self.params["cos_min"]))], np.float32)
 
     # -- apply ------------------------------------------------------------------------------------
     def _apply(

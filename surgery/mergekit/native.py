@@ -6,6 +6,7 @@ papers' (our own recipes keep the papers' semantics):
     task_arithmetic   b + lambda * sum_t w_t tau_t [/ sum_t w_t if normalize]      -> task_arithmetic
     linear            sum_t w_t f_t / sum_t w_t (the base, when named, is an input)  -> linear
     ties              TIES with mergekit's weighted election: equals ours when the weights are equal
+    slerp             linear_above 0.9995 (mergekit's threshold);  model_stock  cos_min -1 (no clamp)
     dare_linear       masks without rescale: weights w_t * density (ours divides by density)
     breadcrumbs(_ties) density >= 1 keeps everything (gamma is then ignored), as in mergekit
 
@@ -75,11 +76,12 @@ def _translate(name: str, shared: dict, per_model: dict, numel: int, reasons: li
         if per_model["scale"][0] is not None:
             reasons.append("scale")
         return "linear", {}
-    if name in ("slerp", "model_stock"):
-        reasons.append(
-            "mergekit's numerics (slerp: linear above |cos| 0.9995; model_stock: no clamp of cos to [0, 1])"
-        )
-        return name, {}
+    if name == "slerp":  # mergekit: linear above |cos| 0.9995 (ours: 1 - 1e-6)
+        return "slerp", {"t": float(shared["t"]), "linear_above": 0.9995}
+    if name == "model_stock":  # mergekit does not clamp the mean cosine to [0, 1]
+        if shared["filter_wise"]:
+            reasons.append("filter_wise: true (one Model Stock ratio per row)")
+        return "model_stock", {"cos_min": -1.0}
     return _task_arithmetic_family(name, shared, per_model, numel, reasons)
 
 

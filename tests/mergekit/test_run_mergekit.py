@@ -9,6 +9,7 @@ by a full sort of |delta|), in torch on whole tensors. Float32 inputs: within 1e
 from __future__ import annotations
 
 import copy
+import math
 import re
 from pathlib import Path
 
@@ -313,6 +314,90 @@ def test_ties_density_gradient(family, invoke, tmp_path):
     check(tmp_path / "out", expect)
 
 
+def mk_slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """mergekit's slerp: normalised dot, linear above |cos| 0.9995."""
+    x, y = a.flatten().double(), b.flatten().double()
+    nx, ny = x.norm(), y.norm()
+    nx, ny = (nx if nx > 1e-8 else 1.0), (ny if ny > 1e-8 else 1.0)
+    dot = float(((x / nx) * (y / ny)).sum().clamp(-1, 1))
+    if abs(dot) > 0.9995:
+        return (1 - t) * a + t * b
+    theta = math.acos(dot)
+    return (math.sin((1 - t) * theta) * a + math.sin(t * theta) * b) / math.sin(theta)
+
+
+def test_gradient_slerp_example(family, invoke, tmp_path):
+    """mergekit's examples/gradient-slerp.yml, on the tiny models."""
+    cfg = write_config(
+        tmp_path,
+        {
+            "slices": [
+                {
+                    "sources": [
+                        {"model": str(family["base"]), "layer_range": [0, 4]},
+                        {"model": str(family["ft1"]), "layer_range": [0, 4]},
+                    ]
+                }
+            ],
+            "merge_method": "slerp",
+            "base_model": str(family["base"]),
+            "parameters": {
+                "t": [
+                    {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                    {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+                    {"value": 0.5},
+                ]
+            },
+            "dtype": "float32",
+        },
+    )
+    result = invoke("run", cfg, "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    b, f1 = states_of(family, "base", "ft1")
+
+    def expect(n, _):
+        knots = [0, 0.5, 0.3, 0.7, 1] if "self_attn" in n else [1, 0.5, 0.7, 0.3, 0] if "mlp" in n else [0.5]
+        return mk_slerp(gradient(knots, position(n)), b[n], f1[n]).float()
+
+    check(tmp_path / "out", expect)
+
+
+def test_slerp_threshold_is_mergekits():
+    from surgery.methods.interpolation import slerp_coefficients
+
+    cos = 0.9997  # inside mergekit's linear band, outside ours
+    gram = torch.tensor([[1.0, cos], [cos, 1.0]], dtype=torch.float64).numpy()
+    assert list(slerp_coefficients(gram, 0.3, 0.9995)) == pytest.approx([0.7, 0.3], abs=1e-7)
+    assert list(slerp_coefficients(gram, 0.3)) != pytest.approx([0.7, 0.3], abs=1e-7)
+
+
+def test_model_stock_without_the_cosine_clamp(family, invoke, tmp_path):
+    cfg = write_config(
+        tmp_path,
+        {
+            "merge_method": "model_stock",
+            "base_model": str(family["base"]),
+            "models": [{"model": str(family[k])} for k in ("ft1", "ft2", "ft3")],
+        },
+    )
+    result = invoke("run", cfg, "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    b, *fs = states_of(family, "base", "ft1", "ft2", "ft3")
+
+    def expect(n, _):
+        offsets = [(f[n] - b[n]).flatten().double() for f in fs]
+        cos = [
+            float((x * y).sum() / max(float(x.norm() * y.norm()), 1e-6))
+            for i, x in enumerate(offsets)
+            for y in offsets[i + 1 :]
+        ]
+        c = sum(cos) / len(cos)
+        k = 3 * c / (1 + 2 * c)
+        return (k * sum(f[n] for f in fs) / 3 + (1 - k) * b[n]).float()
+
+    check(tmp_path / "out", expect)
+
+
 # -- convert, reproduction, refusals -----------------------------------------------------------------
 def test_convert_prints_a_recipe_that_reproduces_the_run(family, invoke, tmp_path):
     data = {
@@ -345,8 +430,12 @@ def test_convert_prints_a_recipe_that_reproduces_the_run(family, invoke, tmp_pat
             "merge_method: della is not supported yet",
         ),
         (
-            {"merge_method": "slerp", "parameters": {"t": 0.5}},
-            "slerp.*mergekit's numerics.*not supported yet",
+            {"merge_method": "model_stock", "models": ["FT1", "FT2"], "parameters": {"filter_wise": True}},
+            r"filter_wise: true \(one Model Stock ratio per row\) is not supported yet",
+        ),
+        (
+            {"merge_method": "linear", "parameters": {"weight": 1.0, "normalize": False}},
+            "linear with normalize: false is not supported yet",
         ),
         (
             {
@@ -371,6 +460,7 @@ def test_convert_prints_a_recipe_that_reproduces_the_run(family, invoke, tmp_pat
 )
 def test_refusals_name_the_missing_feature(family, invoke, tmp_path, data, message):
     data = {"base_model": str(family["base"]), "models": [{"model": str(family["ft1"])}], **data}
+    data["models"] = [m if isinstance(m, dict) else {"model": m} for m in data["models"]]
     for m in data["models"]:
         m["model"] = str(family[m["model"].lower()]) if m["model"] in ("FT1", "FT2") else m["model"]
     cfg = write_config(tmp_path, data)

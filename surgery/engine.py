@@ -368,7 +368,9 @@ class _Runner:
     # -- one tensor -------------------------------------------------------------------------------
     def _run_job(self, job: TensorJob) -> None:
         outputs = self._outputs(job)
-        if job.action != "merge":
+        if job.action == "copy_from":
+            self._copy_from_job(job)
+        elif job.action != "merge":
             self._copy_job(job)
         elif not job.selected:
             self._keep_base_job(job)
@@ -412,6 +414,18 @@ class _Runner:
                         tensor=job.name,
                     )
             self._write(job, start, first)
+
+    def _copy_from_job(self, job: TensorJob) -> None:
+        """Layer stacking: one input's tensor under a new name, in the output dtype."""
+        ckpt, name, dtype = self.plan.inputs[job.copy_from], job.sources[0], job.in_dtypes[0]
+        for start, count in self._ranges(job):
+            raw = ckpt.read_into(name, start, self.ws.get("raw0", (count,), DTYPES[dtype].storage))
+            if dtype != job.out_dtype:
+                dec = self.backend.decode(raw, dtype, self.ws.get("out", (count,), np.float32))
+                raw = self.backend.encode(
+                    dec, job.out_dtype, self.ws.get("out_raw", (count,), DTYPES[job.out_dtype].storage)
+                )
+            self._write(job, start, raw)
 
     def _chunk_reader(self, job: TensorJob, ranges: list) -> tuple[Callable, dict]:
         """``read(k)`` -> (decoded inputs, tau) of chunk k, and its one-entry cache.

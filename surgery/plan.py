@@ -15,7 +15,7 @@ from surgery.checkpoint import Checkpoint, open_checkpoint
 from surgery.dtypes import DTYPES
 from surgery.errors import PlanError
 from surgery.methods.lines import depths
-from surgery.names import layer_map, place
+from surgery.names import layer_map, place, with_block
 from surgery.patch import patched_names, read_manifest
 from surgery.recipe import Recipe
 from surgery.vocab import RowMap, align_rows, load_vocab
@@ -46,6 +46,9 @@ class TensorJob:
     row_map: RowMap | None = None  # transfer across vocabularies: output rows by token string
     patch_count: int = 0  # apply_patch: entries of this tensor in the patch
     params: dict | None = None  # this tensor's own parameter values (recipe.per_tensor), over the recipe's
+    # "copy_from" (layer stacking): the output is input ``copy_from``'s tensor ``sources[0]``
+    sources: tuple[str, ...] | None = None
+    copy_from: int = 0
 
     @property
     def numel(self) -> int:
@@ -65,6 +68,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     resolved: dict = field(default_factory=dict)  # values settled while running (LiNeS auto alpha)
     tokenizer_source: Checkpoint | None = None  # tokenizer / chat template / generation config
+    config_updates: dict = field(default_factory=dict)  # config.json keys the plan changes (layer count)
 
     @property
     def has_base(self) -> bool:
@@ -79,6 +83,7 @@ class Plan:
         config = self.config_source.config()
         if config is None:
             return None
+        config.update(self.config_updates)
         aligned = [j.row_map for j in self.jobs if j.row_map is not None]
         if aligned and "vocab_size" in config:
             config["vocab_size"] = aligned[0].n_out
@@ -145,6 +150,8 @@ def build_plan(recipe: Recipe) -> Plan:
             inputs.append(open_checkpoint(source))
         if recipe.spec.output == "scatter":
             return _plan_scatter(recipe, inputs)
+        if recipe.spec.name == "passthrough":
+            return _plan_stack(recipe, inputs)
         return _plan(recipe, inputs)
     except BaseException:
         for ckpt in inputs:
@@ -355,6 +362,68 @@ def _plan_scatter(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
             jobs.append(TensorJob(name, "copy_base", info.shape, (info.dtype.name,), info.dtype.name))
     layout = plan_layout([OutputTensor(j.name, j.out_dtype, j.shape) for j in jobs], recipe.max_shard_size)
     return Plan(recipe, inputs, jobs, layout, target, [], tokenizer_source=patch)
+
+
+def _plan_stack(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
+    """Passthrough: copy layer ranges of the models into consecutive output blocks (renumbered);
+    embeddings from the first slice's model, final norm and head from the last slice's."""
+    maps = [layer_map(list(c.tensors), c.config()) for c in inputs]
+    slices = recipe.slices or ((0, 0, maps[0].num_blocks),)
+    problems = [
+        f"slice {i}: layers [{a}, {b}) but {inputs[m].source} has {maps[m].num_blocks} blocks"
+        for i, (m, a, b) in enumerate(slices)
+        if b > maps[m].num_blocks
+    ]
+    if problems:
+        raise PlanError(problems, hint="layer ranges are [start, end) block indices of that model")
+    picks: list[tuple[str, int, str]] = []  # (output name, input, source name)
+
+    def outside(model: int, where: tuple[str, ...]) -> None:
+        names = sorted(inputs[model].tensors, key=natural_key)
+        picks.extend((n, model, n) for n in names if maps[model].placements[n].position in where)
+
+    outside(slices[0][0], ("before",))
+    out_block = 0
+    for model, start, end in slices:
+        names = sorted(inputs[model].tensors, key=natural_key)
+        for block in range(start, end):
+            for n in names:
+                if maps[model].placements[n].block == block:
+                    picks.append((with_block(n, out_block), model, n))
+            out_block += 1
+    outside(slices[-1][0], ("after", "unknown"))
+    jobs = []
+    for out_name, model, name in picks:
+        info = inputs[model].tensors[name]
+        out_dtype = (recipe.dtype or info.dtype.name) if info.dtype.kind == "float" else info.dtype.name
+        jobs.append(TensorJob(out_name, "copy_from", info.shape, (info.dtype.name,), out_dtype,
+                              sources=(name,), copy_from=model))  # fmt: skip
+    layout = plan_layout([OutputTensor(j.name, j.out_dtype, j.shape) for j in jobs], recipe.max_shard_size)
+    first = inputs[slices[0][0]]
+    updates = _layer_count_updates(first.config(), [(inputs[m].config(), a, b) for m, a, b in slices])
+    notes = [f"layer stack: {out_block} blocks from {len(slices)} slice(s)"]
+    return Plan(recipe, inputs, jobs, layout, first, notes, tokenizer_source=first, config_updates=updates)
+
+
+def _layer_count_updates(config: dict | None, parts: list[tuple[dict | None, int, int]]) -> dict:
+    """num_hidden_layers (or the config's own key) = the stacked block count; per-layer lists such as
+    layer_types are stacked the same way."""
+    if config is None:
+        return {}
+    total = sum(b - a for _, a, b in parts)
+    updates: dict = {
+        k: total for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers") if k in config
+    }
+    for key, value in config.items():
+        if (
+            isinstance(value, list)
+            and key != "architectures"
+            and len(value) == config.get("num_hidden_layers")
+        ):
+            sources = [(c or {}).get(key) for c, _, _ in parts]
+            if all(isinstance(v, list) for v in sources):
+                updates[key] = [x for v, (_, a, b) in zip(sources, parts) for x in v[a:b]]
+    return updates
 
 
 def _with_depths(jobs: list[TensorJob], reference: Checkpoint, notes: list[str]) -> list[TensorJob]:

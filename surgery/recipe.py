@@ -66,6 +66,7 @@ class Recipe:
     max_shard_size: int = 5 * 10**9
     lines: dict | None = None  # LiNeS schedule {alpha, beta, outside} applied to the merged update
     per_tensor: dict[str, dict] = field(default_factory=dict)  # tensor name -> its own parameter values
+    slices: tuple[tuple[int, int, int], ...] = ()  # passthrough: (model index, first block, end block)
 
     @property
     def spec(self) -> Method:
@@ -77,15 +78,19 @@ class Recipe:
         return ((self.base,) if self.base else ()) + self.models
 
     def to_dict(self) -> dict:
-        return {
-            "version": RECIPE_VERSION,
-            "method": self.method,
-            "base": self.base,
-            "models": list(self.models),
-            "parameters": dict(self.parameters),
-            "lines": None if self.lines is None else dict(self.lines),
-            "output": {"dtype": self.dtype, "max_shard_size": self.max_shard_size},
-        } | ({"per_tensor": {k: dict(v) for k, v in self.per_tensor.items()}} if self.per_tensor else {})
+        return (
+            {
+                "version": RECIPE_VERSION,
+                "method": self.method,
+                "base": self.base,
+                "models": list(self.models),
+                "parameters": dict(self.parameters),
+                "lines": None if self.lines is None else dict(self.lines),
+                "output": {"dtype": self.dtype, "max_shard_size": self.max_shard_size},
+            }
+            | ({"per_tensor": {k: dict(v) for k, v in self.per_tensor.items()}} if self.per_tensor else {})
+            | ({"slices": [{"model": m, "layers": [a, b]} for m, a, b in self.slices]} if self.slices else {})
+        )
 
     def to_yaml(self) -> str:
         import yaml
@@ -103,6 +108,7 @@ def make_recipe(
     max_shard_size: int | str = 5 * 10**9,
     lines: dict | None = None,
     per_tensor: dict[str, dict] | None = None,
+    slices: list | None = None,
 ) -> Recipe:
     """Validate and complete a recipe: method known, parameters typed and in range, defaults filled."""
     spec = get_method(method)
@@ -133,7 +139,29 @@ def make_recipe(
         max_shard_size=parse_size(max_shard_size),
         lines=None if schedule is None else schedule.to_dict(),
         per_tensor=_check_per_tensor(spec, per_tensor or {}, len(models), params),
+        slices=_check_slices(spec, slices, len(models)),
     )
+
+
+def _check_slices(spec: Method, slices: list | None, n_models: int) -> tuple[tuple[int, int, int], ...]:
+    """Layer stacking: [{model: i, layers: [start, end]}, ...]; only passthrough stacks layers."""
+    if not slices:
+        if spec.name == "passthrough" and n_models != 1:
+            raise RecipeError("passthrough without slices copies one model", hint="give slices: to stack")
+        return ()
+    if spec.name != "passthrough":
+        raise RecipeError(f"method {spec.name} does not stack layers", hint="slices are for passthrough")
+    out = []
+    for i, entry in enumerate(slices):
+        try:
+            model, (start, end) = int(entry["model"]), entry["layers"]
+            start, end = int(start), int(end)
+        except (KeyError, TypeError, ValueError):
+            raise RecipeError(f"slices[{i}] must be {{model: INDEX, layers: [START, END]}}") from None
+        if not 0 <= model < n_models or not 0 <= start < end:
+            raise RecipeError(f"slices[{i}]: model {model} of {n_models}, layers [{start}, {end}) is invalid")
+        out.append((model, start, end))
+    return tuple(out)
 
 
 # Parameters a tensor may set for itself; the others shape the whole run (ranks over all tensors...).
@@ -281,7 +309,8 @@ def recipe_from_dict(data: object, path: Path) -> Recipe:
         )
     if data.get("version", RECIPE_VERSION) != RECIPE_VERSION:
         raise RecipeError(f"{path} has recipe version {data['version']}; this surgery reads 1")
-    extra = set(data) - {"version", "method", "base", "models", "parameters", "lines", "output", "per_tensor"}
+    keys = {"version", "method", "base", "models", "parameters", "lines", "output", "per_tensor", "slices"}
+    extra = set(data) - keys
     if extra:
         raise RecipeError(f"{path} has unknown keys: {', '.join(sorted(extra))}")
     output = data.get("output") or {}
@@ -297,4 +326,5 @@ def recipe_from_dict(data: object, path: Path) -> Recipe:
         output.get("max_shard_size", 5 * 10**9),
         data.get("lines"),
         data.get("per_tensor"),
+        data.get("slices"),
     )

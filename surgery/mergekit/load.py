@@ -14,7 +14,7 @@ from surgery.errors import RecipeError
 from surgery.mergekit.config import MergekitConfig, ModelRef, parse_config
 from surgery.mergekit.methods import get_mk_method, require_runnable
 from surgery.mergekit.native import native_recipe
-from surgery.mergekit.resolve import ModelInfo, TensorSpec, resolve_tensors
+from surgery.mergekit.resolve import ModelInfo, TensorSpec, normalized_slices, resolve_tensors
 from surgery.names import layer_map
 from surgery.recipe import Recipe, read_yaml, recipe_from_dict
 
@@ -70,7 +70,8 @@ def convert_config(data: dict) -> Converted:
     try:
         specs, notes = resolve_tensors(config, method, info)
         float_specs = [s for s in specs if _is_float(opened, s)]
-        recipe = native_recipe(config, method, float_specs or specs, lambda n: numels.get(n, 1))
+        slices = normalized_slices(config, method, info)
+        recipe = native_recipe(config, method, float_specs or specs, lambda n: numels.get(n, 1), slices)
     finally:
         for ckpt in opened.values():
             ckpt.close()  # type: ignore[attr-defined]

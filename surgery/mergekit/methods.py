@@ -79,7 +79,7 @@ MK_METHODS: dict[str, MkMethod] = {
         MkMethod(
             "model_stock", "model_stock", "required", (MkParam("filter_wise", "bool", False, False),), 2
         ),
-        MkMethod("passthrough", None, "ignored", (MkParam("scale", "float", True, None),), 1, 1),
+        MkMethod("passthrough", "passthrough", "ignored", (MkParam("scale", "float", True, None),), 1, 1),
         MkMethod("nearswap", None, "required", (MkParam("t", "float", False, REQUIRED),), 1, 1),
         MkMethod(
             "nuslerp",
@@ -135,6 +135,6 @@ def get_mk_method(name: str) -> MkMethod:
 
 def require_runnable(method: MkMethod) -> None:
     """Refuse a method we know but do not run yet, by name."""
-    if method.native is None and method.name != "passthrough":
-        runnable = ", ".join(n for n, m in MK_METHODS.items() if m.native or n == "passthrough")
+    if method.native is None:
+        runnable = ", ".join(n for n, m in MK_METHODS.items() if m.native)
         raise unsupported(f"merge_method: {method.name}", hint=f"these run today: {runnable}")

@@ -9,6 +9,7 @@ papers' (our own recipes keep the papers' semantics):
     slerp             linear_above 0.9995 (mergekit's threshold);  model_stock  cos_min -1 (no clamp)
     dare_linear       masks without rescale: weights w_t * density (ours divides by density)
     breadcrumbs(_ties) density >= 1 keeps everything (gamma is then ignored), as in mergekit
+    passthrough       the slices' layer ranges, stacked and renumbered              -> passthrough
 
 Per-tensor values (gradients, filters) become the recipe's ``per_tensor`` entries. Whatever has no
 exact translation yet (layer stacking, L1 rescale, ...) is listed, all reasons at once, in one
@@ -21,21 +22,28 @@ import math
 from collections.abc import Callable
 
 from surgery.errors import RecipeError
-from surgery.mergekit.config import MergekitConfig
-from surgery.mergekit.methods import MkMethod, require_runnable
+from surgery.mergekit.config import MergekitConfig, ModelRef, OutputSlice
+from surgery.mergekit.methods import MkMethod, get_mk_method, require_runnable
 from surgery.mergekit.resolve import TensorSpec
 from surgery.ranks import rank_count
 from surgery.recipe import Recipe, make_recipe
 
 
 def native_recipe(
-    config: MergekitConfig, method: MkMethod, specs: list[TensorSpec], numel: Callable[[str], int]
+    config: MergekitConfig,
+    method: MkMethod,
+    specs: list[TensorSpec],
+    numel: Callable[[str], int],
+    slices: tuple[OutputSlice, ...] = (),
 ) -> Recipe:
     """Our recipe computing what mergekit computes for this config, or an error listing why not.
 
-    Values that differ between tensors (gradients, filters) go to the recipe's ``per_tensor``."""
+    Values that differ between tensors (gradients, filters) go to the recipe's ``per_tensor``;
+    passthrough's slices become the recipe's ``slices``."""
     require_runnable(method)
     reasons: list[str] = []
+    if method.name == "passthrough":
+        return _stack(config, specs, slices, reasons)
     first = specs[0]
     if any(s.models != first.models or s.sources != (s.name,) * len(s.sources) for s in specs):
         reasons.append(
@@ -59,6 +67,27 @@ def native_recipe(
     return make_recipe(name, models, base, params, dtype, per_tensor=per_tensor)
 
 
+def _stack(
+    config: MergekitConfig, specs: list[TensorSpec], slices: tuple[OutputSlice, ...], reasons: list[str]
+) -> Recipe:
+    """passthrough: the slices' models (each once, in order of appearance) and their layer ranges."""
+    if any(s.per_model["scale"][0] is not None for s in specs):
+        reasons.append("scale")
+    if config.tokenizer_source not in (None, "base"):
+        reasons.append(f"tokenizer_source: {config.tokenizer_source}")
+    if reasons:
+        raise _refuse(get_mk_method("passthrough"), reasons)
+    models: list[ModelRef] = []
+    for s in slices:
+        if s.sources[0].model not in models:
+            models.append(s.sources[0].model)
+    stack = [
+        {"model": models.index(s.sources[0].model), "layers": list(s.sources[0].layer_range)} for s in slices
+    ]
+    dtype = config.out_dtype or config.dtype
+    return make_recipe("passthrough", [m.source for m in models], None, {}, dtype, slices=stack)
+
+
 def _refuse(method: MkMethod, reasons: list[str]) -> RecipeError:
     listed = "; ".join(dict.fromkeys(reasons))
     return RecipeError(
@@ -72,10 +101,6 @@ def _translate(name: str, shared: dict, per_model: dict, numel: int, reasons: li
         if not shared["normalize"]:
             reasons.append("normalize: false")
         return "linear", {"weights": list(per_model["weight"])}
-    if name == "passthrough":
-        if per_model["scale"][0] is not None:
-            reasons.append("scale")
-        return "linear", {}
     if name == "slerp":  # mergekit: linear above |cos| 0.9995 (ours: 1 - 1e-6)
         return "slerp", {"t": float(shared["t"]), "linear_above": 0.9995}
     if name == "model_stock":  # mergekit does not clamp the mean cosine to [0, 1]

@@ -6,6 +6,7 @@ from surgery.errors import RecipeError
 from surgery.methods.breadcrumbs import BREADCRUMBS, BREADCRUMBS_TIES
 from surgery.methods.dare import DARE, DARE_TIES
 from surgery.methods.interpolation import LINEAR, MODEL_STOCK, SLERP
+from surgery.methods.passthrough import PASSTHROUGH
 from surgery.methods.spec import Method, Param
 from surgery.methods.task_arithmetic import TASK_ARITHMETIC
 from surgery.methods.ties import TIES
@@ -23,6 +24,7 @@ METHODS: dict[str, Method] = {
         LINEAR,
         SLERP,
         MODEL_STOCK,
+        PASSTHROUGH,
         DIFF,
         PATCH,
         APPLY,

@@ -472,16 +472,61 @@ def test_refusals_name_the_missing_feature(family, invoke, tmp_path, data, messa
     assert not (tmp_path / "out").exists()
 
 
-def test_stacking_slices_are_refused_by_name(family, invoke, tmp_path):
-    cfg = write_config(
-        tmp_path,
-        {
-            "merge_method": "passthrough",
-            "slices": [
-                {"sources": [{"model": str(family["ft1"]), "layer_range": [0, 3]}]},
-                {"sources": [{"model": str(family["ft2"]), "layer_range": [1, 4]}]},
-            ],
-        },
-    )
+def stack_config(tmp_path, family, parts, **extra):
+    slices = [{"sources": [{"model": str(family[m]), "layer_range": [a, b]}]} for m, a, b in parts]
+    return write_config(tmp_path, {"merge_method": "passthrough", "slices": slices, **extra})
+
+
+def renamed(name: str, block: int) -> str:
+    return re.sub(r"layers\.\d+\.", f"layers.{block}.", name)
+
+
+def test_passthrough_slices_stack_layers(family, invoke, tmp_path):
+    """mergekit's examples/orcamini-platy-44layer.yml, on the tiny models: 3 + 3 blocks."""
+    cfg = stack_config(tmp_path, family, [("ft1", 0, 3), ("ft2", 1, 4)])
     result = invoke("run", cfg, "-o", tmp_path / "out", "-q")
-    assert result.exit_code == 1 and "slices that stack or move layers" in result.stderr
+    assert result.exit_code == 0, result.output
+    f1, f2 = states_of(family, "ft1", "ft2")
+    got = load_state(tmp_path / "out")
+    want = {
+        n: t for n, t in f1.items() if "layers." not in n and "norm.weight" != n[-11:] and "lm_head" not in n
+    }
+    for out_block, (src, block) in enumerate([(f1, 0), (f1, 1), (f1, 2), (f2, 1), (f2, 2), (f2, 3)]):
+        want |= {renamed(n, out_block): t for n, t in src.items() if f"layers.{block}." in n}
+    want |= {n: t for n, t in f2.items() if n in ("model.norm.weight", "lm_head.weight")}
+    want["model.embed_tokens.weight"] = f1["model.embed_tokens.weight"]
+    assert set(got) == set(want)
+    assert all(torch.equal(got[n], want[n]) for n in got)
+    config = yaml.safe_load((tmp_path / "out" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 6
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.num_hidden_layers == 6
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+    recipe = yaml.safe_load((tmp_path / "out" / "surgery_recipe.yaml").read_text())
+    assert recipe["method"] == "passthrough"
+    assert recipe["slices"] == [{"model": 0, "layers": [0, 3]}, {"model": 1, "layers": [1, 4]}]
+
+
+def test_self_stack_duplicates_layers_into_their_own_tensors(family, invoke, tmp_path):
+    cfg = stack_config(tmp_path, family, [("ft1", 0, 3), ("ft1", 1, 4)], dtype="float16")
+    result = invoke("run", cfg, "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    (f1,) = states_of(family, "ft1")
+    got = load_state(tmp_path / "out")
+    q = "model.layers.{}.self_attn.q_proj.weight"
+    assert torch.equal(got[q.format(1)], f1[q.format(1)].half())
+    assert torch.equal(got[q.format(3)], f1[q.format(1)].half())  # layer 1 again, as block 3
+    assert all(t.dtype == torch.float16 for t in got.values())
+    again = invoke("run", tmp_path / "out" / "surgery_recipe.yaml", "-o", tmp_path / "again", "-q")
+    assert again.exit_code == 0, again.output
+    assert all(torch.equal(got[n], t) for n, t in load_state(tmp_path / "again").items())
+
+
+def test_passthrough_scale_and_bad_ranges_are_refused(family, invoke, tmp_path):
+    cfg = stack_config(tmp_path, family, [("ft1", 0, 3)], parameters={"scale": 0.5})
+    result = invoke("run", cfg, "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 1 and "passthrough with scale is not supported yet" in result.stderr
+    cfg = stack_config(tmp_path, family, [("ft1", 0, 6)])
+    result = invoke("run", cfg, "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 1 and "has no layer 4" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -7,7 +7,8 @@ from pathlib import Path
 import yaml
 
 from surgery.errors import InputNotFoundError, RecipeError
-from surgery.hub import CARD_NAME, HubRef, hub_ref, resolve
+from surgery.files import CARD
+from surgery.hub import HubRef, hub_ref, resolve
 from surgery.methods.lines import PAPER as LINES_PAPER
 
 
@@ -37,7 +38,7 @@ def base_from_cards(models: list[str]) -> str:
     for model in models:
         root = resolve(model)  # a Hub fine-tune: its card comes with it
         folder = root if root.is_dir() else root.parent
-        base = front_matter(folder / "README.md").get("base_model")
+        base = front_matter(folder / CARD).get("base_model")
         if isinstance(base, list) and len(base) == 1:
             base = base[0]
         if not isinstance(base, str) or not base:
@@ -188,10 +189,10 @@ def _cached_card(source: str) -> Path | None:
     ref = hub_ref(source)
     if ref is None:
         path = Path(source).expanduser()
-        return (path if path.is_dir() else path.parent) / CARD_NAME
+        return (path if path.is_dir() else path.parent) / CARD
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
-    found = try_to_load_from_cache(ref.repo_id, CARD_NAME, revision=ref.revision)
+    found = try_to_load_from_cache(ref.repo_id, CARD, revision=ref.revision)
     return Path(found) if isinstance(found, str) else None

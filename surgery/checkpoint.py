@@ -20,11 +20,10 @@ import numpy as np
 
 from surgery.dtypes import DTYPES, DType
 from surgery.errors import CorruptCheckpointError, InputNotFoundError, MissingTensorError
+from surgery.files import CONFIG, INDEX, SINGLE
 from surgery.hub import resolve
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own cap
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -129,7 +128,7 @@ class Checkpoint:
         return sum(t.numel for t in self.tensors.values())
 
     def config(self) -> dict | None:
-        path = self.root / "config.json"
+        path = self.root / CONFIG
         if not path.is_file():
             return None
         try:
@@ -163,7 +162,7 @@ def open_checkpoint(source: str | os.PathLike) -> Checkpoint:
 
 
 def _open_folder(text: str, root: Path) -> Checkpoint:
-    index_path = root / INDEX_NAME
+    index_path = root / INDEX
     if index_path.is_file():
         weight_map = _read_index(index_path)
         by_file: dict[str, list[str]] = {}
@@ -187,14 +186,14 @@ def _open_folder(text: str, root: Path) -> Checkpoint:
                     )
                 tensors[name] = found[name]
         return Checkpoint(text, root, tuple(files), tensors, metadata)
-    single = root / SINGLE_NAME
+    single = root / SINGLE
     if single.is_file():
         tensors, metadata = _read_file(single)
         return Checkpoint(text, root, (single,), tensors, metadata)
     shards = sorted(root.glob("*.safetensors"))
     if len(shards) > 1:
         raise CorruptCheckpointError(
-            f"{root} holds {len(shards)} .safetensors files but no {INDEX_NAME}",
+            f"{root} holds {len(shards)} .safetensors files but no {INDEX}",
             hint="restore the index file, or name one .safetensors file directly",
             path=str(root),
         )

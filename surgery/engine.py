@@ -27,11 +27,12 @@ import numpy as np
 
 from surgery.dtypes import DTYPES
 from surgery.errors import IncompatibleTensorsError, RecipeError, SurgeryError
+from surgery.files import CARD, MANIFEST, RECIPE
 from surgery.kernels import Backend, get_backend
 from surgery.methods.dare import dare_key
 from surgery.methods.interpolation import model_stock_k, slerp_coefficients
 from surgery.methods.lines import make_schedule
-from surgery.patch import INDICES, MANIFEST, VALUES, PatchCursor, patch_layout, read_manifest
+from surgery.patch import INDICES, VALUES, PatchCursor, patch_layout, read_manifest
 from surgery.plan import Plan, TensorJob, build_plan, input_paths
 from surgery.ranks import (
     HIST,
@@ -43,7 +44,7 @@ from surgery.ranks import (
     sparse,
     threshold_from_hists,
 )
-from surgery.recipe import RECIPE_NAME, Recipe
+from surgery.recipe import Recipe
 from surgery.vocab import CARRY
 from surgery.writer import CheckpointWriter, check_output_folder, fingerprint_of, prepare_output
 
@@ -128,12 +129,12 @@ def execute(
             progress(sum(plan.layout.tensors[n].nbytes for n in writer.done), None)
         runner.run()
         side = plan.side_files()
-        side[RECIPE_NAME] = plan.recipe.to_yaml().encode()
+        side[RECIPE] = plan.recipe.to_yaml().encode()
         manifest = runner.manifest()
         if manifest is not None:
             side[MANIFEST] = (json.dumps(manifest, indent=2) + "\n").encode()
         if card is not None:
-            side["README.md"] = card(plan).encode()
+            side[CARD] = card(plan).encode()
         writer.finalize(side)
     finally:
         writer.close()

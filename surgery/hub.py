@@ -20,12 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from surgery.errors import InputNotFoundError, OutputError, SurgeryError
+from surgery.files import CARD, CONFIG, INDEX, MANIFEST, RECIPE, SIDE_FILES, SINGLE, STAGING
 
-INDEX_NAME = "model.safetensors.index.json"
-CARD_NAME = "README.md"
-# Read beside the weights (tokenizer and chat-template files come from surgery.plan.SIDE_FILES).
-EXTRA_FILES = ("config.json", INDEX_NAME, CARD_NAME, "surgery_diff.json", "generation_config.json")
-STAGING = ".surgery-partial"  # surgery.writer.STAGING: a folder holding it is an unfinished run
+# Read beside the weights, with the tokenizer and chat-template files of SIDE_FILES.
+EXTRA_FILES = (CONFIG, INDEX, CARD, MANIFEST)
 _PART = r"[\w](?:[\w.-]{0,94}[\w])?"  # a namespace or name, as huggingface_hub.utils.validate_repo_id
 _HUB_ID = re.compile(rf"(?P<repo>{_PART}/{_PART})(?:@(?P<revision>[^\s@]+))?")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -84,8 +82,6 @@ def download(ref: HubRef) -> Path:
         ) from None
     from huggingface_hub.utils import validate_repo_id
 
-    from surgery.plan import SIDE_FILES
-
     offline = _offline()
     try:
         validate_repo_id(ref.repo_id)
@@ -115,7 +111,7 @@ def download(ref: HubRef) -> Path:
 def _weight_files(hf, ref: HubRef, folder: Path, commit: str | None) -> tuple[list[str], list[str] | None]:
     """The safetensors files to fetch: the shards the index names, else model.safetensors, else the
     top-level ``*.safetensors`` (never ``consolidated.safetensors`` beside an index, nor subfolders)."""
-    index = folder / INDEX_NAME
+    index = folder / INDEX
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -134,7 +130,7 @@ def _weight_files(hf, ref: HubRef, folder: Path, commit: str | None) -> tuple[li
             "(e.g. transformers' from_pretrained + save_pretrained)",
             path=str(ref),
         )
-    return (["model.safetensors"] if "model.safetensors" in names else names), None
+    return ([SINGLE] if SINGLE in names else names), None
 
 
 def _offline() -> bool:
@@ -306,7 +302,7 @@ def push(
         raise OutputError(
             f"{repo_id!r} is not a Hub model repo id", hint="write OWNER/NAME, e.g. alice/my-merge"
         ) from None
-    _check_card(folder / CARD_NAME)
+    _check_card(folder / CARD)
     if _offline():
         raise OutputError(
             f"cannot push {folder} to {repo_id}: HF_HUB_OFFLINE is set",
@@ -380,7 +376,7 @@ def _check_card(readme: Path) -> None:
 
 def _commit_message(folder: Path) -> str:
     method = None
-    recipe = folder / "surgery_recipe.yaml"
+    recipe = folder / RECIPE
     if recipe.is_file():
         import yaml
 

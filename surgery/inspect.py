@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from surgery.checkpoint import open_checkpoint
-from surgery.names import layer_map
-from surgery.writer import natural_key
+from surgery.names import layer_map, natural_key
 
 
 def describe(source: str) -> dict:

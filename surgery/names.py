@@ -1,7 +1,7 @@
 """Where a tensor sits in the network, from its name alone: one explicit rule set.
 
-Block patterns (first match wins, the LAST numbered block segment in a name decides nothing: we take
-the outermost block container so that ``layers.5.mlp.experts.0`` is block 5, never block 0):
+Block patterns (the first, outermost numbered block container in a name decides, so that
+``layers.5.mlp.experts.0`` is block 5, never block 0):
 
     model.layers.N. / layers.N.   Llama, Mistral, Qwen, Gemma, Phi, MoE models, encoder.layers.N.
     h.N.                          GPT-2, GPT-J, Falcon, BLOOM
@@ -83,3 +83,8 @@ def with_block(name: str, index: int) -> str:
     if m is None:
         raise ValueError(f"{name!r} is not inside a block")
     return name[: m.start(1)] + str(index) + name[m.end(1) :]
+
+
+def natural_key(name: str) -> list:
+    """Sort key that orders ``layers.2`` before ``layers.10``."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]

@@ -24,9 +24,10 @@ import numpy as np
 
 from surgery.checkpoint import Checkpoint
 from surgery.errors import CorruptCheckpointError
-from surgery.writer import Layout, OutputTensor, natural_key, plan_layout
+from surgery.files import MANIFEST
+from surgery.names import natural_key
+from surgery.writer import Layout, OutputTensor, plan_layout
 
-MANIFEST = "surgery_diff.json"
 INDICES, VALUES = ".indices", ".values"
 
 

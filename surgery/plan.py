@@ -14,20 +14,13 @@ from pathlib import Path
 from surgery.checkpoint import Checkpoint, open_checkpoint
 from surgery.dtypes import DTYPES
 from surgery.errors import PlanError
+from surgery.files import CONFIG, SIDE_FILES
 from surgery.methods.lines import depths
-from surgery.names import layer_map, place, with_block
+from surgery.names import layer_map, natural_key, place, with_block
 from surgery.patch import patched_names, read_manifest
 from surgery.recipe import Recipe
 from surgery.vocab import RowMap, align_rows, load_vocab
-from surgery.writer import Layout, OutputTensor, natural_key, plan_layout
-
-# Files copied beside the weights from the config source (the base, else the first model).
-SIDE_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt",
-    "chat_template.jinja", "chat_template.json", "generation_config.json",
-    "preprocessor_config.json",
-)  # fmt: skip
+from surgery.writer import Layout, OutputTensor, plan_layout
 
 _VOCAB_HINTS = ("embed", "wte", "lm_head", "word_embeddings", "shared.weight", "output.weight")
 
@@ -112,7 +105,7 @@ class Plan:
                     files[name] = path.read_bytes()
         config = self.output_config()
         if config is not None:
-            files["config.json"] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+            files[CONFIG] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
         return files
 
     def summary(self) -> dict:

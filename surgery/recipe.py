@@ -39,7 +39,6 @@ from surgery.errors import RecipeError
 from surgery.methods import Method, get_method
 from surgery.methods.lines import make_schedule
 
-RECIPE_NAME = "surgery_recipe.yaml"
 RECIPE_VERSION = 1
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

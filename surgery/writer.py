@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +27,8 @@ import numpy as np
 
 from surgery.dtypes import DTYPES
 from surgery.errors import OutputError
+from surgery.files import INDEX, STAGING, shard_name
 
-STAGING = ".surgery-partial"
 STATE = "state.json"
 JOURNAL = "journal.txt"
 
@@ -76,11 +75,6 @@ class Layout:
         return (json.dumps(index, indent=2) + "\n").encode()
 
 
-def natural_key(name: str) -> list:
-    """Sort key that orders ``layers.2`` before ``layers.10``."""
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
-
-
 # safetensors' own dtype order (its Rust enum); save_file lays tensors out by it, descending, then name.
 _SAVE_ORDER = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32",
                "F64", "I64", "U64")  # fmt: skip
@@ -123,9 +117,7 @@ def plan_layout(tensors: list[OutputTensor], max_shard_size: int) -> Layout:
         groups = [[]]
     shards = []
     for i, group in enumerate(groups):
-        filename = (
-            "model.safetensors" if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        )
+        filename = shard_name(i, len(groups))
         header, rel = safetensors_header(group, {"format": "pt"})
         offsets = {name: len(header) + off for name, off in rel.items()}
         shards.append(ShardLayout(filename, header, offsets, len(header) + sum(t.nbytes for t in group)))
@@ -286,19 +278,16 @@ class CheckpointWriter:
         self.close()
         files = dict(side_files)
         if len(self.layout.shards) > 1:
-            files["model.safetensors.index.json"] = self.layout.index_json()
-        index = files.pop("model.safetensors.index.json", None)
+            files[INDEX] = self.layout.index_json()
+        index = files.pop(INDEX, None)
         for name, data in files.items():
             self._write_whole(self.staging / name, data)
             os.replace(self.staging / name, self.out / name)
         for shard in self.layout.shards:
             os.replace(self.staging / shard.filename, self.out / shard.filename)
         if index is not None:
-            self._write_whole(self.staging / "model.safetensors.index.json", index)
-            os.replace(
-                self.staging / "model.safetensors.index.json",
-                self.out / "model.safetensors.index.json",
-            )
+            self._write_whole(self.staging / INDEX, index)
+            os.replace(self.staging / INDEX, self.out / INDEX)
         shutil.rmtree(self.staging)
         _fsync_dir(self.out)
 

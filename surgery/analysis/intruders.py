@@ -44,8 +44,7 @@ from surgery.analysis.stats import (
 )
 from surgery.checkpoint import Checkpoint, open_checkpoint
 from surgery.errors import OutputError, RecipeError
-from surgery.names import place
-from surgery.writer import natural_key
+from surgery.names import natural_key, place
 
 SVD_CACHE_VERSION = 1
 DEFAULT_EPS_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -425,7 +424,7 @@ def mitigate_intruders(
     renamed when complete, resumable, never into an input, a non-empty ``OUT`` only with ``overwrite``.
     Side files (config, tokenizer) come from ``finetuned``; ``surgery_intruders.json`` records the run.
     """
-    from surgery.plan import SIDE_FILES
+    from surgery.files import CONFIG, SIDE_FILES
     from surgery.writer import (
         CheckpointWriter,
         OutputTensor,
@@ -485,8 +484,8 @@ def mitigate_intruders(
                 lam=lam, output=str(out), modified=tuple(modified),
             )  # fmt: skip
             side = {n: (ft_ck.root / n).read_bytes() for n in SIDE_FILES if (ft_ck.root / n).is_file()}
-            if (ft_ck.root / "config.json").is_file():
-                side["config.json"] = (ft_ck.root / "config.json").read_bytes()
+            if (ft_ck.root / CONFIG).is_file():
+                side[CONFIG] = (ft_ck.root / CONFIG).read_bytes()
             side[MITIGATION_NAME] = (json.dumps(report.to_dict(), indent=2) + "\n").encode()
             writer.finalize(side)
         finally:

@@ -313,8 +313,9 @@ def _write_patch(output: Path, manifest: dict, tau: dict, mask: dict, names: lis
     import torch
     from safetensors.torch import save_file
 
-    from surgery.patch import INDICES, MANIFEST, VALUES
-    from surgery.writer import natural_key
+    from surgery.files import MANIFEST, SINGLE
+    from surgery.names import natural_key
+    from surgery.patch import INDICES, VALUES
 
     tensors, counts = {}, {}
     for n in sorted(names, key=natural_key):
@@ -326,7 +327,7 @@ def _write_patch(output: Path, manifest: dict, tau: dict, mask: dict, names: lis
     if output.exists():
         shutil.rmtree(output)
     output.mkdir(parents=True)
-    save_file(tensors, str(output / "model.safetensors"), metadata={"format": "pt"})
+    save_file(tensors, str(output / SINGLE), metadata={"format": "pt"})
     kept = sum(counts.values())
     data = dict(manifest)
     data.update(

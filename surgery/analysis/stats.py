@@ -36,8 +36,7 @@ import numpy as np
 
 from surgery.checkpoint import Checkpoint, open_checkpoint
 from surgery.errors import RecipeError
-from surgery.names import place
-from surgery.writer import natural_key
+from surgery.names import natural_key, place
 
 # progress(done, total, tensor name)
 Progress = Callable[[int, int, str], None]

@@ -21,8 +21,8 @@ from ckpt_factory import (
 
 from surgery.engine import EngineOptions, merge
 from surgery.methods.dare import dare_key
+from surgery.names import natural_key
 from surgery.recipe import make_recipe
-from surgery.writer import natural_key
 
 OPTS = EngineOptions(threads=1)
 

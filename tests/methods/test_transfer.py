@@ -15,9 +15,8 @@ from surgery_cli.main import cli
 
 from surgery.engine import EngineOptions, merge
 from surgery.errors import PlanError
-from surgery.names import place
+from surgery.names import natural_key, place
 from surgery.recipe import make_recipe
-from surgery.writer import natural_key
 
 OPTS = EngineOptions(threads=2)
 

@@ -13,10 +13,12 @@ from pathlib import Path
 import click
 from surgery_cli.hub import push_after_run, push_command, push_options
 
-METHOD_FLAGS = (
-    "task_arithmetic", "breadcrumbs", "breadcrumbs_ties", "ties", "dare", "dare_ties", "linear",
-    "slerp", "model_stock",
-)  # fmt: skip
+from surgery.methods import METHODS  # numpy-free: the flags below come from the registry
+from surgery.methods.lines import OUTSIDE_CHOICES
+from surgery.methods.spec import GRANULARITIES
+
+# `surgery merge --<method>`: every registry method that `merge` builds.
+MERGE_METHODS = tuple(name for name, spec in METHODS.items() if spec.command == "merge")
 
 
 class SurgeryGroup(click.Group):
@@ -108,25 +110,23 @@ def run_recipe(ctx: click.Context, recipe, output: Path, max_memory: str, thread
         total = plan.layout.total_bytes if plan.layout is not None else None
         bar = _LazyBar(total, len(plan.jobs), f"surgery {recipe.method}", quiet)
         try:
-            result = execute(plan, output, options, bar.update, _card)
+            result = execute(plan, output, options, bar.update)
         finally:
             bar.close()
     finally:
         plan.close()
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
-    resumed = f", {result.resumed_tensors} resumed" if result.resumed_tensors else ""
+    resumed = f", {result.resumed} resumed" if result.resumed else ""
     click.echo(
         f"wrote {output} ({result.tensors} tensors{resumed}, "
         f"{result.bytes_written / 1e9:.3f} GB) in {result.seconds:.1f} s"
     )
-    manifest = output / "surgery_diff.json"
-    if manifest.is_file():
-        data = json.loads(manifest.read_text())
-        size = sum(p.stat().st_size for p in output.glob("*.safetensors"))
+    if result.diff is not None:
+        d = result.diff
         click.echo(
-            f"{data['kind']} diff: {data['kept']:,} of {data['total']:,} parameters "
-            f"({100 * data['fraction']:.4g}%), {size / 1e6:.2f} MB of safetensors"
+            f"{d.kind} diff: {d.kept:,} of {d.total:,} parameters "
+            f"({100 * d.fraction:.4g}%), {d.size_bytes / 1e6:.2f} MB of safetensors"
         )
     push_after_run(output, push_to_hub, private, revision)
 
@@ -158,29 +158,10 @@ class _LazyBar:
             self.bar.close()
 
 
-def _card(plan) -> str:
-    from surgery.card import render_card
-
-    spec = plan.recipe.spec
-    lines = None
-    if plan.recipe.lines is not None:
-        lines = {
-            "alpha": plan.resolved["lines_alpha"],
-            "beta": plan.resolved["lines_beta"],
-            "outside": plan.recipe.lines["outside"],
-            "requested_alpha": plan.recipe.lines["alpha"],
-        }
-    return render_card(
-        spec.title, spec.name, spec.paper, spec.formula, list(plan.recipe.inputs),
-        plan.recipe.to_yaml(), plan.recipe.parameters, lines,
-        "merge" if spec.command == "merge" and len(plan.recipe.models) > 1 else "finetune",
-    )  # fmt: skip
-
-
 def lines_outside_option(fn):
     return click.option(
         "--lines-outside",
-        type=click.Choice(["alpha", "alpha+beta", "one"]),
+        type=click.Choice(OUTSIDE_CHOICES),
         default="alpha",
         show_default=True,
         help="LiNeS scale of tensors outside the blocks (embeddings, final norm, head).",
@@ -189,9 +170,9 @@ def lines_outside_option(fn):
 
 # -- commands ---------------------------------------------------------------------------------------
 def _method_flags(fn):
-    for name in reversed(METHOD_FLAGS):
+    for name in reversed(MERGE_METHODS):
         flag = "--" + name.replace("_", "-")
-        fn = click.option(flag, name, is_flag=True, help=f"Method: {name}.")(fn)
+        fn = click.option(flag, name, is_flag=True, help=f"Method: {METHODS[name].title}.")(fn)
     return fn
 
 
@@ -204,7 +185,7 @@ def _method_flags(fn):
 @click.option("--outliers", type=float, default=None, help="Fraction of largest |tau| removed.")
 @click.option("--scale", type=float, default=None, help="Multiplier of the merged task vector.")
 @click.option("--weights", default=None, help="Per-model weights: w1,w2,...")
-@click.option("--granularity", type=click.Choice(["per_tensor", "per_row", "global"]), default=None)
+@click.option("--granularity", type=click.Choice(GRANULARITIES), default=None)
 @click.option("--t", "t", type=float, default=None, help="SLERP interpolation factor.")
 @click.option("--seed", type=int, default=None, help="Seed for DARE's random stream.")
 @click.option("--lines", "use_lines", is_flag=True, help="LiNeS: scale the merged update by block depth.")
@@ -233,7 +214,7 @@ def merge(ctx: click.Context, models: tuple[str, ...], base: str | None, method_
     from surgery.methods import get_method
     from surgery.recipe import make_recipe
 
-    chosen = [name for name in METHOD_FLAGS if engine.pop(name)]
+    chosen = [name for name in MERGE_METHODS if engine.pop(name)]
     if method_name:
         spec = get_method(method_name)
         if spec.command != "merge":

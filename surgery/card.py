@@ -10,6 +10,8 @@ from surgery.errors import InputNotFoundError, RecipeError
 from surgery.files import CARD
 from surgery.hub import HubRef, hub_ref, resolve
 from surgery.methods.lines import PAPER as LINES_PAPER
+from surgery.methods.lines import LinesResolved
+from surgery.recipe import Recipe
 
 
 def front_matter(readme: Path) -> dict:
@@ -68,20 +70,28 @@ def base_from_cards(models: list[str]) -> str:
     return base
 
 
-def _lines_section(lines: dict | None) -> str:
+def _lines_section(lines: LinesResolved | None) -> str:
     if not lines:
         return ""
     return (
         f"## LiNeS layer scaling ([paper]({LINES_PAPER}))\n\n"
         "Each tensor's update was scaled by its block depth: "
-        f"`lambda(l) = {lines['alpha']:.6g} + {lines['beta']:.6g} * l / (L - 1)`; tensors outside the "
-        f"blocks: `{lines['outside']}`. Requested alpha: `{lines['requested_alpha']}`.\n\n"
+        f"`lambda(l) = {lines.alpha:.6g} + {lines.beta:.6g} * l / (L - 1)`; tensors outside the "
+        f"blocks: `{lines.outside}`. Requested alpha: `{lines.requested_alpha}`.\n\n"
     )
+
+
+def card_for(recipe: Recipe, lines: LinesResolved | None = None) -> str:
+    """The model card of an output of ``recipe`` (``lines``: the LiNeS schedule the run resolved)."""
+    spec = recipe.spec
+    relation = "merge" if spec.command == "merge" and len(recipe.models) > 1 else "finetune"
+    return render_card(spec.title, spec.name, spec.paper, spec.formula, list(recipe.inputs),
+                       recipe.to_yaml(), recipe.parameters, lines, relation)  # fmt: skip
 
 
 def render_card(
     method_title: str, method_name: str, paper: str, formula: str, inputs: list[str],
-    recipe_yaml: str, parameters: dict, lines: dict | None = None, relation: str = "merge",
+    recipe_yaml: str, parameters: dict, lines: LinesResolved | None = None, relation: str = "merge",
 ) -> str:  # fmt: skip
     """The output's model card.
 

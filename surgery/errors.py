@@ -57,3 +57,7 @@ class RecipeError(SurgeryError, ValueError):
 
 class OutputError(SurgeryError, OSError):
     """The output folder cannot be used or written (input overlap, not empty, disk full)."""
+
+
+class Interrupted(SurgeryError):
+    """The run was stopped; the output folder holds a resumable partial run."""

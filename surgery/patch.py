@@ -6,10 +6,11 @@ and ``W.values`` (float32 ``tau`` at those indices); tensors with nothing select
 carry ``surgery_diff.json``::
 
     {"format": "surgery-diff", "version": 1, "kind": "dense" | "patch",
+     "method": "diff" | "patch", "parameters": {...},          # what selected the entries
      "base": {"source": ..., "tensors": {name: {"dtype", "shape", "hash"}}},
      "finetuned": {"source": ...},
      "tensors": {name: {"shape": [...], "kept": k}},          # patch only
-     "kept": K, "total": N, "fraction": K / N, "selection": {...}}
+     "kept": K, "total": N, "fraction": K / N}
 
 ``hash`` is a BLAKE2b-128 digest of the tensor's raw bytes, so ``apply`` can tell whether its
 target is the base the diff came from.
@@ -18,6 +19,8 @@ target is the base the diff came from.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +29,7 @@ from surgery.checkpoint import Checkpoint
 from surgery.errors import CorruptCheckpointError
 from surgery.files import MANIFEST
 from surgery.names import natural_key
+from surgery.recipe import Recipe
 from surgery.writer import Layout, OutputTensor, plan_layout
 
 INDICES, VALUES = ".indices", ".values"
@@ -52,6 +56,72 @@ def read_manifest(root: Path) -> dict | None:
     if not isinstance(data, dict) or data.get("format") != "surgery-diff":
         raise CorruptCheckpointError(f"{path} is not a surgery diff manifest", path=str(path))
     return data
+
+
+@dataclass(frozen=True)
+class DiffSummary:
+    """What a diff or patch holds: ``kept`` of ``total`` parameters, ``size_bytes`` of safetensors."""
+
+    kind: str  # "dense" | "patch"
+    kept: int
+    total: int
+    fraction: float
+    size_bytes: int
+
+
+def manifest_for(
+    recipe: Recipe,
+    inputs: Sequence[Checkpoint],
+    jobs: Sequence,
+    hashes: dict[str, str],
+    counts: dict[str, int],
+) -> dict:
+    """surgery_diff.json of a diff (``counts`` empty) or a sparse patch (entries kept per tensor).
+
+    ``jobs`` are the plan's merge jobs (``plan.TensorJob``; plan.py imports this module)."""
+    spec = recipe.spec
+    patch = spec.output == "patch"
+    base, ft = inputs[0], inputs[-1]
+    total = sum(j.numel for j in jobs)
+    kept = sum(counts.values()) if patch else total
+    data = {
+        "format": "surgery-diff",
+        "version": 1,
+        "kind": "patch" if patch else "dense",
+        "method": spec.name,
+        "parameters": dict(recipe.parameters),
+        "base": {
+            "source": base.source,
+            "tensors": {
+                j.name: {"dtype": j.in_dtypes[0], "shape": list(j.shape), "hash": hashes[j.name]}
+                for j in jobs
+            },
+        },
+        "finetuned": {"source": ft.source},
+        "kept": kept,
+        "total": total,
+        "fraction": kept / total if total else 0.0,
+    }
+    if patch:
+        data["tensors"] = {j.name: {"shape": list(j.shape), "kept": counts.get(j.name, 0)} for j in jobs}
+    return data
+
+
+def target_warning(diff: Checkpoint, hashes: dict[str, str]) -> str | None:
+    """Applying ``diff``: a warning when the target (whose tensors hash to ``hashes``) is not the base
+    the diff was taken from, or when the diff has no manifest to tell."""
+    manifest = read_manifest(diff.root)
+    if manifest is None:
+        return f"{diff.source} has no {MANIFEST}: cannot check that the target is its base"
+    recorded = manifest.get("base", {}).get("tensors", {})
+    differ = sorted(n for n, h in hashes.items() if n in recorded and recorded[n]["hash"] != h)
+    if not differ:
+        return None
+    return (
+        f"the target differs from the base this diff was taken from ({manifest['base'].get('source')}) "
+        f"in {len(differ)} of {len(hashes)} tensors, e.g. {differ[0]}: the result is a transfer, not a "
+        "reconstruction"
+    )
 
 
 def is_patch(ckpt: Checkpoint) -> bool:

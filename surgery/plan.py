@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 from surgery.checkpoint import Checkpoint, open_checkpoint
 from surgery.dtypes import DTYPES
 from surgery.errors import PlanError
 from surgery.files import CONFIG, SIDE_FILES
 from surgery.methods.lines import depths
+from surgery.methods.spec import TAU_GIVEN, TAU_PAIRS
 from surgery.names import layer_map, natural_key, place, with_block
 from surgery.patch import patched_names, read_manifest
 from surgery.recipe import Recipe
@@ -25,23 +28,39 @@ from surgery.writer import Layout, OutputTensor, plan_layout
 _VOCAB_HINTS = ("embed", "wte", "lm_head", "word_embeddings", "shared.weight", "output.weight")
 
 
+# What a job writes (the engine runs one writer function per kind):
+#   copy_equal  an integer tensor, equal in every input, copied
+#   copy_base   copied from input 0 (F8, or a tensor a diff does not hold)
+#   keep_base   a float tensor outside the method's region: input 0 in the output dtype
+#   dense       the method's output: b + update, or an interpolation of the inputs
+#   update      the merged update alone (a diff)
+#   patch       the selected entries of the update as (indices, values) tensors
+#   scatter     input 0 plus a sparse patch (input 1) at its indices
+JobKind = Literal["copy_equal", "copy_base", "keep_base", "dense", "update", "patch", "scatter"]
+MERGED = frozenset({"dense", "update", "patch", "scatter"})  # kinds the method computes
+
+
 @dataclass(frozen=True)
 class TensorJob:
-    """One output tensor: what to do and with which input dtypes."""
+    """One output tensor: what to write (``kind``), from which input tensors, with which parameters.
+
+    ``params`` are the method's parameters for this tensor, resolved by the planner (the recipe's,
+    shared by every job unless a per-tensor rule changes them): the engine reads parameters only from
+    the job. ``sources`` names the tensor read from each input (default: the output's own name), so an
+    output tensor can come from a differently named input tensor (layer slices, stacking).
+    """
 
     name: str
-    action: str  # "merge" (the method), "copy_equal" (integers: equal everywhere), "copy_base" (F8)
+    kind: JobKind
     shape: tuple[int, ...]
     in_dtypes: tuple[str, ...]  # per input, engine order
     out_dtype: str
     depth: float | None = None  # LiNeS: l / (L - 1) of the tensor's block; None outside the blocks
-    selected: bool = True  # inside the method's region (graft / patch); outside: kept as the base
     row_map: RowMap | None = None  # transfer across vocabularies: output rows by token string
     patch_count: int = 0  # apply_patch: entries of this tensor in the patch
-    params: dict | None = None  # this tensor's own parameter values (recipe.per_tensor), over the recipe's
-    # "copy_from" (layer stacking): the output is input ``copy_from``'s tensor ``sources[0]``
-    sources: tuple[str, ...] | None = None
-    copy_from: int = 0
+    params: Mapping[str, object] = field(default_factory=dict, compare=False)
+    sources: tuple[str, ...] | None = None  # input tensor name per input; None: ``name`` everywhere
+    copy_from: int = 0  # copy_base: the input copied (layer stacking copies from any model)
 
     @property
     def numel(self) -> int:
@@ -50,18 +69,29 @@ class TensorJob:
             n *= d
         return n
 
+    @property
+    def cols(self) -> int:
+        """Row length (the last dimension; 1 for a scalar)."""
+        return self.shape[-1] if self.shape else 1
 
-@dataclass
+    def source(self, i: int) -> str:
+        """The tensor read from input ``i``."""
+        return self.name if self.sources is None else self.sources[i]
+
+
+@dataclass(frozen=True)
 class Plan:
+    """A checked recipe: the opened inputs, one job per output tensor, the output layout. Frozen: a
+    run reads it and returns what it settled (``engine.RunResult``), never writes into it."""
+
     recipe: Recipe
     inputs: list[Checkpoint]  # engine order: base first when the recipe has one
     jobs: list[TensorJob]
     layout: Layout | None  # None for sparse patches: sizes are known after the reduce passes
     config_source: Checkpoint
     notes: list[str] = field(default_factory=list)
-    resolved: dict = field(default_factory=dict)  # values settled while running (LiNeS auto alpha)
     tokenizer_source: Checkpoint | None = None  # tokenizer / chat template / generation config
-    config_updates: dict = field(default_factory=dict)  # config.json keys the plan changes (layer count)
+    config_updates: Mapping[str, object] = field(default_factory=dict)  # config.json keys set (layer count)
 
     @property
     def has_base(self) -> bool:
@@ -91,7 +121,7 @@ class Plan:
     @property
     def merge_jobs(self) -> list[TensorJob]:
         """Jobs the method computes (selected float tensors)."""
-        return [j for j in self.jobs if j.action == "merge" and j.selected]
+        return [j for j in self.jobs if j.kind in MERGED]
 
     def side_files(self) -> dict[str, bytes]:
         files = {}
@@ -113,11 +143,7 @@ class Plan:
         read = sum(c.total_bytes for c in self.inputs)
         write = self.layout.total_bytes if self.layout is not None else 0
         spec = self.recipe.spec
-        passes = 1
-        if spec.sparsify == "band" and self.recipe.parameters.get("granularity") != "per_row":
-            passes = 3
-        elif spec.combine in ("slerp", "model_stock"):
-            passes = 2
+        passes = spec.passes(self.recipe.parameters)
         return {
             "method": spec.name,
             "inputs": [c.source for c in self.inputs],
@@ -143,7 +169,7 @@ def build_plan(recipe: Recipe) -> Plan:
             inputs.append(open_checkpoint(source))
         if recipe.spec.output == "scatter":
             return _plan_scatter(recipe, inputs)
-        if recipe.spec.name == "passthrough":
+        if recipe.slices or recipe.spec.name == "passthrough":
             return _plan_stack(recipe, inputs)
         return _plan(recipe, inputs)
     except BaseException:
@@ -163,8 +189,9 @@ def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
         for name in extra:
             problems.append(f"tensor {name!r} is in {label} but not in {labels[0]}")
     jobs = []
-    given = recipe.spec.tau_from == "given"
-    row_map = _vocab_alignment(recipe, inputs, notes) if recipe.spec.tau_from == "pairs" else None
+    spec = recipe.spec
+    given = spec.tau_from is TAU_GIVEN
+    row_map = _vocab_alignment(recipe, inputs, notes) if spec.tau_from is TAU_PAIRS else None
     for name in names:
         if given and name not in inputs[1].tensors:  # a diff holds no integer or untouched tensors
             ref = reference.tensors[name]
@@ -214,14 +241,14 @@ def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
             continue
         if aligned:
             shape = (row_map.n_out, *ref.shape[1:])
-            jobs.append(TensorJob(name, "merge", shape, tuple(i.dtype.name for i in infos),
+            jobs.append(TensorJob(name, spec.output, shape, tuple(i.dtype.name for i in infos),
                                   recipe.dtype or ref.dtype.name, row_map=row_map))  # fmt: skip
             continue
         kind = ref.dtype.kind
         if kind == "float":
-            default = "F32" if recipe.spec.output == "update" else ref.dtype.name
+            default = "F32" if spec.output == "update" else ref.dtype.name
             out_dtype = recipe.dtype or (default if default != "F64" else "F32")
-            action = "merge"
+            action = spec.output
         elif kind == "int":
             out_dtype, action = ref.dtype.name, "copy_equal"
         else:
@@ -234,39 +261,25 @@ def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
             hint="every input must be a fine-tune of the same architecture as the base "
             "(check with `surgery inspect`)",
         )
-    if recipe.per_tensor:
-        jobs = _with_params(jobs, recipe.per_tensor)
     if recipe.lines is not None:
         jobs = _with_depths(jobs, reference, notes)
     if "region" in recipe.parameters:
         jobs = _with_region(jobs, recipe.parameters["region"], notes)
-    if recipe.spec.output == "update":  # a diff carries float tensors only
-        jobs = [j for j in jobs if j.action == "merge"]
+    if spec.output in ("update", "patch"):  # a diff or patch carries the computed tensors only
+        jobs = [j for j in jobs if j.kind == spec.output]
+    jobs = _with_params(jobs, recipe)
     layout = None
-    if recipe.spec.output != "patch":
+    if spec.output != "patch":
         layout = plan_layout(
             [OutputTensor(j.name, j.out_dtype, j.shape) for j in jobs], recipe.max_shard_size
         )
     # config.json from the base (for a diff: from the fine-tune it describes); tokenizer, chat template
     # and generation config from the fine-tune the update came from (a diff carries the fine-tune's)
-    command = recipe.spec.command
-    config_source = inputs[-1] if command == "diff" else reference
-    tokenizer_source = inputs[-1] if command in ("diff", "transfer", "apply") else reference
+    config_source = inputs[-1] if spec.config_from == "last" else reference
+    tokenizer_source = inputs[-1] if spec.tokenizer_from == "last" else reference
     if recipe.parameters.get("tokenizer_from") == "new-base":
         tokenizer_source = reference
     return Plan(recipe, inputs, jobs, layout, config_source, notes, tokenizer_source=tokenizer_source)
-
-
-def _with_params(jobs: list[TensorJob], per_tensor: dict[str, dict]) -> list[TensorJob]:
-    """Attach each tensor's own parameter values; a name that is not a merged tensor is an error."""
-    merged = {j.name for j in jobs if j.action == "merge"}
-    stray = sorted(set(per_tensor) - merged, key=natural_key)
-    if stray:
-        raise PlanError(
-            [f"per_tensor names {n!r}, which is not a float tensor of the inputs" for n in stray],
-            hint="per_tensor keys are tensor names as `surgery inspect --layers` lists them",
-        )
-    return [replace(j, params=per_tensor.get(j.name)) for j in jobs]
 
 
 def _vocab_indexed(name: str, infos: list) -> bool:
@@ -310,14 +323,14 @@ def _with_region(jobs: list[TensorJob], region: str | None, notes: list[str]) ->
     out = []
     for j in jobs:
         inside = bool(pattern.search(j.name)) if pattern else place(j.name).block is not None
-        out.append(replace(j, selected=inside))
-    chosen = sum(1 for j in out if j.selected and j.action == "merge")
+        out.append(j if inside or j.kind not in MERGED else replace(j, kind="keep_base"))
+    chosen = sum(1 for j in out if j.kind in MERGED)
     if chosen == 0:
         raise PlanError(
             [f"the region {region or '(transformer blocks)'} matches no float tensor"],
             hint="check the names with `surgery inspect --layers` and pass --region REGEX",
         )
-    notes.append(f"region: {chosen} of {sum(1 for j in jobs if j.action == 'merge')} float tensors")
+    notes.append(f"region: {chosen} of {sum(1 for j in jobs if j.kind in MERGED)} float tensors")
     return out
 
 
@@ -349,12 +362,57 @@ def _plan_scatter(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
         out_dtype = recipe.dtype or info.dtype.name if info.dtype.kind == "float" else info.dtype.name
         if name in counts:
             jobs.append(
-                TensorJob(name, "merge", info.shape, (info.dtype.name,), out_dtype, patch_count=counts[name])
+                TensorJob(
+                    name,
+                    "scatter",
+                    info.shape,
+                    (info.dtype.name,),
+                    out_dtype,
+                    patch_count=counts[name],
+                    params=recipe.parameters,
+                )  # fmt: skip
             )
         else:
             jobs.append(TensorJob(name, "copy_base", info.shape, (info.dtype.name,), info.dtype.name))
     layout = plan_layout([OutputTensor(j.name, j.out_dtype, j.shape) for j in jobs], recipe.max_shard_size)
     return Plan(recipe, inputs, jobs, layout, target, [], tokenizer_source=patch)
+
+
+def _with_depths(jobs: list[TensorJob], reference: Checkpoint, notes: list[str]) -> list[TensorJob]:
+    """LiNeS needs every merged tensor's block: unplaceable names and a block count that
+    disagrees with config.json are errors, never guesses."""
+    merged = [j.name for j in jobs if j.kind in MERGED]
+    layers = layer_map(merged, reference.config())
+    problems = [
+        f"cannot tell which block tensor {name!r} belongs to (needed for LiNeS)" for name in layers.unknown
+    ]
+    if not layers.consistent:
+        problems.append(
+            f"the tensor names show {layers.num_blocks} blocks but config.json says {layers.config_layers}"
+        )
+    if layers.num_blocks == 0:
+        problems.append("no transformer blocks found in the tensor names (needed for LiNeS)")
+    if problems:
+        raise PlanError(
+            problems,
+            hint="LiNeS scales updates by block depth; see surgery/names.py for the name patterns "
+            "it understands",
+        )
+    depth = depths(layers, merged)
+    notes.append(f"LiNeS: {layers.num_blocks} blocks")
+    return [replace(j, depth=depth.get(j.name)) for j in jobs]
+
+
+def _with_params(jobs: list[TensorJob], recipe: Recipe) -> list[TensorJob]:
+    """Each job's parameters: the recipe's, with the tensor's own values (``per_tensor``) on top."""
+    names = {j.name for j in jobs if j.kind in MERGED}
+    stray = sorted(set(recipe.per_tensor) - names, key=natural_key)
+    if stray:
+        raise PlanError(
+            [f"per_tensor names {n!r}, which is not a tensor the method computes" for n in stray],
+            hint="per_tensor keys are tensor names as `surgery inspect --layers` lists them",
+        )
+    return [replace(j, params={**recipe.parameters, **recipe.per_tensor.get(j.name, {})}) for j in jobs]
 
 
 def _plan_stack(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
@@ -380,17 +438,20 @@ def _plan_stack(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
     for model, start, end in slices:
         names = sorted(inputs[model].tensors, key=natural_key)
         for block in range(start, end):
-            for n in names:
-                if maps[model].placements[n].block == block:
-                    picks.append((with_block(n, out_block), model, n))
+            picks += [
+                (with_block(n, out_block), model, n)
+                for n in names
+                if maps[model].placements[n].block == block
+            ]
             out_block += 1
     outside(slices[-1][0], ("after", "unknown"))
     jobs = []
     for out_name, model, name in picks:
         info = inputs[model].tensors[name]
         out_dtype = (recipe.dtype or info.dtype.name) if info.dtype.kind == "float" else info.dtype.name
-        jobs.append(TensorJob(out_name, "copy_from", info.shape, (info.dtype.name,), out_dtype,
-                              sources=(name,), copy_from=model))  # fmt: skip
+        n = len(inputs)
+        jobs.append(TensorJob(out_name, "copy_base", info.shape, (info.dtype.name,) * n, out_dtype,
+                              params=recipe.parameters, sources=(name,) * n, copy_from=model))  # fmt: skip
     layout = plan_layout([OutputTensor(j.name, j.out_dtype, j.shape) for j in jobs], recipe.max_shard_size)
     first = inputs[slices[0][0]]
     updates = _layer_count_updates(first.config(), [(inputs[m].config(), a, b) for m, a, b in slices])
@@ -417,31 +478,6 @@ def _layer_count_updates(config: dict | None, parts: list[tuple[dict | None, int
             if all(isinstance(v, list) for v in sources):
                 updates[key] = [x for v, (_, a, b) in zip(sources, parts) for x in v[a:b]]
     return updates
-
-
-def _with_depths(jobs: list[TensorJob], reference: Checkpoint, notes: list[str]) -> list[TensorJob]:
-    """LiNeS needs every merged tensor's block: unplaceable names and a block count that
-    disagrees with config.json are errors, never guesses."""
-    merged = [j.name for j in jobs if j.action == "merge"]
-    layers = layer_map(merged, reference.config())
-    problems = [
-        f"cannot tell which block tensor {name!r} belongs to (needed for LiNeS)" for name in layers.unknown
-    ]
-    if not layers.consistent:
-        problems.append(
-            f"the tensor names show {layers.num_blocks} blocks but config.json says {layers.config_layers}"
-        )
-    if layers.num_blocks == 0:
-        problems.append("no transformer blocks found in the tensor names (needed for LiNeS)")
-    if problems:
-        raise PlanError(
-            problems,
-            hint="LiNeS scales updates by block depth; see surgery/names.py for the name patterns "
-            "it understands",
-        )
-    depth = depths(layers, merged)
-    notes.append(f"LiNeS: {layers.num_blocks} blocks")
-    return [replace(j, depth=depth.get(j.name)) for j in jobs]
 
 
 def input_paths(plan: Plan) -> list[Path]:

@@ -17,6 +17,8 @@ Schema (YAML), every field explicit in a saved recipe::
       max_shard_size: 5000000000   # bytes (strings such as 5GB or 2GiB are accepted)
     per_tensor:                    # optional: a tensor's own values (per-layer schedules, mergekit
       model.layers.0.mlp.up_proj.weight: {scale: 0.2}   # gradients and filters, resolved)
+    slices:                        # passthrough only: stack layer ranges [start, end) of the models
+      - {model: 0, layers: [0, 24]}
     lines:                         # optional LiNeS on the merged update (arXiv 2410.17146)
       alpha: auto                  # number, or auto = ||sum tau||_1 / (T ||tau_merged||_1)
       beta: null                   # null = 1 - alpha
@@ -37,7 +39,7 @@ from pathlib import Path
 from surgery.dtypes import parse_output_dtype
 from surgery.errors import RecipeError
 from surgery.methods import Method, get_method
-from surgery.methods.lines import make_schedule
+from surgery.methods.lines import LinesSchedule, make_schedule
 
 RECIPE_VERSION = 1
 
@@ -63,7 +65,7 @@ class Recipe:
     parameters: dict = field(default_factory=dict)
     dtype: str | None = None  # safetensors float dtype name of merged tensors
     max_shard_size: int = 5 * 10**9
-    lines: dict | None = None  # LiNeS schedule {alpha, beta, outside} applied to the merged update
+    lines: LinesSchedule | None = None  # LiNeS on the merged update (parsed once, here)
     per_tensor: dict[str, dict] = field(default_factory=dict)  # tensor name -> its own parameter values
     slices: tuple[tuple[int, int, int], ...] = ()  # passthrough: (model index, first block, end block)
 
@@ -77,19 +79,24 @@ class Recipe:
         return ((self.base,) if self.base else ()) + self.models
 
     def to_dict(self) -> dict:
-        return (
-            {
-                "version": RECIPE_VERSION,
-                "method": self.method,
-                "base": self.base,
-                "models": list(self.models),
-                "parameters": dict(self.parameters),
-                "lines": None if self.lines is None else dict(self.lines),
-                "output": {"dtype": self.dtype, "max_shard_size": self.max_shard_size},
-            }
-            | ({"per_tensor": {k: dict(v) for k, v in self.per_tensor.items()}} if self.per_tensor else {})
-            | ({"slices": [{"model": m, "layers": [a, b]} for m, a, b in self.slices]} if self.slices else {})
-        )
+        return {
+            "version": RECIPE_VERSION,
+            "method": self.method,
+            "base": self.base,
+            "models": list(self.models),
+            "parameters": dict(self.parameters),
+            "lines": None if self.lines is None else self.lines.to_dict(),
+            "output": {"dtype": self.dtype, "max_shard_size": self.max_shard_size},
+        } | self._extras()
+
+    def _extras(self) -> dict:
+        """Keys written only when used, so that other recipes stay as they were."""
+        extras: dict = {}
+        if self.per_tensor:
+            extras["per_tensor"] = {k: dict(v) for k, v in self.per_tensor.items()}
+        if self.slices:
+            extras["slices"] = [{"model": m, "layers": [a, b]} for m, a, b in self.slices]
+        return extras
 
     def to_yaml(self) -> str:
         import yaml
@@ -105,7 +112,7 @@ def make_recipe(
     parameters: dict | None = None,
     dtype: str | None = None,
     max_shard_size: int | str = 5 * 10**9,
-    lines: dict | None = None,
+    lines: dict | LinesSchedule | None = None,
     per_tensor: dict[str, dict] | None = None,
     slices: list | None = None,
 ) -> Recipe:
@@ -113,17 +120,20 @@ def make_recipe(
     spec = get_method(method)
     models = tuple(_absolute(m) for m in models)
     base = _absolute(base) if base else None
-    n_inputs = len(models) + (1 if base and spec.combine == "slerp" else 0)
+    # A method with fixed endpoints (SLERP) counts a base as one of them.
+    n_inputs = len(models) + (1 if base and spec.endpoints else 0)
     if spec.needs_base and not base:
         raise RecipeError(
             f"method {spec.name} needs a base model",
             hint="pass --base BASE (or name it as base_model in the fine-tunes' model cards)",
         )
-    if n_inputs < spec.min_models or (spec.combine == "slerp" and n_inputs != 2):
-        need = "exactly 2 endpoints" if spec.combine == "slerp" else f"at least {spec.min_models}"
+    if n_inputs < spec.min_models or (spec.endpoints and n_inputs != spec.endpoints):
+        need = f"exactly {spec.endpoints} endpoints" if spec.endpoints else f"at least {spec.min_models}"
         raise RecipeError(
             f"method {spec.name} needs {need} models, got {n_inputs}",
-            hint="slerp takes two models, or --base and one model" if spec.combine == "slerp" else None,
+            hint=f"{spec.name} takes {spec.endpoints} models, or --base and {spec.endpoints - 1} model"
+            if spec.endpoints
+            else None,
         )
     if spec.max_models is not None and n_inputs > spec.max_models:
         raise RecipeError(f"method {spec.name} takes at most {spec.max_models} models")
@@ -136,31 +146,10 @@ def make_recipe(
     return replace(
         recipe,
         max_shard_size=parse_size(max_shard_size),
-        lines=None if schedule is None else schedule.to_dict(),
+        lines=schedule,
         per_tensor=_check_per_tensor(spec, per_tensor or {}, len(models), params),
         slices=_check_slices(spec, slices, len(models)),
     )
-
-
-def _check_slices(spec: Method, slices: list | None, n_models: int) -> tuple[tuple[int, int, int], ...]:
-    """Layer stacking: [{model: i, layers: [start, end]}, ...]; only passthrough stacks layers."""
-    if not slices:
-        if spec.name == "passthrough" and n_models != 1:
-            raise RecipeError("passthrough without slices copies one model", hint="give slices: to stack")
-        return ()
-    if spec.name != "passthrough":
-        raise RecipeError(f"method {spec.name} does not stack layers", hint="slices are for passthrough")
-    out = []
-    for i, entry in enumerate(slices):
-        try:
-            model, (start, end) = int(entry["model"]), entry["layers"]
-            start, end = int(start), int(end)
-        except (KeyError, TypeError, ValueError):
-            raise RecipeError(f"slices[{i}] must be {{model: INDEX, layers: [START, END]}}") from None
-        if not 0 <= model < n_models or not 0 <= start < end:
-            raise RecipeError(f"slices[{i}]: model {model} of {n_models}, layers [{start}, {end}) is invalid")
-        out.append((model, start, end))
-    return tuple(out)
 
 
 # Parameters a tensor may set for itself; the others shape the whole run (ranks over all tensors...).
@@ -188,6 +177,27 @@ def _check_per_tensor(spec: Method, per_tensor: object, n_models: int, params: d
             for k, v in values.items()
         }
     return out
+
+
+def _check_slices(spec: Method, slices: list | None, n_models: int) -> tuple[tuple[int, int, int], ...]:
+    """Layer stacking: [{model: i, layers: [start, end]}, ...]; only passthrough stacks layers."""
+    if not slices:
+        if spec.name == "passthrough" and n_models != 1:
+            raise RecipeError("passthrough without slices copies one model", hint="give slices: to stack")
+        return ()
+    if spec.name != "passthrough":
+        raise RecipeError(f"method {spec.name} does not stack layers", hint="slices are for passthrough")
+    out = []
+    for i, entry in enumerate(slices):
+        try:
+            model, (start, end) = int(entry["model"]), entry["layers"]
+            start, end = int(start), int(end)
+        except (KeyError, TypeError, ValueError):
+            raise RecipeError(f"slices[{i}] must be {{model: INDEX, layers: [START, END]}}") from None
+        if not 0 <= model < n_models or not 0 <= start < end:
+            raise RecipeError(f"slices[{i}]: model {model} of {n_models}, layers [{start}, {end}) is invalid")
+        out.append((model, start, end))
+    return tuple(out)
 
 
 def _absolute(source: str | Path) -> str:

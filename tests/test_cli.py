@@ -441,7 +441,19 @@ def test_methods_lists_all(invoke):
     result = invoke("methods")
     assert result.exit_code == 0, (result.output, result.exception)
     listed = [line.split()[0] for line in result.stdout.splitlines() if line and not line[0].isspace()]
-    assert set(METHOD_NAMES) <= set(listed) and len(listed) == len(set(listed))  # others may be added
+    from surgery.methods import METHODS
+
+    assert listed == list(METHODS)
+
+
+def test_every_registry_merge_method_has_a_merge_flag(invoke):
+    from surgery.methods import METHODS
+
+    result = invoke("merge", "--help")
+    merge_methods = [name for name, spec in METHODS.items() if spec.command == "merge"]
+    assert set(METHOD_NAMES) <= set(merge_methods)
+    for name in merge_methods:
+        assert "--" + name.replace("_", "-") in result.stdout, name
 
 
 # -- run, dry run, help -----------------------------------------------------------------------------

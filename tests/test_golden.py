@@ -212,3 +212,22 @@ def test_recipes_written_before_the_redesign_still_run(runs, tmp_path):
         surgery("run", str(recipe), "-o", str(out))
         got = folder_hashes(out, {root: "<ROOT>"})
         assert got == runs[case], case
+
+
+def test_the_library_writes_the_same_folder_as_the_cli(runs, tmp_path):
+    """``surgery.merge(make_recipe(...))`` from Python: every file, card included, as the command's."""
+    import surgery
+
+    root = Path(runs["_root"]["path"])
+    cases = {
+        "F32/lines_auto_ties": ("ties", ["ft1", "ft2"], {}, {"alpha": "auto"}, None),
+        "BF16/diff_patch_density": ("patch", ["ft1"], {"density": 0.25, "region": "."}, None, None),
+        "F16/task_arithmetic_to_f16_sharded": ("task_arithmetic", ["ft1", "ft2"], {}, None, "float16"),
+    }
+    for case, (method, models, params, lines, dtype) in cases.items():
+        d = root / case.split("/")[0]
+        recipe = surgery.make_recipe(method, [d / m for m in models], d / "base", params, dtype,
+                                     3000 if "sharded" in case else "5GB", lines)  # fmt: skip
+        out = tmp_path / case.replace("/", "__")
+        surgery.merge(recipe, out, surgery.EngineOptions(threads=2))
+        assert folder_hashes(out, {str(root): "<ROOT>"}) == runs[case], case

@@ -239,7 +239,7 @@ def test_crash_while_finalising_then_resume(tiny, tmp_path, monkeypatch):
     monkeypatch.undo()
     assert (out / STAGING).is_dir() and not (out / "model.safetensors.index.json").exists()
     result = merge(recipe, out, EngineOptions(threads=1, max_memory=4096))
-    assert result.resumed_tensors > 0
+    assert result.resumed > 0
     got = folder_bytes(out)
     assert {k: v for k, v in got.items() if k != "README.md"} == {
         k: v for k, v in ref.items() if k != "README.md"

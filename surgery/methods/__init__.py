@@ -1,16 +1,20 @@
-"""The registry of merge methods: one explicit dict, no registration by import side effect."""
+"""The registry of merge methods: one explicit dict, no registration by import side effect.
+
+Importing it loads no numpy: the CLI builds its method flags and choices from it at start-up.
+"""
 
 from __future__ import annotations
 
 from surgery.errors import RecipeError
-from surgery.methods.breadcrumbs import BREADCRUMBS, BREADCRUMBS_TIES
+from surgery.methods.breadcrumbs import BREADCRUMBS
 from surgery.methods.dare import DARE, DARE_TIES
+from surgery.methods.graft import APPLY_PATCH, GRAFT, PATCH
 from surgery.methods.interpolation import LINEAR, MODEL_STOCK, SLERP
 from surgery.methods.passthrough import PASSTHROUGH
 from surgery.methods.spec import Method, Param
 from surgery.methods.task_arithmetic import TASK_ARITHMETIC
-from surgery.methods.ties import TIES
-from surgery.methods.transfer import APPLY, APPLY_PATCH, DIFF, GRAFT, PATCH, TRANSFER
+from surgery.methods.ties import BREADCRUMBS_TIES, TIES
+from surgery.methods.transfer import APPLY, DIFF, TRANSFER
 
 METHODS: dict[str, Method] = {
     m.name: m

@@ -4,37 +4,36 @@ Per task vector keep the middle band of magnitudes: drop the ``outliers`` fracti
 keep the next ``density`` fraction, drop everything smaller. Ranks are exact order statistics (ties
 broken by lower index), so a group of n entries keeps exactly floor(density * n) of them: the ranks
 floor(outliers*n)+1 .. floor(outliers*n)+floor(density*n). Then task arithmetic on the masked vectors,
-or TIES sign election (``breadcrumbs_ties``).
+or TIES sign election (``breadcrumbs_ties``, defined in ties.py next to the TIES combine).
 
     out = b + scale * sum_t w_t * mask_t * tau_t
+
+``BAND`` is the sparsify stage of every rank-based method (TIES' top-k is a band with no outliers, a
+graft and a sparse patch select a band too): the engine's reduce passes find the exact thresholds of
+each tensor, row or the whole model (``granularity``), and the mask keeps the band in place.
 """
 
-from surgery.methods.spec import SCALE, WEIGHTS, Method, density, granularity, outliers
+from surgery.methods.spec import SCALE, WEIGHTS, Method, Slice, Sparsify, density, granularity, outliers
 
-_PARAMS = (density(0.10), outliers(0.01), granularity(), SCALE, WEIGHTS)
+
+def _band_apply(be, tau, s: Slice) -> None:
+    if s.band is None:  # ranks per row: thresholds of each row, computed in the kernel
+        from surgery.ranks import band_ranks
+
+        r_hi, r_lo = band_ranks(s.params, s.cols)
+        be.row_band_mask(tau, s.cols, r_hi, r_lo, s.scratch)
+    else:
+        b = s.band
+        be.band_mask(tau, b.v_hi, b.ties_hi, b.v_lo, b.ties_lo, b.seen)
+
+
+BAND = Sparsify("band", needs_ranks=True, apply=_band_apply)
 
 BREADCRUMBS = Method(
     name="breadcrumbs",
     title="Model Breadcrumbs",
     paper="https://arxiv.org/abs/2312.06795",
     formula="out = b + scale * sum_t w_t * band_mask_t * tau_t",
-    sparsify="band",
-    combine="sum",
-    needs_base=True,
-    min_models=1,
-    max_models=None,
-    params=_PARAMS,
-)
-
-BREADCRUMBS_TIES = Method(
-    name="breadcrumbs_ties",
-    title="Model Breadcrumbs with TIES sign election",
-    paper="https://arxiv.org/abs/2312.06795",
-    formula="out = b + scale * disjoint_mean(elect(band_mask_t * tau_t))",
-    sparsify="band",
-    combine="ties",
-    needs_base=True,
-    min_models=1,
-    max_models=None,
-    params=_PARAMS,
+    sparsify=BAND,
+    params=(density(0.10), outliers(0.01), granularity(), SCALE, WEIGHTS),
 )

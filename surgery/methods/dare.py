@@ -7,39 +7,40 @@ dare_linear) or TIES election and disjoint mean (``dare_ties``).
 """
 
 import hashlib
+from dataclasses import replace
 
-from surgery.methods.spec import SCALE, SEED, WEIGHTS, Method, density
-
-_PARAMS = (density(0.5), SEED, SCALE, WEIGHTS)
-
-DARE = Method(
-    name="dare",
-    title="DARE (drop and rescale) + task arithmetic",
-    paper="https://arxiv.org/abs/2311.03099",
-    formula="out = b + scale * sum_t w_t * m_t * tau_t / density",
-    sparsify="bernoulli",
-    combine="sum",
-    needs_base=True,
-    min_models=1,
-    max_models=None,
-    params=_PARAMS,
-)
-
-DARE_TIES = Method(
-    name="dare_ties",
-    title="DARE + TIES sign election",
-    paper="https://arxiv.org/abs/2311.03099",
-    formula="out = b + scale * disjoint_mean(elect(m_t * tau_t / density))",
-    sparsify="bernoulli",
-    combine="ties",
-    needs_base=True,
-    min_models=1,
-    max_models=None,
-    params=_PARAMS,
-)
+from surgery.methods.spec import SCALE, SEED, WEIGHTS, Method, Slice, Sparsify, density
+from surgery.methods.ties import TIES_COMBINE
 
 
 def dare_key(seed: int, name: str, model_index: int) -> int:
     """64-bit key of DARE's random stream for one (seed, tensor, model)."""
     digest = hashlib.blake2b(f"{seed}\0{name}\0{model_index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little")
+
+
+def _bernoulli_apply(be, tau, s: Slice) -> None:
+    import numpy as np
+
+    key = dare_key(int(s.params["seed"]), s.tensor, s.model)
+    be.dare_mask(tau, float(s.params["density"]), np.uint64(key), s.start)
+
+
+BERNOULLI = Sparsify("bernoulli", needs_ranks=False, apply=_bernoulli_apply)
+
+DARE = Method(
+    name="dare",
+    title="DARE (drop and rescale) + task arithmetic",
+    paper="https://arxiv.org/abs/2311.03099",
+    formula="out = b + scale * sum_t w_t * m_t * tau_t / density",
+    sparsify=BERNOULLI,
+    params=(density(0.5), SEED, SCALE, WEIGHTS),
+)
+
+DARE_TIES = replace(
+    DARE,
+    name="dare_ties",
+    title="DARE + TIES sign election",
+    formula="out = b + scale * disjoint_mean(elect(m_t * tau_t / density))",
+    combine=TIES_COMBINE,
+)

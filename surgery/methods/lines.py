@@ -43,10 +43,20 @@ class LinesSchedule:
         return {"alpha": alpha, "alpha+beta": alpha + beta, "one": 1.0}[self.outside]
 
 
-def make_schedule(data: dict | None) -> LinesSchedule | None:
+@dataclass(frozen=True)
+class LinesResolved:
+    """The schedule a run used, auto alpha measured: lambda(l) = alpha + beta * l / (L - 1)."""
+
+    alpha: float
+    beta: float
+    outside: str
+    requested_alpha: float | str  # what the recipe asked for: a number or "auto"
+
+
+def make_schedule(data: dict | LinesSchedule | None) -> LinesSchedule | None:
     """Validate a recipe's ``lines:`` section ({alpha, beta, outside})."""
-    if data is None:
-        return None
+    if data is None or isinstance(data, LinesSchedule):
+        return data
     if not isinstance(data, dict):
         raise RecipeError("'lines' must be a mapping with alpha, beta and outside")
     unknown = set(data) - {"alpha", "beta", "outside"}

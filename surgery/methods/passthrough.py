@@ -10,16 +10,13 @@ model.
 
 from surgery.methods.spec import Method
 
+# Every job of a stack is a copy (the planner's copy_base with a source input and name), so the
+# default combine stage never runs.
 PASSTHROUGH = Method(
     name="passthrough",
     title="Passthrough / layer stacking",
     paper="https://github.com/arcee-ai/mergekit#passthrough",
     formula="blocks_out = concat_s blocks(model_s)[start_s:end_s], renumbered",
-    sparsify=None,
-    combine="copy",
     needs_base=False,
-    min_models=1,
-    max_models=None,
-    params=(),
     roles="models: the checkpoints whose layer ranges are stacked (recipe 'slices')",
 )

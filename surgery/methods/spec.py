@@ -1,13 +1,21 @@
-"""What a merge method is: a small spec of data, no behaviour of its own.
+"""What a merge method is: a frozen spec of data plus its stages as frozen function tables.
 
-Every method in the mergekit family is one ``sparsify`` stage applied to each task vector followed by
-one ``combine`` stage; variants that differ only in data (TIES, DARE-TIES, Breadcrumbs-TIES) are
-specs with different stages and defaults, not new code. The engine runs the stages.
+Every method in the mergekit family is one ``Sparsify`` stage applied to each task vector followed by
+one ``Combine`` stage; variants that differ only in data (TIES, DARE-TIES, Breadcrumbs-TIES) are
+``dataclasses.replace`` of one spec with other stages and defaults, not new code. The stages are
+defined in the paper's module (``SUM`` in task_arithmetic.py, ``BAND`` in breadcrumbs.py, ...) in the
+style of ``kernels.Backend``: plain functions that call backend kernels, no state, no names. The
+engine runs them without ever learning a method by name.
+
+This module and the method modules import no numpy at import time (their stage functions import it
+when they run), so the CLI builds its flags from the registry without slowing ``surgery --help``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, Literal
 
 GRANULARITIES = ("per_tensor", "per_row", "global")
 
@@ -15,37 +23,147 @@ GRANULARITIES = ("per_tensor", "per_row", "global")
 @dataclass(frozen=True)
 class Param:
     name: str
-    kind: str  # "float", "int", "weights", "choice"
+    kind: str  # "float", "int", "weights", "choice", "regex", "fixed"
     default: object
     help: str
     choices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
+class Slice:
+    """What a sparsify stage sees of one task vector chunk (besides the values themselves)."""
+
+    tensor: str  # output tensor name (DARE keys its random stream by it)
+    model: int  # task vector index t
+    start: int  # flat index of the chunk's first element
+    cols: int  # row length (per-row ranks)
+    band: Any  # ranks.Band of this tensor (or the whole model) for model t; None: rank per row
+    params: Mapping[str, object]  # the job's parameters
+    scratch: Any  # a reusable uint64 buffer of ``cols`` entries
+
+
+@dataclass(frozen=True)
+class Sparsify:
+    """How each task vector is thinned before the combine, in place: ``apply(backend, tau_t, slice)``."""
+
+    name: str
+    needs_ranks: bool  # exact rank thresholds from reduce passes (per tensor / per row / global)
+    apply: Callable[[Any, Any, Slice], None]
+
+
+@dataclass(frozen=True)
+class Operands:
+    """A chunk's arrays as a combine stage sees them (float32, one row per input or task vector)."""
+
+    inputs: Any  # [n_inputs, count]: every input, base first when there is one
+    models: Any  # [n_models, count]: the models' rows (inputs without the base)
+    tau: Any  # [T, count] task vectors after sparsify, or None when the combine does not use them
+    base: Any  # [count]: the row the update is added to (zeros: the output is the update itself)
+    shape: tuple[int, ...]  # the chunk's shape: (count,), or the whole tensor for whole-matrix stages
+
+
+@dataclass(frozen=True)
+class Combine:
+    """How task vectors (or models) become one output chunk.
+
+    ``coefficients(gram, params, n_models)`` gives the per-tensor scalars the apply needs (weights,
+    SLERP's [c0, c1], Model Stock's [k]) once per tensor; ``gram`` is the Gram matrix of
+    ``gram_over`` ("inputs" or "tau") over the whole tensor, or None. ``apply(backend, operands,
+    coeffs, scale, out)`` writes the float32 output chunk in place.
+
+    ``adds_update``: the output is ``base + scale * update(tau)``; the engine then folds LiNeS into
+    ``scale`` and passes a zero base to get the update alone (a diff, LiNeS' auto alpha). Otherwise
+    the output is an interpolation of the inputs and LiNeS rescales ``out - inputs[0]`` afterwards.
+    ``whole_matrix``: the stage needs every input's whole tensor at once (a per-matrix SVD); the
+    engine then hands it one chunk holding the whole tensor when it fits the memory budget.
+    """
+
+    name: str
+    uses_tau: bool
+    adds_update: bool
+    apply: Callable[..., None]
+    coefficients: Callable[[Any, Mapping[str, object], int], tuple[float, ...]] | None = None
+    gram_over: Literal["inputs", "tau"] | None = None
+    whole_matrix: bool = False
+
+
+@dataclass(frozen=True)
+class TauFrom:
+    """Where the task vectors come from: ``compute(backend, inputs, tau)`` fills tau [T, count]."""
+
+    name: str
+    task_vectors: Callable[[int], int]  # number of models -> T
+    compute: Callable[[Any, Any, Any], None]
+
+
+def _tau_models(be, dec, tau) -> None:  # tau_t = f_t - b
+    be.subtract(dec[1:], dec[0], tau)
+
+
+def _tau_given(be, dec, tau) -> None:  # the models are diffs already
+    tau[...] = dec[1:]
+
+
+def _tau_pairs(be, dec, tau) -> None:  # models = [old base, old fine-tune]: one task vector
+    be.subtract(dec[2:3], dec[1], tau)
+
+
+TAU_MODELS = TauFrom("models", lambda n: n, _tau_models)
+TAU_GIVEN = TauFrom("given", lambda n: n, _tau_given)
+TAU_PAIRS = TauFrom("pairs", lambda n: 1, _tau_pairs)
+
+
+def _sum_apply(be, x: Operands, coeffs, scale, out) -> None:
+    be.combine_sum(x.base, x.tau, coeffs, scale, out)
+
+
+def weights_or_ones(gram, params: Mapping[str, object], n_models: int) -> tuple[float, ...]:
+    """Per-model weights w_t (default all 1)."""
+    return tuple(params.get("weights") or [1.0] * n_models)
+
+
+# The combine most methods end in (task arithmetic, and every spec's default): b + scale * sum w_t tau_t.
+SUM = Combine("sum", uses_tau=True, adds_update=True, apply=_sum_apply, coefficients=weights_or_ones)
+
+
+@dataclass(frozen=True)
 class Method:
+    """A merge method: metadata for users (name, title, paper, formula, roles, parameters) and the
+    stages the engine runs (``sparsify``, ``combine``, ``tau_from``). Variants: ``replace(spec, ...)``."""
+
     name: str
     title: str
     paper: str
     formula: str
-    sparsify: str | None  # None, "band" (exact rank band), "bernoulli" (DARE)
-    combine: str  # "sum", "ties", "linear", "slerp", "model_stock"
-    needs_base: bool
-    min_models: int
-    max_models: int | None
-    params: tuple[Param, ...]
-    # Which command builds it and what its inputs mean (base / models roles are in `roles`).
-    command: str = "merge"  # "merge", "diff", "apply", "transfer", "graft"
-    roles: str = "base: the pre-trained model; models: its fine-tunes"
-    # Where task vectors come from: "models" (f_t - b), "given" (the models ARE diffs),
-    # "pairs" (models = [old_base, old_finetuned]: tau = old_finetuned - old_base).
-    tau_from: str = "models"
+    params: tuple[Param, ...] = ()
+    sparsify: Sparsify | None = None
+    combine: Combine = SUM
+    needs_base: bool = True
+    min_models: int = 1
+    max_models: int | None = None
+    endpoints: int | None = None  # SLERP: exactly this many inputs (a base counts as one)
+    tau_from: TauFrom = TAU_MODELS
     # What is written: "dense" (b + update), "update" (the update alone: a diff), "patch" (sparse
     # indices + values of the selected update), "scatter" (b + a sparse patch).
-    output: str = "dense"
+    output: Literal["dense", "update", "patch", "scatter"] = "dense"
+    config_from: Literal["base", "last"] = "base"  # config.json: from input 0 or the last input
+    tokenizer_from: Literal["base", "last"] = "base"  # tokenizer, chat template, generation config
+    # Content hashes of input 0: "record" them in the manifest (a diff), "check" them against the
+    # manifest of input 1 (applying a diff), or neither.
+    base_hashes: Literal["record", "check"] | None = None
+    # For `surgery methods` and the model card only: the command that builds it, what inputs mean.
+    command: str = "merge"
+    roles: str = "base: the pre-trained model; models: its fine-tunes"
 
     @property
     def defaults(self) -> dict[str, object]:
         return {p.name: p.default for p in self.params}
+
+    def passes(self, params: Mapping[str, object]) -> int:
+        """Passes over the inputs: rank thresholds take two reduce passes, a Gram matrix one."""
+        if self.sparsify is not None and self.sparsify.needs_ranks and params.get("granularity") != "per_row":
+            return 3
+        return 2 if self.combine.gram_over is not None else 1
 
 
 # Shared parameter definitions: one meaning per name across methods.

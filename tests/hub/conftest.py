@@ -54,7 +54,10 @@ def hub_env(tmp_path, fake_hub) -> dict[str, str]:
         HF_HUB_DISABLE_PROGRESS_BARS="1",
         HF_TOKEN=TEST_TOKEN,
         NUMBA_CACHE_DIR=os.environ.get("NUMBA_CACHE_DIR", os.path.join(tempfile.gettempdir(), "numba-cache")),
-        PYTHONPATH=os.pathsep.join([str(HERE), str(ROOT / "tests"), str(ROOT)]),
+        # the parent's path too: it may map surgery_cli to this tree's cli/ (a worktree's shim)
+        PYTHONPATH=os.pathsep.join(
+            [str(HERE), str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")]
+        ),
     )
     return env
 

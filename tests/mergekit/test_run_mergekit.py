@@ -367,8 +367,10 @@ def test_slerp_threshold_is_mergekits():
 
     cos = 0.9997  # inside mergekit's linear band, outside ours
     gram = torch.tensor([[1.0, cos], [cos, 1.0]], dtype=torch.float64).numpy()
-    assert list(slerp_coefficients(gram, 0.3, 0.9995)) == pytest.approx([0.7, 0.3], abs=1e-7)
-    assert list(slerp_coefficients(gram, 0.3)) != pytest.approx([0.7, 0.3], abs=1e-7)
+    assert list(slerp_coefficients(gram, {"t": 0.3, "linear_above": 0.9995})) == pytest.approx(
+        [0.7, 0.3], abs=1e-7
+    )
+    assert list(slerp_coefficients(gram, {"t": 0.3})) != pytest.approx([0.7, 0.3], abs=1e-7)
 
 
 def test_model_stock_without_the_cosine_clamp(family, invoke, tmp_path):

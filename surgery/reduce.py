@@ -1,0 +1,173 @@
+"""Reduce passes: whole-tensor (or whole-model) statistics streamed over chunks, as pure functions.
+
+- exact rank bands per tensor (two histogram passes of radix select, ``ranks.py``) and over the whole
+  model (``global_bands``: the same passes summed over every tensor, ties shared in plan order);
+- the Gram matrix of the inputs or task vectors (SLERP's angle, Model Stock's cosines);
+- the L1 norms LiNeS' automatic alpha needs.
+
+Each takes streams and a backend and returns numbers; nothing here writes output or keeps state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from surgery.kernels import Backend
+from surgery.plan import TensorJob
+from surgery.ranks import (
+    HIST,
+    Band,
+    band_ranks,
+    count_above,
+    count_at,
+    edge_bins,
+    sparse,
+    threshold_from_hists,
+)
+from surgery.stream import TensorStream
+
+
+def _hist_high(stream: TensorStream, n_models: int, backend: Backend) -> np.ndarray:
+    hist = np.zeros((n_models, HIST), np.int64)
+    for k in range(len(stream.ranges)):
+        tau = stream.read(k).tau
+        for t in range(n_models):
+            backend.abs_hist_high(tau[t], hist[t])
+    return hist
+
+
+def _hist_low(stream: TensorStream, bins: list[list[int]], backend: Backend) -> list[dict[int, np.ndarray]]:
+    """Per model t, the low-16-bit histogram inside each high bin of ``bins[t]``."""
+    hists = [{b: np.zeros(HIST, np.int64) for b in bins[t]} for t in range(len(bins))]
+    if any(bins):
+        for k in range(len(stream.ranges)):
+            tau = stream.read(k).tau
+            for t in range(len(bins)):
+                for b, hist in hists[t].items():
+                    backend.abs_hist_low(tau[t], b, hist)
+    return hists
+
+
+def _band(high: np.ndarray, lows: dict[int, np.ndarray], r_hi: int, r_lo: int) -> Band:
+    v_hi, t_hi = threshold_from_hists(high, r_hi, lows.__getitem__)
+    v_lo, t_lo = threshold_from_hists(high, r_lo, lows.__getitem__)
+    return Band(v_hi, t_hi, v_lo, t_lo)
+
+
+def tensor_bands(stream: TensorStream, params: Mapping, n_models: int, backend: Backend) -> list[Band]:
+    """One band per task vector over this tensor: ranks floor(outliers n)+1 .. + floor(density n)."""
+    r_hi, r_lo = band_ranks(params, stream.job.numel)
+    highs = _hist_high(stream, n_models, backend)
+    bins = [edge_bins(highs[t], r_hi, r_lo) for t in range(n_models)]
+    lows = _hist_low(stream, bins, backend)
+    return [_band(highs[t], lows[t], r_hi, r_lo) for t in range(n_models)]
+
+
+@dataclass(frozen=True)
+class GlobalBands:
+    """Per tensor: one band per task vector, cut from the whole model's ranking; and how many
+    entries each tensor keeps (the size of a sparse patch)."""
+
+    bands: dict[str, list[Band]]
+    counts: dict[str, int]
+
+    def fresh(self, name: str) -> list[Band]:
+        """The bands of ``name`` with new tie counters (each pass over a tensor counts from zero)."""
+        return [Band(b.v_hi, b.ties_hi, b.v_lo, b.ties_lo) for b in self.bands[name]]
+
+
+def global_bands(
+    jobs: Sequence[TensorJob],
+    open_stream: Callable[[TensorJob], TensorStream],
+    params: Mapping,
+    n_models: int,
+    backend: Backend,
+    pmap: Callable[[Callable, list], list],
+) -> GlobalBands:
+    """One band per model over ALL ``jobs``, ties broken in (plan order, index) order.
+
+    Pass 1 sums per-tensor high histograms; pass 2 collects each tensor's low histogram inside the
+    edge bins. Per-tensor histograms are kept sparse (non-empty bins only), so memory stays small for
+    models with hundreds of tensors. A tensor's share of the ties at an edge is what is left of the
+    global tie budget after the tensors before it in plan order. ``pmap`` runs a function over the
+    jobs (in parallel) and returns the results in job order, so sums are taken in plan order.
+    """
+    T = n_models
+
+    def pass_high(job: TensorJob) -> list[tuple[np.ndarray, np.ndarray]]:
+        hist = _hist_high(open_stream(job), T, backend)
+        return [sparse(hist[t]) for t in range(T)]
+
+    per_job_high = pmap(pass_high, list(jobs))
+    highs = np.zeros((T, HIST), np.int64)
+    for job_high in per_job_high:
+        for t, (idx, cnt) in enumerate(job_high):
+            highs[t, idx] += cnt
+    n = sum(j.numel for j in jobs)
+    r_hi, r_lo = band_ranks(params, n)
+    bins = [edge_bins(highs[t], r_hi, r_lo) for t in range(T)]
+
+    def pass_low(job: TensorJob) -> list[dict[int, tuple[np.ndarray, np.ndarray]]]:
+        hists = _hist_low(open_stream(job), bins, backend)
+        return [{b: sparse(h) for b, h in hists[t].items()} for t in range(T)]
+
+    per_job_low = pmap(pass_low, list(jobs))
+    result: dict[str, list[Band]] = {j.name: [] for j in jobs}
+    counts = {j.name: 0 for j in jobs}
+    for t in range(T):
+        lows = {b: np.zeros(HIST, np.int64) for b in bins[t]}
+        for job_low in per_job_low:
+            for b, (idx, cnt) in job_low[t].items():
+                lows[b][idx] += cnt
+        edges = _band(highs[t], lows, r_hi, r_lo)
+        v_hi, v_lo = edges.v_hi, edges.v_lo
+        left_hi, left_lo = edges.ties_hi, edges.ties_lo
+        for job, high, low in zip(jobs, per_job_high, per_job_low):
+            eq_hi = count_at(low[t], v_hi)
+            eq_lo = count_at(low[t], v_lo)
+            band = Band(v_hi, min(left_hi, eq_hi), v_lo, min(left_lo, eq_lo))
+            result[job.name].append(band)
+            left_hi, left_lo = max(0, left_hi - eq_hi), max(0, left_lo - eq_lo)
+            in_lo = count_above(high[t], low[t], v_lo, job.numel) + band.ties_lo
+            in_hi = count_above(high[t], low[t], v_hi, job.numel) + band.ties_hi
+            counts[job.name] += in_lo - in_hi  # T == 1 for patches
+    return GlobalBands(result, counts)
+
+
+def gram(stream: TensorStream, over: str, backend: Backend) -> np.ndarray:
+    """G[s, t] = <x_s, x_t> over the whole tensor (float64), x = the inputs or the task vectors."""
+    size = len(stream.job.in_dtypes) if over == "inputs" else stream.n_models
+    g = np.zeros((size, size), np.float64)
+    for k in range(len(stream.ranges)):
+        chunk = stream.read(k)
+        backend.gram_accumulate(chunk.inputs if over == "inputs" else chunk.tau, g)
+    return g
+
+
+def update_l1(
+    stream: TensorStream,
+    merged_update: Callable[[object, np.ndarray], np.ndarray],
+    backend: Backend,
+    zeros: Callable[[int], np.ndarray],
+    scratch: Callable[[int], np.ndarray],
+) -> np.ndarray:
+    """[||sum_t tau_t||_1, ||update_merged||_1] of one tensor (float64), for LiNeS' automatic alpha.
+
+    ``merged_update(chunk, tmp)`` returns the merged update of a chunk (it may mask tau in place, so
+    the sum of the task vectors is taken first); ``tmp`` is a scratch row it may use.
+    """
+    acc = np.zeros(2, np.float64)
+    ones = np.ones(stream.n_models, np.float32)
+    for k in range(len(stream.ranges)):
+        chunk = stream.take(k)
+        tmp = scratch(chunk.count)
+        base = chunk.inputs[0]
+        tau = chunk.tau if chunk.tau is not None else chunk.inputs[1:] - base
+        backend.combine_sum(zeros(chunk.count), tau, ones, np.float32(1.0), tmp[0])
+        backend.l1_accumulate(tmp, acc[0:1])
+        update = merged_update(chunk, tmp[0])
+        backend.l1_accumulate(update[None], acc[1:2])
+    return acc

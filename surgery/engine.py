@@ -382,7 +382,7 @@ class _Run:
         models = dec[1:] if self.plan.has_base else dec
         shape = job.shape if count == job.numel else (count,)
         if not spec.combine.adds_update:
-            spec.combine.apply(be, Operands(dec, models, tau, dec[0], shape), coeffs, None, out)
+            spec.combine.apply(be, Operands(dec, models, tau, dec[0], shape, job.params), coeffs, None, out)
             if lam != 1.0:  # LiNeS on an interpolation: b + lambda * (out - b)
                 be.rescale_update(dec[0], out, np.float32(lam))
             return out
@@ -397,7 +397,7 @@ class _Run:
                 )
         scale = np.float32(float(job.params.get("scale", 1.0)) * lam)  # one rounding of scale * lambda
         base = self.zeros(count) if zero_base else dec[0]
-        spec.combine.apply(be, Operands(dec, models, tau, base, shape), coeffs, scale, out)
+        spec.combine.apply(be, Operands(dec, models, tau, base, shape, job.params), coeffs, scale, out)
         return out
 
     # -- LiNeS --------------------------------------------------------------------------------------

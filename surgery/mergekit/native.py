@@ -5,7 +5,7 @@ papers' (our own recipes keep the papers' semantics):
 
     task_arithmetic   b + lambda * sum_t w_t tau_t [/ sum_t w_t if normalize]      -> task_arithmetic
     linear            sum_t w_t f_t / sum_t w_t (the base, when named, is an input)  -> linear
-    ties              TIES with mergekit's weighted election: equals ours when the weights are equal
+    ties              elect: weighted (w_t tau_t before election), disjoint: mean | sum (normalize)
     slerp             linear_above 0.9995 (mergekit's threshold);  model_stock  cos_min -1 (no clamp)
     dare_linear       masks without rescale: weights w_t * density (ours divides by density)
     breadcrumbs(_ties) density >= 1 keeps everything (gamma is then ignored), as in mergekit
@@ -133,12 +133,8 @@ def _task_arithmetic_family(
     if shared["rescale"] and sparsified:
         reasons.append("rescale: true (mergekit rescales to the tensor's L1 norm)")
     ties = name in ("ties", "dare_ties", "breadcrumbs_ties")
-    if ties:
-        if not shared["normalize"]:
-            reasons.append("normalize: false with sign consensus (the sum of the agreeing updates)")
-        if len(set(weights)) > 1 or weights[0] <= 0:
-            reasons.append("unequal weights with sign consensus (mergekit elects on weighted updates)")
-        params["weights"] = [1.0] * len(weights)
+    if ties:  # weights before election; normalize divides by the agreeing weights
+        params.update(weights=weights, elect="weighted", disjoint="mean" if shared["normalize"] else "sum")
     else:
         params["weights"] = [w / divisor for w in weights]
     if name == "task_arithmetic":

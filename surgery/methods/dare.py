@@ -10,7 +10,7 @@ import hashlib
 from dataclasses import replace
 
 from surgery.methods.spec import SCALE, SEED, WEIGHTS, Method, Slice, Sparsify, density
-from surgery.methods.ties import TIES_COMBINE
+from surgery.methods.ties import DISJOINT, ELECT, TIES_COMBINE
 
 
 def dare_key(seed: int, name: str, model_index: int) -> int:
@@ -43,4 +43,5 @@ DARE_TIES = replace(
     title="DARE + TIES sign election",
     formula="out = b + scale * disjoint_mean(elect(m_t * tau_t / density))",
     combine=TIES_COMBINE,
+    params=(*DARE.params, ELECT, DISJOINT),
 )

@@ -14,7 +14,7 @@ when they run), so the CLI builds its flags from the registry without slowing ``
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 GRANULARITIES = ("per_tensor", "per_row", "global")
@@ -60,6 +60,7 @@ class Operands:
     tau: Any  # [T, count] task vectors after sparsify, or None when the combine does not use them
     base: Any  # [count]: the row the update is added to (zeros: the output is the update itself)
     shape: tuple[int, ...]  # the chunk's shape: (count,), or the whole tensor for whole-matrix stages
+    params: Mapping[str, object] = field(default_factory=dict)  # the job's parameters (variants of a stage)
 
 
 @dataclass(frozen=True)

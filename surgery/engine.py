@@ -373,6 +373,7 @@ class _Run:
         coeffs: np.ndarray | None,
         lam: float,
         zero_base: bool = False,
+        factors: np.ndarray | None = None,
     ) -> np.ndarray:
         """Output chunk in float32: sparsify each task vector in place, then combine. ``lam`` is the
         LiNeS scale of this tensor's update (1 = none); ``zero_base``: the merged update itself."""
@@ -386,19 +387,42 @@ class _Run:
             if lam != 1.0:  # LiNeS on an interpolation: b + lambda * (out - b)
                 be.rescale_update(dec[0], out, np.float32(lam))
             return out
-        if spec.sparsify is not None:
-            scratch = None
-            if bands is None and spec.sparsify.needs_ranks:
-                scratch = self.ws.get("keys", (job.cols,), np.uint64)
-            for t in range(self.n_models):
-                band = bands[t] if bands is not None else None
-                spec.sparsify.apply(
-                    be, tau[t], Slice(job.name, t, chunk.start, job.cols, band, job.params, scratch)
-                )
+        self.sparsify(job, chunk, bands)
+        if factors is not None:  # each sparsified task vector back to its L1 norm
+            tau *= factors[:, None]
         scale = np.float32(float(job.params.get("scale", 1.0)) * lam)  # one rounding of scale * lambda
         base = self.zeros(count) if zero_base else dec[0]
         spec.combine.apply(be, Operands(dec, models, tau, base, shape, job.params), coeffs, scale, out)
         return out
+
+    def sparsify(self, job: TensorJob, chunk: Chunk, bands: list[Band] | None) -> None:
+        """The method's sparsify stage on each task vector of the chunk, in place."""
+        sparsify = self.spec.sparsify
+        if sparsify is None:
+            return
+        scratch = None
+        if bands is None and sparsify.needs_ranks:
+            scratch = self.ws.get("keys", (job.cols,), np.uint64)
+        for t in range(self.n_models):
+            band = bands[t] if bands is not None else None
+            slice_ = Slice(job.name, t, chunk.start, job.cols, band, job.params, scratch)
+            sparsify.apply(self.backend, chunk.tau[t], slice_)
+
+    def l1_factors(self, job: TensorJob, stream: TensorStream, bands: list[Band] | None) -> np.ndarray | None:
+        """``rescale: l1`` (mergekit's DARE rescale): per task vector L1(tau) / L1(sparsified tau)
+        over the whole tensor, from one more pass (the masks are reproducible); 1 when either is
+        below 1e-7, as mergekit."""
+        if job.params.get("rescale", "none") != "l1" or self.spec.sparsify is None:
+            return None
+        before = np.zeros(self.n_models, np.float64)
+        after = np.zeros(self.n_models, np.float64)
+        for k in range(len(stream.ranges)):
+            chunk = stream.take(k)
+            before += np.abs(chunk.tau).sum(axis=1, dtype=np.float64)
+            self.sparsify(job, chunk, bands)
+            after += np.abs(chunk.tau).sum(axis=1, dtype=np.float64)
+        ok = (before >= 1e-7) & (after >= 1e-7)
+        return np.where(ok, before / np.where(ok, after, 1.0), 1.0).astype(np.float32)
 
     # -- LiNeS --------------------------------------------------------------------------------------
     def lines_scale(self, job: TensorJob) -> float:
@@ -478,6 +502,7 @@ def _merge(run: _Run, job: TensorJob) -> None:
     """The method's output (kind dense), or the merged update alone (kind update: a diff)."""
     stream = run.stream(job)
     bands, coeffs = run.bands(job, stream), run.coefficients(job, stream)
+    factors = run.l1_factors(job, stream, bands)
     lam = run.lines_scale(job)
     hasher = run.hasher()
     for k in range(len(stream.ranges)):
@@ -485,7 +510,7 @@ def _merge(run: _Run, job: TensorJob) -> None:
         if hasher is not None:
             hasher.update(stream.raw0(chunk))
         # a diff is the update itself: b + tau - b would round
-        out = run.apply(job, chunk, bands, coeffs, lam, zero_base=job.kind == "update")
+        out = run.apply(job, chunk, bands, coeffs, lam, zero_base=job.kind == "update", factors=factors)
         stream.fix_rows(chunk, out)
         run.write(job.name, chunk.start, run.encode(job, out))
     run.finish_hash(job, hasher)

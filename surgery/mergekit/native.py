@@ -7,7 +7,7 @@ papers' (our own recipes keep the papers' semantics):
     linear            sum_t w_t f_t / sum_t w_t (the base, when named, is an input)  -> linear
     ties              elect: weighted (w_t tau_t before election), disjoint: mean | sum (normalize)
     slerp             linear_above 0.9995 (mergekit's threshold);  model_stock  cos_min -1 (no clamp)
-    dare_linear       masks without rescale: weights w_t * density (ours divides by density)
+    dare_linear       rescale: l1 (mergekit's default), or without rescale weights w_t * density
     breadcrumbs(_ties) density >= 1 keeps everything (gamma is then ignored), as in mergekit
     passthrough       the slices' layer ranges, stacked and renumbered              -> passthrough
 
@@ -130,8 +130,9 @@ def _task_arithmetic_family(
     density = min(1.0, _one(per_model, "density", reasons))
     gamma = _one(per_model, "gamma", reasons) if "gamma" in per_model else 0.0
     sparsified = name != "task_arithmetic" and density < 1.0
-    if shared["rescale"] and sparsified:
-        reasons.append("rescale: true (mergekit rescales to the tensor's L1 norm)")
+    dare = name in ("dare_linear", "dare_ties")
+    if shared["rescale"] and sparsified and not dare:
+        reasons.append("rescale: true with magnitude pruning (L1 rescale after a top-k)")
     ties = name in ("ties", "dare_ties", "breadcrumbs_ties")
     if ties:  # weights before election; normalize divides by the agreeing weights
         params.update(weights=weights, elect="weighted", disjoint="mean" if shared["normalize"] else "sum")
@@ -142,12 +143,14 @@ def _task_arithmetic_family(
     if density <= 0.0:
         reasons.append(f"density {density}")
         return _NATIVE[name], params
-    if name in ("dare_linear", "dare_ties"):
+    if dare:
+        if shared["rescale"]:  # masked tau back to the L1 norm of tau (the 1/p is then irrelevant)
+            return _NATIVE[name], {**params, "density": density, "rescale": "l1"}
         if ties:
             params["scale"] *= density  # ours divides the kept entries by density; mergekit does not
         else:
             params["weights"] = [w * density for w in params["weights"]]
-        return _NATIVE[name], {**params, "density": density}
+        return _NATIVE[name], {**params, "density": density, "rescale": "none"}
     # magnitude (ties) and magnitude_outliers (breadcrumbs): mergekit counts int(x * n) in floats;
     # density 1 skips the trimming, gamma included
     if not sparsified:

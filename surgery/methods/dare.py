@@ -1,6 +1,7 @@
 """DARE: drop and rescale (Yu et al., ICML 2024, arXiv 2311.03099).
 
 m ~ Bernoulli(density) per element, tau' = m * tau / density (the exact rescale keeps E[tau'] = tau).
+``rescale: l1`` is mergekit's rule instead: tau' = m * tau * ||tau||_1 / ||m * tau||_1 per tensor.
 The random stream is keyed by (seed, tensor name, model index, element index): the same seed gives the
 same output whatever the chunking, thread count or order. Then task arithmetic (``dare``, mergekit's
 dare_linear) or TIES election and disjoint mean (``dare_ties``).
@@ -9,7 +10,7 @@ dare_linear) or TIES election and disjoint mean (``dare_ties``).
 import hashlib
 from dataclasses import replace
 
-from surgery.methods.spec import SCALE, SEED, WEIGHTS, Method, Slice, Sparsify, density
+from surgery.methods.spec import SCALE, SEED, WEIGHTS, Method, Param, Slice, Sparsify, density
 from surgery.methods.ties import DISJOINT, ELECT, TIES_COMBINE
 
 
@@ -26,6 +27,11 @@ def _bernoulli_apply(be, tau, s: Slice) -> None:
     be.dare_mask(tau, float(s.params["density"]), np.uint64(key), s.start)
 
 
+RESCALE = Param(
+    "rescale", "choice", "none", "after the mask: none (m tau / density), or l1: back to the L1 norm of tau "
+    "(mergekit)", ("none", "l1")
+)  # fmt: skip
+
 BERNOULLI = Sparsify("bernoulli", needs_ranks=False, apply=_bernoulli_apply)
 
 DARE = Method(
@@ -34,7 +40,7 @@ DARE = Method(
     paper="https://arxiv.org/abs/2311.03099",
     formula="out = b + scale * sum_t w_t * m_t * tau_t / density",
     sparsify=BERNOULLI,
-    params=(density(0.5), SEED, SCALE, WEIGHTS),
+    params=(density(0.5), SEED, SCALE, WEIGHTS, RESCALE),
 )
 
 DARE_TIES = replace(

@@ -74,7 +74,7 @@ def outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
 
 
 def gta(base, models, weights, *, sparsify=None, consensus=False, normalize=False, lam=1.0):
-    deltas = torch.stack([sparsify(m - base) if sparsify else m - base for m in models])
+    deltas = torch.stack([sparsify(m - base, i) if sparsify else m - base for i, m in enumerate(models)])
     w = torch.tensor(weights).reshape(-1, *([1] * base.dim()))
     deltas = deltas * w
     if consensus:
@@ -146,7 +146,7 @@ def test_ties_equal_weights_and_density(family, invoke, tmp_path):
             b[n],
             [f[n] for f in fs],
             [0.5] * 3,
-            sparsify=lambda d: magnitude(d, 0.5),
+            sparsify=lambda d, _: magnitude(d, 0.5),
             consensus=True,
             normalize=True,
         ),
@@ -173,7 +173,7 @@ def test_ties_weights_before_election(family, invoke, tmp_path, normalize):
 
     def expect(n, _):
         w = [1.0, gradient([0.2, 1.5], position(n)), -0.4]
-        trim = lambda x: magnitude(x, 0.5)  # noqa: E731
+        trim = lambda x, _: magnitude(x, 0.5)  # noqa: E731
         return gta(b[n], [f[n] for f in fs], w, sparsify=trim, consensus=True, normalize=normalize)
 
     check(tmp_path / "out", expect)
@@ -201,7 +201,7 @@ def test_breadcrumbs_density_and_gamma(family, invoke, tmp_path):
     b, f1, f2 = states_of(family, "base", "ft1", "ft2")
     check(
         tmp_path / "out",
-        lambda n, _: gta(b[n], [f1[n], f2[n]], [0.6, 0.4], sparsify=lambda d: outliers(d, 0.5, 0.125)),
+        lambda n, _: gta(b[n], [f1[n], f2[n]], [0.6, 0.4], sparsify=lambda d, _: outliers(d, 0.5, 0.125)),
     )
 
 
@@ -235,6 +235,57 @@ def test_linear_includes_the_base_as_mergekit_does(family, invoke, tmp_path):
     assert result.exit_code == 0, result.output
     b, f1 = states_of(family, "base", "ft1")
     check(tmp_path / "out", lambda n, _: (3.0 * f1[n] + 1.0 * b[n]) / 4.0)
+
+
+def our_dare_mask(name: str, model: int, shape, density: float, seed: int = 0) -> torch.Tensor:
+    """Our counter-based DARE stream (splitmix64 of key + element index), written out again."""
+    import numpy as np
+    from ckpt_factory import splitmix64
+
+    from surgery.methods.dare import dare_key
+
+    n = math.prod(shape)
+    z = splitmix64(np.uint64(dare_key(seed, name, model)) + np.arange(n, dtype=np.uint64))
+    u = (z >> np.uint64(11)).astype(np.float64) / 2.0**53
+    return torch.from_numpy(u < density).reshape(shape)
+
+
+def l1_rescaled(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """mergekit's rescaled_masked_tensor with the L1 norm."""
+    masked = delta * mask
+    before, after = delta.abs().sum(), masked.abs().sum()
+    return masked if before < 1e-7 or after < 1e-7 else masked * (before / after)
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+def test_dare_defaults_rescale_to_the_l1_norm(family, invoke, tmp_path, method):
+    """mergekit's DARE defaults: rescale: true (L1), normalize: false. With our masks, the rest of
+    mergekit's math must agree."""
+    weights = {"ft1": 0.6, "ft2": 0.4}
+    cfg = write_config(
+        tmp_path,
+        {
+            "merge_method": method,
+            "base_model": str(family["base"]),
+            "models": [
+                {"model": str(family[k]), "parameters": {"weight": w, "density": 0.4}}
+                for k, w in weights.items()
+            ],
+        },
+    )
+    result = invoke("run", cfg, "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    b, f1, f2 = states_of(family, "base", "ft1", "ft2")
+
+    def expect(n, _):
+        fs = [f1[n], f2[n]]
+        masks = [our_dare_mask(n, t, b[n].shape, 0.4) for t in range(2)]
+        rescale = lambda d, t: l1_rescaled(d, masks[t])  # noqa: E731
+        return gta(b[n], fs, [0.6, 0.4], sparsify=rescale, consensus=method == "dare_ties")
+
+    check(tmp_path / "out", expect)
+    recipe = yaml.safe_load((tmp_path / "out" / "surgery_recipe.yaml").read_text())
+    assert recipe["parameters"]["rescale"] == "l1"
 
 
 def test_dare_linear_without_rescale_keeps_the_masked_weighted_update(family, invoke, tmp_path):
@@ -338,7 +389,7 @@ def test_ties_density_gradient(family, invoke, tmp_path):
 
     def expect(n, _):
         d = gradient([1.0, 0.5, 0.25], position(n))
-        trim = lambda x: magnitude(x, d)  # noqa: E731
+        trim = lambda x, _: magnitude(x, d)  # noqa: E731
         return gta(b[n], [f[n] for f in fs], [0.4] * 3, sparsify=trim, consensus=True, normalize=True)
 
     check(tmp_path / "out", expect)
@@ -480,8 +531,8 @@ def test_convert_prints_a_recipe_that_reproduces_the_run(family, invoke, tmp_pat
             "different density per model",
         ),
         (
-            {"merge_method": "dare_ties", "parameters": {"weight": 1.0, "density": 0.5}},
-            r"rescale: true \(mergekit rescales to the tensor's L1 norm\) is not supported yet",
+            {"merge_method": "ties", "parameters": {"weight": 1.0, "density": 0.5, "rescale": True}},
+            r"rescale: true with magnitude pruning \(L1 rescale after a top-k\) is not supported yet",
         ),
     ],
 )

@@ -103,6 +103,18 @@ def _translate(name: str, shared: dict, per_model: dict, numel: int, reasons: li
         return "linear", {"weights": list(per_model["weight"])}
     if name == "slerp":  # mergekit: linear above |cos| 0.9995 (ours: 1 - 1e-6)
         return "slerp", {"t": float(shared["t"]), "linear_above": 0.9995}
+    if name == "nuslerp":
+        if shared["nuslerp_row_wise"] or not shared["nuslerp_flatten"]:
+            reasons.append("nuslerp per row or column (nuslerp_flatten: false)")
+        return "nuslerp", {"weights": [float(w) for w in per_model["weight"]]}
+    if name == "multislerp":
+        normalize = "true" if shared["normalize_weights"] else "false"
+        weights = [float(w) for w in per_model["weight"]]
+        return "multislerp", {"weights": weights, "normalize_weights": normalize, "eps": float(shared["eps"])}
+    if name == "karcher":
+        return "karcher", {"max_iter": int(shared["max_iter"]), "tol": float(shared["tol"])}
+    if name == "nearswap":
+        return "nearswap", {"t": float(shared["t"])}
     if name == "model_stock":  # mergekit does not clamp the mean cosine to [0, 1]
         if shared["filter_wise"]:
             reasons.append("filter_wise: true (one Model Stock ratio per row)")

@@ -12,6 +12,7 @@ from surgery.methods.graft import APPLY_PATCH, GRAFT, PATCH
 from surgery.methods.interpolation import LINEAR, MODEL_STOCK, SLERP
 from surgery.methods.passthrough import PASSTHROUGH
 from surgery.methods.spec import Method, Param
+from surgery.methods.spherical import KARCHER, MULTISLERP, NEARSWAP, NUSLERP
 from surgery.methods.task_arithmetic import TASK_ARITHMETIC
 from surgery.methods.ties import BREADCRUMBS_TIES, TIES
 from surgery.methods.transfer import APPLY, DIFF, TRANSFER
@@ -29,6 +30,10 @@ METHODS: dict[str, Method] = {
         SLERP,
         MODEL_STOCK,
         PASSTHROUGH,
+        NUSLERP,
+        MULTISLERP,
+        KARCHER,
+        NEARSWAP,
         DIFF,
         PATCH,
         APPLY,

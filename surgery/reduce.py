@@ -147,6 +147,21 @@ def gram(stream: TensorStream, over: str, backend: Backend) -> np.ndarray:
     return g
 
 
+def l1_rescale(stream: TensorStream, sparsify: Callable[[object], None], n_models: int) -> np.ndarray:
+    """``rescale: l1`` (mergekit's DARE rescale): per task vector ||tau||_1 / ||sparsified tau||_1
+    over the whole tensor (float64 sums), 1 where either is below 1e-7 (as mergekit). The sparsify
+    stage is reproducible (ranks, counter-based masks), so the apply pass masks the same entries."""
+    before = np.zeros(n_models, np.float64)
+    after = np.zeros(n_models, np.float64)
+    for k in range(len(stream.ranges)):
+        chunk = stream.take(k)  # sparsify masks tau in place
+        before += np.abs(chunk.tau).sum(axis=1, dtype=np.float64)
+        sparsify(chunk)
+        after += np.abs(chunk.tau).sum(axis=1, dtype=np.float64)
+    ok = (before >= 1e-7) & (after >= 1e-7)
+    return np.where(ok, before / np.where(ok, after, 1.0), 1.0).astype(np.float32)
+
+
 def update_l1(
     stream: TensorStream,
     merged_update: Callable[[object, np.ndarray], np.ndarray],

@@ -204,6 +204,24 @@ def lines_outside_option(fn):
     )(fn)
 
 
+class _Schedule(click.ParamType):
+    """A number, or a gradient over the blocks written a:b[:c...] (mergekit's [a, b, c])."""
+
+    name = "number or a:b"
+
+    def convert(self, value, param, ctx):
+        if not isinstance(value, str):
+            return value
+        try:
+            knots = [float(x) for x in value.split(":")]
+        except ValueError:
+            self.fail(f"{value!r} is not a number or a gradient such as 0.2:1.0", param, ctx)
+        return knots[0] if len(knots) == 1 else knots
+
+
+SCHEDULE = _Schedule()
+
+
 # -- commands ---------------------------------------------------------------------------------------
 def _method_flags(fn):
     for name in reversed(MERGE_METHODS):
@@ -220,17 +238,30 @@ def _method_flags(fn):
 @_method_flags
 @click.option(
     "--density",
-    type=float,
+    type=SCHEDULE,
     default=None,
-    help="Fraction of task-vector entries KEPT [default: the method's, see `surgery methods`].",
+    help="Fraction of task-vector entries KEPT, or a gradient over the blocks such as 0.1:0.5 "
+    "[default: the method's, see `surgery methods`].",
 )
 @click.option(
     "--outliers",
-    type=float,
+    type=SCHEDULE,
     default=None,
     help="Fraction of the largest |tau| removed [default: the method's: 0.01 breadcrumbs].",
 )
-@click.option("--scale", type=float, default=None, help="Multiplier of the merged task vector [default: 1].")
+@click.option(
+    "--scale",
+    type=SCHEDULE,
+    default=None,
+    help="Multiplier of the merged task vector, or a gradient 0.2:1.0 over the blocks [default: 1].",
+)
+@click.option(
+    "--filter",
+    "filters",
+    multiple=True,
+    metavar="NAME_PART:PARAM=VALUE",
+    help="Per-tensor override, e.g. self_attn:density=0.5 or mlp:scale=0.2:1 (first match wins).",
+)
 @click.option("--weights", default=None, help="Per-model weights w1,w2,... [default: all 1].")
 @click.option(
     "--granularity",
@@ -241,7 +272,7 @@ def _method_flags(fn):
 @click.option(
     "--t",
     "t",
-    type=float,
+    type=SCHEDULE,
     default=None,
     help="SLERP interpolation factor: 0 = first endpoint, 1 = second [default: 0.5].",
 )
@@ -259,7 +290,7 @@ def _method_flags(fn):
 @engine_options
 @click.pass_context
 def merge(ctx: click.Context, models: tuple[str, ...], base: str | None, method_name: str | None,
-          density, outliers, scale, weights, granularity, t, seed, use_lines, lines_alpha,
+          density, outliers, scale, filters, weights, granularity, t, seed, use_lines, lines_alpha,
           lines_beta, lines_outside, dtype, max_shard_size, **engine) -> None:  # fmt: skip
     """Merge fine-tunes MODELS of one base into a new checkpoint.
 
@@ -286,16 +317,42 @@ def merge(ctx: click.Context, models: tuple[str, ...], base: str | None, method_
         click.echo(f"base: {base} (the base_model of every fine-tune's model card)", err=True)
     elif base is not None:
         warn_contradicting_cards(base, list(models))
-    params = {"density": density, "outliers": outliers, "scale": scale, "weights": weights,
-              "granularity": granularity, "t": t, "seed": seed}  # fmt: skip
+    params, per_tensor = _schedules({"density": density, "outliers": outliers, "scale": scale, "t": t},
+                                    filters, base or models[0])  # fmt: skip
+    params |= {"weights": weights, "granularity": granularity, "seed": seed}
     lines = None
     if use_lines:
         lines = {"alpha": lines_alpha, "beta": lines_beta, "outside": lines_outside}
     else:
         refuse_unused(ctx, ("lines_alpha", "lines_beta", "lines_outside"), "without --lines",
                       hint="add --lines to scale the merged update by block depth")  # fmt: skip
-    recipe = make_recipe(method, list(models), base, params, dtype, max_shard_size, lines)
+    recipe = make_recipe(method, list(models), base, params, dtype, max_shard_size, lines, per_tensor)
     run_recipe(ctx, recipe, **engine)
+
+
+def _schedules(given: dict, filters: tuple[str, ...], reference: str) -> tuple[dict, dict]:
+    """--scale 0.2:1.0 and --filter self_attn:density=0.5 as recipe parameters + per_tensor values."""
+    from surgery.errors import RecipeError
+    from surgery.mergekit.load import merge_schedule
+
+    conditions: dict[str, list] = {}
+    for text in filters:
+        where, _, assignment = text.partition(":")
+        key, _, value = assignment.partition("=")
+        if not where or key not in given or not value:
+            hint = f"PARAM is one of {', '.join(given)}; e.g. --filter self_attn:density=0.5"
+            raise RecipeError(f"--filter {text!r} is not NAME_PART:PARAM=VALUE", hint=hint)
+        conditions.setdefault(key, []).append({"filter": where, "value": SCHEDULE.convert(value, None, None)})
+    settings = {}
+    for key, value in given.items():
+        if key in conditions:
+            settings[key] = conditions[key] + ([{"value": value}] if value is not None else [])
+        elif value is not None:
+            settings[key] = value
+    if all(isinstance(v, float | int) for v in settings.values()):
+        return {**given}, {}
+    params, per_tensor = merge_schedule(reference, settings)
+    return {k: params.get(k) for k in given}, per_tensor
 
 
 @cli.command()

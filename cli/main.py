@@ -277,6 +277,40 @@ def _method_flags(fn):
     help="SLERP interpolation factor: 0 = first endpoint, 1 = second [default: 0.5].",
 )
 @click.option("--seed", type=int, default=None, help="Seed of DARE's random stream [default: 0].")
+@click.option(
+    "--rho",
+    type=float,
+    default=None,
+    help="CART: rank kept of each residual, as a fraction of min(m, n) [default: 0.12].",
+)
+@click.option(
+    "--eta", type=float, default=None, help="STAR: fraction of each nuclear norm kept [default: 0.4]."
+)
+@click.option("--wudi-steps", type=int, default=None, help="WUDI: Adam steps [default: 300].")
+@click.option("--wudi-lr", type=float, default=None, help="WUDI: Adam learning rate [default: 1e-5].")
+@click.option(
+    "--wudi-weight-power",
+    type=int,
+    default=None,
+    help="WUDI: task weights 1/||tau_t||^p, 1 the authors', 2 FusionBench's [default: 1].",
+)
+@click.option(
+    "--calibration",
+    multiple=True,
+    help="RegMean: calibration texts (JSONL `text` or lines), once per model, in model order.",
+)
+@click.option(
+    "--regmean-alpha",
+    type=float,
+    default=None,
+    help="RegMean: scale of the Grams' off-diagonal [default: 0.9].",
+)
+@click.option(
+    "--max-length",
+    type=int,
+    default=None,
+    help="RegMean: tokens per calibration text, longer ones cut [default: 512].",
+)
 @click.option("--lines", "use_lines", is_flag=True, help="LiNeS: scale the merged update by block depth.")
 @click.option(
     "--lines-alpha",
@@ -290,13 +324,16 @@ def _method_flags(fn):
 @engine_options
 @click.pass_context
 def merge(ctx: click.Context, models: tuple[str, ...], base: str | None, method_name: str | None,
-          density, outliers, scale, filters, weights, granularity, t, seed, use_lines, lines_alpha,
+          density, outliers, scale, filters, weights, granularity, t, seed, rho, eta, wudi_steps, wudi_lr,
+          wudi_weight_power, calibration, regmean_alpha, max_length, use_lines, lines_alpha,
           lines_beta, lines_outside, dtype, max_shard_size, **engine) -> None:  # fmt: skip
     """Merge fine-tunes MODELS of one base into a new checkpoint.
 
     \b
     surgery merge FT_A FT_B --base BASE --breadcrumbs -o merged/
     surgery merge FT_A FT_B --ties --density 0.2 -o merged/
+    surgery merge FT_A FT_B --tsv-merge -o merged/        (also --iso-c, --iso-cts, --cart, --star, --wudi)
+    surgery merge FT_A FT_B --regmean --calibration a.jsonl --calibration b.jsonl -o merged/
     """
     from surgery.bases import base_from_cards
     from surgery.errors import RecipeError
@@ -319,7 +356,10 @@ def merge(ctx: click.Context, models: tuple[str, ...], base: str | None, method_
         warn_contradicting_cards(base, list(models))
     params, per_tensor = _schedules({"density": density, "outliers": outliers, "scale": scale, "t": t},
                                     filters, base or models[0])  # fmt: skip
-    params |= {"weights": weights, "granularity": granularity, "seed": seed}
+    params |= {"weights": weights, "granularity": granularity, "seed": seed, "rho": rho, "eta": eta,
+               "wudi_steps": wudi_steps, "wudi_lr": wudi_lr, "wudi_weight_power": wudi_weight_power,
+               "calibration": list(calibration) or None, "regmean_alpha": regmean_alpha,
+               "max_length": max_length}  # fmt: skip
     lines = None
     if use_lines:
         lines = {"alpha": lines_alpha, "beta": lines_beta, "outside": lines_outside}
@@ -663,6 +703,9 @@ def methods() -> None:
         click.echo(f"{'':<17} {base}; models: {models}; command: surgery {spec.command}")
         click.echo(f"{'':<17} roles: {spec.roles}")
         for p in spec.params:
+            if p.kind == "fixed":  # not settable: recorded in every recipe as it is
+                click.echo(f"{'':<19}{p.name}: {p.default}")
+                continue
             flag = "--" + p.name.replace("_", "-")  # as the commands spell it
             if flag not in real:  # a recipe parameter only (mergekit semantics and the like)
                 flag = f"{p.name} (recipe)"
@@ -683,6 +726,10 @@ from surgery_cli.forward import generate_command, localize_command, tuco_command
 cli.add_command(tuco_command)
 cli.add_command(generate_command)
 cli.add_command(localize_command)
+
+from surgery_cli.tune import tune_command  # noqa: E402
+
+cli.add_command(tune_command)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -168,6 +168,15 @@ def _side_files(
     return side, tuple(warnings), diff
 
 
+def with_prepared_params(plan: Plan) -> Plan:
+    """Run the method's one-off preparation (a calibration pass) and add its parameters to every job."""
+    prepare = plan.recipe.spec.prepare
+    if prepare is None:
+        return plan
+    extra = prepare(plan.recipe)
+    return replace(plan, jobs=[replace(j, params={**j.params, **extra}) for j in plan.jobs])
+
+
 # -- one run ---------------------------------------------------------------------------------------
 class _Run:
     """Orchestration state of one run: options, backend, the stop flag and lock shared by the
@@ -206,6 +215,7 @@ class _Run:
         if self.spec.combine.whole_matrix:  # refuse a matrix over the budget before writing anything
             for job in jobs:
                 self.stream(job)
+        self.plan = with_prepared_params(self.plan)
         self.prepared = Prepared(bands, {}, None)
         lines = None
         if self.lines is not None:
@@ -241,7 +251,7 @@ class _Run:
         todo.sort(key=lambda j: -j.numel)  # big tensors first balance the workers
         self.parallel(self.run_job, todo)
         if self.nonfinite:
-            self._raise_nonfinite()
+            _raise_nonfinite(self)
         return self.hashes
 
     def run_job(self, job: TensorJob) -> None:
@@ -259,7 +269,7 @@ class _Run:
                 _scatter(self, job)
             case _:
                 raise AssertionError(f"unknown job kind {job.kind!r}")
-        bad = self._nonfinite_from_finite(job, self.local.nonfinite)
+        bad = _nonfinite_from_finite(self, job, self.local.nonfinite)
         with self.lock:
             if bad:  # not journaled: a re-run computes (and checks) it again
                 self.nonfinite[job.name] = bad
@@ -316,13 +326,9 @@ class _Run:
     # -- streams and chunks -------------------------------------------------------------------------
     def stream(self, job: TensorJob) -> TensorStream:
         sparsify = self.spec.sparsify
-        per_row = (
-            job.kind in MERGED
-            and sparsify is not None
-            and sparsify.needs_ranks
-            and job.params.get("granularity") == "per_row"
-        )
-        whole = job.kind in ("dense", "update") and self.spec.combine.whole_matrix
+        ranked = job.kind in MERGED and sparsify is not None and sparsify.needs_ranks
+        per_row = ranked and job.params.get("granularity") == "per_row"
+        whole = job.kind in ("dense", "update") and self.spec.combine.wants_whole(job.name, job.shape)
         ranges = chunk_ranges(job, self.share, self.n_models, per_row, self.options.min_chunk, whole)
         uses_tau = self.plan.has_base and self.spec.combine.uses_tau
         tau_from = self.spec.tau_from if uses_tau else None
@@ -343,35 +349,6 @@ class _Run:
         self.backend.encode(out, job.out_dtype, raw)
         self.local.nonfinite += self.backend.nonfinite(raw, job.out_dtype)
         return raw
-
-    def _nonfinite_from_finite(self, job: TensorJob, bad: int) -> int:
-        """``bad`` when a job wrote inf / NaN although every input value it read was finite, else 0.
-        The inputs are read a second time only then (never for a healthy tensor); the verdict is per
-        tensor, so it does not depend on chunking or threads."""
-        if bad == 0 or self.options.allow_nonfinite:
-            return 0
-        if job.kind == "scatter":  # the patch's own values are inputs too (sparse: read whole)
-            if not np.isfinite(self.plan.inputs[1].read(job.name + VALUES)).all():
-                return 0
-        stream = self.stream(job)
-        n_inputs = None if job.kind in ("dense", "update") else 1  # keep_base, scatter: the base only
-        for start, count in stream.ranges:
-            if self.backend.nonfinite(stream.load(start, count, None, n_inputs), "F32"):
-                return 0  # an input already held inf / NaN: not ours to refuse
-        return bad
-
-    def _raise_nonfinite(self) -> None:
-        order = [j.name for j in self.plan.jobs if j.name in self.nonfinite]
-        first, n = order[0], self.nonfinite[order[0]]
-        others = f" (and {len(order) - 1} more tensors)" if len(order) > 1 else ""
-        raise NonFiniteOutputError(
-            f"tensor {first!r} came out with {n:,} non-finite values (inf or NaN) although every "
-            f"input value was finite{others}",
-            hint="weights or scales that (nearly) cancel or blow up cause this, and so does a cast "
-            "to float16 of values above 65504 (try --dtype bfloat16 or float32); pass "
-            "--allow-nonfinite to write such values anyway",
-            tensors=order,
-        )
 
     def zeros(self, count: int) -> np.ndarray:
         """A float32 base of zeros: the combine kernels then yield the merged update itself."""
@@ -425,7 +402,7 @@ class _Run:
         models = dec[1:] if self.plan.has_base else dec
         shape = job.shape if count == job.numel else (count,)
         if not spec.combine.adds_update:
-            spec.combine.apply(be, Operands(dec, models, tau, dec[0], shape, job.params), coeffs, None, out)
+            spec.combine.apply(be, Operands(dec, models, tau, dec[0], shape, job), coeffs, None, out)
             if lam != 1.0:  # LiNeS on an interpolation: b + lambda * (out - b)
                 be.rescale_update(dec[0], out, np.float32(lam))
             return out
@@ -434,7 +411,7 @@ class _Run:
             tau *= factors[:, None]
         scale = np.float32(float(job.params.get("scale", 1.0)) * lam)  # one rounding of scale * lambda
         base = self.zeros(count) if zero_base else dec[0]
-        spec.combine.apply(be, Operands(dec, models, tau, base, shape, job.params), coeffs, scale, out)
+        spec.combine.apply(be, Operands(dec, models, tau, base, shape, job), coeffs, scale, out)
         return out
 
     # -- LiNeS --------------------------------------------------------------------------------------
@@ -479,6 +456,38 @@ def _sparsify(run: _Run, job: TensorJob, chunk: Chunk, bands: list[Band] | None)
         sparsify.apply(
             run.backend, chunk.tau[t], Slice(job.name, t, chunk.start, job.cols, band, job.params, scratch)
         )
+
+
+# -- the finiteness check -------------------------------------------------------------------------
+def _nonfinite_from_finite(run: _Run, job: TensorJob, bad: int) -> int:
+    """``bad`` when a job wrote inf / NaN although every input value it read was finite, else 0.
+    The inputs are read a second time only then (never for a healthy tensor); the verdict is per
+    tensor, so it does not depend on chunking or threads."""
+    if bad == 0 or run.options.allow_nonfinite:
+        return 0
+    if job.kind == "scatter":  # the patch's own values are inputs too (sparse: read whole)
+        if not np.isfinite(run.plan.inputs[1].read(job.name + VALUES)).all():
+            return 0
+    stream = run.stream(job)
+    n_inputs = None if job.kind in ("dense", "update") else 1  # keep_base, scatter: the base only
+    for start, count in stream.ranges:
+        if run.backend.nonfinite(stream.load(start, count, None, n_inputs), "F32"):
+            return 0  # an input already held inf / NaN: not ours to refuse
+    return bad
+
+
+def _raise_nonfinite(run: _Run) -> None:
+    order = [j.name for j in run.plan.jobs if j.name in run.nonfinite]
+    first, n = order[0], run.nonfinite[order[0]]
+    others = f" (and {len(order) - 1} more tensors)" if len(order) > 1 else ""
+    raise NonFiniteOutputError(
+        f"tensor {first!r} came out with {n:,} non-finite values (inf or NaN) although every "
+        f"input value was finite{others}",
+        hint="weights or scales that (nearly) cancel or blow up cause this, and so does a cast "
+        "to float16 of values above 65504 (try --dtype bfloat16 or float32); pass "
+        "--allow-nonfinite to write such values anyway",
+        tensors=order,
+    )
 
 
 # -- job writers: one per job kind ------------------------------------------------------------------

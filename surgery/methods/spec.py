@@ -14,7 +14,7 @@ when they run), so the CLI builds its flags from the registry without slowing ``
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 GRANULARITIES = ("per_tensor", "per_row", "global")
@@ -23,7 +23,7 @@ GRANULARITIES = ("per_tensor", "per_row", "global")
 @dataclass(frozen=True)
 class Param:
     name: str
-    kind: str  # "float", "int", "weights", "choice", "regex", "fixed"
+    kind: str  # "float", "int", "weights", "choice", "regex", "fixed", "files" (one path per model)
     default: object
     help: str
     choices: tuple[str, ...] = ()
@@ -60,7 +60,15 @@ class Operands:
     tau: Any  # [T, count] task vectors after sparsify, or None when the combine does not use them
     base: Any  # [count]: the row the update is added to (zeros: the output is the update itself)
     shape: tuple[int, ...]  # the chunk's shape: (count,), or the whole tensor for whole-matrix stages
-    params: Mapping[str, object] = field(default_factory=dict)  # the job's parameters (variants of a stage)
+    job: Any = None  # the TensorJob: its name (per-matrix methods' key policy) and parameters
+
+    @property
+    def tensor(self) -> str:
+        return self.job.name if self.job is not None else ""
+
+    @property
+    def params(self) -> Mapping[str, object]:
+        return self.job.params if self.job is not None else {}
 
 
 @dataclass(frozen=True)
@@ -76,7 +84,9 @@ class Combine:
     ``scale`` and passes a zero base to get the update alone (a diff, LiNeS' auto alpha). Otherwise
     the output is an interpolation of the inputs and LiNeS rescales ``out - inputs[0]`` afterwards.
     ``whole_matrix``: the stage needs every input's whole tensor at once (a per-matrix SVD); the
-    engine then hands it one chunk holding the whole tensor when it fits the memory budget.
+    engine then hands it one chunk holding the whole tensor when it fits the memory budget. A
+    predicate ``(tensor name, shape) -> bool`` asks for whole tensors only where it is true (the
+    others stream in chunks as usual: an embedding need not fit the budget to be averaged).
     """
 
     name: str
@@ -85,7 +95,11 @@ class Combine:
     apply: Callable[..., None]
     coefficients: Callable[[Any, Mapping[str, object], int], tuple[float, ...]] | None = None
     gram_over: Literal["inputs", "tau"] | None = None
-    whole_matrix: bool = False
+    whole_matrix: bool | Callable[[str, tuple[int, ...]], bool] = False
+
+    def wants_whole(self, tensor: str, shape: tuple[int, ...]) -> bool:
+        w = self.whole_matrix
+        return bool(w(tensor, shape) if callable(w) else w)
 
 
 @dataclass(frozen=True)
@@ -152,6 +166,9 @@ class Method:
     # Content hashes of input 0: "record" them in the manifest (a diff), "check" them against the
     # manifest of input 1 (applying a diff), or neither.
     base_hashes: Literal["record", "check"] | None = None
+    # Work a method needs once before the first tensor (never in --dry-run), such as a calibration
+    # pass: ``prepare(recipe)`` returns parameters added to every job's (``Operands.params``).
+    prepare: Callable[[Any], Mapping[str, object]] | None = None
     # For `surgery methods` and the model card only: the command that builds it, what inputs mean.
     command: str = "merge"
     roles: str = "base: the pre-trained model; models: its fine-tunes"

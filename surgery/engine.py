@@ -17,10 +17,12 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -37,7 +39,6 @@ from surgery.patch import (
     INDICES,
     VALUES,
     DiffSummary,
-    PatchCursor,
     manifest_for,
     patch_layout,
     target_warning,
@@ -45,6 +46,7 @@ from surgery.patch import (
 from surgery.plan import MERGED, Plan, TensorJob, build_plan, input_paths
 from surgery.ranks import Band, band_ranks
 from surgery.recipe import Recipe
+from surgery.select_jobs import key_patch, key_selection, pair_chunks, pick, scatter
 from surgery.stream import Chunk, TensorStream, Workspace, chunk_ranges
 from surgery.writer import CheckpointWriter, Layout, fingerprint_of
 
@@ -89,6 +91,7 @@ class Prepared:
     bands: reduce.GlobalBands | None  # granularity global: every tensor's share of the model's band
     counts: dict[str, int]  # sparse patch: entries kept per tensor
     lines: LinesResolved | None  # LiNeS with auto alpha measured; None without LiNeS
+    picks: Mapping[str, Any] = field(default_factory=dict)  # output "pick": the spec's rule per tensor
 
 
 # -- entry points ---------------------------------------------------------------------------------
@@ -160,10 +163,11 @@ def _side_files(
         side[MANIFEST] = (json.dumps(manifest, indent=2) + "\n").encode()
         size = sum(s.size for s in layout.shards)
         diff = DiffSummary(manifest["kind"], manifest["kept"], manifest["total"], manifest["fraction"], size)
-    elif spec.base_hashes == "check":
-        warning = target_warning(plan.inputs[1], hashes)
-        if warning:
-            warnings.append(warning)
+    elif spec.base_hashes == "check":  # every diff or patch applied (composed patches: several)
+        for applied in plan.inputs[1:]:
+            warning = target_warning(applied, hashes)
+            if warning:
+                warnings.append(warning if len(plan.inputs) == 2 else f"{applied.source}: {warning}")
     side[CARD] = card_for(plan.recipe, prepared.lines).encode()
     return side, tuple(warnings), diff
 
@@ -222,20 +226,13 @@ class _Run:
             alpha = self._auto_alpha() if self.lines.alpha == "auto" else float(self.lines.alpha)
             beta = (1.0 - alpha) if self.lines.beta is None else self.lines.beta
             lines = LinesResolved(alpha, beta, self.lines.outside, self.lines.alpha)
-        counts = {}
-        patches = [j for j in jobs if j.kind == "patch"]
-        if patches and params.get("granularity") not in ("per_tensor", "global"):
-            raise RecipeError(
-                f"a sparse patch ranks per tensor or globally, not {params.get('granularity')}",
-                hint="use --granularity per_tensor or global",
+        counts = _patch_counts([j for j in jobs if j.kind == "patch"], params, sparsify, bands)
+        picks = {}
+        if self.spec.pick is not None:
+            picks = self.spec.pick.rules(
+                jobs, params, self.backend, self.parallel, partial(pair_chunks, self)
             )
-        for job in patches:
-            if bands is not None:
-                counts[job.name] = bands.counts[job.name]
-            else:
-                r_hi, r_lo = band_ranks(job.params, job.numel)
-                counts[job.name] = r_lo - r_hi
-        self.prepared = Prepared(bands, counts, lines)
+        self.prepared = Prepared(bands, counts, lines, picks)
         return self.prepared
 
     def run(self, prepared: Prepared, writer: CheckpointWriter) -> dict[str, str]:
@@ -266,7 +263,9 @@ class _Run:
             case "patch":
                 _patch(self, job)
             case "scatter":
-                _scatter(self, job)
+                scatter(self, job)
+            case "pick":
+                pick(self, job)
             case _:
                 raise AssertionError(f"unknown job kind {job.kind!r}")
         bad = _nonfinite_from_finite(self, job, self.local.nonfinite)
@@ -393,9 +392,11 @@ class _Run:
         lam: float,
         zero_base: bool = False,
         factors: np.ndarray | None = None,
+        selected: np.ndarray | None = None,
     ) -> np.ndarray:
         """Output chunk in float32: sparsify each task vector in place, then combine. ``lam`` is the
-        LiNeS scale of this tensor's update (1 = none); ``zero_base``: the merged update itself."""
+        LiNeS scale of this tensor's update (1 = none); ``zero_base``: the merged update itself;
+        ``selected``: a keyed sparsify stage's flat indices of this tensor (``key_selection``)."""
         be, spec, count = self.backend, self.spec, chunk.count
         out = self.ws.get("out", (count,), np.float32)
         dec, tau = chunk.inputs, chunk.tau
@@ -406,7 +407,7 @@ class _Run:
             if lam != 1.0:  # LiNeS on an interpolation: b + lambda * (out - b)
                 be.rescale_update(dec[0], out, np.float32(lam))
             return out
-        _sparsify(self, job, chunk, bands)
+        _sparsify(self, job, chunk, bands, selected)
         if factors is not None:  # each sparsified task vector back to its L1 norm
             tau *= factors[:, None]
         scale = np.float32(float(job.params.get("scale", 1.0)) * lam)  # one rounding of scale * lambda
@@ -424,13 +425,14 @@ class _Run:
         """alpha = ||sum_t tau_t||_1 / (T * ||tau_merged||_1) over all merged tensors."""
 
         def measure(job: TensorJob) -> np.ndarray:
+            selected = key_selection(self, job)
             stream = self.stream(job)
             bands, coeffs = self.bands(job, stream), self.coefficients(job, stream)
 
             def merged_update(chunk: Chunk, tmp: np.ndarray) -> np.ndarray:
                 if self.spec.combine.adds_update:  # the update itself, without b + ... - b
-                    return self.apply(job, chunk, bands, coeffs, 1.0, zero_base=True)
-                out = self.apply(job, chunk, bands, coeffs, 1.0)
+                    return self.apply(job, chunk, bands, coeffs, 1.0, zero_base=True, selected=selected)
+                out = self.apply(job, chunk, bands, coeffs, 1.0, selected=selected)
                 np.subtract(out, chunk.inputs[0], out=tmp)
                 return tmp
 
@@ -445,7 +447,7 @@ class _Run:
         return float(totals[0] / (self.n_models * totals[1]))
 
 
-def _sparsify(run: _Run, job: TensorJob, chunk: Chunk, bands: list[Band] | None) -> None:
+def _sparsify(run: _Run, job: TensorJob, chunk: Chunk, bands: list[Band] | None, selected=None) -> None:
     """The method's sparsify stage on each task vector of the chunk, in place."""
     sparsify = run.spec.sparsify
     if sparsify is None:
@@ -453,9 +455,28 @@ def _sparsify(run: _Run, job: TensorJob, chunk: Chunk, bands: list[Band] | None)
     scratch = run.ws.get("keys", (job.cols,), np.uint64) if bands is None and sparsify.needs_ranks else None
     for t in range(run.n_models):
         band = bands[t] if bands is not None else None
-        sparsify.apply(
-            run.backend, chunk.tau[t], Slice(job.name, t, chunk.start, job.cols, band, job.params, scratch)
+        where = Slice(job.name, t, chunk.start, job.cols, band, job.params, scratch, selected)
+        sparsify.apply(run.backend, chunk.tau[t], where)
+
+
+def _patch_counts(patches: list[TensorJob], params, sparsify, bands) -> dict[str, int]:
+    """Entries each sparse-patch tensor keeps: its band's count, or a keyed stage's floor(D * numel)."""
+    keyed = sparsify is not None and sparsify.key is not None
+    if patches and not keyed and params.get("granularity") not in ("per_tensor", "global"):
+        raise RecipeError(
+            f"a sparse patch ranks per tensor or globally, not {params.get('granularity')}",
+            hint="use --granularity per_tensor or global",
         )
+    counts = {}
+    for job in patches:
+        if keyed:
+            counts[job.name] = reduce.key_count(job)
+        elif bands is not None:
+            counts[job.name] = bands.counts[job.name]
+        else:
+            r_hi, r_lo = band_ranks(job.params, job.numel)
+            counts[job.name] = r_lo - r_hi
+    return counts
 
 
 # -- the finiteness check -------------------------------------------------------------------------
@@ -465,11 +486,13 @@ def _nonfinite_from_finite(run: _Run, job: TensorJob, bad: int) -> int:
     tensor, so it does not depend on chunking or threads."""
     if bad == 0 or run.options.allow_nonfinite:
         return 0
-    if job.kind == "scatter":  # the patch's own values are inputs too (sparse: read whole)
-        if not np.isfinite(run.plan.inputs[1].read(job.name + VALUES)).all():
-            return 0
+    if job.kind == "scatter":  # the patches' (or diffs') own values are inputs too (read whole)
+        for ckpt, n in zip(run.plan.inputs[1:], job.patch_counts):
+            name = job.name + VALUES if n > 0 else job.name
+            if n != 0 and run.backend.nonfinite(ckpt.read(name).reshape(-1), ckpt.tensors[name].dtype.name):
+                return 0
     stream = run.stream(job)
-    n_inputs = None if job.kind in ("dense", "update") else 1  # keep_base, scatter: the base only
+    n_inputs = None if job.kind in ("dense", "update", "pick") else 1  # keep_base, scatter: the base
     for start, count in stream.ranges:
         if run.backend.nonfinite(stream.load(start, count, None, n_inputs), "F32"):
             return 0  # an input already held inf / NaN: not ours to refuse
@@ -493,13 +516,11 @@ def _raise_nonfinite(run: _Run) -> None:
 # -- job writers: one per job kind ------------------------------------------------------------------
 def _copy(run: _Run, job: TensorJob) -> None:
     """Integer tensors: equal in every input, copied. Otherwise copied from input ``job.copy_from`` (F8,
-    layer stacking), converted to the output dtype when that differs."""
-    inputs = run.plan.inputs
-    if job.kind == "copy_base" and job.in_dtypes[job.copy_from] != job.out_dtype:
-        return _copy_converted(run, job)
-    storage = DTYPES[job.out_dtype].storage
+    layer stacking), converted (one rounding) when the output dtype differs."""
+    inputs, src = run.plan.inputs, job.copy_from
+    convert = job.kind == "copy_base" and job.in_dtypes[src] != job.out_dtype
+    storage = DTYPES[job.in_dtypes[src] if convert else job.out_dtype].storage
     n_check = len(inputs) if job.kind == "copy_equal" else 1
-    src = job.copy_from
     for start, count in chunk_ranges(job, run.share, run.n_models, False, run.options.min_chunk):
         first = inputs[src].read_into(job.source(src), start, run.ws.get("raw0", (count,), storage))
         for i in range(1, n_check):
@@ -511,18 +532,10 @@ def _copy(run: _Run, job: TensorJob) -> None:
                     "must hold the same values",
                     tensor=job.name,
                 )
+        if convert:
+            dec = run.backend.decode(first, job.in_dtypes[src], run.ws.get("out", (count,), np.float32))
+            first = run.encode(job, dec)
         run.write(job.name, start, first)
-
-
-def _copy_converted(run: _Run, job: TensorJob) -> None:
-    """One input's float tensor in another float dtype (one rounding)."""
-    src, dtype = job.copy_from, job.in_dtypes[job.copy_from]
-    for start, count in chunk_ranges(job, run.share, run.n_models, False, run.options.min_chunk):
-        raw = run.plan.inputs[src].read_into(
-            job.source(src), start, run.ws.get("raw0", (count,), DTYPES[dtype].storage)
-        )
-        dec = run.backend.decode(raw, dtype, run.ws.get("out", (count,), np.float32))
-        run.write(job.name, start, run.encode(job, dec))
 
 
 def _keep_base(run: _Run, job: TensorJob) -> None:
@@ -535,11 +548,12 @@ def _keep_base(run: _Run, job: TensorJob) -> None:
 
 def _merge(run: _Run, job: TensorJob) -> None:
     """The method's output (kind dense), or the merged update alone (kind update: a diff)."""
+    selected = key_selection(run, job)
     stream = run.stream(job)
     bands, coeffs = run.bands(job, stream), run.coefficients(job, stream)
     factors = None
     if job.params.get("rescale", "none") == "l1" and run.spec.sparsify is not None:
-        factors = reduce.l1_rescale(stream, lambda chunk: _sparsify(run, job, chunk, bands), run.n_models)
+        factors = reduce.l1_rescale(stream, lambda c: _sparsify(run, job, c, bands, selected), run.n_models)
     lam = run.lines_scale(job)
     hasher = run.hasher()
     for k in range(len(stream.ranges)):
@@ -547,7 +561,8 @@ def _merge(run: _Run, job: TensorJob) -> None:
         if hasher is not None:
             hasher.update(stream.raw0(chunk))
         # a diff is the update itself: b + tau - b would round
-        out = run.apply(job, chunk, bands, coeffs, lam, zero_base=job.kind == "update", factors=factors)
+        out = run.apply(job, chunk, bands, coeffs, lam, zero_base=job.kind == "update", factors=factors,
+                        selected=selected)  # fmt: skip
         stream.fix_rows(chunk, out)
         run.write(job.name, chunk.start, run.encode(job, out))
     run.finish_hash(job, hasher)
@@ -555,6 +570,9 @@ def _merge(run: _Run, job: TensorJob) -> None:
 
 def _patch(run: _Run, job: TensorJob) -> None:
     """Emit the selected entries of tau as (flat index, value), in index order."""
+    selected = key_selection(run, job)
+    if selected is not None:
+        return key_patch(run, job, selected)
     stream = run.stream(job)
     bands = run.bands(job, stream)
     assert bands is not None and len(bands) == 1
@@ -575,24 +593,4 @@ def _patch(run: _Run, job: TensorJob) -> None:
             run.write(job.name + VALUES, written, val[:n])
             written += n
     assert written == total, (job.name, written, total)
-    run.finish_hash(job, hasher)
-
-
-def _scatter(run: _Run, job: TensorJob) -> None:
-    """out = b, plus scale * v_i at every patched index i (one float32 rounding)."""
-    patch = run.plan.inputs[1]
-    cursor = PatchCursor(patch, job.name, job.patch_count, job.numel)
-    scale = np.float32(job.params["scale"])
-    hasher = run.hasher()
-    stream = run.stream(job)
-    for start, count in stream.ranges:
-        dec = stream.load(start, count, None, n_inputs=1)
-        if hasher is not None:
-            hasher.update(stream.raw0(Chunk(start, count, dec, None)))
-        out = run.ws.get("out", (count,), np.float32)
-        np.copyto(out, dec[0])
-        idx, val = cursor.take(start + count)
-        local = idx - start
-        out[local] = out[local] + scale * val
-        run.write(job.name, start, run.encode(job, out))
     run.finish_hash(job, hasher)

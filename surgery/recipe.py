@@ -261,6 +261,10 @@ def _check_parameter(
         if value not in choices:
             raise RecipeError(f"{where} must be one of {', '.join(choices)}, not {value!r}")
         return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise RecipeError(f"{where} must be true or false, not {value!r}")
+        return value
     if kind == "files":
         return _check_files(where, value, n_models)
     if kind == "fixed":
@@ -276,6 +280,8 @@ def _check_parameter(
             raise RecipeError(f"{where} is not a valid regular expression: {exc}") from None
         return str(value)
     if kind == "int":
+        if value is None:
+            raise RecipeError(f"{where} is required (no default)", hint="give it in the recipe's parameters")
         if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise RecipeError(f"{where} must be a non-negative integer, not {value!r}")
         try:
@@ -284,6 +290,8 @@ def _check_parameter(
             raise RecipeError(f"{where} must be a non-negative integer, not {value!r}") from None
         if number != float(value) or number < 0:
             raise RecipeError(f"{where} must be a non-negative integer, not {value!r}")
+        if name == "lift_rank" and number < 1:
+            raise RecipeError(f"{where} must be at least 1, not {number}")
         return number
     try:
         number = float(value)  # type: ignore[arg-type]
@@ -295,6 +303,8 @@ def _check_parameter(
         raise RecipeError(f"{where} = {number} is outside (0, 1]", hint="density is the fraction KEPT")
     if name == "outliers" and not 0.0 <= number < 1.0:
         raise RecipeError(f"{where} = {number} is outside [0, 1)")
+    if name == "fraction" and not 0.0 <= number <= 1.0:
+        raise RecipeError(f"{where} = {number} is outside [0, 1]")
     if name == "t" and not 0.0 <= number <= 1.0:
         raise RecipeError(f"{where} = {number} is outside [0, 1]")
     if name in ("rho", "eta") and not 0.0 < number <= 1.0:

@@ -389,6 +389,7 @@ class _Run:
         coeffs: np.ndarray | None,
         lam: float,
         zero_base: bool = False,
+        factors: np.ndarray | None = None,
         selected: np.ndarray | None = None,
     ) -> np.ndarray:
         """Output chunk in float32: sparsify each task vector in place, then combine. ``lam`` is the
@@ -404,14 +405,9 @@ class _Run:
             if lam != 1.0:  # LiNeS on an interpolation: b + lambda * (out - b)
                 be.rescale_update(dec[0], out, np.float32(lam))
             return out
-        if spec.sparsify is not None:
-            scratch = None
-            if bands is None and spec.sparsify.needs_ranks:
-                scratch = self.ws.get("keys", (job.cols,), np.uint64)
-            for t in range(self.n_models):
-                band = bands[t] if bands is not None else None
-                where = Slice(job.name, t, chunk.start, job.cols, band, job.params, scratch, selected)
-                spec.sparsify.apply(be, tau[t], where)
+        _sparsify(self, job, chunk, bands, selected)
+        if factors is not None:  # each sparsified task vector back to its L1 norm
+            tau *= factors[:, None]
         scale = np.float32(float(job.params.get("scale", 1.0)) * lam)  # one rounding of scale * lambda
         base = self.zeros(count) if zero_base else dec[0]
         spec.combine.apply(be, Operands(dec, models, tau, base, shape, job), coeffs, scale, out)
@@ -447,6 +443,18 @@ class _Run:
         if totals[1] == 0.0:
             return 1.0  # the merge changes nothing: any alpha gives the base
         return float(totals[0] / (self.n_models * totals[1]))
+
+
+def _sparsify(run: _Run, job: TensorJob, chunk: Chunk, bands: list[Band] | None, selected=None) -> None:
+    """The method's sparsify stage on each task vector of the chunk, in place."""
+    sparsify = run.spec.sparsify
+    if sparsify is None:
+        return
+    scratch = run.ws.get("keys", (job.cols,), np.uint64) if bands is None and sparsify.needs_ranks else None
+    for t in range(run.n_models):
+        band = bands[t] if bands is not None else None
+        where = Slice(job.name, t, chunk.start, job.cols, band, job.params, scratch, selected)
+        sparsify.apply(run.backend, chunk.tau[t], where)
 
 
 def _patch_counts(patches: list[TensorJob], params, sparsify, bands) -> dict[str, int]:
@@ -505,12 +513,14 @@ def _raise_nonfinite(run: _Run) -> None:
 
 # -- job writers: one per job kind ------------------------------------------------------------------
 def _copy(run: _Run, job: TensorJob) -> None:
-    """Integer tensors: equal in every input, copied. F8: copied from the first input."""
-    inputs = run.plan.inputs
-    storage = DTYPES[job.out_dtype].storage
+    """Integer tensors: equal in every input, copied. Otherwise copied from input ``job.copy_from`` (F8,
+    layer stacking), converted (one rounding) when the output dtype differs."""
+    inputs, src = run.plan.inputs, job.copy_from
+    convert = job.kind == "copy_base" and job.in_dtypes[src] != job.out_dtype
+    storage = DTYPES[job.in_dtypes[src] if convert else job.out_dtype].storage
     n_check = len(inputs) if job.kind == "copy_equal" else 1
     for start, count in chunk_ranges(job, run.share, run.n_models, False, run.options.min_chunk):
-        first = inputs[0].read_into(job.source(0), start, run.ws.get("raw0", (count,), storage))
+        first = inputs[src].read_into(job.source(src), start, run.ws.get("raw0", (count,), storage))
         for i in range(1, n_check):
             other = inputs[i].read_into(job.source(i), start, run.ws.get("raw1", (count,), storage))
             if not np.array_equal(first, other):
@@ -520,6 +530,9 @@ def _copy(run: _Run, job: TensorJob) -> None:
                     "must hold the same values",
                     tensor=job.name,
                 )
+        if convert:
+            dec = run.backend.decode(first, job.in_dtypes[src], run.ws.get("out", (count,), np.float32))
+            first = run.encode(job, dec)
         run.write(job.name, start, first)
 
 
@@ -536,6 +549,9 @@ def _merge(run: _Run, job: TensorJob) -> None:
     selected = key_selection(run, job)
     stream = run.stream(job)
     bands, coeffs = run.bands(job, stream), run.coefficients(job, stream)
+    factors = None
+    if job.params.get("rescale", "none") == "l1" and run.spec.sparsify is not None:
+        factors = reduce.l1_rescale(stream, lambda c: _sparsify(run, job, c, bands, selected), run.n_models)
     lam = run.lines_scale(job)
     hasher = run.hasher()
     for k in range(len(stream.ranges)):
@@ -543,7 +559,8 @@ def _merge(run: _Run, job: TensorJob) -> None:
         if hasher is not None:
             hasher.update(stream.raw0(chunk))
         # a diff is the update itself: b + tau - b would round
-        out = run.apply(job, chunk, bands, coeffs, lam, zero_base=job.kind == "update", selected=selected)
+        out = run.apply(job, chunk, bands, coeffs, lam, zero_base=job.kind == "update", factors=factors,
+                        selected=selected)  # fmt: skip
         stream.fix_rows(chunk, out)
         run.write(job.name, chunk.start, run.encode(job, out))
     run.finish_hash(job, hasher)

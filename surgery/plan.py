@@ -22,7 +22,7 @@ from surgery.files import CONFIG
 from surgery.inputs import InputOptions, open_input
 from surgery.methods.lines import depths
 from surgery.methods.spec import TAU_GIVEN, TAU_PAIRS
-from surgery.names import layer_map, natural_key, place
+from surgery.names import layer_map, natural_key, place, with_block
 from surgery.output import side_files_of
 from surgery.patch import read_manifest
 from surgery.recipe import Recipe
@@ -67,6 +67,7 @@ class TensorJob:
     patch_counts: tuple[int, ...] = ()
     params: Mapping[str, object] = field(default_factory=dict, compare=False)
     sources: tuple[str, ...] | None = None  # input tensor name per input; None: ``name`` everywhere
+    copy_from: int = 0  # copy_base: the input copied (layer stacking copies from any model)
 
     @property
     def numel(self) -> int:
@@ -97,6 +98,7 @@ class Plan:
     config_source: Checkpoint
     notes: list[str] = field(default_factory=list)
     tokenizer_source: Checkpoint | None = None  # tokenizer / chat template / generation config
+    config_updates: Mapping[str, object] = field(default_factory=dict)  # config.json keys set (layer count)
 
     @property
     def has_base(self) -> bool:
@@ -111,6 +113,7 @@ class Plan:
         config = self.config_source.config()
         if config is None:
             return None
+        config.update(self.config_updates)
         aligned = [j.row_map for j in self.jobs if j.row_map is not None]
         if aligned and "vocab_size" in config:
             config["vocab_size"] = aligned[0].n_out
@@ -212,6 +215,8 @@ def build_plan(recipe: Recipe, sources: InputOptions | None = None) -> Plan:
             inputs.append(open_input(source, sources, cache_ranges, base=_adapter_base(recipe, i)))
         if recipe.spec.output == "scatter":
             return _plan_scatter(recipe, inputs)
+        if recipe.slices or recipe.spec.name == "passthrough":
+            return _plan_stack(recipe, inputs)
         return _plan(recipe, inputs)
     except BaseException:
         for ckpt in inputs:
@@ -317,7 +322,7 @@ def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
         jobs = _with_region(jobs, recipe.parameters["region"], notes)
     if spec.output in ("update", "patch"):  # a diff or patch carries the computed tensors only
         jobs = [j for j in jobs if j.kind == spec.output]
-    jobs = [replace(j, params=recipe.parameters) for j in jobs]
+    jobs = _with_params(jobs, recipe)
     layout = None
     if spec.output != "patch":
         layout = plan_layout(
@@ -451,6 +456,83 @@ def _with_depths(jobs: list[TensorJob], reference: Checkpoint, notes: list[str])
     depth = depths(layers, merged)
     notes.append(f"LiNeS: {layers.num_blocks} blocks")
     return [replace(j, depth=depth.get(j.name)) for j in jobs]
+
+
+def _with_params(jobs: list[TensorJob], recipe: Recipe) -> list[TensorJob]:
+    """Each job's parameters: the recipe's, with the tensor's own values (``per_tensor``) on top."""
+    names = {j.name for j in jobs if j.kind in MERGED}
+    stray = sorted(set(recipe.per_tensor) - names, key=natural_key)
+    if stray:
+        raise PlanError(
+            [f"per_tensor names {n!r}, which is not a tensor the method computes" for n in stray],
+            hint="per_tensor keys are tensor names as `surgery inspect --layers` lists them",
+        )
+    return [replace(j, params={**recipe.parameters, **recipe.per_tensor.get(j.name, {})}) for j in jobs]
+
+
+def _plan_stack(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
+    """Passthrough: copy layer ranges of the models into consecutive output blocks (renumbered);
+    embeddings from the first slice's model, final norm and head from the last slice's."""
+    maps = [layer_map(list(c.tensors), c.config()) for c in inputs]
+    slices = recipe.slices or ((0, 0, maps[0].num_blocks),)
+    problems = [
+        f"slice {i}: layers [{a}, {b}) but {inputs[m].source} has {maps[m].num_blocks} blocks"
+        for i, (m, a, b) in enumerate(slices)
+        if b > maps[m].num_blocks
+    ]
+    if problems:
+        raise PlanError(problems, hint="layer ranges are [start, end) block indices of that model")
+    picks: list[tuple[str, int, str]] = []  # (output name, input, source name)
+
+    def outside(model: int, where: tuple[str, ...]) -> None:
+        names = sorted(inputs[model].tensors, key=natural_key)
+        picks.extend((n, model, n) for n in names if maps[model].placements[n].position in where)
+
+    outside(slices[0][0], ("before",))
+    out_block = 0
+    for model, start, end in slices:
+        names = sorted(inputs[model].tensors, key=natural_key)
+        for block in range(start, end):
+            picks += [
+                (with_block(n, out_block), model, n)
+                for n in names
+                if maps[model].placements[n].block == block
+            ]
+            out_block += 1
+    outside(slices[-1][0], ("after", "unknown"))
+    jobs = []
+    for out_name, model, name in picks:
+        info = inputs[model].tensors[name]
+        out_dtype = (recipe.dtype or info.dtype.name) if info.dtype.kind == "float" else info.dtype.name
+        n = len(inputs)
+        jobs.append(TensorJob(out_name, "copy_base", info.shape, (info.dtype.name,) * n, out_dtype,
+                              params=recipe.parameters, sources=(name,) * n, copy_from=model))  # fmt: skip
+    layout = plan_layout([OutputTensor(j.name, j.out_dtype, j.shape) for j in jobs], recipe.max_shard_size)
+    first = inputs[slices[0][0]]
+    updates = _layer_count_updates(first.config(), [(inputs[m].config(), a, b) for m, a, b in slices])
+    notes = [f"layer stack: {out_block} blocks from {len(slices)} slice(s)"]
+    return Plan(recipe, inputs, jobs, layout, first, notes, tokenizer_source=first, config_updates=updates)
+
+
+def _layer_count_updates(config: dict | None, parts: list[tuple[dict | None, int, int]]) -> dict:
+    """num_hidden_layers (or the config's own key) = the stacked block count; per-layer lists such as
+    layer_types are stacked the same way."""
+    if config is None:
+        return {}
+    total = sum(b - a for _, a, b in parts)
+    updates: dict = {
+        k: total for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers") if k in config
+    }
+    for key, value in config.items():
+        if (
+            isinstance(value, list)
+            and key != "architectures"
+            and len(value) == config.get("num_hidden_layers")
+        ):
+            sources = [(c or {}).get(key) for c, _, _ in parts]
+            if all(isinstance(v, list) for v in sources):
+                updates[key] = [x for v, (_, a, b) in zip(sources, parts) for x in v[a:b]]
+    return updates
 
 
 def input_paths(plan: Plan) -> list[Path]:

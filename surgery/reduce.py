@@ -62,11 +62,11 @@ def _band(high: np.ndarray, lows: dict[int, np.ndarray], r_hi: int, r_lo: int) -
 
 def tensor_bands(stream: TensorStream, params: Mapping, n_models: int, backend: Backend) -> list[Band]:
     """One band per task vector over this tensor: ranks floor(outliers n)+1 .. + floor(density n)."""
-    r_hi, r_lo = band_ranks(params, stream.job.numel)
+    ranks = [band_ranks(params, stream.job.numel, t) for t in range(n_models)]
     highs = _hist_high(stream, n_models, backend)
-    bins = [edge_bins(highs[t], r_hi, r_lo) for t in range(n_models)]
+    bins = [edge_bins(highs[t], *ranks[t]) for t in range(n_models)]
     lows = _hist_low(stream, bins, backend)
-    return [_band(highs[t], lows[t], r_hi, r_lo) for t in range(n_models)]
+    return [_band(highs[t], lows[t], *ranks[t]) for t in range(n_models)]
 
 
 @dataclass(frozen=True)
@@ -148,6 +148,21 @@ def gram(stream: TensorStream, over: str, backend: Backend) -> np.ndarray:
         chunk = stream.read(k)
         backend.gram_accumulate(chunk.inputs if over == "inputs" else chunk.tau, g)
     return g
+
+
+def l1_rescale(stream: TensorStream, sparsify: Callable[[object], None], n_models: int) -> np.ndarray:
+    """``rescale: l1`` (mergekit's DARE rescale): per task vector ||tau||_1 / ||sparsified tau||_1
+    over the whole tensor (float64 sums), 1 where either is below 1e-7 (as mergekit). The sparsify
+    stage is reproducible (ranks, counter-based masks), so the apply pass masks the same entries."""
+    before = np.zeros(n_models, np.float64)
+    after = np.zeros(n_models, np.float64)
+    for k in range(len(stream.ranges)):
+        chunk = stream.take(k)  # sparsify masks tau in place
+        before += np.abs(chunk.tau).sum(axis=1, dtype=np.float64)
+        sparsify(chunk)
+        after += np.abs(chunk.tau).sum(axis=1, dtype=np.float64)
+    ok = (before >= 1e-7) & (after >= 1e-7)
+    return np.where(ok, before / np.where(ok, after, 1.0), 1.0).astype(np.float32)
 
 
 def update_l1(

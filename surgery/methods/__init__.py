@@ -14,8 +14,10 @@ from surgery.methods.half_reset import HALF_RESET
 from surgery.methods.interpolation import LINEAR, MODEL_STOCK, SLERP
 from surgery.methods.iso import ISO_C, ISO_CTS
 from surgery.methods.lift import LIFT_GRAFT, LIFT_PATCH
+from surgery.methods.passthrough import PASSTHROUGH
 from surgery.methods.regmean import REGMEAN
 from surgery.methods.spec import Method, Param
+from surgery.methods.spherical import KARCHER, MULTISLERP, NEARSWAP, NUSLERP
 from surgery.methods.star import STAR
 from surgery.methods.task_arithmetic import TASK_ARITHMETIC
 from surgery.methods.ties import BREADCRUMBS_TIES, TIES
@@ -35,6 +37,11 @@ METHODS: dict[str, Method] = {
         LINEAR,
         SLERP,
         MODEL_STOCK,
+        PASSTHROUGH,
+        NUSLERP,
+        MULTISLERP,
+        KARCHER,
+        NEARSWAP,
         TSV_MERGE,
         ISO_C,
         ISO_CTS,

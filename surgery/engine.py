@@ -313,7 +313,7 @@ class _Run:
             and sparsify.needs_ranks
             and job.params.get("granularity") == "per_row"
         )
-        whole = job.kind in ("dense", "update") and self.spec.combine.whole_matrix
+        whole = job.kind in ("dense", "update") and self.spec.combine.needs_whole(job.params)
         ranges = chunk_ranges(job, self.share, self.n_models, per_row, self.options.min_chunk, whole)
         uses_tau = self.plan.has_base and (self.spec.combine.uses_tau or job.kind == "patch")
         tau_from = self.spec.tau_from if uses_tau else None

@@ -138,12 +138,14 @@ def global_bands(
 
 
 def gram(stream: TensorStream, over: str, backend: Backend) -> np.ndarray:
-    """G[s, t] = <x_s, x_t> over the whole tensor (float64), x = the inputs or the task vectors."""
+    """G[s, t] = <x_s, x_t> over the whole tensor (float64, upper triangle), x = the inputs or the
+    task vectors (the models themselves when there is no base, hence no task vectors)."""
     size = len(stream.job.in_dtypes) if over == "inputs" else stream.n_models
     g = np.zeros((size, size), np.float64)
     for k in range(len(stream.ranges)):
         chunk = stream.read(k)
-        backend.gram_accumulate(chunk.inputs if over == "inputs" else chunk.tau, g)
+        vectors = chunk.inputs if over == "inputs" or chunk.tau is None else chunk.tau
+        backend.gram_accumulate(vectors, g)
     return g
 
 

@@ -10,8 +10,11 @@ from surgery.methods.breadcrumbs import BREADCRUMBS
 from surgery.methods.dare import DARE, DARE_TIES
 from surgery.methods.graft import APPLY_PATCH, GRAFT, PATCH
 from surgery.methods.interpolation import LINEAR, MODEL_STOCK, SLERP
+from surgery.methods.nearswap import NEARSWAP
 from surgery.methods.passthrough import PASSTHROUGH
+from surgery.methods.sce import SCE
 from surgery.methods.spec import Method, Param
+from surgery.methods.spherical import KARCHER, MULTISLERP, NUSLERP
 from surgery.methods.task_arithmetic import TASK_ARITHMETIC
 from surgery.methods.ties import BREADCRUMBS_TIES, TIES
 from surgery.methods.transfer import APPLY, DIFF, TRANSFER
@@ -28,6 +31,11 @@ METHODS: dict[str, Method] = {
         LINEAR,
         SLERP,
         MODEL_STOCK,
+        NEARSWAP,
+        NUSLERP,
+        MULTISLERP,
+        KARCHER,
+        SCE,
         PASSTHROUGH,
         DIFF,
         PATCH,

@@ -69,14 +69,16 @@ class Combine:
 
     ``coefficients(gram, params, n_models)`` gives the per-tensor scalars the apply needs (weights,
     SLERP's [c0, c1], Model Stock's [k]) once per tensor; ``gram`` is the Gram matrix of
-    ``gram_over`` ("inputs" or "tau") over the whole tensor, or None. ``apply(backend, operands,
+    ``gram_over`` ("inputs" or "tau": the task vectors, or the models themselves when the recipe
+    has no base) over the whole tensor (upper triangle filled), or None. ``apply(backend, operands,
     coeffs, scale, out)`` writes the float32 output chunk in place.
 
     ``adds_update``: the output is ``base + scale * update(tau)``; the engine then folds LiNeS into
     ``scale`` and passes a zero base to get the update alone (a diff, LiNeS' auto alpha). Otherwise
     the output is an interpolation of the inputs and LiNeS rescales ``out - inputs[0]`` afterwards.
     ``whole_matrix``: the stage needs every input's whole tensor at once (a per-matrix SVD); the
-    engine then hands it one chunk holding the whole tensor when it fits the memory budget.
+    engine then hands it one chunk holding the whole tensor when it fits the memory budget. It may
+    be a function of the job's parameters (NuSLERP needs whole matrices only for per-row slerps).
     """
 
     name: str
@@ -85,7 +87,11 @@ class Combine:
     apply: Callable[..., None]
     coefficients: Callable[[Any, Mapping[str, object], int], tuple[float, ...]] | None = None
     gram_over: Literal["inputs", "tau"] | None = None
-    whole_matrix: bool = False
+    whole_matrix: bool | Callable[[Mapping[str, object]], bool] = False
+
+    def needs_whole(self, params: Mapping[str, object]) -> bool:
+        """Whether this job's stage needs whole tensors (``whole_matrix``, for these parameters)."""
+        return self.whole_matrix(params) if callable(self.whole_matrix) else self.whole_matrix
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ _INTRUDER_OPTIONS = [
                  help="Write W + (LAMBDA - 1) * sum_intruders s u v^T to -o (0 removes the intruders)."),
     click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
                  help="Output folder of --mitigate."),
-    click.option("--overwrite", is_flag=True, help="Replace the output folder's contents."),
+    click.option("--overwrite", is_flag=True, help="Replace a previous surgery output (never other files)."),
     click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
                  help="Cache of base SVDs [default: $XDG_CACHE_HOME/model-surgery/svd]."),
     click.option("--no-cache", is_flag=True, help="Neither read nor write the SVD cache."),

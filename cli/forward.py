@@ -125,7 +125,7 @@ def generate_command(base: str, finetuned: str, alpha: float, prompt: str, max_n
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Patch folder.")
-@click.option("--overwrite", is_flag=True, help="Replace the output folder's contents.")
+@click.option("--overwrite", is_flag=True, help="Replace a previous surgery output (never other files).")
 @click.option("--compare", "compare", type=click.Path(path_type=Path), default=None,
               help="Jaccard overlap of this patch with another (FINETUNED may be a patch then).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")

@@ -72,7 +72,8 @@ def engine_options(fn):
         click.option("--device", default="cpu", show_default=True,
                      help="cpu (numba kernels) or cuda[:N] (torch kernels)."),
         click.option("--dry-run", is_flag=True, help="Check the inputs and print the plan only."),
-        click.option("--overwrite", is_flag=True, help="Replace the output folder's contents."),
+        click.option("--overwrite", is_flag=True,
+                     help="Replace a previous surgery output (never other files)."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
     ]  # fmt: skip
     fn = push_options(fn)  # --push-to-hub, --private, --revision: listed after these

@@ -32,6 +32,7 @@ from surgery.files import CARD, MANIFEST, RECIPE
 from surgery.kernels import Backend, get_backend
 from surgery.methods.lines import LinesResolved
 from surgery.methods.spec import Operands, Slice
+from surgery.output import open_output
 from surgery.patch import (
     INDICES,
     VALUES,
@@ -45,7 +46,7 @@ from surgery.plan import MERGED, Plan, TensorJob, build_plan, input_paths
 from surgery.ranks import Band, band_ranks
 from surgery.recipe import Recipe
 from surgery.stream import Chunk, TensorStream, Workspace, chunk_ranges
-from surgery.writer import CheckpointWriter, Layout, check_output_folder, fingerprint_of, prepare_output
+from surgery.writer import CheckpointWriter, Layout, fingerprint_of
 
 ENGINE_VERSION = 1  # part of the resume fingerprint: bump when output bytes could change
 
@@ -118,7 +119,6 @@ def execute(
     """
     options = options or EngineOptions()
     start = time.perf_counter()
-    check_output_folder(out, input_paths(plan))
     # The layout is a pure function of recipe and inputs, so they alone identify a partial run.
     fingerprint = fingerprint_of(
         {
@@ -127,20 +127,17 @@ def execute(
             "inputs": [c.fingerprint() for c in plan.inputs],
         }
     )
-    resume = prepare_output(out, fingerprint, options.overwrite)
-    run = _Run(plan, options, progress)
-    prepared = run.prepare()
-    layout = plan.layout or patch_layout(prepared.counts, plan.recipe.max_shard_size)
-    writer = CheckpointWriter(out, layout, resume)
-    try:
+    with open_output(out, input_paths(plan), fingerprint, overwrite=options.overwrite) as staged:
+        run = _Run(plan, options, progress)
+        prepared = run.prepare()
+        layout = plan.layout or patch_layout(prepared.counts, plan.recipe.max_shard_size)
+        writer = staged.writer(layout)
         resumed = len(writer.done)
         if progress and resumed:
             progress(sum(layout.tensors[n].nbytes for n in writer.done), None)
         hashes = run.run(prepared, writer)
         side, warnings, diff = _side_files(plan, prepared, hashes, layout)
         writer.finalize(side)
-    finally:
-        writer.close()
     seconds = time.perf_counter() - start
     return RunResult(
         out, len(plan.jobs), resumed, layout.total_bytes, seconds, warnings, prepared.lines, diff
@@ -203,6 +200,9 @@ class _Run:
         bands = None
         if sparsify is not None and sparsify.needs_ranks and params.get("granularity") == "global":
             bands = reduce.global_bands(jobs, self.stream, params, self.n_models, self.backend, self.parallel)
+        if self.spec.combine.whole_matrix:  # refuse a matrix over the budget before writing anything
+            for job in jobs:
+                self.stream(job)
         self.prepared = Prepared(bands, {}, None)
         lines = None
         if self.lines is not None:
@@ -315,7 +315,7 @@ class _Run:
         )
         whole = job.kind in ("dense", "update") and self.spec.combine.needs_whole(job.params)
         ranges = chunk_ranges(job, self.share, self.n_models, per_row, self.options.min_chunk, whole)
-        uses_tau = self.plan.has_base and (self.spec.combine.uses_tau or job.kind == "patch")
+        uses_tau = self.plan.has_base and self.spec.combine.uses_tau
         tau_from = self.spec.tau_from if uses_tau else None
         return TensorStream(
             job, self.plan.inputs, self.backend, self.ws, ranges, tau_from, self.n_models, self.check_stop

@@ -11,12 +11,14 @@ from __future__ import annotations
 class SurgeryError(Exception):
     """Base of every error this library raises on purpose."""
 
-    def __init__(self, message: str, *, hint: str | None = None, **attrs: object) -> None:
+    def __init__(
+        self, message: str, *, hint: str | None = None, path: str | None = None, tensor: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
-        self.hint = hint
-        for key, value in attrs.items():
-            setattr(self, key, value)
+        self.hint = hint  # how to fix it (the CLI prints it as `hint: ...`)
+        self.path = path  # the file or folder concerned, when there is one
+        self.tensor = tensor  # the tensor concerned, when there is one
 
     def __str__(self) -> str:  # KeyError would otherwise repr() the message
         return self.message
@@ -45,10 +47,9 @@ class PlanError(SurgeryError, ValueError):
         shown = "\n  - ".join(problems[:50])
         more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
         super().__init__(
-            f"the inputs cannot be merged ({len(problems)} problem(s)):\n  - {shown}{more}",
-            hint=hint,
-            problems=problems,
+            f"the inputs cannot be merged ({len(problems)} problem(s)):\n  - {shown}{more}", hint=hint
         )
+        self.problems = problems
 
 
 class RecipeError(SurgeryError, ValueError):

@@ -10,7 +10,11 @@ CONFIG = "config.json"
 CARD = "README.md"
 RECIPE = "surgery_recipe.yaml"  # the recipe that produced the folder: `surgery run` redoes it
 MANIFEST = "surgery_diff.json"  # a diff or patch: which base it was taken from
+INTRUDERS = "surgery_intruders.json"  # `surgery intruders --mitigate`: what was scaled
 STAGING = ".surgery-partial"  # a folder holding it is an unfinished run, never a checkpoint
+LOCK = "lock"  # in STAGING: flock'ed by the process writing the folder, holds its pid
+# A folder holding one of these (or STAGING) is an output surgery wrote: --overwrite may replace it.
+MARKERS = (RECIPE, MANIFEST, INTRUDERS)
 
 # Files copied beside the weights from the config / tokenizer source.
 SIDE_FILES = (
@@ -19,6 +23,21 @@ SIDE_FILES = (
     "chat_template.jinja", "chat_template.json", "generation_config.json",
     "preprocessor_config.json",
 )  # fmt: skip
+
+
+def written_by_surgery(name: str) -> bool:
+    """Whether a top-level file of an output folder is one that surgery writes there."""
+    if name in (INDEX, SINGLE, CONFIG, CARD, RECIPE, MANIFEST, INTRUDERS, STAGING) or name in SIDE_FILES:
+        return True
+    # model-00001-of-00002.safetensors
+    parts = name.removesuffix(".safetensors").split("-")
+    return (
+        name.endswith(".safetensors")
+        and len(parts) == 4
+        and parts[0] == "model"
+        and parts[2] == "of"
+        and all(len(p) == 5 and p.isdigit() for p in (parts[1], parts[3]))
+    )
 
 
 def shard_name(i: int, n: int) -> str:

@@ -151,7 +151,10 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 
 def _find(exc: BaseException, names: tuple[str, ...]) -> BaseException | None:
-    """The first exception in the cause chain whose class (or a base class) has one of these names."""
+    """The first exception in the cause chain whose class (or a base class) has one of these names.
+
+    By name, not isinstance: huggingface_hub, requests and httpx are imported only when a Hub call
+    happens (and moved these classes between versions), so there may be no class to compare with."""
     for e in _chain(exc):
         if any(cls.__name__ in names for cls in type(e).__mro__):
             return e
@@ -415,6 +418,3 @@ def _push_error(exc: Exception, folder: Path, repo_id: str) -> OutputError:
     if network is not None:
         return err(f"could not reach the Hub at {_endpoint()} to push {repo_id} ({_reason(network)})", retry)
     return err(f"pushing to {repo_id} failed: {_reason(exc)}", retry)
-
-
-# -- model cards -------------------------------------------------------------------------------------

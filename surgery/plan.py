@@ -16,10 +16,11 @@ from typing import Literal
 from surgery.checkpoint import Checkpoint, open_checkpoint
 from surgery.dtypes import DTYPES
 from surgery.errors import PlanError
-from surgery.files import CONFIG, SIDE_FILES
+from surgery.files import CONFIG
 from surgery.methods.lines import depths
 from surgery.methods.spec import TAU_GIVEN, TAU_PAIRS
 from surgery.names import layer_map, natural_key, place, with_block
+from surgery.output import side_files_of
 from surgery.patch import patched_names, read_manifest
 from surgery.recipe import Recipe
 from surgery.vocab import RowMap, align_rows, load_vocab
@@ -128,11 +129,8 @@ class Plan:
         sources = [self.config_source]
         if self.tokenizer_source is not None and self.tokenizer_source is not self.config_source:
             sources.append(self.tokenizer_source)
-        for source in sources:
-            for name in SIDE_FILES:  # the tokenizer source, listed last, wins
-                path = source.root / name
-                if path.is_file():
-                    files[name] = path.read_bytes()
+        for source in sources:  # the tokenizer source, listed last, wins
+            files.update(side_files_of(source.root, config=False))
         config = self.output_config()
         if config is not None:
             files[CONFIG] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()

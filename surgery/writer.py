@@ -10,6 +10,7 @@ Safety: shards are built in ``OUT/.surgery-partial/`` next to a journal of finis
 every tensor is written are the files fsynced and renamed into ``OUT``, side files first, shards next,
 the index last; a folder whose staging directory still exists is not a finished checkpoint. Re-running
 the same recipe finds the staging folder, checks its fingerprint, and continues where it stopped.
+``output.open_output`` prepares, locks and checks the folder before a writer is opened.
 """
 
 from __future__ import annotations
@@ -122,61 +123,6 @@ def plan_layout(tensors: list[OutputTensor], max_shard_size: int) -> Layout:
         offsets = {name: len(header) + off for name, off in rel.items()}
         shards.append(ShardLayout(filename, header, offsets, len(header) + sum(t.nbytes for t in group)))
     return Layout(tuple(shards), {t.name: t for t in tensors})
-
-
-# -- output folder --------------------------------------------------------------------------------
-def check_output_folder(out: Path, inputs: list[Path]) -> None:
-    """Refuse an output folder that is, contains, or lies inside an input."""
-    out_r = out.resolve()
-    for inp in inputs:
-        inp_r = inp.resolve()
-        if inp_r.is_dir():
-            bad = out_r == inp_r or inp_r in out_r.parents or out_r in inp_r.parents
-        else:  # a single file: its own folder would receive files beside it
-            bad = out_r == inp_r.parent or out_r in inp_r.parents
-        if bad:
-            raise OutputError(
-                f"output folder {out} overlaps input {inp}",
-                hint="choose an output folder outside every input (surgery never writes into or "
-                "over an input)",
-                path=str(out),
-            )
-
-
-def prepare_output(out: Path, fingerprint: str, overwrite: bool) -> bool:
-    """Get ``out`` ready; return True when a partial run of the same recipe will be resumed."""
-    staging = out / STAGING
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output {out} exists and is not a folder", path=str(out))
-    if out.is_dir() and any(out.iterdir()):
-        state = staging / STATE
-        if not overwrite and state.is_file():
-            try:
-                same = json.loads(state.read_text()).get("fingerprint") == fingerprint
-            except (OSError, json.JSONDecodeError):
-                same = False
-            if same:
-                return True
-            raise OutputError(
-                f"output folder {out} holds an unfinished run of a different recipe or inputs",
-                hint="re-run that run's exact command to resume it, or pass --overwrite to start over",
-                path=str(out),
-            )
-        if not overwrite:
-            raise OutputError(
-                f"output folder {out} is not empty",
-                hint="choose a new folder, or pass --overwrite to replace its contents",
-                path=str(out),
-            )
-        for child in out.iterdir():
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
-    staging.mkdir(parents=True, exist_ok=True)
-    (staging / STATE).write_text(json.dumps({"fingerprint": fingerprint}))
-    (staging / JOURNAL).touch()
-    return False
 
 
 def fingerprint_of(payload: object) -> str:

@@ -37,12 +37,17 @@ def make_family(
     update: float = 0.05,
     quantize: bool = False,
     shapes: dict | None = None,
+    int_buffer: bool = True,
+    config: dict | None = None,
 ) -> tuple[Path, list[Path]]:
-    """Write base + n fine-tunes (base + small updates) as single-file checkpoints."""
+    """Write base + n fine-tunes (base + small updates) as single-file checkpoints, each with
+    ``config`` as its config.json (default: 2 layers, float32) and, with ``int_buffer``, an integer
+    tensor every input shares."""
     shapes = shapes or SHAPES
     g = torch.Generator().manual_seed(seed)
     base = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
-    base[INT_NAME] = torch.arange(6, dtype=torch.int64)
+    if int_buffer:
+        base[INT_NAME] = torch.arange(6, dtype=torch.int64)
     paths = []
     for i in range(n_models + 1):
         folder = root / ("base" if i == 0 else f"ft{i}")
@@ -61,7 +66,9 @@ def make_family(
                 v = t + delta
             tensors[name] = v.to(TORCH_DTYPES[dtype]).contiguous()
         save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        (folder / "config.json").write_text(json.dumps({"num_hidden_layers": 2, "dtype": "float32"}))
+        (folder / "config.json").write_text(
+            json.dumps(config or {"num_hidden_layers": 2, "dtype": "float32"})
+        )
         paths.append(folder)
     return paths[0], paths[1:]
 

@@ -56,27 +56,24 @@ def write_checkpoint():
 
 
 @pytest.fixture
-def make_family(tmp_path, write_checkpoint):
+def make_family(tmp_path):
     """``make(n_models=2, dtype=torch.float32, shapes=TINY_SHAPES, seed=0)`` -> (base, [fine-tunes]).
 
-    Fine-tunes are the base plus small seeded perturbations; every folder has a config.json.
+    Fine-tunes are the base plus small seeded perturbations; every folder has a Llama config.json.
+    A thin wrapper over ``ckpt_factory.make_family`` (float tensors only).
     """
     import torch
+    from ckpt_factory import make_family as write_family
+
+    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
     def make(
         n_models: int = 2, dtype=None, shapes: dict | None = None, seed: int = 0, root: Path | None = None
     ):
         dtype = dtype or torch.float32
-        root = Path(root or tmp_path)
-        g = torch.Generator().manual_seed(seed)
-        base = {n: torch.randn(s, generator=g) for n, s in (shapes or TINY_SHAPES).items()}
         config = {"model_type": "llama", "num_hidden_layers": 2, "dtype": str(dtype).removeprefix("torch.")}
-        base_dir = write_checkpoint(root / "base", {n: t.to(dtype) for n, t in base.items()}, config)
-        models = []
-        for i in range(n_models):
-            tensors = {n: (t + 0.05 * torch.randn(t.shape, generator=g)).to(dtype) for n, t in base.items()}
-            models.append(write_checkpoint(root / f"ft{i + 1}", tensors, config))
-        return base_dir, models
+        return write_family(Path(root or tmp_path), n_models, names[dtype], seed, shapes=shapes or TINY_SHAPES,
+                            int_buffer=False, config=config)  # fmt: skip
 
     return make
 

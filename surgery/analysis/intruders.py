@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from surgery.analysis.stats import (
+from surgery.analysis._common import (
     compile_include,
     layer_label,
     layer_sort_key,
@@ -44,11 +44,12 @@ from surgery.analysis.stats import (
 )
 from surgery.checkpoint import Checkpoint, open_checkpoint
 from surgery.errors import OutputError, RecipeError
+from surgery.files import INTRUDERS
 from surgery.names import natural_key, place
 
 SVD_CACHE_VERSION = 1
 DEFAULT_EPS_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-MITIGATION_NAME = "surgery_intruders.json"
+MITIGATION_NAME = INTRUDERS
 
 # Architectures whose attention/MLP projections are transformers' Conv1D ([in, out] weights).
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
@@ -424,15 +425,8 @@ def mitigate_intruders(
     renamed when complete, resumable, never into an input, a non-empty ``OUT`` only with ``overwrite``.
     Side files (config, tokenizer) come from ``finetuned``; ``surgery_intruders.json`` records the run.
     """
-    from surgery.files import CONFIG, SIDE_FILES
-    from surgery.writer import (
-        CheckpointWriter,
-        OutputTensor,
-        check_output_folder,
-        fingerprint_of,
-        plan_layout,
-        prepare_output,
-    )
+    from surgery.output import open_output, side_files_of
+    from surgery.writer import OutputTensor, fingerprint_of, plan_layout
 
     _check_params(k, eps, eps_grid)
     if not np.isfinite(lam):
@@ -442,7 +436,6 @@ def mitigate_intruders(
     with open_checkpoint(base) as base_ck, open_checkpoint(finetuned) as ft_ck:
         names, skipped = select_matrices(base_ck, ft_ck, include)
         _require_some(names, base, finetuned, include)
-        check_output_folder(out, [Path(base).expanduser(), Path(finetuned).expanduser()])
         params = {"lambda": lam, "k": k, "eps": eps, "include": include, "conv1d": conv1d}
         fingerprint = fingerprint_of(
             {
@@ -457,9 +450,9 @@ def mitigate_intruders(
             [OutputTensor(n, ft_ck.tensors[n].dtype.name, ft_ck.tensors[n].shape) for n in ordered],
             max_shard_size,
         )
-        resume = prepare_output(out, fingerprint, overwrite)
-        writer = CheckpointWriter(out, layout, resume)
-        try:
+        inputs = [Path(base).expanduser(), Path(finetuned).expanduser()]
+        with open_output(out, inputs, fingerprint, overwrite=overwrite) as staged:
+            writer = staged.writer(layout)
             matrices, modified = [], []
             for m in _iter_matrices(base_ck, ft_ck, names, k, cache, device, conv1d, progress):
                 matrices.append(m.result)
@@ -483,13 +476,9 @@ def mitigate_intruders(
                 str(base), str(finetuned), k, eps, tuple(eps_grid), tuple(matrices), tuple(skipped),
                 lam=lam, output=str(out), modified=tuple(modified),
             )  # fmt: skip
-            side = {n: (ft_ck.root / n).read_bytes() for n in SIDE_FILES if (ft_ck.root / n).is_file()}
-            if (ft_ck.root / CONFIG).is_file():
-                side[CONFIG] = (ft_ck.root / CONFIG).read_bytes()
+            side = side_files_of(ft_ck.root)
             side[MITIGATION_NAME] = (json.dumps(report.to_dict(), indent=2) + "\n").encode()
             writer.finalize(side)
-        finally:
-            writer.close()
     return report
 
 

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from surgery.errors import InputNotFoundError, OutputError, RecipeError
+from surgery.errors import InputNotFoundError, RecipeError
 
 __all__ = ["LocalizeReport", "compare_patches", "gamma", "localize", "read_examples", "region_names"]
 
@@ -190,17 +189,39 @@ def localize(
     progress: Callable[[int, str | None], None] | None = None,
 ) -> LocalizeReport:
     """Learn a graft mask on ``examples`` starting from the data-free top-``density`` mask and write
-    the best one as a sparse patch to ``output``."""
-    import torch
-
-    from surgery.analysis.tuco import load_pair
-
+    the best one as a sparse patch to ``output`` (locked, staged and renamed like every output)."""
     if not 0.0 < density <= 1.0:
         raise RecipeError(f"density must be in (0, 1], got {density}")
     if steps < 0 or eval_every < 1 or batch_size < 1:
         raise RecipeError("steps must be >= 0, eval_every and batch_size >= 1")
-    output = Path(output)
-    _check_output(output, [Path(base), Path(finetuned)], overwrite)
+    from surgery.output import open_output
+    from surgery.writer import fingerprint_of
+
+    run = {
+        "base": str(base),
+        "finetuned": str(finetuned),
+        "density": density,
+        "region": region,
+        "steps": steps,
+        "lr": lr,
+        "fixed_density": fixed_density,
+        "seed": seed,
+        "batch_size": batch_size,
+        "examples": examples,
+    }
+    fingerprint = fingerprint_of({"analysis": "localize/1", "run": run})
+    with open_output(Path(output), [Path(base), Path(finetuned)], fingerprint, overwrite=overwrite) as staged:
+        return _localize(staged, base, finetuned, examples, density, region, steps, lr, fixed_density, seed,
+                         batch_size, eval_every, progress)  # fmt: skip
+
+
+def _localize(staged, base, finetuned, examples, density, region, steps, lr, fixed_density, seed, batch_size,
+              eval_every, progress) -> LocalizeReport:  # fmt: skip
+    import torch
+
+    from surgery.analysis.tuco import load_pair
+
+    output = staged.out
     pt, ft, tok = load_pair(base, finetuned)
     names = region_names(pt, region)
     b = {n: p.detach() for n, p in pt.named_parameters()}
@@ -265,21 +286,9 @@ def localize(
         "data_free": {"accuracy": history[0][2], "loss": history[0][3]},  # step 0 = m0
         "optimised": sc,
     }
-    _write_patch(output, manifest, tau, mask, names, density, steps, lr, fixed_density, total)
+    _write_patch(staged, manifest, tau, mask, names, density, steps, lr, fixed_density, total)
     return LocalizeReport(str(base), str(finetuned), str(output), density, kept, total, k0, scores,
                           best_step, tuple(history))  # fmt: skip
-
-
-def _check_output(output: Path, inputs: list[Path], overwrite: bool) -> None:
-    out = output.resolve()
-    for p in inputs:
-        p = p.resolve()
-        if out == p or p in out.parents or out in p.parents:
-            raise OutputError(f"output {output} overlaps the input {p}", hint="choose another -o folder")
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise OutputError(
-            f"output folder {output} is not empty", hint="pass --overwrite or another -o folder"
-        )
 
 
 def _data_free_patch(base, finetuned, density, region, folder: Path, b: dict, names: list[str]):
@@ -307,27 +316,28 @@ def _data_free_patch(base, finetuned, density, region, folder: Path, b: dict, na
     return manifest, masks
 
 
-def _write_patch(output: Path, manifest: dict, tau: dict, mask: dict, names: list[str], density: float,
+def _write_patch(staged, manifest: dict, tau: dict, mask: dict, names: list[str], density: float,
                  steps: int, lr: float, fixed_density: bool, total: int) -> None:  # fmt: skip
-    """The mask as a sparse patch, in the format of surgery.patch (what `surgery apply` reads)."""
+    """The mask as a sparse patch, in the format of surgery.patch (what `surgery apply` reads),
+    written like every other output: staged, journaled, renamed when complete."""
     import torch
-    from safetensors.torch import save_file
 
-    from surgery.files import MANIFEST, SINGLE
+    from surgery.files import MANIFEST
     from surgery.names import natural_key
-    from surgery.patch import INDICES, VALUES
+    from surgery.patch import INDICES, VALUES, patch_layout
 
     tensors, counts = {}, {}
     for n in sorted(names, key=natural_key):
         idx = torch.nonzero(mask[n].flatten() > 0.5).flatten().to(torch.int64)  # ascending
         counts[n] = int(idx.numel())
         if idx.numel():
-            tensors[n + INDICES] = idx.contiguous()
-            tensors[n + VALUES] = tau[n].flatten()[idx].to(torch.float32).contiguous()
-    if output.exists():
-        shutil.rmtree(output)
-    output.mkdir(parents=True)
-    save_file(tensors, str(output / SINGLE), metadata={"format": "pt"})
+            tensors[n + INDICES] = idx.contiguous().numpy()
+            tensors[n + VALUES] = tau[n].flatten()[idx].to(torch.float32).contiguous().detach().numpy()
+    writer = staged.writer(patch_layout(counts, 5 * 10**9))
+    for name, values in tensors.items():
+        if name not in writer.done:
+            writer.write(name, 0, values)
+            writer.mark_done(name)
     kept = sum(counts.values())
     data = dict(manifest)
     data.update(
@@ -339,7 +349,7 @@ def _write_patch(output: Path, manifest: dict, tau: dict, mask: dict, names: lis
         total=total,
         fraction=kept / total if total else 0.0,
     )  # fmt: skip
-    (output / MANIFEST).write_text(json.dumps(data, indent=2) + "\n")
+    writer.finalize({MANIFEST: (json.dumps(data, indent=2) + "\n").encode()})
 
 
 # -- overlap ----------------------------------------------------------------------------------------

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from surgery.analysis._common import layer_sort_key
 from surgery.analysis.intruders import IntruderReport
-from surgery.analysis.stats import StatsReport, layer_sort_key
+from surgery.analysis.stats import StatsReport
 
 
 def _pyplot():

@@ -15,6 +15,9 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Backend:
+    """A table of kernels over numpy arrays (float32 math, raw bf16 as uint16): pure functions, no
+    I/O, no names; cross-chunk state (tie counters, accumulators) is passed in by the caller."""
+
     name: str
     bf16_to_f32: Callable
     f32_to_bf16: Callable

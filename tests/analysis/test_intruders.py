@@ -211,9 +211,14 @@ def test_mitigation_output_safety(spiked, tmp_path):
     (tmp_path / "busy" / "keep.txt").write_text("x")
     with pytest.raises(OutputError, match="is not empty"):
         mitigate_intruders(base, ft, tmp_path / "busy", 0.0)
-    mitigate_intruders(base, ft, tmp_path / "busy", 0.0, overwrite=True)
-    assert not (tmp_path / "busy" / "keep.txt").exists()
-    assert (tmp_path / "busy" / "model.safetensors").is_file()
+    # --overwrite replaces only a previous surgery output, never files surgery did not write
+    with pytest.raises(OutputError, match=r"holds files surgery did not write \(keep.txt\)"):
+        mitigate_intruders(base, ft, tmp_path / "busy", 0.0, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["keep.txt"]
+    mitigate_intruders(base, ft, tmp_path / "out", 0.5)
+    mitigate_intruders(base, ft, tmp_path / "out", 0.0, overwrite=True)
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "out" / "surgery_intruders.json").read_text())["lambda"] == 0.0
 
 
 def test_selection_errors(spiked):

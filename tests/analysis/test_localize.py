@@ -92,6 +92,12 @@ def test_zero_steps_is_the_data_free_graft(family, tmp_path):
         assert (ours[n][0] == ref[n][0]).all() and (ours[n][1] == ref[n][1]).all()
     assert report.kept == report.data_free_kept > 0
     assert compare_patches(tmp_path / "loc", tmp_path / "df")["overall"]["jaccard"] == 1.0
+    # written by the same guarded writer as every output: the same bytes, staged, replaceable
+    weights = (tmp_path / "loc" / "model.safetensors").read_bytes()
+    assert weights == (tmp_path / "df" / "model.safetensors").read_bytes()
+    assert not (tmp_path / "loc" / ".surgery-partial").exists()
+    localize(root / "base", root / "ft", EXAMPLES, 0.05, tmp_path / "loc", steps=0, overwrite=True)
+    assert (tmp_path / "loc" / "model.safetensors").read_bytes() == weights
 
 
 def test_optimised_patch_round_trips_through_apply(family, tmp_path):

@@ -80,10 +80,10 @@ MK_METHODS: dict[str, MkMethod] = {
             "model_stock", "model_stock", "required", (MkParam("filter_wise", "bool", False, False),), 2
         ),
         MkMethod("passthrough", "passthrough", "ignored", (MkParam("scale", "float", True, None),), 1, 1),
-        MkMethod("nearswap", None, "required", (MkParam("t", "float", False, REQUIRED),), 1, 1),
+        MkMethod("nearswap", "nearswap", "required", (MkParam("t", "float", False, REQUIRED),), 1, 1),
         MkMethod(
             "nuslerp",
-            None,
+            "nuslerp",
             "optional",
             (
                 MkParam("weight", "float", True, REQUIRED),
@@ -95,7 +95,7 @@ MK_METHODS: dict[str, MkMethod] = {
         ),
         MkMethod(
             "multislerp",
-            None,
+            "multislerp",
             "optional",
             (
                 MkParam("weight", "float", True, REQUIRED),
@@ -105,13 +105,13 @@ MK_METHODS: dict[str, MkMethod] = {
         ),
         MkMethod(
             "karcher",
-            None,
+            "karcher",
             "ignored",
             (MkParam("max_iter", "float", False, 10), MkParam("tol", "float", False, 1e-5)),
         ),
         MkMethod(
             "sce",
-            None,
+            "sce",
             "required",
             (MkParam("int8_mask", "bool", False, False), MkParam("select_topk", "float", False, 1.0)),
         ),

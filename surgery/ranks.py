@@ -26,10 +26,16 @@ def rank_count(fraction: float, n: int) -> int:
     return math.floor(Fraction(repr(float(fraction))) * n)
 
 
-def band_ranks(params: dict, n: int) -> tuple[int, int]:
-    """(r_hi, r_lo): keep ranks r_hi+1..r_lo, i.e. drop the top ``outliers``, keep ``density``."""
-    r_hi = rank_count(params.get("outliers", 0.0), n)
-    return r_hi, min(n, r_hi + rank_count(params["density"], n))
+def per_model(value, model: int):
+    """A parameter given once, or as one value per model (mergekit's per-model density)."""
+    return value[model] if isinstance(value, list | tuple) else value
+
+
+def band_ranks(params: dict, n: int, model: int = 0) -> tuple[int, int]:
+    """(r_hi, r_lo): keep ranks r_hi+1..r_lo, i.e. drop the top ``outliers``, keep ``density``
+    (each may be one value per model)."""
+    r_hi = rank_count(per_model(params.get("outliers", 0.0), model), n)
+    return r_hi, min(n, r_hi + rank_count(per_model(params["density"], model), n))
 
 
 def high_bin(hist: np.ndarray, r: int) -> tuple[int, int]:

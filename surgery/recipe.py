@@ -138,6 +138,9 @@ def make_recipe(
     if spec.max_models is not None and n_inputs > spec.max_models:
         raise RecipeError(f"method {spec.name} takes at most {spec.max_models} models")
     params = _resolve_parameters(spec, dict(parameters or {}), len(models))
+    per_model = [k for k in ("density", "outliers") if isinstance(params.get(k), list)]
+    if per_model and params.get("granularity") == "global":
+        raise RecipeError(f"global ranks take one {per_model[0]} for every model, not one per model")
     out_dtype = parse_output_dtype(dtype) if dtype else None
     schedule = make_schedule(lines)
     if schedule is not None and not base:
@@ -229,6 +232,10 @@ def _check_parameter(
     where = f"{spec.name}: {name}"
     if kind == "weights":
         return _check_weights(where, value, n_models)
+    if name in ("density", "outliers") and isinstance(value, list | tuple):  # one value per model
+        if len(value) != n_models:
+            raise RecipeError(f"{where} has {len(value)} values for {n_models} models")
+        return [_check_parameter(spec, name, kind, v, choices, n_models) for v in value]
     if kind == "choice":
         if value not in choices:
             raise RecipeError(f"{where} must be one of {', '.join(choices)}, not {value!r}")

@@ -59,11 +59,11 @@ def _band(high: np.ndarray, lows: dict[int, np.ndarray], r_hi: int, r_lo: int) -
 
 def tensor_bands(stream: TensorStream, params: Mapping, n_models: int, backend: Backend) -> list[Band]:
     """One band per task vector over this tensor: ranks floor(outliers n)+1 .. + floor(density n)."""
-    r_hi, r_lo = band_ranks(params, stream.job.numel)
+    ranks = [band_ranks(params, stream.job.numel, t) for t in range(n_models)]
     highs = _hist_high(stream, n_models, backend)
-    bins = [edge_bins(highs[t], r_hi, r_lo) for t in range(n_models)]
+    bins = [edge_bins(highs[t], *ranks[t]) for t in range(n_models)]
     lows = _hist_low(stream, bins, backend)
-    return [_band(highs[t], lows[t], r_hi, r_lo) for t in range(n_models)]
+    return [_band(highs[t], lows[t], *ranks[t]) for t in range(n_models)]
 
 
 @dataclass(frozen=True)

@@ -170,9 +170,12 @@ def _task_arithmetic_family(
     weights = [float(w) for w in per_model["weight"]]
     divisor = sum(weights) if shared["normalize"] and abs(sum(weights)) >= 1e-8 else 1.0
     params: dict = {"scale": float(shared["lambda"])}
-    density = min(1.0, _one(per_model, "density", reasons))
-    gamma = _one(per_model, "gamma", reasons) if "gamma" in per_model else 0.0
-    sparsified = name != "task_arithmetic" and density < 1.0
+    densities = [min(1.0, _finite(d, "density", reasons)) for d in per_model["density"]]
+    # mergekit skips a model's sparsification (gamma included) when its density is >= 1
+    gammas = [
+        _finite(g, "gamma", reasons) if d < 1 else 0.0 for g, d in zip(per_model.get("gamma", ()), densities)
+    ]
+    sparsified = name != "task_arithmetic" and min(densities) < 1.0
     dare = name in ("dare_linear", "dare_ties")
     if shared["rescale"] and sparsified and not dare:
         reasons.append("rescale: true with magnitude pruning (L1 rescale after a top-k)")
@@ -183,39 +186,41 @@ def _task_arithmetic_family(
         params["weights"] = [w / divisor for w in weights]
     if name == "task_arithmetic":
         return "task_arithmetic", params
-    if density <= 0.0:
-        reasons.append(f"density {density}")
+    if min(densities) <= 0.0:
+        reasons.append(f"density {min(densities)}")
         return _NATIVE[name], params
+    density = densities[0] if len(set(densities)) == 1 else densities
     if dare:
         if shared["rescale"]:  # masked tau back to the L1 norm of tau (the 1/p is then irrelevant)
             return _NATIVE[name], {**params, "density": density, "rescale": "l1"}
-        if ties:
-            params["scale"] *= density  # ours divides the kept entries by density; mergekit does not
+        # ours keeps m tau / density, mergekit m tau: fold the density back in
+        if not ties:
+            params["weights"] = [w * d for w, d in zip(params["weights"], densities)]
+        elif isinstance(density, float):
+            params["scale"] *= density
+        elif params["disjoint"] == "sum":
+            params["weights"] = [w * d for w, d in zip(weights, densities)]
         else:
-            params["weights"] = [w * density for w in params["weights"]]
+            reasons.append("different density per model with rescale: false and normalize: true")
         return _NATIVE[name], {**params, "density": density, "rescale": "none"}
-    # magnitude (ties) and magnitude_outliers (breadcrumbs): mergekit counts int(x * n) in floats;
-    # density 1 skips the trimming, gamma included
-    if not sparsified:
-        gamma = 0.0
-    keep, top = int(density * n), int(gamma * n)
-    if (
-        (max(1, keep) if name == "ties" else keep) != rank_count(density, n)
-        or top != rank_count(gamma, n)
-        or keep + top > n
-    ):
-        reasons.append(f"density {density} / gamma {gamma} on a tensor of {n} entries (rank rounding)")
+    # magnitude (ties) and magnitude_outliers (breadcrumbs): mergekit counts int(x * n) in floats
+    for d, g in zip(densities, gammas or [0.0] * len(densities)):
+        keep, top = int(d * n), int(g * n)
+        if (
+            (max(1, keep) if name == "ties" else keep) != rank_count(d, n)
+            or top != rank_count(g, n)
+            or keep + top > n
+        ):
+            reasons.append(f"density {d} / gamma {g} on a tensor of {n} entries (rank rounding)")
+            break
     params.update(density=density, granularity="per_tensor")
     if name != "ties":
-        params["outliers"] = gamma
+        params["outliers"] = gammas[0] if len(set(gammas)) == 1 else gammas
     return _NATIVE[name], params
 
 
-def _one(per_model: dict, key: str, reasons: list[str]) -> float:
-    values = set(per_model[key])
-    if len(values) > 1:
-        reasons.append(f"different {key} per model")
-    value = float(min(values))
+def _finite(value: object, key: str, reasons: list[str]) -> float:
+    value = float(value)  # type: ignore[arg-type]
     if not math.isfinite(value):
         reasons.append(f"{key} {value}")
     return value

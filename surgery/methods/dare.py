@@ -24,7 +24,9 @@ def _bernoulli_apply(be, tau, s: Slice) -> None:
     import numpy as np
 
     key = dare_key(int(s.params["seed"]), s.tensor, s.model)
-    be.dare_mask(tau, float(s.params["density"]), np.uint64(key), s.start)
+    from surgery.ranks import per_model
+
+    be.dare_mask(tau, float(per_model(s.params["density"], s.model)), np.uint64(key), s.start)
 
 
 RESCALE = Param(

@@ -183,6 +183,38 @@ def test_ties_weights_before_election(family, invoke, tmp_path, normalize):
     assert all(torch.equal(a[n], c[n]) for n in a)  # streamed in tiny chunks: the same bytes
 
 
+def test_ties_example_per_model_density_gradients_and_filters(family, invoke, tmp_path):
+    """mergekit's examples/ties.yml on the tiny models: a density gradient, a weight gradient, weight
+    filters, a different density per model."""
+    models = {
+        "ft1": {"density": [1, 0.7, 0.1], "weight": 1.0},
+        "ft2": {"density": 0.5, "weight": [0, 0.3, 0.7, 1]},
+        "ft3": {"density": 0.33, "weight": [{"filter": "mlp", "value": 0.5}, {"value": 0}]},
+    }
+    cfg = write_config(
+        tmp_path,
+        {
+            "merge_method": "ties",
+            "base_model": str(family["base"]),
+            "models": [{"model": str(family[k]), "parameters": p} for k, p in models.items()],
+            "parameters": {"normalize": True, "int8_mask": True},
+            "dtype": "float32",
+        },
+    )
+    result = invoke("run", cfg, "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    b, *fs = states_of(family, "base", "ft1", "ft2", "ft3")
+
+    def expect(n, _):
+        t = position(n)
+        dens = [gradient([1, 0.7, 0.1], t), 0.5, 0.33]
+        w = [1.0, gradient([0, 0.3, 0.7, 1], t), 0.5 if "mlp" in n else 0.0]
+        trim = lambda x, i: magnitude(x, dens[i])  # noqa: E731
+        return gta(b[n], [f[n] for f in fs], w, sparsify=trim, consensus=True, normalize=True)
+
+    check(tmp_path / "out", expect)
+
+
 def test_breadcrumbs_density_and_gamma(family, invoke, tmp_path):
     cfg = write_config(
         tmp_path,
@@ -522,13 +554,14 @@ def test_convert_prints_a_recipe_that_reproduces_the_run(family, invoke, tmp_pat
         ),
         (
             {
-                "merge_method": "ties",
+                "merge_method": "dare_ties",
                 "models": [
                     {"model": "FT1", "parameters": {"weight": 1.0, "density": 0.5}},
                     {"model": "FT2", "parameters": {"weight": 1.0, "density": 0.3}},
                 ],
+                "parameters": {"rescale": False, "normalize": True},
             },
-            "different density per model",
+            "different density per model with rescale: false and normalize: true",
         ),
         (
             {"merge_method": "ties", "parameters": {"weight": 1.0, "density": 0.5, "rescale": True}},

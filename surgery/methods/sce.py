@@ -13,6 +13,7 @@ whole (``whole_matrix``: a tensor too big for one worker's share of the budget i
 memory it needs).
 """
 
+from surgery.errors import RecipeError
 from surgery.methods.spec import Combine, Method, Operands, Param
 
 
@@ -41,10 +42,22 @@ def sce_weights(tau):
     return (means / total).astype(np.float32)
 
 
+def _one_density(value) -> float:
+    """The selection ranks entries across all models at once: one density."""
+    if isinstance(value, list | tuple):
+        if len(set(value)) > 1:
+            raise RecipeError(
+                f"sce selects entries by their variance across the models: one density, not {list(value)}",
+                hint="give one --density (mergekit: select_topk)",
+            )
+        value = value[0]
+    return float(value)
+
+
 def _sce_apply(be, x: Operands, coeffs, scale, out) -> None:
     import numpy as np
 
-    tau = sce_select(x.tau, float(x.params["density"]))
+    tau = sce_select(x.tau, _one_density(x.params["density"]))
     positive = tau.sum(axis=0, dtype=np.float32) >= 0
     kept = np.where(positive, tau > 0, tau < 0)
     weights = np.where(kept, sce_weights(tau)[:, None], np.float32(0.0))

@@ -185,3 +185,9 @@ def test_whole_tensor_methods_name_the_memory_they_need(tmp_path, fam, method, p
     with pytest.raises(RecipeError, match="needs its whole matrix"):
         run(tmp_path, method, base, models[:2], opts=TINY, **params)
     assert not (tmp_path / "out").exists()
+
+
+def test_sce_takes_one_density(tmp_path, fam):
+    base, models = fam
+    with pytest.raises(RecipeError, match="one density"):
+        run(tmp_path, "sce", base, models[:2], density=[0.5, 0.3])

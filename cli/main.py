@@ -177,11 +177,38 @@ def _method_flags(fn):
     return fn
 
 
+# Method parameters with their own flags above; every other one gets a flag from the registry.
+_FIXED_FLAGS = {"density", "outliers", "scale", "weights", "granularity", "t", "seed"}
+_TYPES = {"float": float, "int": int, "regex": str}
+
+
+def _registry_params() -> dict[str, list]:
+    """Each merge method parameter without a hand-written flag: name -> its Param in every method."""
+    params: dict[str, list] = {}
+    for name in MERGE_METHODS:
+        for p in METHODS[name].params:
+            if p.name not in _FIXED_FLAGS and p.kind != "fixed":
+                params.setdefault(p.name, []).append((name, p))
+    return params
+
+
+def _param_flags(fn):
+    for name, uses in reversed(_registry_params().items()):
+        kind = uses[0][1].kind
+        choices = sorted({c for _, p in uses for c in p.choices})
+        kind_type = click.Choice(choices) if kind == "choice" else _TYPES[kind]
+        help_text = f"{uses[0][1].help} ({', '.join(m for m, _ in uses)})."
+        flag = "--" + name.replace("_", "-")
+        fn = click.option(flag, name, type=kind_type, default=None, help=help_text)(fn)
+    return fn
+
+
 @cli.command()
 @click.argument("models", nargs=-1, required=True)
 @click.option("--base", default=None, help="Base model [default: base_model from the models' cards].")
 @click.option("--method", "method_name", default=None, help="Method by name (see `surgery methods`).")
 @_method_flags
+@_param_flags
 @click.option("--density", type=float, default=None, help="Fraction of task-vector entries KEPT.")
 @click.option("--outliers", type=float, default=None, help="Fraction of largest |tau| removed.")
 @click.option("--scale", type=float, default=None, help="Multiplier of the merged task vector.")
@@ -228,6 +255,7 @@ def merge(ctx: click.Context, models: tuple[str, ...], base: str | None, method_
         base = base_from_cards(list(models))
     params = {"density": density, "outliers": outliers, "scale": scale, "weights": weights,
               "granularity": granularity, "t": t, "seed": seed}  # fmt: skip
+    params.update({name: engine.pop(name) for name in _registry_params()})
     lines = None
     if use_lines:
         lines = {"alpha": lines_alpha, "beta": lines_beta, "outside": lines_outside}

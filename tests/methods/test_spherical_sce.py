@@ -191,3 +191,25 @@ def test_sce_takes_one_density(tmp_path, fam):
     base, models = fam
     with pytest.raises(RecipeError, match="one density"):
         run(tmp_path, "sce", base, models[:2], density=[0.5, 0.3])
+
+
+# -- the CLI: method parameters get flags from the registry -------------------------------------------
+def test_merge_flags_from_the_registry(tmp_path, fam, invoke):
+    base, models = fam
+    b, f = load_f32(base), load_f32(models[0])
+    out = tmp_path / "cli"
+    result = invoke("merge", models[0], "--base", base, "--nearswap", "--distance", "0.2", "-o", out, "-q")
+    assert result.exit_code == 0, result.output
+    got = load_f32(out)
+    for n in names(b):
+        close(got[n], nearswap_ref(b[n], f[n], 0.2))
+    fs = [load_f32(m) for m in models]
+    result = invoke("merge", *models, "--karcher", "--max-iter", "1", "-o", tmp_path / "k", "-q")
+    assert result.exit_code == 0, result.output
+    got = load_f32(tmp_path / "k")
+    for n in names(b):
+        close(got[n], karcher_ref([x[n] for x in fs], max_iter=1))
+    # a flag of another method is refused by name, nothing written
+    result = invoke("merge", *models, "--base", base, "--ties", "--distance", "0.2", "-o", tmp_path / "bad")
+    assert result.exit_code == 1 and "takes no parameter 'distance'" in result.stderr
+    assert not (tmp_path / "bad").exists()

@@ -213,3 +213,26 @@ def test_merge_flags_from_the_registry(tmp_path, fam, invoke):
     result = invoke("merge", *models, "--base", base, "--ties", "--distance", "0.2", "-o", tmp_path / "bad")
     assert result.exit_code == 1 and "takes no parameter 'distance'" in result.stderr
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize(
+    "method,with_base,params",
+    [
+        ("nearswap", True, {"distance": 0.2}),
+        ("nuslerp", True, {"weights": [1.0, 2.0], "vectors": "columns"}),
+        ("multislerp", False, {"weights": [1.0, 2.0]}),
+        ("karcher", False, {}),
+        ("sce", True, {"density": 0.5}),
+    ],
+)
+def test_torch_backend_agrees(tmp_path, fam, method, with_base, params):
+    """The CUDA path's torch kernels, run on the CPU (the stages' own numpy runs on the host)."""
+    base, models = fam
+    models = models[:1] if method == "nearswap" else models[:2]
+    base = base if with_base else None
+    ours = load_f32(run(tmp_path, method, base, models, name="cpu", **params))
+    twin = load_f32(
+        run(tmp_path, method, base, models, name="torch", opts=EngineOptions(device="torch-cpu"), **params)
+    )
+    for n in names(ours):
+        close(twin[n], ours[n], 1e-6)

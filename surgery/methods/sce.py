@@ -10,32 +10,39 @@ Erase: s = +1 where sum_t tau_t >= 0, else -1; keep tau_t where sign(tau_t) = s 
 
 The variance ranks and the mean squares are taken over the whole tensor, so SCE takes each tensor
 whole (``whole_matrix``: a tensor too big for one worker's share of the budget is an error naming the
-memory it needs).
+memory it needs); the stage masks the task vectors in place and works one model at a time, so its
+temporaries are a few rows (the variance ranking: float64 and int64 of one row), not T rows.
 """
 
 from surgery.errors import RecipeError
 from surgery.methods.spec import Combine, Method, Operands, Param
 
 
-def sce_select(tau, density: float):
-    """tau with every entry outside the top-k variance across the models zeroed (a copy)."""
+def sce_select(tau, density: float) -> None:
+    """Zero, in place in every tau_t, the entries outside the top-k variance across the models."""
     import numpy as np
 
     if density >= 1.0:
-        return tau
-    var = tau.var(axis=0, dtype=np.float64).astype(np.float32)
+        return
+    # population variance in float64, one model at a time (temporaries of one row, not T rows)
+    mean = tau.sum(axis=0, dtype=np.float64) / tau.shape[0]
+    var = np.zeros(tau.shape[1], np.float64)
+    for row in tau:
+        var += np.square(row - mean)
+    var = (var / tau.shape[0]).astype(np.float32)
+    del mean
     k = int(np.count_nonzero(var) * density)
-    mask = np.zeros(var.shape, bool)
+    keep = np.zeros(var.shape, bool)
     if k:
-        mask[np.argsort(-var, kind="stable")[:k]] = True
-    return np.where(mask, tau, np.float32(0.0))
+        keep[np.argsort(-var, kind="stable")[:k]] = True
+    tau *= keep
 
 
 def sce_weights(tau):
     """w_t = mean(tau_t^2) normalised to sum 1 (float32); 1/T when the sum is below 1e-6."""
     import numpy as np
 
-    means = np.square(tau, dtype=np.float64).mean(axis=1)
+    means = np.array([np.dot(row, row.astype(np.float64)) / row.size for row in tau])
     total = means.sum()
     if abs(total) < 1e-6:
         return np.full(tau.shape[0], 1.0 / tau.shape[0], np.float32)
@@ -55,15 +62,21 @@ def _one_density(value) -> float:
 
 
 def _sce_apply(be, x: Operands, coeffs, scale, out) -> None:
+    """In float32, model by model (temporaries of one row); tau is the stream's to mask in place."""
     import numpy as np
 
-    tau = sce_select(x.tau, _one_density(x.params["density"]))
+    tau = x.tau
+    sce_select(tau, _one_density(x.params["density"]))
+    weights = sce_weights(tau)
     positive = tau.sum(axis=0, dtype=np.float32) >= 0
-    kept = np.where(positive, tau > 0, tau < 0)
-    weights = np.where(kept, sce_weights(tau)[:, None], np.float32(0.0))
-    merged = (tau * weights).sum(axis=0, dtype=np.float32)
-    merged /= np.maximum(weights.sum(axis=0, dtype=np.float32), np.float32(1e-6))
-    np.add(x.base, scale * merged, out=out)
+    num = np.zeros_like(out)
+    den = np.zeros_like(out)
+    for row, w in zip(tau, weights):
+        kept = np.where(positive, row > 0, row < 0)
+        num += np.where(kept, row * w, np.float32(0.0))
+        den += np.where(kept, w, np.float32(0.0))
+    num /= np.maximum(den, np.float32(1e-6))
+    np.add(x.base, scale * num, out=out)
 
 
 SCE = Method(

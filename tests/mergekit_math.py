@@ -37,10 +37,11 @@ def nuslerp_ref(t, v0, v1, axis=None):
     return np.moveaxis(out.reshape(moved), -1, axis)
 
 
-def multislerp_ref(vs, w, eps=1e-8):
+def multislerp_ref(vs, w, eps=1e-8, normalize=True):
     """mergekit's tangent-space construction, literally (the tangent mean is kept, not dropped)."""
     x = np.stack([v.ravel() for v in vs]).astype(np.float64)
-    w = np.asarray(w, np.float64) / np.sum(w)
+    w = np.asarray(w, np.float64)
+    w = w / np.sum(w) if normalize else w
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     u = x / (norms + eps)
     mean = (u * w[:, None]).sum(0)

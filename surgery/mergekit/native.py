@@ -12,7 +12,7 @@ papers' (our own recipes keep the papers' semantics):
     passthrough       the slices' layer ranges, stacked and renumbered              -> passthrough
     nearswap          t -> distance;  sce  select_topk -> density;  karcher  max_iter, tol
     nuslerp           weights; nuslerp_flatten / nuslerp_row_wise -> vectors: flat | rows | columns
-    multislerp        weights, eps (normalize_weights: false is refused)
+    multislerp        weights, normalize_weights, eps
 
 Per-tensor values (gradients, filters) become the recipe's ``per_tensor`` entries. Whatever has no
 exact translation yet (layer stacking, L1 rescale, ...) is listed, all reasons at once, in one
@@ -123,9 +123,9 @@ def _nuslerp(shared: dict, per_model: dict, reasons: list[str]) -> dict:
 
 
 def _multislerp(shared: dict, per_model: dict, reasons: list[str]) -> dict:
-    if not shared["normalize_weights"]:
-        reasons.append("normalize_weights: false")
-    return {"weights": [float(w) for w in per_model["weight"]], "eps": float(shared["eps"])}
+    normalize = "true" if shared["normalize_weights"] else "false"
+    weights = [float(w) for w in per_model["weight"]]
+    return {"weights": weights, "normalize_weights": normalize, "eps": float(shared["eps"])}
 
 
 def _sce(shared: dict, per_model: dict, reasons: list[str]) -> dict:

@@ -11,9 +11,10 @@ over the flattened tensors (``vectors: flat``), or per row (``rows``: mergekit's
 or per column (``columns``: nuslerp_row_wise: true, vectors along the first axis).
 
 Multi-SLERP: mergekit projects the unit vectors u_i = v_i / (|v_i| + eps) onto the tangent space at
-their normalised weighted mean m and maps the weighted tangent mean back; that tangent mean
+their weighted mean direction m and maps the weighted tangent mean back; that tangent mean
 sum_i w_i (u_i - (u_i.m) m) is identically zero (sum_i w_i u_i = |sum_i w_i u_i| m), so the result is
-    out = (sum_i w_i |v_i|) * m,    m = sum_i w_i u_i / |sum_i w_i u_i|      (w normalised to sum 1)
+    out = (sum_i w_i |v_i|) * m,    m = sum_i w_i u_i / |sum_i w_i u_i|
+(w divided by its sum unless ``normalize_weights: false``)
 (mergekit adds rounding noise of the zero tangent, about 1e-7 relative). Two opposite vectors with
 |sum w_i u_i| < eps give the linear w1 v1 + w2 v2; more than two are refused, as in mergekit.
 
@@ -137,7 +138,8 @@ def multislerp_coefficients(gram, params: Mapping[str, object], n_models: int) -
     g = _symmetric(gram)
     eps = float(params["eps"])
     w = np.asarray(params["weights"], np.float64)
-    w = w / w.sum()
+    if params.get("normalize_weights", "true") == "true":
+        w = w / w.sum()
     norms = np.sqrt(np.maximum(np.diag(g), 0.0))
     a = w / (norms + eps)  # the weighted mean of the unit vectors, as coefficients of the v_i
     mean_norm = math.sqrt(max(0.0, float(a @ g @ a)))
@@ -173,7 +175,11 @@ MULTISLERP = Method(
         gram_over="tau",
     ),  # fmt: skip
     needs_base=False,
-    params=(WEIGHTS, Param("eps", "float", 1e-8, "added to each norm before dividing")),
+    params=(
+        WEIGHTS,
+        Param("normalize_weights", "choice", "true", "divide the weights by their sum", ("true", "false")),
+        Param("eps", "float", 1e-8, "added to each norm before dividing"),
+    ),
     roles="base (optional): task vectors are taken from it; models: the points",
 )
 

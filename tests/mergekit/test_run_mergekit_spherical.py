@@ -110,6 +110,21 @@ def test_multislerp_with_a_base(llamas, invoke, tmp_path):
     check(got, lambda n: b[n] + multislerp_ref([f[n] - b[n] for f in fs], list(w.values())))
 
 
+def test_multislerp_without_normalized_weights(llamas, invoke, tmp_path):
+    got = run_config(
+        invoke,
+        tmp_path,
+        {
+            "merge_method": "multislerp",
+            "base_model": str(llamas["base"]),
+            "models": models(llamas, "ft1", "ft2", ft1={"weight": 0.5}, ft2={"weight": 1.0}),
+            "parameters": {"normalize_weights": False},
+        },
+    )
+    b, *fs = (np32(s) for s in states_of(llamas, "base", "ft1", "ft2"))
+    check(got, lambda n: b[n] + multislerp_ref([f[n] - b[n] for f in fs], [0.5, 1.0], normalize=False))
+
+
 def test_karcher_of_three_models(llamas, invoke, tmp_path):
     got = run_config(
         invoke,
@@ -144,10 +159,6 @@ def test_sce_select_topk(llamas, invoke, tmp_path, topk):
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        (
-            {"merge_method": "multislerp", "parameters": {"weight": 1.0, "normalize_weights": False}},
-            "multislerp with normalize_weights: false is not supported yet",
-        ),
         (
             {"merge_method": "sce", "parameters": {"select_topk": 0.0}},
             r"sce with select_topk 0.0 \(keeps nothing: the base\) is not supported yet",

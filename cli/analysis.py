@@ -11,18 +11,20 @@ import sys
 from pathlib import Path
 
 import click
-
-_PLOT = click.Path(dir_okay=False, path_type=Path)
-
+from surgery_cli.options import PLOT, THREADS, check_device, check_plot_path, make_parent, refuse_unused
 
 _COMMON_OPTIONS = [
-    click.option("--include", default=None, help="Regex of tensor names to analyse."),
-    click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON."),
-    click.option("--plot", type=_PLOT, default=None, help="Write a PNG plot of the report."),
-    click.option("--device", default="cpu", show_default=True, help="Torch device for the SVDs."),
-    click.option("--threads", type=int, default=None, help="CPU threads for torch [default: all]."),
+    click.option("--include", default=None,
+                 help="Regex of tensor names to analyse [default: stats every float tensor, intruders "
+                      "the 2-D weights of the blocks]."),
+    click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
+    click.option("--plot", type=PLOT, default=None, callback=check_plot_path,
+                 help="Write a PNG plot of the report (its folder is created)."),
+    click.option("--device", default="cpu", show_default=True, callback=check_device,
+                 help="Torch device for the SVDs: cpu, cuda or cuda:N."),
+    click.option("--threads", type=THREADS, default=None, help="CPU threads [default: all cores]."),
     click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
-]
+]  # fmt: skip
 
 
 _INTRUDER_OPTIONS = [
@@ -77,6 +79,10 @@ def intruders(ctx: click.Context, base: str, finetuned: tuple[str, ...], k: int,
         raise RecipeError("--mitigate LAMBDA and -o OUT go together", hint="pass both, or neither")
     if lam is not None and len(finetuned) != 1:
         raise RecipeError(f"--mitigate rewrites one fine-tune, got {len(finetuned)}")
+    if lam is None:
+        refuse_unused(ctx, ("overwrite",), "without --mitigate", hint="--overwrite goes with -o OUT")
+    if no_cache:
+        refuse_unused(ctx, ("cache_dir",), "with --no-cache")
     _threads(threads)
     opts = {"k": k, "eps": eps, "include": include, "device": device,
             "cache_dir": None if no_cache else cache_dir or lib.default_cache_dir()}  # fmt: skip
@@ -107,7 +113,8 @@ def intruders(ctx: click.Context, base: str, finetuned: tuple[str, ...], k: int,
 @_apply(_COMMON_OPTIONS)
 @click.option("--no-rank", is_flag=True, help="Skip effective ranks (one SVD per 2-D tensor and model).")
 @click.option("--tensors", "per_tensor", is_flag=True, help="Tables per tensor, not only per layer.")
-def stats(base: str, finetuned: tuple[str, ...], include: str | None, as_json: bool,
+@click.pass_context
+def stats(ctx: click.Context, base: str, finetuned: tuple[str, ...], include: str | None, as_json: bool,
           plot: Path | None, device: str, threads: int | None, quiet: bool, no_rank: bool,
           per_tensor: bool) -> None:  # fmt: skip
     """Task-vector statistics of fine-tunes FINETUNED... of BASE, per tensor and per layer.
@@ -120,6 +127,8 @@ def stats(base: str, finetuned: tuple[str, ...], include: str | None, as_json: b
     """
     from surgery.analysis.stats import diff_stats
 
+    if as_json:
+        refuse_unused(ctx, ("per_tensor",), "with --json", hint="the JSON report holds every tensor")
     _threads(threads)
     with _Bar("stats", "tensor", quiet) as bar:
         report = diff_stats(base, list(finetuned), include=include, effective_ranks=not no_rank,
@@ -207,6 +216,7 @@ def _plot(path: Path | None, function: str, report) -> None:
         return
     from surgery.analysis import plots
 
+    make_parent(path)
     getattr(plots, function)(report, path)
     click.echo(f"wrote plot {path}", err=True)
 

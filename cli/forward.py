@@ -10,12 +10,11 @@ import json
 from pathlib import Path
 
 import click
-
-_PLOT = click.Path(dir_okay=False, path_type=Path)
+from surgery_cli.options import PLOT, THREADS, check_plot_path, make_parent, refuse_unused
 
 
 def _threads(threads: int | None) -> None:
-    if threads:
+    if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
@@ -27,9 +26,10 @@ def _threads(threads: int | None) -> None:
 @click.option("--prompts", "prompts_file", required=True, type=click.Path(path_type=Path),
               help="Text file (one prompt a line) or JSONL with a 'prompt' field.")  # fmt: skip
 @click.option("--chat", is_flag=True, help="Wrap each prompt in the tokenizer's chat template.")
-@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
-@click.option("--plot", type=_PLOT, default=None, help="PNG: TuCo per prompt and mean |FTC| per layer.")
-@click.option("--threads", type=int, default=None, help="CPU threads for torch [default: all].")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--plot", type=PLOT, default=None, callback=check_plot_path,
+              help="PNG: TuCo per prompt and mean |FTC| per layer (its folder is created).")  # fmt: skip
+@click.option("--threads", type=THREADS, default=None, help="CPU threads [default: all cores].")
 def tuco_command(base: str, finetuned: str, prompts_file: Path, chat: bool, as_json: bool,
                  plot: Path | None, threads: int | None) -> None:  # fmt: skip
     """Tuning contribution of FINETUNED over BASE per prompt (Nuti et al., ICML 2025).
@@ -81,6 +81,7 @@ def plot_tuco(report, path: Path) -> None:
     b.plot(range(report.num_layers), report.mean_ftc_norms(), marker="o")
     b.set(xlabel="layer", ylabel="mean |FTC_l|", title="fine-tuning component per layer")
     fig.tight_layout()
+    make_parent(path)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -91,10 +92,11 @@ def plot_tuco(report, path: Path) -> None:
 @click.option("--alpha", type=float, required=True,
               help="Scale of the fine-tuning component: 1 = FINETUNED, 0 = BASE blocks only.")  # fmt: skip
 @click.option("--prompt", required=True, help="Prompt text.")
-@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Tokens to generate at most (greedy).")  # fmt: skip
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
-@click.option("--json", "as_json", is_flag=True, help="Print text and token ids as JSON.")
-@click.option("--threads", type=int, default=None, help="CPU threads for torch [default: all].")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--threads", type=THREADS, default=None, help="CPU threads [default: all cores].")
 def generate_command(base: str, finetuned: str, alpha: float, prompt: str, max_new_tokens: int, chat: bool,
                      as_json: bool, threads: int | None) -> None:  # fmt: skip
     """Greedy generation steered by TuCo: x_{l+1} = x_l + PTC_l + ALPHA * FTC_l at every layer.
@@ -119,21 +121,27 @@ def generate_command(base: str, finetuned: str, alpha: float, prompt: str, max_n
 @click.option("--density", type=float, default=None, help="Fraction of the region's parameters grafted.")
 @click.option("--region", default=None, help="Regex of tensors to graft [default: the transformer blocks].")
 @click.option("--steps", type=int, default=100, show_default=True, help="Gradient steps on the mask.")
-@click.option("--lr", type=float, default=1.0, show_default=True, help="Step size (relative to max |grad|).")
-@click.option(
-    "--fixed-density", is_flag=True, help="Keep the top-k of gamma (k = data-free count), not round."
-)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--lr", type=float, default=1.0, show_default=True,
+              help="Step size, in units of the data-free count's largest |grad| (scale-free).")  # fmt: skip
+@click.option("--allow-growth", is_flag=True,
+              help="The paper's rounded mask: the patch may hold more than --density [default: exactly "
+                   "the data-free count].")  # fmt: skip
+@click.option("--holdout", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.2, show_default=True,
+              help="Fraction of --data held out (never trained on) to report accuracy on.")  # fmt: skip
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the mask init and the split.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Patch folder.")
 @click.option("--overwrite", is_flag=True, help="Replace a previous surgery output (never other files).")
 @click.option("--compare", "compare", type=click.Path(path_type=Path), default=None,
               help="Jaccard overlap of this patch with another (FINETUNED may be a patch then).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--threads", type=int, default=None, help="CPU threads for torch [default: all].")
-def localize_command(base: str, finetuned: str, data_file: Path | None, density: float | None,
-                     region: str | None, steps: int, lr: float, fixed_density: bool, seed: int,
+@click.option("--threads", type=THREADS, default=None, help="CPU threads [default: all cores].")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
+def localize_command(ctx: click.Context, base: str, finetuned: str, data_file: Path | None,
+                     density: float | None, region: str | None, steps: int, lr: float,
+                     allow_growth: bool, holdout: float, seed: int,
                      output: Path | None, overwrite: bool, compare: Path | None, as_json: bool,
-                     threads: int | None) -> None:  # fmt: skip
+                     threads: int | None, quiet: bool) -> None:  # fmt: skip
     """Optimised skill graft (Panigrahi et al., ICML 2023) written as a sparse patch.
 
     Starts from the data-free top-DENSITY mask of |FINETUNED - BASE| over the region and learns
@@ -149,17 +157,24 @@ def localize_command(base: str, finetuned: str, data_file: Path | None, density:
     if compare is not None:
         from surgery.analysis.localize import compare_patches
 
+        refuse_unused(ctx, ("data_file", "density", "region", "steps", "lr", "allow_growth", "holdout",
+                            "seed", "output", "overwrite", "threads"), "with --compare",
+                      hint="--compare only reads two patches")  # fmt: skip
+
         report = compare_patches(finetuned, compare)
         click.echo(json.dumps(report, indent=2) if as_json else render_compare(report))
         return
     if data_file is None or density is None or output is None:
         raise RecipeError("localize needs --data, --density and -o", hint="or --compare PATCH2")
+    from surgery_cli.analysis import _Bar
+
     from surgery.analysis.localize import localize, read_examples
 
     _threads(threads)
-    report = localize(base, finetuned, read_examples(data_file), density, output, region=region,
-                      steps=steps, lr=lr, fixed_density=fixed_density, seed=seed,
-                      overwrite=overwrite)  # fmt: skip
+    with _Bar("localize", "step", quiet) as bar:
+        report = localize(base, finetuned, read_examples(data_file), density, output, region=region,
+                          steps=steps, lr=lr, fixed_density=not allow_growth, seed=seed,
+                          overwrite=overwrite, progress=bar.update, holdout=holdout)  # fmt: skip
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else render_localize(report))
 
 
@@ -167,7 +182,8 @@ def render_localize(report) -> str:
     rows = [("base", 0.0, report.scores["base"]), ("fine-tune", 1.0, report.scores["finetuned"]),
             ("data-free graft", report.data_free_fraction, report.scores["data_free"]),
             ("optimised graft", report.fraction, report.scores["optimised"])]  # fmt: skip
-    lines = [f"{'model':<16}  {'params':>10}  {'accuracy':>8}  {'loss':>8}"]
+    where = f"{len(report.held_out)} held-out examples" if report.held_out else "the training data"
+    lines = [f"scores on {where}", f"{'model':<16}  {'params':>10}  {'accuracy':>8}  {'loss':>8}"]
     for name, frac, s in rows:
         lines.append(f"{name:<16}  {100 * frac:9.4g}%  {100 * s['accuracy']:7.1f}%  {s['loss']:8.4f}")
     lines.append(f"wrote {report.output}: {report.kept:,} of {report.total:,} region parameters")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 from surgery_cli.hub import push_after_run, push_command, push_options
+from surgery_cli.options import THREADS, check_device, check_max_memory, refuse_unused
 
 from surgery.methods import METHODS  # numpy-free: the flags below come from the registry
 from surgery.methods.lines import OUTSIDE_CHOICES
@@ -22,11 +23,26 @@ MERGE_METHODS = tuple(name for name, spec in METHODS.items() if spec.command == 
 
 
 class SurgeryGroup(click.Group):
-    """Maps library errors to `error: ...` / `hint: ...` and exit code 1 (traceback with --debug)."""
+    """Maps library errors to `error: ...` / `hint: ...` and exit code 1 (traceback with --debug);
+    usage errors of a command (a bad flag value) to the same two lines and exit code 2."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # --debug is accepted anywhere before a `--`, not only before the subcommand
+        cut = args.index("--") if "--" in args else len(args)
+        if "--debug" in args[1:cut]:
+            args = ["--debug", *(a for a in args[:cut] if a != "--debug"), *args[cut:]]
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:
+            if ctx.meta.get("surgery.debug"):
+                raise
+            command = exc.ctx.command_path if exc.ctx is not None else "surgery"
+            click.echo(f"error: {exc.format_message()}", err=True)
+            click.echo(f"hint: see `{command} --help`", err=True)
+            ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             out = ctx.meta.get("surgery.output")
             click.echo("\nerror: interrupted", err=True)
@@ -66,14 +82,16 @@ def engine_options(fn):
     options = [
         click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
                      help="Output folder (created; must not be or lie inside an input)."),
-        click.option("--max-memory", default="2GiB", show_default=True,
-                     help="Budget for all working buffers (e.g. 512MiB, 8GiB)."),
-        click.option("--threads", type=int, default=None, help="Worker threads [default: cores]."),
-        click.option("--device", default="cpu", show_default=True,
-                     help="cpu (numba kernels) or cuda[:N] (torch kernels)."),
+        click.option("--max-memory", default="2GiB", show_default=True, callback=check_max_memory,
+                     help="Budget for all working buffers, at least 4KiB (e.g. 512MiB, 8GiB)."),
+        click.option("--threads", type=THREADS, default=None, help="CPU threads [default: all cores]."),
+        click.option("--device", default="cpu", show_default=True, callback=check_device,
+                     help="cpu (numba kernels), cuda or cuda:N (torch kernels)."),
         click.option("--dry-run", is_flag=True, help="Check the inputs and print the plan only."),
         click.option("--overwrite", is_flag=True,
                      help="Replace a previous surgery output (never other files)."),
+        click.option("--allow-nonfinite", is_flag=True,
+                     help="Write inf/NaN values that finite inputs produced (an error by default)."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
     ]  # fmt: skip
     fn = push_options(fn)  # --push-to-hub, --private, --revision: listed after these
@@ -82,28 +100,33 @@ def engine_options(fn):
     return fn
 
 
-def output_options(fn):
+def output_options(fn=None, *, dtype_default: str = "the base's"):
     """Options that are part of the recipe: they change the output bytes."""
+    if fn is None:
+        return lambda f: output_options(f, dtype_default=dtype_default)
     fn = click.option("--max-shard-size", default="5GB", show_default=True,
-                      help="Largest output shard (e.g. 2GB, 500MB).")(fn)  # fmt: skip
-    dtype_help = "Output float dtype: bfloat16, float16, float32 [default: the base's]."
+                      help="Largest output shard in bytes (e.g. 2GB, 500MB).")(fn)  # fmt: skip
+    dtype_help = f"Output float dtype: bfloat16, float16, float32 [default: {dtype_default}]."
     fn = click.option("--dtype", default=None, help=dtype_help)(fn)
     return fn
 
 
 def run_recipe(ctx: click.Context, recipe, output: Path, max_memory: str, threads: int | None,
-               device: str, dry_run: bool, overwrite: bool, quiet: bool, push_to_hub: str | None = None,
+               device: str, dry_run: bool, overwrite: bool, quiet: bool, allow_nonfinite: bool = False,
+               push_to_hub: str | None = None,
                private: bool = False, revision: str | None = None) -> None:  # fmt: skip
     """Plan, then (unless --dry-run) execute with a progress bar; shared by merge and run."""
     from surgery.engine import EngineOptions, execute
     from surgery.plan import build_plan
     from surgery.recipe import parse_size
 
-    options = EngineOptions(parse_size(max_memory), threads, device, overwrite)
+    options = EngineOptions(
+        parse_size(max_memory), threads, device, overwrite, allow_nonfinite=allow_nonfinite
+    )
     plan = build_plan(recipe)
     try:
         if dry_run:
-            click.echo(json.dumps(plan.summary(), indent=2))
+            click.echo(json.dumps(plan.summary(options.max_memory, options.workers), indent=2))
             return
         ctx.meta["surgery.output"] = str(output)
         for note in plan.notes:
@@ -159,6 +182,18 @@ class _LazyBar:
             self.bar.close()
 
 
+def warn_contradicting_cards(base: str, models: list[str]) -> None:
+    """An explicit base that no fine-tune's card names is allowed (a transfer, a renamed copy), but
+    said: it is the classic way to merge against the wrong base."""
+    from surgery.bases import contradicting_cards
+
+    named = contradicting_cards(base, models)
+    if named:
+        listing = "; ".join(f"{m} -> {b}" for m, b in named.items())
+        click.echo(f"warning: the base {base} is not the base_model of any fine-tune's model card "
+                   f"({listing})", err=True)  # fmt: skip
+
+
 def lines_outside_option(fn):
     return click.option(
         "--lines-outside",
@@ -206,16 +241,38 @@ def _param_flags(fn):
 @cli.command()
 @click.argument("models", nargs=-1, required=True)
 @click.option("--base", default=None, help="Base model [default: base_model from the models' cards].")
-@click.option("--method", "method_name", default=None, help="Method by name (see `surgery methods`).")
+@click.option("--method", "method_name", default=None,
+              help="Method by name (see `surgery methods`) [default: task_arithmetic].")  # fmt: skip
 @_method_flags
 @_param_flags
-@click.option("--density", type=float, default=None, help="Fraction of task-vector entries KEPT.")
-@click.option("--outliers", type=float, default=None, help="Fraction of largest |tau| removed.")
-@click.option("--scale", type=float, default=None, help="Multiplier of the merged task vector.")
-@click.option("--weights", default=None, help="Per-model weights: w1,w2,...")
-@click.option("--granularity", type=click.Choice(GRANULARITIES), default=None)
-@click.option("--t", "t", type=float, default=None, help="SLERP interpolation factor.")
-@click.option("--seed", type=int, default=None, help="Seed for DARE's random stream.")
+@click.option(
+    "--density",
+    type=float,
+    default=None,
+    help="Fraction of task-vector entries KEPT [default: the method's, see `surgery methods`].",
+)
+@click.option(
+    "--outliers",
+    type=float,
+    default=None,
+    help="Fraction of the largest |tau| removed [default: the method's: 0.01 breadcrumbs].",
+)
+@click.option("--scale", type=float, default=None, help="Multiplier of the merged task vector [default: 1].")
+@click.option("--weights", default=None, help="Per-model weights w1,w2,... [default: all 1].")
+@click.option(
+    "--granularity",
+    type=click.Choice(GRANULARITIES),
+    default=None,
+    help="Group over which ranks are taken [default: per_tensor].",
+)
+@click.option(
+    "--t",
+    "t",
+    type=float,
+    default=None,
+    help="SLERP interpolation factor: 0 = first endpoint, 1 = second [default: 0.5].",
+)
+@click.option("--seed", type=int, default=None, help="Seed of DARE's random stream [default: 0].")
 @click.option("--lines", "use_lines", is_flag=True, help="LiNeS: scale the merged update by block depth.")
 @click.option(
     "--lines-alpha",
@@ -237,7 +294,7 @@ def merge(ctx: click.Context, models: tuple[str, ...], base: str | None, method_
     surgery merge FT_A FT_B --base BASE --breadcrumbs -o merged/
     surgery merge FT_A FT_B --ties --density 0.2 -o merged/
     """
-    from surgery.card import base_from_cards
+    from surgery.bases import base_from_cards
     from surgery.errors import RecipeError
     from surgery.methods import get_method
     from surgery.recipe import make_recipe
@@ -253,12 +310,18 @@ def merge(ctx: click.Context, models: tuple[str, ...], base: str | None, method_
     method = chosen[0] if chosen else "task_arithmetic"
     if base is None and get_method(method).needs_base:
         base = base_from_cards(list(models))
+        click.echo(f"base: {base} (the base_model of every fine-tune's model card)", err=True)
+    elif base is not None:
+        warn_contradicting_cards(base, list(models))
     params = {"density": density, "outliers": outliers, "scale": scale, "weights": weights,
               "granularity": granularity, "t": t, "seed": seed}  # fmt: skip
     params.update({name: engine.pop(name) for name in _registry_params()})
     lines = None
     if use_lines:
         lines = {"alpha": lines_alpha, "beta": lines_beta, "outside": lines_outside}
+    else:
+        refuse_unused(ctx, ("lines_alpha", "lines_beta", "lines_outside"), "without --lines",
+                      hint="add --lines to scale the merged update by block depth")  # fmt: skip
     recipe = make_recipe(method, list(models), base, params, dtype, max_shard_size, lines)
     run_recipe(ctx, recipe, **engine)
 
@@ -307,7 +370,7 @@ def lines(ctx: click.Context, base: str, finetuned: str, alpha: float, beta: flo
 @click.option(
     "--region", default=None, help="Regex of tensors a patch may touch [default: all; --graft: the blocks]."
 )
-@output_options
+@output_options(dtype_default="float32, exact for bf16/f16 inputs")
 @engine_options
 @click.pass_context
 def diff(ctx: click.Context, base: str, finetuned: str, density, breadcrumbs, outliers, graft_density,
@@ -329,6 +392,10 @@ def diff(ctx: click.Context, base: str, finetuned: str, density, breadcrumbs, ou
     modes = [m for m, on in flags.items() if on]
     if len(modes) > 1:
         raise RecipeError(f"choose one of --density, --breadcrumbs, --graft (got {', '.join(modes)})")
+    if modes == ["graft"]:
+        refuse_unused(ctx, ("outliers",), "with --graft", hint="--outliers goes with --breadcrumbs")
+    if modes:
+        refuse_unused(ctx, ("dtype",), "for a sparse patch", hint="patch values are always float32")
     if not modes:
         if outliers is not None or region is not None:
             raise RecipeError("--outliers and --region apply to sparse patches only")
@@ -348,22 +415,21 @@ def diff(ctx: click.Context, base: str, finetuned: str, density, breadcrumbs, ou
 @click.argument("diff_or_patch")
 @click.option("--to", "target", required=True, help="The base to apply it to (any compatible version).")
 @click.option("--scale", type=float, default=None, help="Multiplier of the diff [default: 1].")
-@output_options
+@click.option("--raw-diff", is_flag=True,
+              help="DIFF_OR_PATCH is a hand-made dense diff (no surgery_diff.json).")  # fmt: skip
+@output_options(dtype_default="the target's")
 @engine_options
 @click.pass_context
-def apply(
-    ctx: click.Context, diff_or_patch: str, target: str, scale, dtype, max_shard_size, **engine
-) -> None:
+def apply(ctx: click.Context, diff_or_patch: str, target: str, scale, raw_diff: bool, dtype, max_shard_size,
+          **engine) -> None:  # fmt: skip
     """Apply a diff or sparse patch to a base: OUT = BASE + scale * DIFF.
 
-    Warns when the target is not the base the diff was taken from (content hashes differ).
+    DIFF_OR_PATCH is what `surgery diff` wrote (it carries surgery_diff.json). Warns when the target
+    is not the base the diff was taken from (content hashes differ).
     """
-    from surgery.checkpoint import open_checkpoint
-    from surgery.patch import is_patch
     from surgery.recipe import make_recipe
 
-    with open_checkpoint(diff_or_patch) as ckpt:
-        method = "apply_patch" if is_patch(ckpt) else "apply"
+    method = check_diff_input(diff_or_patch, None, raw_diff)
     recipe = make_recipe(method, [diff_or_patch], target, {"scale": scale}, dtype, max_shard_size)
     run_recipe(ctx, recipe, **engine)
 
@@ -375,7 +441,7 @@ def apply(
 @click.option("--scale", type=float, default=None, help="Multiplier of the diff [default: 1].")
 @click.option("--tokenizer-from", type=click.Choice(["finetuned", "new-base"]), default="finetuned",
               show_default=True, help="Vocabulary, tokenizer and chat template of the output.")  # fmt: skip
-@output_options
+@output_options(dtype_default="the new base's")
 @engine_options
 @click.pass_context
 def transfer(ctx: click.Context, old_base: str, old_ft: str, new_base: str, scale, tokenizer_from, dtype,
@@ -420,6 +486,7 @@ def graft(ctx: click.Context, base: str, finetuned: str, density: float, region,
 
     params = {"density": density, "region": region}
     if as_patch:
+        refuse_unused(ctx, ("dtype",), "with --patch", hint="patch values are always float32")
         params["granularity"] = "global"
         recipe = make_recipe("patch", [finetuned], base, params, None, max_shard_size)
     else:
@@ -429,9 +496,11 @@ def graft(ctx: click.Context, base: str, finetuned: str, density: float, region,
 
 @cli.command()
 @click.argument("recipe_file", type=click.Path(path_type=Path))
+@click.option("--raw-diff", is_flag=True,
+              help="An apply recipe's diff is a hand-made dense diff (no surgery_diff.json).")  # fmt: skip
 @engine_options
 @click.pass_context
-def run(ctx: click.Context, recipe_file: Path, **engine) -> None:
+def run(ctx: click.Context, recipe_file: Path, raw_diff: bool, **engine) -> None:
     """Run a recipe YAML file (e.g. an output's surgery_recipe.yaml) or a mergekit config.
 
     \b
@@ -442,14 +511,67 @@ def run(ctx: click.Context, recipe_file: Path, **engine) -> None:
       models: [path/a, path/b]
       parameters: {density: 0.1, outliers: 0.01, granularity: per_tensor, scale: 1.0}
       output: {dtype: null, max_shard_size: 5GB}
-    A file with `merge_method:` is read as a mergekit config (see `surgery convert`).
+
+    Relative paths are resolved against the recipe file's folder; without base:, the models' cards
+    name it (as in `surgery merge`). A file with `merge_method:` is read as a mergekit config (see
+    `surgery convert`).
     """
+    from surgery.errors import SurgeryError
     from surgery.mergekit.load import load_any
 
-    recipe, notes = load_any(recipe_file)
-    for note in notes:
-        click.echo(f"note: {note}", err=True)
-    run_recipe(ctx, recipe, **engine)
+    def from_cards(base: str) -> None:
+        click.echo(f"base: {base} (the base_model of every model's card)", err=True)
+
+    try:
+        recipe, notes = load_any(recipe_file, from_cards)
+        for note in notes:
+            click.echo(f"note: {note}", err=True)
+        if recipe.method in ("apply", "apply_patch"):
+            check_diff_input(recipe.models[0], recipe.method, raw_diff)
+        else:
+            refuse_unused(ctx, ("raw_diff",), f"for a {recipe.method} recipe")
+        run_recipe(ctx, recipe, **engine)
+    except SurgeryError as exc:
+        exc.hint = recipe_terms(exc.hint, ctx.command)
+        raise
+
+
+def check_diff_input(source: str, method: str | None, raw_diff: bool) -> str:
+    """The apply method ``source`` calls for ("apply": a dense diff, "apply_patch": a sparse patch);
+    a full model, or a recipe whose method does not match its diff, is refused."""
+    from surgery.checkpoint import open_checkpoint
+    from surgery.errors import RecipeError
+    from surgery.patch import diff_kind
+
+    with open_checkpoint(source) as ckpt:
+        found = "apply_patch" if diff_kind(ckpt, raw_diff) == "patch" else "apply"
+    if method is not None and method != found:
+        raise RecipeError(
+            f"the recipe's method is {method}, but {source} is a "
+            f"{'sparse patch' if found == 'apply_patch' else 'dense diff'}",
+            hint=f"write method: {found}",
+        )
+    return found
+
+
+def recipe_terms(hint: str | None, command: click.Command) -> str | None:
+    """Hints name the flags of the commands that build recipes; `surgery run` has none of them, so
+    such a flag becomes the recipe key that says the same (a hint never names a missing option)."""
+    import re
+
+    if hint is None:
+        return None
+    own = {opt for p in command.params for opt in p.opts}
+
+    def key(m: re.Match) -> str:
+        flag, value = m.group(1), m.group(2) or ""
+        if flag in own:
+            return m.group(0)
+        name = flag[2:].replace("-", "_")
+        where = "" if name == "base" else "parameters: "
+        return f"`{where}{name}:{value}` in the recipe"
+
+    return re.sub(r"(--[a-z][a-z-]*)( [A-Z_]+(?![a-z]))?", key, hint)
 
 
 @cli.command()
@@ -466,12 +588,15 @@ def convert(config_file: Path) -> None:
 
 @cli.command()
 @click.argument("path")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--layers", "show_layers", is_flag=True, help="List every tensor's block (LiNeS mapping).")
-def inspect(path: str, as_json: bool, show_layers: bool) -> None:
+@click.pass_context
+def inspect(ctx: click.Context, path: str, as_json: bool, show_layers: bool) -> None:
     """Describe a checkpoint: shards, tensors, parameters, dtypes, layers, tied embeddings."""
     from surgery.inspect import describe
 
+    if as_json:
+        refuse_unused(ctx, ("show_layers",), "with --json", hint="the JSON report holds every tensor's block")
     report = describe(path)
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -508,8 +633,11 @@ def methods() -> None:
         click.echo(f"{'':<17} {base}; models: {models}; command: surgery {spec.command}")
         click.echo(f"{'':<17} roles: {spec.roles}")
         for p in spec.params:
-            default = "all 1" if p.kind == "weights" else p.default
-            click.echo(f"{'':<19}--{p.name:<12} {p.help} [default: {default}]")
+            flag = "--" + p.name.replace("_", "-")  # as the commands spell it
+            default = (
+                "" if "default" in p.help else f" [default: {'all 1' if p.kind == 'weights' else p.default}]"
+            )
+            click.echo(f"{'':<19}{flag:<14} {p.help}{default}")
         click.echo()
 
 

@@ -9,7 +9,7 @@ Usage::
 2. Accuracy of ft_sort on held-out sort problems as a function of the steering alpha
    (x_{l+1} = x_l + PTC_l + alpha * FTC_l): 0 = the base's blocks, 1 = the fine-tune.
 3. Sort graft at a fixed density: data-free top-|tau| patch vs. the optimised mask (same number of
-   parameters, --fixed-density), both applied with `surgery apply` and evaluated on held-out problems.
+   parameters, the default), both applied with `surgery apply` and evaluated on held-out problems.
 
 Takes a few minutes on 2 CPU cores.
 """
@@ -67,7 +67,8 @@ def graft_table(family: Path, n: int, steps: int, density: float, train: int) ->
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        rep = localize(base, ft, data, density, tmp / "opt", steps=steps, fixed_density=True)
+        # held-out problems are drawn separately below: train on all of `data`
+        rep = localize(base, ft, data, density, tmp / "opt", steps=steps, fixed_density=True, holdout=0.0)
         seconds = time.perf_counter() - t0
         params = {"density": density, "granularity": "global", "region": None}
         merge(make_recipe("patch", [str(ft)], str(base), params), tmp / "df", EngineOptions(threads=1))

@@ -1,73 +1,15 @@
-"""Model cards: reading ``base_model`` from the inputs' cards and writing the output's card."""
+"""Model cards: the output's card (``base_model`` of the inputs' cards is read in surgery.bases)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
-from surgery.errors import InputNotFoundError, RecipeError
+from surgery.bases import front_matter
 from surgery.files import CARD
-from surgery.hub import HubRef, hub_ref, resolve
+from surgery.hub import HubRef, hub_ref
 from surgery.methods.lines import PAPER as LINES_PAPER
 from surgery.methods.lines import LinesResolved
 from surgery.recipe import Recipe
-
-
-def front_matter(readme: Path) -> dict:
-    """The YAML front matter of a model card (``---`` ... ``---``), or {} when there is none."""
-    if not readme.is_file():
-        return {}
-    text = readme.read_text(errors="replace")
-    if not text.startswith("---"):
-        return {}
-    end = text.find("\n---", 3)
-    if end < 0:
-        return {}
-    try:
-        data = yaml.safe_load(text[3:end])
-    except yaml.YAMLError:
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def base_from_cards(models: list[str]) -> str:
-    """The base that every fine-tune's model card names as ``base_model``.
-
-    A local path in a card is resolved against the fine-tune's folder, then the current directory.
-    """
-    found: dict[str, str] = {}
-    for model in models:
-        root = resolve(model)  # a Hub fine-tune: its card comes with it
-        folder = root if root.is_dir() else root.parent
-        base = front_matter(folder / CARD).get("base_model")
-        if isinstance(base, list) and len(base) == 1:
-            base = base[0]
-        if not isinstance(base, str) or not base:
-            raise RecipeError(
-                f"{model} has no single base_model in its model card (README.md)",
-                hint="pass --base BASE",
-            )
-        for candidate in (folder / base, Path(base)):
-            if candidate.exists():
-                base = str(candidate.resolve())
-                break
-        found[model] = base
-    distinct = sorted(set(found.values()))
-    if len(distinct) > 1:
-        listing = "; ".join(f"{m} -> {b}" for m, b in found.items())
-        raise RecipeError(
-            f"the fine-tunes' model cards name different bases ({listing})",
-            hint="pass --base BASE to choose one",
-        )
-    base = distinct[0]
-    if not Path(base).exists() and hub_ref(base) is None:
-        raise InputNotFoundError(
-            f"the model cards name base {base!r}, which is not a local folder",
-            hint="download it and pass --base PATH",
-            path=base,
-        )
-    return base
 
 
 def _lines_section(lines: LinesResolved | None) -> str:

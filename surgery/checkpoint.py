@@ -20,7 +20,7 @@ import numpy as np
 
 from surgery.dtypes import DTYPES, DType
 from surgery.errors import CorruptCheckpointError, InputNotFoundError, MissingTensorError
-from surgery.files import CONFIG, INDEX, SINGLE
+from surgery.files import CONFIG, INDEX, SINGLE, STAGING
 from surgery.hub import resolve
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own cap
@@ -200,6 +200,12 @@ def _open_folder(text: str, root: Path) -> Checkpoint:
     if len(shards) == 1:
         tensors, metadata = _read_file(shards[0])
         return Checkpoint(text, root, (shards[0],), tensors, metadata)
+    if (root / STAGING).is_dir():
+        raise InputNotFoundError(
+            f"{root} holds an unfinished surgery run ({STAGING}), not a checkpoint",
+            hint="re-run the command that wrote it: it resumes and finishes the output",
+            path=str(root),
+        )
     raise InputNotFoundError(
         f"no safetensors weights in {root}",
         hint="expected model.safetensors, or shards with model.safetensors.index.json "
@@ -286,24 +292,16 @@ def _read_file(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     header, data_start = read_header(path)
     data_len = path.stat().st_size - data_start
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise CorruptCheckpointError(
+            f"{path}: __metadata__ must be a map of strings, not {type(metadata).__name__}",
+            hint="the file is corrupt",
+            path=str(path),
+        )
     tensors: dict[str, TensorInfo] = {}
     spans = []
     for name, entry in header.items():
-        try:
-            dtype = DTYPES[entry["dtype"]]
-            shape = tuple(int(x) for x in entry["shape"])
-            start, end = (int(x) for x in entry["data_offsets"])
-        except KeyError as exc:
-            bad = f"unknown dtype {entry.get('dtype')!r}" if "dtype" in entry else f"no {exc}"
-            raise CorruptCheckpointError(
-                f"{path}: tensor {name!r} has a malformed header entry ({bad})",
-                path=str(path),
-                tensor=name,
-            ) from None
-        except (TypeError, ValueError, AttributeError):
-            raise CorruptCheckpointError(
-                f"{path}: tensor {name!r} has a malformed header entry", path=str(path), tensor=name
-            ) from None
+        dtype, shape, (start, end) = _entry(path, name, entry)
         expected = math.prod(shape) * dtype.itemsize
         if any(d < 0 for d in shape) or start < 0 or end - start != expected:
             raise CorruptCheckpointError(
@@ -325,6 +323,37 @@ def _read_file(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         tensors[name] = TensorInfo(name, dtype, shape, path, data_start + start, end - start)
     _check_tiling(path, spans, data_len)
     return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _entry(path: Path, name: str, entry: object) -> tuple[DType, tuple[int, ...], tuple[int, int]]:
+    """(dtype, shape, data_offsets) of one header entry, exactly as the format defines them: a known
+    dtype name, a list of non-negative integers, and two integers (JSON ints, not floats or strings)."""
+
+    def bad(why: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"{path}: tensor {name!r} has a malformed header entry ({why})",
+            hint="the file is corrupt or not safetensors",
+            path=str(path),
+            tensor=name,
+        )
+
+    def ints(value: object) -> bool:
+        return isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+
+    if not isinstance(entry, dict):
+        raise bad(f"not an object but {type(entry).__name__}")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in entry:
+            raise bad(f"no {key!r}")
+    dtype = DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+    if dtype is None:
+        raise bad(f"unknown dtype {entry['dtype']!r}")
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if not ints(shape) or any(d < 0 for d in shape):
+        raise bad(f"shape {shape!r} is not a list of non-negative integers")
+    if not ints(offsets) or len(offsets) != 2:
+        raise bad(f"data_offsets {offsets!r} is not a pair of integers")
+    return dtype, tuple(shape), (offsets[0], offsets[1])
 
 
 def _check_tiling(path: Path, spans: list[tuple[int, int, str]], data_len: int) -> None:

@@ -27,9 +27,9 @@ import numpy as np
 from surgery import reduce
 from surgery.card import card_for
 from surgery.dtypes import DTYPES
-from surgery.errors import IncompatibleTensorsError, Interrupted, RecipeError
+from surgery.errors import IncompatibleTensorsError, Interrupted, NonFiniteOutputError, RecipeError
 from surgery.files import CARD, MANIFEST, RECIPE
-from surgery.kernels import Backend, get_backend
+from surgery.kernels import Backend, check_device, get_backend
 from surgery.methods.lines import LinesResolved
 from surgery.methods.spec import Operands, Slice
 from surgery.output import open_output
@@ -59,6 +59,7 @@ class EngineOptions:
     threads: int | None = None  # default: one per CPU core
     device: str = "cpu"  # "cpu" (numba) or "cuda[:N]" (torch)
     overwrite: bool = False
+    allow_nonfinite: bool = False  # write inf / NaN outputs that finite inputs produced
     min_chunk: int = 1  # elements; tests use tiny budgets, real runs never hit this
 
     @property
@@ -119,6 +120,7 @@ def execute(
     """
     options = options or EngineOptions()
     start = time.perf_counter()
+    check_device(options.device)  # before the output folder is touched
     # The layout is a pure function of recipe and inputs, so they alone identify a partial run.
     fingerprint = fingerprint_of(
         {
@@ -190,6 +192,7 @@ class _Run:
         self.writer: CheckpointWriter | None = None
         self.prepared = Prepared(None, {}, None)
         self.hashes: dict[str, str] = {}
+        self.nonfinite: dict[str, int] = {}  # tensor -> inf/NaN outputs that finite inputs produced
 
     # -- phases -----------------------------------------------------------------------------------
     def prepare(self) -> Prepared:
@@ -237,9 +240,12 @@ class _Run:
         ]
         todo.sort(key=lambda j: -j.numel)  # big tensors first balance the workers
         self.parallel(self.run_job, todo)
+        if self.nonfinite:
+            _raise_nonfinite(self)
         return self.hashes
 
     def run_job(self, job: TensorJob) -> None:
+        self.local.nonfinite = 0  # counted by encode(): this job runs on this thread only
         match job.kind:
             case "copy_equal" | "copy_base":
                 _copy(self, job)
@@ -253,8 +259,11 @@ class _Run:
                 _scatter(self, job)
             case _:
                 raise AssertionError(f"unknown job kind {job.kind!r}")
+        bad = _nonfinite_from_finite(self, job, self.local.nonfinite)
         with self.lock:
-            for name in sorted(self.outputs(job) - self.writer.done):
+            if bad:  # not journaled: a re-run computes (and checks) it again
+                self.nonfinite[job.name] = bad
+            for name in sorted(self.outputs(job) - self.writer.done if not bad else ()):
                 self.writer.mark_done(name)
             if self.progress is not None:
                 self.progress(0, job.name)
@@ -328,8 +337,12 @@ class _Run:
                 self.progress(raw.nbytes, None)
 
     def encode(self, job: TensorJob, out: np.ndarray) -> np.ndarray:
+        """float32 chunk -> output storage; counts its inf / NaN after the cast (so an overflow to
+        inf in F16 / BF16 is seen) for the finiteness check of the job."""
         raw = self.ws.get("out_raw", (out.size,), DTYPES[job.out_dtype].storage)
-        return self.backend.encode(out, job.out_dtype, raw)
+        self.backend.encode(out, job.out_dtype, raw)
+        self.local.nonfinite += self.backend.nonfinite(raw, job.out_dtype)
+        return raw
 
     def zeros(self, count: int) -> np.ndarray:
         """A float32 base of zeros: the combine kernels then yield the merged update itself."""
@@ -409,20 +422,10 @@ class _Run:
             sparsify.apply(self.backend, chunk.tau[t], slice_)
 
     def l1_factors(self, job: TensorJob, stream: TensorStream, bands: list[Band] | None) -> np.ndarray | None:
-        """``rescale: l1`` (mergekit's DARE rescale): per task vector L1(tau) / L1(sparsified tau)
-        over the whole tensor, from one more pass (the masks are reproducible); 1 when either is
-        below 1e-7, as mergekit."""
+        """``rescale: l1`` (mergekit's DARE rescale): ``reduce.l1_rescale`` of this tensor."""
         if job.params.get("rescale", "none") != "l1" or self.spec.sparsify is None:
             return None
-        before = np.zeros(self.n_models, np.float64)
-        after = np.zeros(self.n_models, np.float64)
-        for k in range(len(stream.ranges)):
-            chunk = stream.take(k)
-            before += np.abs(chunk.tau).sum(axis=1, dtype=np.float64)
-            self.sparsify(job, chunk, bands)
-            after += np.abs(chunk.tau).sum(axis=1, dtype=np.float64)
-        ok = (before >= 1e-7) & (after >= 1e-7)
-        return np.where(ok, before / np.where(ok, after, 1.0), 1.0).astype(np.float32)
+        return reduce.l1_rescale(stream, lambda chunk: self.sparsify(job, chunk, bands), self.n_models)
 
     # -- LiNeS --------------------------------------------------------------------------------------
     def lines_scale(self, job: TensorJob) -> float:
@@ -453,6 +456,38 @@ class _Run:
         if totals[1] == 0.0:
             return 1.0  # the merge changes nothing: any alpha gives the base
         return float(totals[0] / (self.n_models * totals[1]))
+
+
+# -- the finiteness check -------------------------------------------------------------------------
+def _nonfinite_from_finite(run: _Run, job: TensorJob, bad: int) -> int:
+    """``bad`` when a job wrote inf / NaN although every input value it read was finite, else 0.
+    The inputs are read a second time only then (never for a healthy tensor); the verdict is per
+    tensor, so it does not depend on chunking or threads."""
+    if bad == 0 or run.options.allow_nonfinite:
+        return 0
+    if job.kind == "scatter":  # the patch's own values are inputs too (sparse: read whole)
+        if not np.isfinite(run.plan.inputs[1].read(job.name + VALUES)).all():
+            return 0
+    stream = run.stream(job)
+    n_inputs = None if job.kind in ("dense", "update") else 1  # keep_base, scatter: the base only
+    for start, count in stream.ranges:
+        if run.backend.nonfinite(stream.load(start, count, None, n_inputs), "F32"):
+            return 0  # an input already held inf / NaN: not ours to refuse
+    return bad
+
+
+def _raise_nonfinite(run: _Run) -> None:
+    order = [j.name for j in run.plan.jobs if j.name in run.nonfinite]
+    first, n = order[0], run.nonfinite[order[0]]
+    others = f" (and {len(order) - 1} more tensors)" if len(order) > 1 else ""
+    raise NonFiniteOutputError(
+        f"tensor {first!r} came out with {n:,} non-finite values (inf or NaN) although every "
+        f"input value was finite{others}",
+        hint="weights or scales that (nearly) cancel or blow up cause this, and so does a cast "
+        "to float16 of values above 65504 (try --dtype bfloat16 or float32); pass "
+        "--allow-nonfinite to write such values anyway",
+        tensors=order,
+    )
 
 
 # -- job writers: one per job kind ------------------------------------------------------------------

@@ -60,5 +60,22 @@ class OutputError(SurgeryError, OSError):
     """The output folder cannot be used or written (input overlap, not empty, disk full)."""
 
 
+class NonFiniteOutputError(SurgeryError, ArithmeticError):
+    """Computed tensors hold inf or NaN although every input value was finite; ``tensors`` lists
+    them in plan order (``tensor`` is the first)."""
+
+    def __init__(self, message: str, *, tensors: list[str], hint: str | None = None) -> None:
+        super().__init__(message, hint=hint, tensor=tensors[0])
+        self.tensors = tensors
+
+
+class InputNotADiffError(SurgeryError, ValueError):
+    """``apply`` was given something that is not a diff or patch (for example a full model)."""
+
+
+class DeviceError(SurgeryError, ValueError):
+    """The requested compute device does not exist on this machine (or is not a device name)."""
+
+
 class Interrupted(SurgeryError):
     """The run was stopped; the output folder holds a resumable partial run."""

@@ -27,6 +27,10 @@ EXTRA_FILES = (CONFIG, INDEX, CARD, MANIFEST)
 _PART = r"[\w](?:[\w.-]{0,94}[\w])?"  # a namespace or name, as huggingface_hub.utils.validate_repo_id
 _HUB_ID = re.compile(rf"(?P<repo>{_PART}/{_PART})(?:@(?P<revision>[^\s@]+))?")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
+# huggingface_hub resumes a download that drops mid-file with an HTTP Range request from the bytes it
+# has written, but it writes in chunks of DOWNLOAD_CHUNK_SIZE (10 MiB) and loses the partial chunk on
+# a drop: smaller chunks make its resume lose at most this much (the per-chunk cost is negligible).
+RESUME_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,7 @@ def download(ref: HubRef) -> Path:
         # The snapshot folder is named after the commit: pin it, so the weights match the small files.
         commit = folder.name if _COMMIT.fullmatch(folder.name) else ref.revision
         weights, ignore = _weight_files(hf, ref, folder, commit)
+        hf.constants.DOWNLOAD_CHUNK_SIZE = min(hf.constants.DOWNLOAD_CHUNK_SIZE, RESUME_CHUNK)
         hf.snapshot_download(
             ref.repo_id,
             revision=commit,

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from surgery.checkpoint import Checkpoint
-from surgery.errors import CorruptCheckpointError
+from surgery.errors import CorruptCheckpointError, InputNotADiffError
 from surgery.files import MANIFEST
 from surgery.names import natural_key
 from surgery.recipe import Recipe
@@ -121,6 +121,22 @@ def target_warning(diff: Checkpoint, hashes: dict[str, str]) -> str | None:
         f"the target differs from the base this diff was taken from ({manifest['base'].get('source')}) "
         f"in {len(differ)} of {len(hashes)} tensors, e.g. {differ[0]}: the result is a transfer, not a "
         "reconstruction"
+    )
+
+
+def diff_kind(ckpt: Checkpoint, raw_diff: bool = False) -> str:
+    """ "dense" or "patch" for what ``surgery diff`` wrote; anything else is refused (a full model
+    applied as a diff would silently add the whole model to the target), unless ``raw_diff`` says
+    that a folder without a manifest is a hand-made dense diff."""
+    if read_manifest(ckpt.root) is not None or raw_diff or is_patch(ckpt):
+        return "patch" if is_patch(ckpt) else "dense"
+    looks = "a full model" if ckpt.config() is not None else "a model, not a diff"
+    raise InputNotADiffError(
+        f"{ckpt.source} has no {MANIFEST}: it looks like {looks}, not something `surgery diff` wrote",
+        hint=f"take the diff first: `surgery diff BASE {ckpt.source} -o DIFF`, then "
+        "`surgery apply DIFF --to NEW_BASE` (or in one step: `surgery transfer`); pass --raw-diff if "
+        "it really is a hand-made dense diff",
+        path=ckpt.source,
     )
 
 

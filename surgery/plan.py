@@ -7,6 +7,7 @@ is collected and reported at once, so a user fixes them in one go rather than on
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -136,12 +137,15 @@ class Plan:
             files[CONFIG] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
         return files
 
-    def summary(self) -> dict:
-        """Facts for --dry-run: sizes, counts, and a rough time estimate for this machine class."""
+    def summary(self, max_memory: int = 2 * 2**30, workers: int = 1) -> dict:
+        """Facts for --dry-run: sizes, counts, passes, and a time estimate for this machine class."""
         read = sum(c.total_bytes for c in self.inputs)
         write = self.layout.total_bytes if self.layout is not None else 0
         spec = self.recipe.spec
         passes = spec.passes(self.recipe.parameters)
+        if self.recipe.lines is not None and self.recipe.lines.alpha == "auto":
+            passes += 1  # the LiNeS auto-alpha measure pass
+        chunks = estimated_chunks(self.jobs, len(self.inputs), max_memory, workers)
         return {
             "method": spec.name,
             "inputs": [c.source for c in self.inputs],
@@ -152,11 +156,38 @@ class Plan:
             "output_bytes": write,
             "shards": [s.filename for s in self.layout.shards] if self.layout else "decided after ranking",
             "passes_over_inputs": passes,
-            # ~1 GB/s cold reads (later passes hit the page cache when it is large enough) and
-            # ~0.3 GB/s writes with fsync, measured on a 2-core VM (see NOTES / benchmarks).
-            "estimated_seconds": round(read / 1.0e9 + write / 0.3e9, 1),
+            "chunks": chunks,
+            "estimated_seconds": estimate_seconds(read, write, passes, chunks, workers),
             "notes": list(self.notes),
         }
+
+
+# Measured on the 2-core VM of NOTES.md: cold reads ~1 GB/s, reads from the page cache ~3 GB/s,
+# writes with fsync ~0.3 GB/s, ~40 us of fixed cost per chunk and pass (a 2 MB merge took 23 s at
+# --max-memory 0, i.e. one-element chunks, and 1.2 s at 64KiB), ~1 s to start (imports, kernels).
+COLD_READ, WARM_READ, WRITE, PER_CHUNK, START = 1.0e9, 3.0e9, 0.3e9, 40e-6, 1.0
+
+
+def estimated_chunks(jobs: list[TensorJob], n_inputs: int, max_memory: int, workers: int) -> int:
+    """How many chunks a pass makes: each worker's share of the budget over ~the bytes an element
+    needs (inputs decoded to float32, task vectors, output); the engine sizes chunks the same way."""
+    share = max(1, max_memory // max(1, workers))
+    per = 4 * n_inputs + 4 * max(1, n_inputs - 1) + 8
+    chunk = max(1, share // per)
+    return sum(-(-max(1, j.numel) // chunk) for j in jobs)
+
+
+def estimate_seconds(read: int, write: int, passes: int, chunks: int, workers: int) -> float:
+    """The first pass reads cold, later passes from the page cache when the inputs fit in half of
+    the memory (else cold again); the output is written once; chunk overhead is shared by workers."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        memory = 0
+    later = WARM_READ if read <= memory / 2 else COLD_READ
+    seconds = START + read / COLD_READ + (passes - 1) * read / later + write / WRITE
+    seconds += passes * chunks * PER_CHUNK / max(1, min(workers, os.cpu_count() or 1))
+    return round(seconds, 4)
 
 
 def build_plan(recipe: Recipe) -> Plan:

@@ -24,15 +24,17 @@ Schema (YAML), every field explicit in a saved recipe::
       beta: null                   # null = 1 - alpha
       outside: alpha               # scale of tensors outside the blocks: alpha | alpha+beta | one
 
-Relative paths in a recipe file are resolved against the current directory (as on the command line);
-recipes written by surgery hold absolute paths, so ``surgery run OUT/surgery_recipe.yaml -o OUT2``
-reproduces OUT bit for bit.
+Relative paths in a recipe file are resolved against the recipe file's folder (so a recipe and its
+models can move together); recipes written by surgery hold absolute paths, so
+``surgery run OUT/surgery_recipe.yaml -o OUT2`` reproduces OUT bit for bit. Without ``base:``, a
+method that needs a base takes the one every model's card names, as ``surgery merge`` does.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -141,14 +143,25 @@ def make_recipe(
     per_model = [k for k in ("density", "outliers") if isinstance(params.get(k), list)]
     if per_model and params.get("granularity") == "global":
         raise RecipeError(f"global ranks take one {per_model[0]} for every model, not one per model")
+    if spec.combine.name == "linear" and sum(params["weights"]) == 0.0:  # normalised by their sum
+        raise RecipeError(
+            f"{spec.name}: the weights {params['weights']} sum to 0, and a weighted average divides "
+            "by their sum",
+            hint="give weights with a non-zero sum (they are normalised: 1,1 and 0.5,0.5 are the same "
+            "merge); for a difference of models use task arithmetic with --base",
+        )
     out_dtype = parse_output_dtype(dtype) if dtype else None
     schedule = make_schedule(lines)
     if schedule is not None and not base:
         raise RecipeError("LiNeS scales the update relative to a base: pass --base BASE")
     recipe = Recipe(spec.name, models, str(base) if base else None, params, out_dtype)
+    shard = parse_size(max_shard_size)
+    if shard < 1:
+        raise RecipeError(f"max_shard_size must be at least 1 byte, not {max_shard_size!r}",
+                          hint="write sizes like 500MB or 5GB")  # fmt: skip
     return replace(
         recipe,
-        max_shard_size=parse_size(max_shard_size),
+        max_shard_size=shard,
         lines=schedule,
         per_tensor=_check_per_tensor(spec, per_tensor or {}, len(models), params),
         slices=_check_slices(spec, slices, len(models)),
@@ -223,6 +236,14 @@ def _resolve_parameters(spec: Method, given: dict, n_models: int) -> dict:
         value = given.get(name)
         value = p.default if value is None else value
         out[name] = _check_parameter(spec, p.name, p.kind, value, p.choices, n_models)
+    density, outliers = out.get("density"), out.get("outliers")
+    if density is not None and outliers is not None and density + outliers > 1.0:
+        raise RecipeError(
+            f"{spec.name}: density {density:g} + outliers {outliers:g} > 1: only {1 - outliers:g} of "
+            "the entries lie below the outliers, so the density could not be kept",
+            hint="density is the fraction KEPT after the largest `outliers` fraction is removed: "
+            "lower one of them",
+        )
     return out
 
 
@@ -306,17 +327,22 @@ def read_yaml(path: str | Path) -> object:
     except FileNotFoundError:
         from surgery.errors import InputNotFoundError
 
-        raise InputNotFoundError(f"recipe not found: {path}", path=str(path)) from None
+        raise InputNotFoundError(f"recipe not found: {path}", hint="check the path", path=str(path)) from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path} is not valid YAML: {exc}") from None
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe YAML file."""
-    return recipe_from_dict(read_yaml(path), Path(path))
+def load_recipe(path: str | Path, on_card_base: Callable[[str], None] | None = None) -> Recipe:
+    """Read and validate a recipe YAML file.
+
+    Relative paths in it are resolved against the file's folder. Without ``base:``, a method that
+    needs a base takes the one every model's card names (as ``surgery merge`` does) and reports it
+    through ``on_card_base(base)``.
+    """
+    return recipe_from_dict(read_yaml(path), Path(path), on_card_base)
 
 
-def recipe_from_dict(data: object, path: Path) -> Recipe:
+def recipe_from_dict(data: object, path: Path, on_card_base: Callable[[str], None] | None = None) -> Recipe:
     """Validate a loaded recipe (``path`` names it in errors)."""
     if not isinstance(data, dict) or "method" not in data or "models" not in data:
         raise RecipeError(
@@ -331,12 +357,23 @@ def recipe_from_dict(data: object, path: Path) -> Recipe:
         raise RecipeError(f"{path} has unknown keys: {', '.join(sorted(extra))}")
     output = data.get("output") or {}
     models = data["models"]
-    if not isinstance(models, list) or not models:
+    if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
         raise RecipeError(f"{path}: 'models' must be a non-empty list of paths")
+    base = data.get("base")
+    if base is not None and (not isinstance(base, str) or not base):
+        raise RecipeError(f"{path}: 'base' must be a path or a Hub id")
+    models = [_beside(path, m) for m in models]
+    base = _beside(path, base) if base else None
+    if base is None and get_method(str(data["method"])).needs_base:
+        from surgery.bases import base_from_cards
+
+        base = base_from_cards(models, explicit=f"add `base: PATH` to {path}")
+        if on_card_base is not None:
+            on_card_base(base)
     return make_recipe(
         data["method"],
         models,
-        data.get("base"),
+        base,
         data.get("parameters") or {},
         output.get("dtype"),
         output.get("max_shard_size", 5 * 10**9),
@@ -344,3 +381,17 @@ def recipe_from_dict(data: object, path: Path) -> Recipe:
         data.get("per_tensor"),
         data.get("slices"),
     )
+
+
+def _beside(recipe_file: Path, source: str) -> str:
+    """A relative path in a recipe means a path relative to the recipe file's folder; a Hub id that is
+    not a folder there stays a Hub id."""
+    from surgery.hub import parse_hub_id
+
+    given = Path(source).expanduser()
+    if given.is_absolute():
+        return str(given)
+    local = recipe_file.parent / given
+    if local.exists() or parse_hub_id(source) is None:
+        return str(local.resolve())
+    return source

@@ -32,7 +32,11 @@ METHOD_NAMES = [
 
 def assert_error(result, *needles: str, hint: str | None = None) -> str:
     """Exit code 1, ``error: `` first on stderr, every needle in the message; returns stderr."""
-    err = result.stderr
+    # facts printed before the failure (the base taken from the cards, plan notes) are not errors
+    lines = result.stderr.splitlines(keepends=True)
+    while lines and lines[0].startswith(("base: ", "note: ")):
+        lines.pop(0)
+    err = "".join(lines)
     assert result.exit_code == 1, (result.exit_code, result.output, result.exception)
     assert isinstance(result.exception, SystemExit), result.exception  # handled, no traceback
     assert err.startswith("error: "), err

@@ -11,10 +11,14 @@ blocks), where it takes the fine-tuned weights: ``out = b + gamma * tau`` with `
    (cross-entropy on the answer tokens and end-of-sequence of labelled ``{"prompt", "answer"}``
    rows). Each step moves ``S`` by ``lr * grad / q`` (clipped to 4 lr), ``q`` the |m0|-th largest
    |grad|: the paper's very large SGD step size, made scale-free.
-3. Every few steps the rounded mask (or, with ``fixed_density``, the top-k of gamma with k = |m0|)
-   is scored: exact-match accuracy under teacher forcing (every answer token and the end token are
+3. Every few steps the top-k of gamma with k = |m0| (so the patch holds the requested density; with
+   ``fixed_density=False``, the paper's rounded mask, which may grow) is scored on the training
+   examples: exact-match accuracy under teacher forcing (every answer token and the end token are
    the argmax, which is what greedy decoding produces), ties broken by loss. The best mask is kept,
-   so the result is never worse on the data than the data-free graft (step 0 is a candidate).
+   so the result is never worse on the training data than the data-free graft (step 0 is a
+   candidate).
+4. The reported scores are measured on held-out examples (a seeded ``holdout`` fraction of the
+   data, never trained or selected on), so they say how the graft generalises.
 
 The mask is written as a sparse patch (``W.indices`` int64 ascending, ``W.values`` float32 tau, a
 ``surgery_diff.json`` with ``kind: patch``) that ``surgery apply PATCH --to BASE`` applies.
@@ -47,9 +51,10 @@ class LocalizeReport:
     kept: int  # parameters in the optimised mask
     total: int  # parameters in the region
     data_free_kept: int
-    scores: dict  # base / finetuned / data_free / optimised -> {"accuracy", "loss"}
+    scores: dict  # base / finetuned / data_free / optimised -> {"accuracy", "loss"} on held-out data
     best_step: int
-    history: tuple  # (step, kept, accuracy, loss) of every scored candidate
+    history: tuple  # (step, kept, accuracy, loss) of every scored candidate, on the training data
+    held_out: tuple = ()  # indices of the examples scores are measured on (none: the training data)
 
     @property
     def fraction(self) -> float:
@@ -181,19 +186,26 @@ def localize(
     region: str | None = None,
     steps: int = 100,
     lr: float = 1.0,
-    fixed_density: bool = False,
+    fixed_density: bool = True,
     seed: int = 0,
     batch_size: int = 64,
     eval_every: int = 5,
     overwrite: bool = False,
-    progress: Callable[[int, str | None], None] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+    holdout: float = 0.2,
 ) -> LocalizeReport:
     """Learn a graft mask on ``examples`` starting from the data-free top-``density`` mask and write
-    the best one as a sparse patch to ``output`` (locked, staged and renamed like every output)."""
+    the best one as a sparse patch to ``output`` (locked, staged and renamed like every output).
+    ``progress(steps_done, steps_total, message)``; the reported scores are on the held-out examples."""
     if not 0.0 < density <= 1.0:
         raise RecipeError(f"density must be in (0, 1], got {density}")
     if steps < 0 or eval_every < 1 or batch_size < 1:
         raise RecipeError("steps must be >= 0, eval_every and batch_size >= 1")
+    if not lr > 0.0 or lr == float("inf"):
+        raise RecipeError(
+            f"lr must be a positive number, got {lr}", hint="the default --lr 1.0 suits most runs"
+        )
+    split = split_examples(len(examples), holdout, seed)
     from surgery.output import open_output
     from surgery.writer import fingerprint_of
 
@@ -208,20 +220,22 @@ def localize(
         "seed": seed,
         "batch_size": batch_size,
         "examples": examples,
+        "holdout": holdout,
     }
     fingerprint = fingerprint_of({"analysis": "localize/1", "run": run})
     with open_output(Path(output), [Path(base), Path(finetuned)], fingerprint, overwrite=overwrite) as staged:
-        return _localize(staged, base, finetuned, examples, density, region, steps, lr, fixed_density, seed,
-                         batch_size, eval_every, progress)  # fmt: skip
+        return _localize(staged, base, finetuned, examples, split, density, region, steps, lr, fixed_density,
+                         seed, batch_size, eval_every, progress)  # fmt: skip
 
 
-def _localize(staged, base, finetuned, examples, density, region, steps, lr, fixed_density, seed, batch_size,
-              eval_every, progress) -> LocalizeReport:  # fmt: skip
+def _localize(staged, base, finetuned, examples, split, density, region, steps, lr, fixed_density, seed,
+              batch_size, eval_every, progress) -> LocalizeReport:  # fmt: skip
     import torch
 
     from surgery.analysis.tuco import load_pair
 
     output = staged.out
+    train, held_out = split
     pt, ft, tok = load_pair(base, finetuned)
     names = region_names(pt, region)
     b = {n: p.detach() for n, p in pt.named_parameters()}
@@ -231,8 +245,8 @@ def _localize(staged, base, finetuned, examples, density, region, steps, lr, fix
 
     with tempfile.TemporaryDirectory(prefix="surgery-localize-") as tmp:
         manifest, m0 = _data_free_patch(base, finetuned, density, region, Path(tmp) / "patch", b, names)
-    ids, labels = _encode(tok, examples)
-    batches = [(ids[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, len(ids), batch_size)]
+    batches = _batches(tok, [examples[i] for i in train], batch_size)
+    test_batches = _batches(tok, [examples[i] for i in held_out], batch_size) if held_out else batches
 
     gen = torch.Generator().manual_seed(seed)
     s = {n: torch.rand(tau[n].shape, generator=gen).requires_grad_(True) for n in names}
@@ -262,8 +276,9 @@ def _localize(staged, base, finetuned, examples, density, region, steps, lr, fix
             history.append((step, kept, sc["accuracy"], sc["loss"]))
             if best is None or (sc["accuracy"], -sc["loss"]) > (best[1]["accuracy"], -best[1]["loss"]):
                 best = (mask, sc, step, kept)
-            if progress is not None:
-                progress(1, f"step {step}: accuracy {sc['accuracy']:.3f}, loss {sc['loss']:.4f}")
+        if progress is not None:
+            last = history[-1]
+            progress(step + 1, steps + 1, f"step {last[0]}: train accuracy {last[2]:.3f}, loss {last[3]:.4f}")
         if step == steps:
             break
         bi, bl = batches[step % len(batches)]
@@ -279,16 +294,39 @@ def _localize(staged, base, finetuned, examples, density, region, steps, lr, fix
             for n, g in zip(names, grads, strict=True):
                 s[n] -= (lr * g / scale).clamp(-4 * lr, 4 * lr)
 
-    mask, sc, best_step, kept = best
+    mask, _, best_step, kept = best
     scores = {
-        "base": _score(pt, None, batches),
-        "finetuned": _score(ft, None, batches),
-        "data_free": {"accuracy": history[0][2], "loss": history[0][3]},  # step 0 = m0
-        "optimised": sc,
+        "base": _score(pt, None, test_batches),
+        "finetuned": _score(ft, None, test_batches),
+        "data_free": _score(pt, grafted_params(b, tau, m0), test_batches),
+        "optimised": _score(pt, grafted_params(b, tau, mask), test_batches),
     }
     _write_patch(staged, manifest, tau, mask, names, density, steps, lr, fixed_density, total)
     return LocalizeReport(str(base), str(finetuned), str(output), density, kept, total, k0, scores,
-                          best_step, tuple(history))  # fmt: skip
+                          best_step, tuple(history), tuple(held_out))  # fmt: skip
+
+
+def split_examples(n: int, holdout: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training, held-out) example indices: a seeded shuffle, ``round(holdout * n)`` (at least one
+    when ``holdout > 0``) held out; both sorted."""
+    import random
+
+    if not 0.0 <= holdout < 1.0:
+        raise RecipeError(f"holdout must be in [0, 1), got {holdout}")
+    k = max(1, round(holdout * n)) if holdout > 0 else 0
+    if n - k < 1:
+        raise RecipeError(
+            f"{n} example(s) cannot be split into training data and {k} held-out example(s)",
+            hint="give more examples, or --holdout 0 to report accuracy on the training data",
+        )
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return sorted(order[k:]), sorted(order[:k])
+
+
+def _batches(tokenizer: Any, examples: Sequence[tuple[str, str]], batch_size: int) -> list:
+    ids, labels = _encode(tokenizer, examples)
+    return [(ids[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, len(ids), batch_size)]
 
 
 def _data_free_patch(base, finetuned, density, region, folder: Path, b: dict, names: list[str]):

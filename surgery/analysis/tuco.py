@@ -124,17 +124,49 @@ def load_pair(base: str | Path, finetuned: str | Path, dtype: str = "float32") -
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     for path in (base, finetuned):
-        if not Path(path).exists():
-            raise InputNotFoundError(
-                f"{path} does not exist", hint="pass a local model folder", path=str(path)
-            )
+        _check_model_folder(Path(path))
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise RecipeError(f"unknown dtype {dtype!r}", hint="use float32, bfloat16 or float16")
-    pt = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype, local_files_only=True).eval()
-    ft = AutoModelForCausalLM.from_pretrained(finetuned, dtype=torch_dtype, local_files_only=True).eval()
-    tok = AutoTokenizer.from_pretrained(finetuned, local_files_only=True)
+    pt = _load(AutoModelForCausalLM, base, dtype=torch_dtype).eval()
+    ft = _load(AutoModelForCausalLM, finetuned, dtype=torch_dtype).eval()
+    tok = _load(AutoTokenizer, finetuned)
     return pt, ft, tok
+
+
+def _check_model_folder(path: Path) -> None:
+    """What transformers needs to build a model offline: a folder with config.json and weights."""
+    if not path.exists():
+        raise InputNotFoundError(f"{path}: no such folder or file", hint="check the path", path=str(path))
+    if not path.is_dir():
+        raise InputNotFoundError(
+            f"{path} is a file: this command runs the model, so it needs the model's folder",
+            hint="pass the folder that holds config.json, the weights and the tokenizer",
+            path=str(path),
+        )
+    if not (path / "config.json").is_file():
+        raise InputNotFoundError(
+            f"{path} has no config.json: this command runs the model with transformers, which "
+            "builds it from its config",
+            hint="copy config.json (and the tokenizer files) from the model's release into the folder",
+            path=str(path),
+        )
+
+
+def _load(auto: Any, path: str | Path, **kwargs: Any) -> Any:
+    """``auto.from_pretrained`` offline, its failures (unknown architecture, no tokenizer, ...) as
+    one domain error naming the folder instead of a transformers traceback."""
+    try:
+        return auto.from_pretrained(path, local_files_only=True, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        what = "tokenizer" if "Tokenizer" in auto.__name__ else "model"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputNotFoundError(
+            f"cannot load the {what} of {path} with transformers: {first}",
+            hint="the folder needs what `from_pretrained` reads: config.json, the weights and "
+            "the tokenizer files",
+            path=str(path),
+        ) from exc
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -342,8 +374,14 @@ def steered_generate(
 ) -> dict[str, Any]:
     """Greedy generation with the fine-tuning component scaled by ``alpha`` (no KV cache: the full
     sequence is recomputed at each step). Returns ``{"text", "token_ids", "prompt_ids"}``."""
+    import math
+
     import torch
 
+    if not math.isfinite(alpha):
+        raise RecipeError(
+            f"alpha must be a finite number, got {alpha}", hint="1 = the fine-tune, 0 = the base"
+        )
     pt, ft, tok = _models(base, finetuned, tokenizer)
     prompt_ids = encode_prompt(tok, prompt, chat)
     ids = torch.tensor([prompt_ids], device=_device(ft))

@@ -7,10 +7,13 @@ the result back, so the engine is the same for both and results can be compared 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from surgery.errors import DeviceError
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class Backend:
     gram_accumulate: Callable
     l1_accumulate: Callable
     rescale_update: Callable
+    count_nonfinite: Callable
 
     def decode(self, raw: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
         """Raw storage -> float32. F32 input is returned as is (no copy)."""
@@ -52,9 +56,50 @@ class Backend:
             np.copyto(out, x)
         elif dtype == "BF16":
             self.f32_to_bf16(x.view(np.uint32), out)
-        else:
-            np.copyto(out.view(np.float16), x, casting="unsafe")
+        else:  # overflow to inf is expected here and counted by the caller (nonfinite)
+            with np.errstate(over="ignore"):
+                np.copyto(out.view(np.float16), x, casting="unsafe")
         return out
+
+    def nonfinite(self, raw: np.ndarray, dtype: str) -> int:
+        """How many inf / NaN values ``raw`` (storage of float ``dtype``) holds."""
+        width, mask = _EXPONENT[dtype]
+        return int(self.count_nonfinite(raw.reshape(-1).view(width), width(mask)))
+
+
+# storage width and exponent field of each float dtype: all exponent bits set means inf or NaN
+_EXPONENT = {
+    "BF16": (np.uint16, 0x7F80),
+    "F16": (np.uint16, 0x7C00),
+    "F32": (np.uint32, 0x7F800000),
+}
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this machine cannot run on, before anything is read or written: ``cpu``,
+    ``torch-cpu`` (tests), ``cuda`` or ``cuda:N`` with N below the number of visible GPUs."""
+    if device in ("cpu", "torch-cpu"):
+        return
+    m = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if m is None:
+        raise DeviceError(f"unknown device {device!r}", hint="use cpu, cuda or cuda:N")
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency of the CUDA path only
+        raise DeviceError(f"device {device!r} needs torch, which is not installed",
+                          hint="install torch with CUDA support, or use --device cpu") from None  # fmt: skip
+    if not torch.cuda.is_available():
+        why = "torch was built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+        raise DeviceError(
+            f"device {device!r}: CUDA is not available on this machine ({why})",
+            hint="use --device cpu (the numba kernels; the default)",
+        )
+    count = torch.cuda.device_count()
+    if int(m.group(1) or 0) >= count:
+        raise DeviceError(
+            f"device {device!r}: this machine has {count} CUDA device(s)",
+            hint=f"use cuda:0 ... cuda:{count - 1}",
+        )
 
 
 def get_backend(device: str = "cpu") -> Backend:

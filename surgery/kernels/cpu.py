@@ -272,3 +272,17 @@ def band_select(x, v_hi, ties_hi, v_lo, ties_lo, seen, start, idx_out, val_out):
             val_out[n] = x[i]
             n += 1
     return n
+
+
+@njit(**_JIT)
+def count_nonfinite(bits, exp_mask):  # pragma: no cover - compiled
+    """How many values are inf or NaN: all exponent bits set. ``bits`` is the storage viewed as
+    unsigned ints of its width (uint16 for BF16/F16, uint32 for F32); ``exp_mask`` its exponent field.
+    One compare per element, on bytes the writer is about to copy anyway. A pass of its own rather than
+    a counter inside ``f32_to_bf16``: the counter stops that loop from vectorizing (measured: encode
+    0.09 s -> 0.21 s per 20M values, while this pass adds 0.04-0.06 s)."""
+    n = 0
+    for i in range(bits.size):
+        if (bits[i] & exp_mask) == exp_mask:
+            n += 1
+    return n

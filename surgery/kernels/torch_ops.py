@@ -339,6 +339,12 @@ class TorchKernels:
         o = self._dev(out).reshape(-1)
         self._put(out, b + self._scalar(lam, torch.float32) * (o - b))
 
+    def count_nonfinite(self, bits: np.ndarray, exp_mask: int) -> int:
+        """How many values are inf or NaN (all exponent bits set); ``bits`` as in ``cpu.py``."""
+        b = self._dev(bits).reshape(-1)
+        m = int(exp_mask)  # every exponent mask is below the signed maximum of its width
+        return int(((b & m) == m).sum())
+
     # -- float64 statistics (reduction order differs from numba: last-bit differences) ------------
     def gram_accumulate(self, x: np.ndarray, gram: np.ndarray) -> None:
         """gram[s, t] += sum_i x[s, i] * x[t, i] for t >= s, in float64 (upper triangle only)."""

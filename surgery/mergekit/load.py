@@ -6,6 +6,7 @@ milliseconds for local inputs; Hub ids are resolved like every other input.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ class Converted:
     notes: list[str]
 
 
-def load_any(path: str | Path) -> tuple[Recipe, list[str]]:
+def load_any(path: str | Path, on_card_base: Callable[[str], None] | None = None) -> tuple[Recipe, list[str]]:
     """A surgery recipe or a mergekit config (told apart by ``merge_method``), as our recipe + notes."""
     from surgery.mergekit.config import looks_like_mergekit
 
@@ -37,7 +38,7 @@ def load_any(path: str | Path) -> tuple[Recipe, list[str]]:
     if looks_like_mergekit(data):
         converted = convert_config(data)  # type: ignore[arg-type]
         return converted.recipe, converted.notes
-    return recipe_from_dict(data, Path(path)), []
+    return recipe_from_dict(data, Path(path), on_card_base), []
 
 
 def convert_file(path: str | Path) -> Converted:

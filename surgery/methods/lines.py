@@ -68,12 +68,16 @@ def make_schedule(data: dict | LinesSchedule | None) -> LinesSchedule | None:
             alpha = float(alpha)
         except (TypeError, ValueError):
             raise RecipeError(f"lines: alpha must be a number or 'auto', not {alpha!r}") from None
+        if alpha != alpha or alpha in (float("inf"), float("-inf")):
+            raise RecipeError(f"lines: alpha must be finite, not {alpha}")
     beta = data.get("beta")
     if beta is not None:
         try:
             beta = float(beta)
         except (TypeError, ValueError):
             raise RecipeError(f"lines: beta must be a number, not {beta!r}") from None
+        if beta != beta or beta in (float("inf"), float("-inf")):
+            raise RecipeError(f"lines: beta must be finite, not {beta}")
     outside = data.get("outside", "alpha")
     if outside not in OUTSIDE_CHOICES:
         raise RecipeError(f"lines: outside must be one of {', '.join(OUTSIDE_CHOICES)}, not {outside!r}")

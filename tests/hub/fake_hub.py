@@ -15,6 +15,7 @@ Errors carry the headers the client maps to its exception types (``X-Error-Code:
 ``RevisionNotFound``, ``EntryNotFound``, ``GatedRepo``). Failure injection (``FakeHub.faults``):
 ``upload_500`` (the next N LFS PUTs answer 500), ``drop`` ({path: N}: the next N GETs of that file send the
 headers and ``drop_after`` body bytes, then close the connection), ``reject_token`` (every request: 401).
+``ranges`` records the ``Range`` header of every file GET (to check that a retry resumes).
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class FakeHub:
         self.blobs: dict[str, bytes] = {}  # LFS objects by sha256
         self.faults: dict = {"upload_500": 0, "drop": {}, "drop_after": 0, "reject_token": False}
         self.log: list[tuple[str, str]] = []  # (method, path) of every request
+        self.ranges: list[tuple[str, str | None]] = []  # (file path, Range header) of every file GET
         self.seen_headers: list[str] = []  # every request header line, to check what the client sends
         self.yaml_checked: list[str] = []
         self.lock = threading.Lock()
@@ -441,6 +443,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, data, {**headers, "Content-Length": str(len(data))}, head=True)
         start = 0
         status = 200
+        with self.state.lock:
+            self.state.ranges.append((path, self.headers.get("Range")))
         m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
         if m:
             start, status = int(m.group(1)), 206

@@ -177,7 +177,7 @@ def test_ties_weights_before_election(family, invoke, tmp_path, normalize):
         return gta(b[n], [f[n] for f in fs], w, sparsify=trim, consensus=True, normalize=normalize)
 
     check(tmp_path / "out", expect)
-    again = invoke("run", cfg, "-o", tmp_path / "small", "-q", "--max-memory", "300B", "--threads", "3")
+    again = invoke("run", cfg, "-o", tmp_path / "small", "-q", "--max-memory", "4KiB", "--threads", "3")
     assert again.exit_code == 0, again.output
     a, c = load_state(tmp_path / "out"), load_state(tmp_path / "small")
     assert all(torch.equal(a[n], c[n]) for n in a)  # streamed in tiny chunks: the same bytes
@@ -397,7 +397,7 @@ def test_gradients_and_filters_per_tensor(family, invoke, tmp_path):
     recipe = yaml.safe_load((tmp_path / "out" / "surgery_recipe.yaml").read_text())
     assert recipe["per_tensor"]["model.layers.3.mlp.up_proj.weight"] == {"weights": [1.0, 1.0]}
     # streamed in tiny chunks on 3 threads: the same bytes
-    again = invoke("run", cfg, "-o", tmp_path / "small", "-q", "--max-memory", "300B", "--threads", "3")
+    again = invoke("run", cfg, "-o", tmp_path / "small", "-q", "--max-memory", "4KiB", "--threads", "3")
     assert again.exit_code == 0, again.output
     a, c = load_state(tmp_path / "out"), load_state(tmp_path / "small")
     assert all(torch.equal(a[n], c[n]) for n in a)

@@ -113,7 +113,7 @@ def test_streamed_equals_whole(family, invoke, tmp_path, method):  # noqa: F811
     models = [{"model": str(family[k]), "parameters": {"weight": 1.0}} for k in ("ft1", "ft2")]
     cfg = write_config(tmp_path, {"merge_method": method, "models": models})
     a = invoke("run", cfg, "-o", tmp_path / "a", "-q")
-    c = invoke("run", cfg, "-o", tmp_path / "c", "-q", "--max-memory", "300B", "--threads", "3")
+    c = invoke("run", cfg, "-o", tmp_path / "c", "-q", "--max-memory", "4KiB", "--threads", "3")
     assert a.exit_code == 0 and c.exit_code == 0, a.output + c.output
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (
         tmp_path / "c" / "model.safetensors"

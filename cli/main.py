@@ -204,6 +204,24 @@ def lines_outside_option(fn):
     )(fn)
 
 
+class _Schedule(click.ParamType):
+    """A number, or a gradient over the blocks written a:b[:c...] (mergekit's [a, b, c])."""
+
+    name = "number or a:b"
+
+    def convert(self, value, param, ctx):
+        if not isinstance(value, str):
+            return value
+        try:
+            knots = [float(x) for x in value.split(":")]
+        except ValueError:
+            self.fail(f"{value!r} is not a number or a gradient such as 0.2:1.0", param, ctx)
+        return knots[0] if len(knots) == 1 else knots
+
+
+SCHEDULE = _Schedule()
+
+
 # -- commands ---------------------------------------------------------------------------------------
 def _method_flags(fn):
     for name in reversed(MERGE_METHODS):
@@ -212,13 +230,13 @@ def _method_flags(fn):
     return fn
 
 
-# Method parameters with their own flags above; every other one gets a flag from the registry.
+# Method parameters with their own flags below; every other one gets a flag from the registry.
 _FIXED_FLAGS = {"density", "outliers", "scale", "weights", "granularity", "t", "seed"}
 _TYPES = {"float": float, "int": int, "regex": str}
 
 
 def _registry_params() -> dict[str, list]:
-    """Each merge method parameter without a hand-written flag: name -> its Param in every method."""
+    """Each merge method parameter without a hand-written flag: name -> (method, Param) of every use."""
     params: dict[str, list] = {}
     for name in MERGE_METHODS:
         for p in METHODS[name].params:
@@ -247,17 +265,30 @@ def _param_flags(fn):
 @_param_flags
 @click.option(
     "--density",
-    type=float,
+    type=SCHEDULE,
     default=None,
-    help="Fraction of task-vector entries KEPT [default: the method's, see `surgery methods`].",
+    help="Fraction of task-vector entries KEPT, or a gradient over the blocks such as 0.1:0.5 "
+    "[default: the method's, see `surgery methods`].",
 )
 @click.option(
     "--outliers",
-    type=float,
+    type=SCHEDULE,
     default=None,
     help="Fraction of the largest |tau| removed [default: the method's: 0.01 breadcrumbs].",
 )
-@click.option("--scale", type=float, default=None, help="Multiplier of the merged task vector [default: 1].")
+@click.option(
+    "--scale",
+    type=SCHEDULE,
+    default=None,
+    help="Multiplier of the merged task vector, or a gradient 0.2:1.0 over the blocks [default: 1].",
+)
+@click.option(
+    "--filter",
+    "filters",
+    multiple=True,
+    metavar="NAME_PART:PARAM=VALUE",
+    help="Per-tensor override, e.g. self_attn:density=0.5 or mlp:scale=0.2:1 (first match wins).",
+)
 @click.option("--weights", default=None, help="Per-model weights w1,w2,... [default: all 1].")
 @click.option(
     "--granularity",
@@ -268,7 +299,7 @@ def _param_flags(fn):
 @click.option(
     "--t",
     "t",
-    type=float,
+    type=SCHEDULE,
     default=None,
     help="SLERP interpolation factor: 0 = first endpoint, 1 = second [default: 0.5].",
 )
@@ -286,7 +317,7 @@ def _param_flags(fn):
 @engine_options
 @click.pass_context
 def merge(ctx: click.Context, models: tuple[str, ...], base: str | None, method_name: str | None,
-          density, outliers, scale, weights, granularity, t, seed, use_lines, lines_alpha,
+          density, outliers, scale, filters, weights, granularity, t, seed, use_lines, lines_alpha,
           lines_beta, lines_outside, dtype, max_shard_size, **engine) -> None:  # fmt: skip
     """Merge fine-tunes MODELS of one base into a new checkpoint.
 
@@ -313,17 +344,43 @@ def merge(ctx: click.Context, models: tuple[str, ...], base: str | None, method_
         click.echo(f"base: {base} (the base_model of every fine-tune's model card)", err=True)
     elif base is not None:
         warn_contradicting_cards(base, list(models))
-    params = {"density": density, "outliers": outliers, "scale": scale, "weights": weights,
-              "granularity": granularity, "t": t, "seed": seed}  # fmt: skip
-    params.update({name: engine.pop(name) for name in _registry_params()})
+    params, per_tensor = _schedules({"density": density, "outliers": outliers, "scale": scale, "t": t},
+                                    filters, base or models[0])  # fmt: skip
+    params |= {"weights": weights, "granularity": granularity, "seed": seed}
+    params |= {name: engine.pop(name) for name in _registry_params()}
     lines = None
     if use_lines:
         lines = {"alpha": lines_alpha, "beta": lines_beta, "outside": lines_outside}
     else:
         refuse_unused(ctx, ("lines_alpha", "lines_beta", "lines_outside"), "without --lines",
                       hint="add --lines to scale the merged update by block depth")  # fmt: skip
-    recipe = make_recipe(method, list(models), base, params, dtype, max_shard_size, lines)
+    recipe = make_recipe(method, list(models), base, params, dtype, max_shard_size, lines, per_tensor)
     run_recipe(ctx, recipe, **engine)
+
+
+def _schedules(given: dict, filters: tuple[str, ...], reference: str) -> tuple[dict, dict]:
+    """--scale 0.2:1.0 and --filter self_attn:density=0.5 as recipe parameters + per_tensor values."""
+    from surgery.errors import RecipeError
+    from surgery.mergekit.load import merge_schedule
+
+    conditions: dict[str, list] = {}
+    for text in filters:
+        where, _, assignment = text.partition(":")
+        key, _, value = assignment.partition("=")
+        if not where or key not in given or not value:
+            hint = f"PARAM is one of {', '.join(given)}; e.g. --filter self_attn:density=0.5"
+            raise RecipeError(f"--filter {text!r} is not NAME_PART:PARAM=VALUE", hint=hint)
+        conditions.setdefault(key, []).append({"filter": where, "value": SCHEDULE.convert(value, None, None)})
+    settings = {}
+    for key, value in given.items():
+        if key in conditions:
+            settings[key] = conditions[key] + ([{"value": value}] if value is not None else [])
+        elif value is not None:
+            settings[key] = value
+    if all(isinstance(v, float | int) for v in settings.values()):
+        return {**given}, {}
+    params, per_tensor = merge_schedule(reference, settings)
+    return {k: params.get(k) for k in given}, per_tensor
 
 
 @cli.command()
@@ -536,6 +593,18 @@ def run(ctx: click.Context, recipe_file: Path, raw_diff: bool, **engine) -> None
         raise
 
 
+@cli.command()
+@click.argument("config_file", type=click.Path(path_type=Path))
+def convert(config_file: Path) -> None:
+    """Print the surgery recipe equivalent to a mergekit config (or why there is none yet)."""
+    from surgery.mergekit.load import convert_file
+
+    converted = convert_file(config_file)
+    for note in converted.notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(converted.recipe.to_yaml(), nl=False)
+
+
 def check_diff_input(source: str, method: str | None, raw_diff: bool) -> str:
     """The apply method ``source`` calls for ("apply": a dense diff, "apply_patch": a sparse patch);
     a full model, or a recipe whose method does not match its diff, is refused."""
@@ -572,18 +641,6 @@ def recipe_terms(hint: str | None, command: click.Command) -> str | None:
         return f"`{where}{name}:{value}` in the recipe"
 
     return re.sub(r"(--[a-z][a-z-]*)( [A-Z_]+(?![a-z]))?", key, hint)
-
-
-@cli.command()
-@click.argument("config_file", type=click.Path(path_type=Path))
-def convert(config_file: Path) -> None:
-    """Print the surgery recipe equivalent to a mergekit config (or why there is none yet)."""
-    from surgery.mergekit.load import convert_file
-
-    converted = convert_file(config_file)
-    for note in converted.notes:
-        click.echo(f"note: {note}", err=True)
-    click.echo(converted.recipe.to_yaml(), nl=False)
 
 
 @cli.command()
@@ -625,6 +682,7 @@ def methods() -> None:
     """List the merge methods with their parameters, defaults and papers."""
     from surgery.methods import METHODS
 
+    real = {opt for c in cli.commands.values() for p in c.params for opt in p.opts}
     for spec in METHODS.values():
         click.echo(f"{spec.name:<17} {spec.title}  <{spec.paper}>")
         click.echo(f"{'':<17} {spec.formula}")
@@ -634,6 +692,8 @@ def methods() -> None:
         click.echo(f"{'':<17} roles: {spec.roles}")
         for p in spec.params:
             flag = "--" + p.name.replace("_", "-")  # as the commands spell it
+            if flag not in real:  # a recipe parameter only (mergekit semantics and the like)
+                flag = f"{p.name} (recipe)"
             default = (
                 "" if "default" in p.help else f" [default: {'all 1' if p.kind == 'weights' else p.default}]"
             )

@@ -204,6 +204,7 @@ class _Run:
         if sparsify is not None and sparsify.needs_ranks and params.get("granularity") == "global":
             bands = reduce.global_bands(jobs, self.stream, params, self.n_models, self.backend, self.parallel)
         if self.spec.combine.whole_matrix:  # refuse a matrix over the budget before writing anything
+            # (a stage whose need depends on the parameters is asked per job, in stream())
             for job in jobs:
                 self.stream(job)
         self.prepared = Prepared(bands, {}, None)
@@ -241,7 +242,7 @@ class _Run:
         todo.sort(key=lambda j: -j.numel)  # big tensors first balance the workers
         self.parallel(self.run_job, todo)
         if self.nonfinite:
-            _raise_nonfinite(self)
+            self._raise_nonfinite()
         return self.hashes
 
     def run_job(self, job: TensorJob) -> None:
@@ -259,7 +260,7 @@ class _Run:
                 _scatter(self, job)
             case _:
                 raise AssertionError(f"unknown job kind {job.kind!r}")
-        bad = _nonfinite_from_finite(self, job, self.local.nonfinite)
+        bad = self._nonfinite_from_finite(job, self.local.nonfinite)
         with self.lock:
             if bad:  # not journaled: a re-run computes (and checks) it again
                 self.nonfinite[job.name] = bad
@@ -344,6 +345,35 @@ class _Run:
         self.local.nonfinite += self.backend.nonfinite(raw, job.out_dtype)
         return raw
 
+    def _nonfinite_from_finite(self, job: TensorJob, bad: int) -> int:
+        """``bad`` when a job wrote inf / NaN although every input value it read was finite, else 0.
+        The inputs are read a second time only then (never for a healthy tensor); the verdict is per
+        tensor, so it does not depend on chunking or threads."""
+        if bad == 0 or self.options.allow_nonfinite:
+            return 0
+        if job.kind == "scatter":  # the patch's own values are inputs too (sparse: read whole)
+            if not np.isfinite(self.plan.inputs[1].read(job.name + VALUES)).all():
+                return 0
+        stream = self.stream(job)
+        n_inputs = None if job.kind in ("dense", "update") else 1  # keep_base, scatter: the base only
+        for start, count in stream.ranges:
+            if self.backend.nonfinite(stream.load(start, count, None, n_inputs), "F32"):
+                return 0  # an input already held inf / NaN: not ours to refuse
+        return bad
+
+    def _raise_nonfinite(self) -> None:
+        order = [j.name for j in self.plan.jobs if j.name in self.nonfinite]
+        first, n = order[0], self.nonfinite[order[0]]
+        others = f" (and {len(order) - 1} more tensors)" if len(order) > 1 else ""
+        raise NonFiniteOutputError(
+            f"tensor {first!r} came out with {n:,} non-finite values (inf or NaN) although every "
+            f"input value was finite{others}",
+            hint="weights or scales that (nearly) cancel or blow up cause this, and so does a cast "
+            "to float16 of values above 65504 (try --dtype bfloat16 or float32); pass "
+            "--allow-nonfinite to write such values anyway",
+            tensors=order,
+        )
+
     def zeros(self, count: int) -> np.ndarray:
         """A float32 base of zeros: the combine kernels then yield the merged update itself."""
         zeros = self.ws.get("zeros", (count,), np.float32)
@@ -400,32 +430,13 @@ class _Run:
             if lam != 1.0:  # LiNeS on an interpolation: b + lambda * (out - b)
                 be.rescale_update(dec[0], out, np.float32(lam))
             return out
-        self.sparsify(job, chunk, bands)
+        _sparsify(self, job, chunk, bands)
         if factors is not None:  # each sparsified task vector back to its L1 norm
             tau *= factors[:, None]
         scale = np.float32(float(job.params.get("scale", 1.0)) * lam)  # one rounding of scale * lambda
         base = self.zeros(count) if zero_base else dec[0]
         spec.combine.apply(be, Operands(dec, models, tau, base, shape, job.params), coeffs, scale, out)
         return out
-
-    def sparsify(self, job: TensorJob, chunk: Chunk, bands: list[Band] | None) -> None:
-        """The method's sparsify stage on each task vector of the chunk, in place."""
-        sparsify = self.spec.sparsify
-        if sparsify is None:
-            return
-        scratch = None
-        if bands is None and sparsify.needs_ranks:
-            scratch = self.ws.get("keys", (job.cols,), np.uint64)
-        for t in range(self.n_models):
-            band = bands[t] if bands is not None else None
-            slice_ = Slice(job.name, t, chunk.start, job.cols, band, job.params, scratch)
-            sparsify.apply(self.backend, chunk.tau[t], slice_)
-
-    def l1_factors(self, job: TensorJob, stream: TensorStream, bands: list[Band] | None) -> np.ndarray | None:
-        """``rescale: l1`` (mergekit's DARE rescale): ``reduce.l1_rescale`` of this tensor."""
-        if job.params.get("rescale", "none") != "l1" or self.spec.sparsify is None:
-            return None
-        return reduce.l1_rescale(stream, lambda chunk: self.sparsify(job, chunk, bands), self.n_models)
 
     # -- LiNeS --------------------------------------------------------------------------------------
     def lines_scale(self, job: TensorJob) -> float:
@@ -458,36 +469,17 @@ class _Run:
         return float(totals[0] / (self.n_models * totals[1]))
 
 
-# -- the finiteness check -------------------------------------------------------------------------
-def _nonfinite_from_finite(run: _Run, job: TensorJob, bad: int) -> int:
-    """``bad`` when a job wrote inf / NaN although every input value it read was finite, else 0.
-    The inputs are read a second time only then (never for a healthy tensor); the verdict is per
-    tensor, so it does not depend on chunking or threads."""
-    if bad == 0 or run.options.allow_nonfinite:
-        return 0
-    if job.kind == "scatter":  # the patch's own values are inputs too (sparse: read whole)
-        if not np.isfinite(run.plan.inputs[1].read(job.name + VALUES)).all():
-            return 0
-    stream = run.stream(job)
-    n_inputs = None if job.kind in ("dense", "update") else 1  # keep_base, scatter: the base only
-    for start, count in stream.ranges:
-        if run.backend.nonfinite(stream.load(start, count, None, n_inputs), "F32"):
-            return 0  # an input already held inf / NaN: not ours to refuse
-    return bad
-
-
-def _raise_nonfinite(run: _Run) -> None:
-    order = [j.name for j in run.plan.jobs if j.name in run.nonfinite]
-    first, n = order[0], run.nonfinite[order[0]]
-    others = f" (and {len(order) - 1} more tensors)" if len(order) > 1 else ""
-    raise NonFiniteOutputError(
-        f"tensor {first!r} came out with {n:,} non-finite values (inf or NaN) although every "
-        f"input value was finite{others}",
-        hint="weights or scales that (nearly) cancel or blow up cause this, and so does a cast "
-        "to float16 of values above 65504 (try --dtype bfloat16 or float32); pass "
-        "--allow-nonfinite to write such values anyway",
-        tensors=order,
-    )
+def _sparsify(run: _Run, job: TensorJob, chunk: Chunk, bands: list[Band] | None) -> None:
+    """The method's sparsify stage on each task vector of the chunk, in place."""
+    sparsify = run.spec.sparsify
+    if sparsify is None:
+        return
+    scratch = run.ws.get("keys", (job.cols,), np.uint64) if bands is None and sparsify.needs_ranks else None
+    for t in range(run.n_models):
+        band = bands[t] if bands is not None else None
+        sparsify.apply(
+            run.backend, chunk.tau[t], Slice(job.name, t, chunk.start, job.cols, band, job.params, scratch)
+        )
 
 
 # -- job writers: one per job kind ------------------------------------------------------------------
@@ -537,7 +529,9 @@ def _merge(run: _Run, job: TensorJob) -> None:
     """The method's output (kind dense), or the merged update alone (kind update: a diff)."""
     stream = run.stream(job)
     bands, coeffs = run.bands(job, stream), run.coefficients(job, stream)
-    factors = run.l1_factors(job, stream, bands)
+    factors = None
+    if job.params.get("rescale", "none") == "l1" and run.spec.sparsify is not None:
+        factors = reduce.l1_rescale(stream, lambda chunk: _sparsify(run, job, chunk, bands), run.n_models)
     lam = run.lines_scale(job)
     hasher = run.hasher()
     for k in range(len(stream.ranges)):

@@ -343,7 +343,7 @@ def load_recipe(path: str | Path, on_card_base: Callable[[str], None] | None = N
 
 
 def recipe_from_dict(data: object, path: Path, on_card_base: Callable[[str], None] | None = None) -> Recipe:
-    """Validate a loaded recipe (``path`` names it in errors)."""
+    """Validate a loaded recipe (``path`` names it in errors and anchors its relative paths)."""
     if not isinstance(data, dict) or "method" not in data or "models" not in data:
         raise RecipeError(
             f"{path} is not a surgery recipe (needs at least 'method' and 'models')",

@@ -3,7 +3,7 @@
 - exact rank bands per tensor (two histogram passes of radix select, ``ranks.py``) and over the whole
   model (``global_bands``: the same passes summed over every tensor, ties shared in plan order);
 - the Gram matrix of the inputs or task vectors (SLERP's angle, Model Stock's cosines);
-- the L1 norms LiNeS' automatic alpha needs, and those of mergekit's DARE rescale.
+- the L1 norms LiNeS' automatic alpha needs.
 
 Each takes streams and a backend and returns numbers; nothing here writes output or keeps state.
 """
@@ -149,6 +149,21 @@ def gram(stream: TensorStream, over: str, backend: Backend) -> np.ndarray:
     return g
 
 
+def l1_rescale(stream: TensorStream, sparsify: Callable[[object], None], n_models: int) -> np.ndarray:
+    """``rescale: l1`` (mergekit's DARE rescale): per task vector ||tau||_1 / ||sparsified tau||_1
+    over the whole tensor (float64 sums), 1 where either is below 1e-7 (as mergekit). The sparsify
+    stage is reproducible (ranks, counter-based masks), so the apply pass masks the same entries."""
+    before = np.zeros(n_models, np.float64)
+    after = np.zeros(n_models, np.float64)
+    for k in range(len(stream.ranges)):
+        chunk = stream.take(k)  # sparsify masks tau in place
+        before += np.abs(chunk.tau).sum(axis=1, dtype=np.float64)
+        sparsify(chunk)
+        after += np.abs(chunk.tau).sum(axis=1, dtype=np.float64)
+    ok = (before >= 1e-7) & (after >= 1e-7)
+    return np.where(ok, before / np.where(ok, after, 1.0), 1.0).astype(np.float32)
+
+
 def update_l1(
     stream: TensorStream,
     merged_update: Callable[[object, np.ndarray], np.ndarray],
@@ -173,17 +188,3 @@ def update_l1(
         update = merged_update(chunk, tmp[0])
         backend.l1_accumulate(update[None], acc[1:2])
     return acc
-
-
-def l1_rescale(stream: TensorStream, sparsify: Callable[[object], None], n_models: int) -> np.ndarray:
-    """Per task vector L1(tau) / L1(sparsified tau) over the whole tensor (float32), from one more
-    pass (the masks are reproducible); 1 when either is below 1e-7, as mergekit's DARE rescale."""
-    before = np.zeros(n_models, np.float64)
-    after = np.zeros(n_models, np.float64)
-    for k in range(len(stream.ranges)):
-        chunk = stream.take(k)
-        before += np.abs(chunk.tau).sum(axis=1, dtype=np.float64)
-        sparsify(chunk)
-        after += np.abs(chunk.tau).sum(axis=1, dtype=np.float64)
-    ok = (before >= 1e-7) & (after >= 1e-7)
-    return np.where(ok, before / np.where(ok, after, 1.0), 1.0).astype(np.float32)

@@ -90,3 +90,24 @@ def _numel(shape: tuple[int, ...]) -> int:
     for d in shape:
         n *= d
     return n
+
+
+def merge_schedule(source: str, settings: dict) -> tuple[dict, dict[str, dict[str, float]]]:
+    """``surgery merge`` per-layer values: (recipe parameters, per_tensor) for settings such as
+    ``{"scale": [0.2, 1.0], "density": [{"filter": "self_attn", "value": 0.5}, {"value": 0.2}]}``.
+    A setting that is one number stays a recipe parameter; the others are evaluated for every float
+    tensor of ``source`` (headers only), with a mergekit config's rule."""
+    from surgery.mergekit.config import check_setting
+    from surgery.mergekit.params import is_uniform, schedule
+    from surgery.names import place
+
+    for key, setting in settings.items():
+        check_setting(setting, key)
+    params = {k: v for k, v in settings.items() if is_uniform(v)}
+    varying = {k: v for k, v in settings.items() if not is_uniform(v)}
+    if not varying:
+        return params, {}
+    with open_checkpoint(source) as ckpt:
+        names = [n for n, t in ckpt.tensors.items() if t.dtype.kind == "float"]
+        layers = layer_map(names, ckpt.config())
+    return params, schedule(names, layers.num_blocks, varying, lambda n: place(n).block)

@@ -21,7 +21,7 @@ method-level ``parameters``; then the method's default.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from surgery.errors import RecipeError
 from surgery.mergekit.config import Setting
@@ -100,3 +100,23 @@ def slice_position(index: int, n_layers: int) -> float:
 def is_uniform(setting: Setting) -> bool:
     """True when a setting is one value for every tensor (no gradient, no filter)."""
     return not isinstance(setting, list | dict)
+
+
+def schedule(
+    names: list[str], num_layers: int, settings: Mapping[str, Setting], block_of: Callable[[str], int | None]
+) -> dict[str, dict[str, float]]:
+    """Per tensor, the value of each setting that has one there (the same rule as a mergekit config:
+    t = block / (L - 1), 0 outside the blocks; a filter list that matches nothing leaves it out).
+    ``surgery merge --scale 0.2:1.0 --filter self_attn:density=0.5`` uses it."""
+    out: dict[str, dict[str, float]] = {}
+    for name in names:
+        block = block_of(name)
+        t = 0.0 if block is None else slice_position(block, num_layers)
+        values = {}
+        for key, setting in settings.items():
+            value = evaluate(setting, name, t, "float", key)
+            if value is not None:
+                values[key] = float(value)
+        if values:
+            out[name] = values
+    return out

@@ -6,6 +6,7 @@ Each command turns flags into a recipe, calls the library and renders the result
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -113,9 +114,10 @@ def output_options(fn=None, *, dtype_default: str = "the base's"):
 
 def run_recipe(ctx: click.Context, recipe, output: Path, max_memory: str, threads: int | None,
                device: str, dry_run: bool, overwrite: bool, quiet: bool, allow_nonfinite: bool = False,
-               push_to_hub: str | None = None,
-               private: bool = False, revision: str | None = None) -> None:  # fmt: skip
-    """Plan, then (unless --dry-run) execute with a progress bar; shared by merge and run."""
+               push_to_hub: str | None = None, private: bool = False, revision: str | None = None,
+               summary_to_stderr: bool = False) -> None:  # fmt: skip
+    """Plan, then (unless --dry-run) execute with a progress bar; shared by merge and run.
+    ``summary_to_stderr`` keeps stdout for a command's own --json report."""
     from surgery.engine import EngineOptions, execute
     from surgery.plan import build_plan
     from surgery.recipe import parse_size
@@ -144,7 +146,8 @@ def run_recipe(ctx: click.Context, recipe, output: Path, max_memory: str, thread
     resumed = f", {result.resumed} resumed" if result.resumed else ""
     click.echo(
         f"wrote {output} ({result.tensors} tensors{resumed}, "
-        f"{result.bytes_written / 1e9:.3f} GB) in {result.seconds:.1f} s"
+        f"{result.bytes_written / 1e9:.3f} GB) in {result.seconds:.1f} s",
+        err=summary_to_stderr,
     )
     if result.diff is not None:
         d = result.diff
@@ -231,7 +234,9 @@ def _method_flags(fn):
 
 
 # Method parameters with their own flags below; every other one gets a flag from the registry.
-_FIXED_FLAGS = {"density", "outliers", "scale", "weights", "granularity", "t", "seed"}
+_FIXED_FLAGS = {"density", "outliers", "scale", "weights", "granularity", "t", "seed", "rho", "eta",
+                "wudi_steps", "wudi_lr", "wudi_weight_power", "calibration", "regmean_alpha",
+                "max_length"}  # fmt: skip
 _TYPES = {"float": float, "int": int, "regex": str}
 
 
@@ -240,7 +245,7 @@ def _registry_params() -> dict[str, list]:
     params: dict[str, list] = {}
     for name in MERGE_METHODS:
         for p in METHODS[name].params:
-            if p.name not in _FIXED_FLAGS and p.kind != "fixed":
+            if p.name not in _FIXED_FLAGS and (p.kind in _TYPES or p.kind == "choice"):
                 params.setdefault(p.name, []).append((name, p))
     return params
 
@@ -304,6 +309,40 @@ def _param_flags(fn):
     help="SLERP interpolation factor: 0 = first endpoint, 1 = second [default: 0.5].",
 )
 @click.option("--seed", type=int, default=None, help="Seed of DARE's random stream [default: 0].")
+@click.option(
+    "--rho",
+    type=float,
+    default=None,
+    help="CART: rank kept of each residual, as a fraction of min(m, n) [default: 0.12].",
+)
+@click.option(
+    "--eta", type=float, default=None, help="STAR: fraction of each nuclear norm kept [default: 0.4]."
+)
+@click.option("--wudi-steps", type=int, default=None, help="WUDI: Adam steps [default: 300].")
+@click.option("--wudi-lr", type=float, default=None, help="WUDI: Adam learning rate [default: 1e-5].")
+@click.option(
+    "--wudi-weight-power",
+    type=int,
+    default=None,
+    help="WUDI: task weights 1/||tau_t||^p, 1 the authors', 2 FusionBench's [default: 1].",
+)
+@click.option(
+    "--calibration",
+    multiple=True,
+    help="RegMean: calibration texts (JSONL `text` or lines), once per model, in model order.",
+)
+@click.option(
+    "--regmean-alpha",
+    type=float,
+    default=None,
+    help="RegMean: scale of the Grams' off-diagonal [default: 0.9].",
+)
+@click.option(
+    "--max-length",
+    type=int,
+    default=None,
+    help="RegMean: tokens per calibration text, longer ones cut [default: 512].",
+)
 @click.option("--lines", "use_lines", is_flag=True, help="LiNeS: scale the merged update by block depth.")
 @click.option(
     "--lines-alpha",
@@ -317,13 +356,16 @@ def _param_flags(fn):
 @engine_options
 @click.pass_context
 def merge(ctx: click.Context, models: tuple[str, ...], base: str | None, method_name: str | None,
-          density, outliers, scale, filters, weights, granularity, t, seed, use_lines, lines_alpha,
+          density, outliers, scale, filters, weights, granularity, t, seed, rho, eta, wudi_steps, wudi_lr,
+          wudi_weight_power, calibration, regmean_alpha, max_length, use_lines, lines_alpha,
           lines_beta, lines_outside, dtype, max_shard_size, **engine) -> None:  # fmt: skip
     """Merge fine-tunes MODELS of one base into a new checkpoint.
 
     \b
     surgery merge FT_A FT_B --base BASE --breadcrumbs -o merged/
     surgery merge FT_A FT_B --ties --density 0.2 -o merged/
+    surgery merge FT_A FT_B --tsv-merge -o merged/        (also --iso-c, --iso-cts, --cart, --star, --wudi)
+    surgery merge FT_A FT_B --regmean --calibration a.jsonl --calibration b.jsonl -o merged/
     """
     from surgery.bases import base_from_cards
     from surgery.errors import RecipeError
@@ -346,7 +388,10 @@ def merge(ctx: click.Context, models: tuple[str, ...], base: str | None, method_
         warn_contradicting_cards(base, list(models))
     params, per_tensor = _schedules({"density": density, "outliers": outliers, "scale": scale, "t": t},
                                     filters, base or models[0])  # fmt: skip
-    params |= {"weights": weights, "granularity": granularity, "seed": seed}
+    params |= {"weights": weights, "granularity": granularity, "seed": seed, "rho": rho, "eta": eta,
+               "wudi_steps": wudi_steps, "wudi_lr": wudi_lr, "wudi_weight_power": wudi_weight_power,
+               "calibration": list(calibration) or None, "regmean_alpha": regmean_alpha,
+               "max_length": max_length}  # fmt: skip
     params |= {name: engine.pop(name) for name in _registry_params()}
     lines = None
     if use_lines:
@@ -427,11 +472,13 @@ def lines(ctx: click.Context, base: str, finetuned: str, alpha: float, beta: flo
 @click.option(
     "--region", default=None, help="Regex of tensors a patch may touch [default: all; --graft: the blocks]."
 )
+@click.option("--lift-rank", type=int, default=None,
+              help="LIFT patch: top --density of |rank-R approx.| of each base block matrix.")  # fmt: skip
 @output_options(dtype_default="float32, exact for bf16/f16 inputs")
 @engine_options
 @click.pass_context
 def diff(ctx: click.Context, base: str, finetuned: str, density, breadcrumbs, outliers, graft_density,
-         region, dtype, max_shard_size, **engine) -> None:  # fmt: skip
+         region, lift_rank, dtype, max_shard_size, **engine) -> None:  # fmt: skip
     """Write the task vector FINETUNED - BASE as a checkpoint of its own.
 
     Dense by default (float32, so bf16/f16 inputs are exact); --density, --breadcrumbs or --graft write
@@ -442,13 +489,16 @@ def diff(ctx: click.Context, base: str, finetuned: str, density, breadcrumbs, ou
     from surgery.recipe import make_recipe
 
     flags = {
-        "density": density is not None and not breadcrumbs,
+        "density": density is not None and not breadcrumbs and lift_rank is None,
         "breadcrumbs": breadcrumbs,
         "graft": graft_density is not None,
+        "lift-rank": lift_rank is not None,
     }
     modes = [m for m, on in flags.items() if on]
     if len(modes) > 1:
-        raise RecipeError(f"choose one of --density, --breadcrumbs, --graft (got {', '.join(modes)})")
+        raise RecipeError(
+            f"choose one of --density, --breadcrumbs, --graft, --lift-rank (got {', '.join(modes)})"
+        )
     if modes == ["graft"]:
         refuse_unused(ctx, ("outliers",), "with --graft", hint="--outliers goes with --breadcrumbs")
     if modes:
@@ -458,6 +508,13 @@ def diff(ctx: click.Context, base: str, finetuned: str, density, breadcrumbs, ou
             raise RecipeError("--outliers and --region apply to sparse patches only")
         recipe = make_recipe("diff", [finetuned], base, {}, dtype or "float32", max_shard_size)
         return run_recipe(ctx, recipe, **engine)
+    if modes == ["lift-rank"]:
+        if outliers is not None:
+            raise RecipeError("--outliers does not apply to a LIFT patch")
+        params = {"density": density, "lift_rank": lift_rank, "region": region}
+        return run_recipe(
+            ctx, make_recipe("lift_patch", [finetuned], base, params, None, max_shard_size), **engine
+        )
     if modes == ["graft"]:
         params = {"density": graft_density, "granularity": "global", "region": region}
     elif modes == ["breadcrumbs"]:
@@ -469,26 +526,56 @@ def diff(ctx: click.Context, base: str, finetuned: str, density, breadcrumbs, ou
 
 
 @cli.command()
-@click.argument("diff_or_patch")
-@click.option("--to", "target", required=True, help="The base to apply it to (any compatible version).")
-@click.option("--scale", type=float, default=None, help="Multiplier of the diff [default: 1].")
+@click.argument("patches", nargs=-1, required=True)
+@click.option("--to", "target", required=True, help="The base to apply them to (any compatible version).")
+@click.option("--scale", type=float, default=None, help="Multiplier of the (summed) diff [default: 1].")
+@click.option("--scales", default=None, help="Per-patch multipliers s1,s2,... [default: all 1].")
+@click.option("--force-base", is_flag=True, help="Compose patches taken from different bases anyway.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--raw-diff", is_flag=True,
-              help="DIFF_OR_PATCH is a hand-made dense diff (no surgery_diff.json).")  # fmt: skip
+              help="The inputs are hand-made dense diffs (no surgery_diff.json).")  # fmt: skip
 @output_options(dtype_default="the target's")
 @engine_options
 @click.pass_context
-def apply(ctx: click.Context, diff_or_patch: str, target: str, scale, raw_diff: bool, dtype, max_shard_size,
-          **engine) -> None:  # fmt: skip
-    """Apply a diff or sparse patch to a base: OUT = BASE + scale * DIFF.
+def apply(ctx: click.Context, patches: tuple[str, ...], target: str, scale, scales, force_base: bool,
+          as_json: bool, raw_diff: bool, dtype, max_shard_size, **engine) -> None:  # fmt: skip
+    """Apply diffs or sparse patches to a base: OUT = BASE + scale * sum_i s_i PATCH_i.
 
-    DIFF_OR_PATCH is what `surgery diff` wrote (it carries surgery_diff.json). Warns when the target
-    is not the base the diff was taken from (content hashes differ).
+    Each input is what `surgery diff` wrote (it carries surgery_diff.json). Several compose in one
+    pass (Ansell et al., ACL 2022): overlapping entries add, and a table says how many entries each
+    pair shares. Patches taken from different bases are refused (--force-base); a target that is
+    not their base gets a warning.
+
+    \b
+    surgery apply lang.patch task.patch --to BASE --scales 1,0.5 -o OUT
     """
+    from surgery.checkpoint import open_checkpoint
+    from surgery.compose import overlaps
     from surgery.recipe import make_recipe
 
-    method = check_diff_input(diff_or_patch, None, raw_diff)
-    recipe = make_recipe(method, [diff_or_patch], target, {"scale": scale}, dtype, max_shard_size)
-    run_recipe(ctx, recipe, **engine)
+    kinds = [check_diff_input(p, None, raw_diff) for p in patches]  # refuses a full model
+    composed = len(patches) > 1 or scales is not None
+    table = None
+    if len(patches) > 1 or as_json:
+        with contextlib.ExitStack() as stack:
+            table = overlaps([stack.enter_context(open_checkpoint(p)) for p in patches])
+    params = {"scale": scale}
+    if composed:
+        params |= {"scales": scales, "force_base": force_base or None}
+    recipe = make_recipe("compose" if composed else kinds[0], list(patches), target, params, dtype,
+                         max_shard_size)  # fmt: skip
+    run_recipe(ctx, recipe, summary_to_stderr=as_json, **engine)
+    if table is not None and not engine["dry_run"]:  # a dry run prints the plan (JSON) only
+        click.echo(json.dumps(table.to_dict(), indent=2) if as_json else render_overlaps(table))
+
+
+def render_overlaps(table) -> str:
+    names = [f"P{i + 1}" for i in range(len(table.sources))]
+    lines = [f"{name}  {src}  ({n:,} entries)" for name, src, n in zip(names, table.sources, table.entries)]
+    lines.append("shared entries " + "".join(f"{n:>12}" for n in names))
+    for name, row in zip(names, table.shared):
+        lines.append(f"{name:>14} " + "".join(f"{v:>12,}" for v in row))
+    return "\n".join(lines)
 
 
 @cli.command()
@@ -530,24 +617,65 @@ def config_differences(old: dict, new: dict) -> list[str]:
 @click.option("--density", type=float, required=True, help="Fraction of the region's parameters grafted.")
 @click.option("--region", default=None, help="Regex of tensors to graft [default: the transformer blocks].")
 @click.option("--patch", "as_patch", is_flag=True, help="Write a sparse patch instead of a full checkpoint.")
+@click.option("--lift-rank", type=int, default=None,
+              help="Graft at LIFT positions: top DENSITY of |rank-R approx.| per block matrix.")  # fmt: skip
 @output_options
 @engine_options
 @click.pass_context
-def graft(ctx: click.Context, base: str, finetuned: str, density: float, region, as_patch: bool, dtype,
-          max_shard_size, **engine) -> None:  # fmt: skip
+def graft(ctx: click.Context, base: str, finetuned: str, density: float, region, as_patch: bool,
+          lift_rank: int | None, dtype, max_shard_size, **engine) -> None:  # fmt: skip
     """Data-free skill graft: BASE + the top-DENSITY entries of (FINETUNED - BASE) over the region.
 
     Panigrahi et al. (ICML 2023): a tiny fraction of the parameters carries a fine-tune's skill.
+    With --lift-rank R the positions are LIFT's principal weights instead (per block matrix).
     """
     from surgery.recipe import make_recipe
 
     params = {"density": density, "region": region}
+    if lift_rank is not None:
+        params["lift_rank"] = lift_rank
+        method = "lift_patch" if as_patch else "lift_graft"
+        recipe = make_recipe(method, [finetuned], base, params, None if as_patch else dtype, max_shard_size)
+        return run_recipe(ctx, recipe, **engine)
     if as_patch:
         refuse_unused(ctx, ("dtype",), "with --patch", hint="patch values are always float32")
         params["granularity"] = "global"
         recipe = make_recipe("patch", [finetuned], base, params, None, max_shard_size)
     else:
         recipe = make_recipe("graft", [finetuned], base, params, dtype, max_shard_size)
+    run_recipe(ctx, recipe, **engine)
+
+
+@cli.command()
+@click.argument("base")
+@click.argument("finetuned")
+@click.option("--fraction", type=float, default=0.5, show_default=True,
+              help="Fraction of each block's matrices (or elements) reset to BASE.")  # fmt: skip
+@click.option("--by", type=click.Choice(["matrix", "element"]), default="matrix", show_default=True)
+@click.option("--seed", type=int, default=None, help="Seed of the permutation that picks them [default: 0].")
+@click.option("--select", type=click.Choice(["smallest-update", "largest-update"]), default=None,
+              help="Pick by relative update ||f - b|| / ||b|| instead of at random.")  # fmt: skip
+@output_options
+@engine_options
+@click.pass_context
+def reset(ctx: click.Context, base: str, finetuned: str, fraction: float, by: str, seed: int | None,
+          select: str | None, dtype, max_shard_size, **engine) -> None:  # fmt: skip
+    """Half reset: part of each block of FINETUNED back to BASE (Half Fine-Tuning's operation).
+
+    Per block, floor(fraction * n) of its n matrices (or elements) := BASE, the rest := FINETUNED,
+    bit for bit (Hui et al. 2024, arXiv 2404.18466). Vectors and non-block tensors keep FINETUNED.
+
+    \b
+    surgery reset BASE FT --fraction 0.5 --seed 1 -o reset/
+    surgery reset BASE FT --select smallest-update -o reset/
+    """
+    from surgery.errors import RecipeError
+    from surgery.recipe import make_recipe
+
+    if seed is not None and select is not None:
+        raise RecipeError("choose --seed (a random permutation) or --select, not both")
+    params = {"fraction": fraction, "by": by, "select": select or "random", "seed": seed}
+    recipe = make_recipe("half_reset", [finetuned], base, params, dtype, max_shard_size)
     run_recipe(ctx, recipe, **engine)
 
 
@@ -691,6 +819,9 @@ def methods() -> None:
         click.echo(f"{'':<17} {base}; models: {models}; command: surgery {spec.command}")
         click.echo(f"{'':<17} roles: {spec.roles}")
         for p in spec.params:
+            if p.kind == "fixed":  # not settable: recorded in every recipe as it is
+                click.echo(f"{'':<19}{p.name}: {p.default}")
+                continue
             flag = "--" + p.name.replace("_", "-")  # as the commands spell it
             if flag not in real:  # a recipe parameter only (mergekit semantics and the like)
                 flag = f"{p.name} (recipe)"
@@ -711,6 +842,10 @@ from surgery_cli.forward import generate_command, localize_command, tuco_command
 cli.add_command(tuco_command)
 cli.add_command(generate_command)
 cli.add_command(localize_command)
+
+from surgery_cli.tune import tune_command  # noqa: E402
+
+cli.add_command(tune_command)
 
 
 if __name__ == "__main__":

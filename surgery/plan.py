@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from surgery.checkpoint import Checkpoint, open_checkpoint
+from surgery.compose import DENSE, base_conflicts, touched
 from surgery.dtypes import DTYPES
 from surgery.errors import PlanError
 from surgery.files import CONFIG
@@ -22,7 +23,7 @@ from surgery.methods.lines import depths
 from surgery.methods.spec import TAU_GIVEN, TAU_PAIRS
 from surgery.names import layer_map, natural_key, place, with_block
 from surgery.output import side_files_of
-from surgery.patch import patched_names, read_manifest
+from surgery.patch import read_manifest
 from surgery.recipe import Recipe
 from surgery.vocab import RowMap, align_rows, load_vocab
 from surgery.writer import Layout, OutputTensor, plan_layout
@@ -37,9 +38,10 @@ _VOCAB_HINTS = ("embed", "wte", "lm_head", "word_embeddings", "shared.weight", "
 #   dense       the method's output: b + update, or an interpolation of the inputs
 #   update      the merged update alone (a diff)
 #   patch       the selected entries of the update as (indices, values) tensors
-#   scatter     input 0 plus a sparse patch (input 1) at its indices
-JobKind = Literal["copy_equal", "copy_base", "keep_base", "dense", "update", "patch", "scatter"]
-MERGED = frozenset({"dense", "update", "patch", "scatter"})  # kinds the method computes
+#   scatter     input 0 plus sparse patches (or dense diffs: inputs 1, 2, ...) at their indices
+#   pick        each element from input 0 or input 1, bit for bit (the method's ``Pick`` rules)
+JobKind = Literal["copy_equal", "copy_base", "keep_base", "dense", "update", "patch", "scatter", "pick"]
+MERGED = frozenset({"dense", "update", "patch", "scatter", "pick"})  # kinds the method computes
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,9 @@ class TensorJob:
     out_dtype: str
     depth: float | None = None  # LiNeS: l / (L - 1) of the tensor's block; None outside the blocks
     row_map: RowMap | None = None  # transfer across vocabularies: output rows by token string
-    patch_count: int = 0  # apply_patch: entries of this tensor in the patch
+    # scatter: per patch (or dense diff) after the target, this tensor's entries in it
+    # (0: untouched, compose.DENSE: a dense diff holds the whole tensor)
+    patch_counts: tuple[int, ...] = ()
     params: Mapping[str, object] = field(default_factory=dict, compare=False)
     sources: tuple[str, ...] | None = None  # input tensor name per input; None: ``name`` everywhere
     copy_from: int = 0  # copy_base: the input copied (layer stacking copies from any model)
@@ -364,47 +368,47 @@ def _with_region(jobs: list[TensorJob], region: str | None, notes: list[str]) ->
 
 
 def _plan_scatter(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
-    """apply_patch: jobs are the target's tensors; the patch's entries must fit them."""
-    target, patch = inputs
-    counts = patched_names(patch)
+    """apply_patch / compose: jobs are the target's tensors; every patch's (or dense diff's) entries
+    must fit them, and several patches must come from one base (unless ``force_base``)."""
+    target, patches = inputs[0], inputs[1:]
     problems = []
-    manifest = read_manifest(patch.root) or {}
-    shapes = manifest.get("tensors", {})
-    for name, count in sorted(counts.items(), key=lambda kv: natural_key(kv[0])):
-        info = target.tensors.get(name)
-        if info is None:
-            problems.append(f"patch tensor {name!r} is not in target {target.source}")
-        elif info.dtype.kind != "float":
-            problems.append(f"patch tensor {name!r} is {info.dtype.name} in {target.source}, not a float")
-        elif name in shapes and tuple(shapes[name]["shape"]) != info.shape:
-            problems.append(
-                f"patch tensor {name!r} was taken from shape {shapes[name]['shape']} but the target's is "
-                f"{list(info.shape)}"
-            )
-        elif count > info.numel:
-            problems.append(f"patch tensor {name!r} has {count} entries for {info.numel} elements")
+    if len(patches) > 1 and not recipe.parameters.get("force_base"):
+        problems += base_conflicts(patches)
+    touched_by = [touched(p) for p in patches]
+    for patch, counts in zip(patches, touched_by):
+        shapes = (read_manifest(patch.root) or {}).get("tensors", {})
+        for name, count in sorted(counts.items(), key=lambda kv: natural_key(kv[0])):
+            info = target.tensors.get(name)
+            shape = list(patch.tensors[name].shape) if count == DENSE else shapes.get(name, {}).get("shape")
+            of = f" of {patch.source}" if len(patches) > 1 else ""
+            if info is None:
+                problems.append(f"patch tensor {name!r}{of} is not in target {target.source}")
+            elif info.dtype.kind != "float":
+                problems.append(f"patch tensor {name!r} is {info.dtype.name} in {target.source}, not a float")
+            elif shape is not None and tuple(shape) != info.shape:
+                problems.append(
+                    f"patch tensor {name!r}{of} was taken from shape {shape} but the target's is "
+                    f"{list(info.shape)}"
+                )
+            elif count > info.numel:
+                problems.append(f"patch tensor {name!r} has {count} entries for {info.numel} elements")
     if problems:
-        raise PlanError(problems, hint="apply a patch to the base it was taken from or a same-shape release")
+        hint = "apply a patch to the base it was taken from or a same-shape release"
+        if len(patches) > 1:
+            hint += "; --force-base composes patches taken from different bases anyway"
+        raise PlanError(problems, hint=hint)
     jobs = []
     for name in sorted(target.tensors, key=natural_key):
         info = target.tensors[name]
         out_dtype = recipe.dtype or info.dtype.name if info.dtype.kind == "float" else info.dtype.name
-        if name in counts:
-            jobs.append(
-                TensorJob(
-                    name,
-                    "scatter",
-                    info.shape,
-                    (info.dtype.name,),
-                    out_dtype,
-                    patch_count=counts[name],
-                    params=recipe.parameters,
-                )  # fmt: skip
-            )
+        counts = tuple(c.get(name, 0) for c in touched_by)
+        if any(counts):
+            jobs.append(TensorJob(name, "scatter", info.shape, (info.dtype.name,), out_dtype,
+                                  patch_counts=counts, params=recipe.parameters))  # fmt: skip
         else:
             jobs.append(TensorJob(name, "copy_base", info.shape, (info.dtype.name,), info.dtype.name))
     layout = plan_layout([OutputTensor(j.name, j.out_dtype, j.shape) for j in jobs], recipe.max_shard_size)
-    return Plan(recipe, inputs, jobs, layout, target, [], tokenizer_source=patch)
+    return Plan(recipe, inputs, jobs, layout, target, [], tokenizer_source=inputs[-1])
 
 
 def _with_depths(jobs: list[TensorJob], reference: Checkpoint, notes: list[str]) -> list[TensorJob]:

@@ -261,6 +261,12 @@ def _check_parameter(
         if value not in choices:
             raise RecipeError(f"{where} must be one of {', '.join(choices)}, not {value!r}")
         return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise RecipeError(f"{where} must be true or false, not {value!r}")
+        return value
+    if kind == "files":
+        return _check_files(where, value, n_models)
     if kind == "fixed":
         if value != spec.defaults[name]:
             raise RecipeError(f"{where} is fixed at {spec.defaults[name]!r} for this method")
@@ -274,6 +280,8 @@ def _check_parameter(
             raise RecipeError(f"{where} is not a valid regular expression: {exc}") from None
         return str(value)
     if kind == "int":
+        if value is None:
+            raise RecipeError(f"{where} is required (no default)", hint="give it in the recipe's parameters")
         if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise RecipeError(f"{where} must be a non-negative integer, not {value!r}")
         try:
@@ -282,6 +290,8 @@ def _check_parameter(
             raise RecipeError(f"{where} must be a non-negative integer, not {value!r}") from None
         if number != float(value) or number < 0:
             raise RecipeError(f"{where} must be a non-negative integer, not {value!r}")
+        if name == "lift_rank" and number < 1:
+            raise RecipeError(f"{where} must be at least 1, not {number}")
         return number
     try:
         number = float(value)  # type: ignore[arg-type]
@@ -293,9 +303,39 @@ def _check_parameter(
         raise RecipeError(f"{where} = {number} is outside (0, 1]", hint="density is the fraction KEPT")
     if name == "outliers" and not 0.0 <= number < 1.0:
         raise RecipeError(f"{where} = {number} is outside [0, 1)")
+    if name == "fraction" and not 0.0 <= number <= 1.0:
+        raise RecipeError(f"{where} = {number} is outside [0, 1]")
     if name == "t" and not 0.0 <= number <= 1.0:
         raise RecipeError(f"{where} = {number} is outside [0, 1]")
+    if name in ("rho", "eta") and not 0.0 < number <= 1.0:
+        raise RecipeError(f"{where} = {number} is outside (0, 1]")
+    if name == "regmean_alpha" and not 0.0 <= number <= 1.0:
+        raise RecipeError(f"{where} = {number} is outside [0, 1]")
+    if name == "wudi_lr" and number <= 0:
+        raise RecipeError(f"{where} must be positive")
     return number
+
+
+def _check_files(where: str, value: object, n_models: int) -> list[str]:
+    """One existing file per model, in model order; kept as absolute paths."""
+    if isinstance(value, str):
+        value = [value]
+    if not value:
+        raise RecipeError(
+            f"{where}: no files given", hint="pass --calibration FILE once per model, in model order"
+        )
+    files = [str(v) for v in value]  # type: ignore[union-attr]
+    if len(files) != n_models:
+        raise RecipeError(
+            f"{where} has {len(files)} files for {n_models} models",
+            hint="pass --calibration FILE once per model, in model order",
+        )
+    missing = [f for f in files if not Path(f).expanduser().is_file()]
+    if missing:
+        from surgery.errors import InputNotFoundError
+
+        raise InputNotFoundError(f"{where}: file not found: {missing[0]}", path=missing[0])
+    return [str(Path(f).expanduser().resolve()) for f in files]
 
 
 def _check_weights(where: str, value: object, n_models: int) -> list[float]:

@@ -3,7 +3,8 @@
 - exact rank bands per tensor (two histogram passes of radix select, ``ranks.py``) and over the whole
   model (``global_bands``: the same passes summed over every tensor, ties shared in plan order);
 - the Gram matrix of the inputs or task vectors (SLERP's angle, Model Stock's cosines);
-- the L1 norms LiNeS' automatic alpha needs.
+- the L1 norms LiNeS' automatic alpha needs;
+- a keyed selection: the top entries of a whole-tensor key of the base (LIFT's principal weights).
 
 Each takes streams and a backend and returns numbers; nothing here writes output or keeps state.
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from surgery.errors import RecipeError
 from surgery.kernels import Backend
 from surgery.plan import TensorJob
 from surgery.ranks import (
@@ -24,8 +26,10 @@ from surgery.ranks import (
     count_above,
     count_at,
     edge_bins,
+    rank_count,
     sparse,
     threshold_from_hists,
+    top_k_indices,
 )
 from surgery.stream import TensorStream
 
@@ -188,3 +192,38 @@ def update_l1(
         update = merged_update(chunk, tmp[0])
         backend.l1_accumulate(update[None], acc[1:2])
     return acc
+
+
+def key_count(job: TensorJob) -> int:
+    """Entries a keyed sparsify stage keeps: floor(density * numel) of a matrix, none of other shapes."""
+    return rank_count(float(job.params["density"]), job.numel) if len(job.shape) == 2 else 0
+
+
+def key_selection(stream: TensorStream, job: TensorJob, key: Callable, backend: Backend) -> np.ndarray:
+    """Ascending flat indices of the top ``key_count`` entries of ``key(base tensor, params)``, ties
+    by lower index (radix select). Holds the whole base tensor and its key."""
+    k = key_count(job)
+    if k == 0:
+        return np.empty(0, np.int64)
+    base = stream.load(0, job.numel, None, n_inputs=1)[0].reshape(job.shape).copy()
+    return top_k_indices(backend, key(base, job.params), k)
+
+
+def patch_counts(patches: list[TensorJob], params, sparsify, bands) -> dict[str, int]:
+    """Entries each sparse-patch tensor keeps: its band's count, or a keyed stage's floor(D * numel)."""
+    keyed = sparsify is not None and sparsify.key is not None
+    if patches and not keyed and params.get("granularity") not in ("per_tensor", "global"):
+        raise RecipeError(
+            f"a sparse patch ranks per tensor or globally, not {params.get('granularity')}",
+            hint="use --granularity per_tensor or global",
+        )
+    counts = {}
+    for job in patches:
+        if keyed:
+            counts[job.name] = key_count(job)
+        elif bands is not None:
+            counts[job.name] = bands.counts[job.name]
+        else:
+            r_hi, r_lo = band_ranks(job.params, job.numel)
+            counts[job.name] = r_lo - r_hi
+    return counts

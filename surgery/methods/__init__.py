@@ -7,17 +7,25 @@ from __future__ import annotations
 
 from surgery.errors import RecipeError
 from surgery.methods.breadcrumbs import BREADCRUMBS
+from surgery.methods.cart import CART
 from surgery.methods.dare import DARE, DARE_TIES
-from surgery.methods.graft import APPLY_PATCH, GRAFT, PATCH
+from surgery.methods.graft import APPLY_PATCH, COMPOSE, GRAFT, PATCH
+from surgery.methods.half_reset import HALF_RESET
 from surgery.methods.interpolation import LINEAR, MODEL_STOCK, SLERP
+from surgery.methods.iso import ISO_C, ISO_CTS
+from surgery.methods.lift import LIFT_GRAFT, LIFT_PATCH
 from surgery.methods.nearswap import NEARSWAP
 from surgery.methods.passthrough import PASSTHROUGH
+from surgery.methods.regmean import REGMEAN
 from surgery.methods.sce import SCE
 from surgery.methods.spec import Method, Param
 from surgery.methods.spherical import KARCHER, MULTISLERP, NUSLERP
+from surgery.methods.star import STAR
 from surgery.methods.task_arithmetic import TASK_ARITHMETIC
 from surgery.methods.ties import BREADCRUMBS_TIES, TIES
 from surgery.methods.transfer import APPLY, DIFF, TRANSFER
+from surgery.methods.tsv import TSV_MERGE
+from surgery.methods.wudi import WUDI
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -37,17 +45,29 @@ METHODS: dict[str, Method] = {
         KARCHER,
         SCE,
         PASSTHROUGH,
+        TSV_MERGE,
+        ISO_C,
+        ISO_CTS,
+        CART,
+        STAR,
+        WUDI,
+        REGMEAN,
         DIFF,
         PATCH,
         APPLY,
         APPLY_PATCH,
+        COMPOSE,
         TRANSFER,
         GRAFT,
+        HALF_RESET,
+        LIFT_PATCH,
+        LIFT_GRAFT,
     )
 }
 
 # Names users know from mergekit and elsewhere.
-ALIASES = {"dare_linear": "dare", "breadcrumbs_linear": "breadcrumbs", "stock": "model_stock"}
+ALIASES = {"dare_linear": "dare", "breadcrumbs_linear": "breadcrumbs", "stock": "model_stock",
+           "tsv": "tsv_merge", "tsv_m": "tsv_merge"}  # fmt: skip
 
 
 def get_method(name: str) -> Method:

@@ -104,7 +104,7 @@ def _nuslerp_apply(be, x: Operands, coeffs, scale, out) -> None:
     np.copyto(out, merged)
 
 
-def _per_row(params: Mapping[str, object]) -> bool:
+def _per_row(tensor: str, shape: tuple[int, ...], params: Mapping[str, object]) -> bool:
     return params.get("vectors", "flat") != "flat"
 
 

@@ -498,13 +498,11 @@ def _raise_nonfinite(run: _Run) -> None:
 # -- job writers: one per job kind ------------------------------------------------------------------
 def _copy(run: _Run, job: TensorJob) -> None:
     """Integer tensors: equal in every input, copied. Otherwise copied from input ``job.copy_from`` (F8,
-    layer stacking), converted to the output dtype when that differs."""
-    inputs = run.plan.inputs
-    if job.kind == "copy_base" and job.in_dtypes[job.copy_from] != job.out_dtype:
-        return _copy_converted(run, job)
-    storage = DTYPES[job.out_dtype].storage
+    layer stacking), converted (one rounding) when the output dtype differs."""
+    inputs, src = run.plan.inputs, job.copy_from
+    convert = job.kind == "copy_base" and job.in_dtypes[src] != job.out_dtype
+    storage = DTYPES[job.in_dtypes[src] if convert else job.out_dtype].storage
     n_check = len(inputs) if job.kind == "copy_equal" else 1
-    src = job.copy_from
     for start, count in chunk_ranges(job, run.share, run.n_models, False, run.options.min_chunk):
         first = inputs[src].read_into(job.source(src), start, run.ws.get("raw0", (count,), storage))
         for i in range(1, n_check):
@@ -516,18 +514,10 @@ def _copy(run: _Run, job: TensorJob) -> None:
                     "must hold the same values",
                     tensor=job.name,
                 )
+        if convert:
+            dec = run.backend.decode(first, job.in_dtypes[src], run.ws.get("out", (count,), np.float32))
+            first = run.encode(job, dec)
         run.write(job.name, start, first)
-
-
-def _copy_converted(run: _Run, job: TensorJob) -> None:
-    """One input's float tensor in another float dtype (one rounding)."""
-    src, dtype = job.copy_from, job.in_dtypes[job.copy_from]
-    for start, count in chunk_ranges(job, run.share, run.n_models, False, run.options.min_chunk):
-        raw = run.plan.inputs[src].read_into(
-            job.source(src), start, run.ws.get("raw0", (count,), DTYPES[dtype].storage)
-        )
-        dec = run.backend.decode(raw, dtype, run.ws.get("out", (count,), np.float32))
-        run.write(job.name, start, run.encode(job, dec))
 
 
 def _keep_base(run: _Run, job: TensorJob) -> None:
@@ -545,8 +535,7 @@ def _merge(run: _Run, job: TensorJob) -> None:
     bands, coeffs = run.bands(job, stream), run.coefficients(job, stream)
     factors = None
     if job.params.get("rescale", "none") == "l1" and run.spec.sparsify is not None:
-        rescaled = lambda chunk: _sparsify(run, job, chunk, bands, selected)  # noqa: E731
-        factors = reduce.l1_rescale(stream, rescaled, run.n_models)
+        factors = reduce.l1_rescale(stream, lambda c: _sparsify(run, job, c, bands, selected), run.n_models)
     lam = run.lines_scale(job)
     hasher = run.hasher()
     for k in range(len(stream.ranges)):

@@ -15,8 +15,8 @@ papers' (our own recipes keep the papers' semantics):
     multislerp        weights, normalize_weights, eps
 
 Per-tensor values (gradients, filters) become the recipe's ``per_tensor`` entries. Whatever has no
-exact translation yet (layer stacking, L1 rescale, ...) is listed, all reasons at once, in one
-``not supported yet`` error.
+exact translation yet (merging slices whose sources sit at other layer indices, L1 rescale after a
+top-k, row-wise nuslerp, ...) is listed, all reasons at once, in one ``not supported yet`` error.
 """
 
 from __future__ import annotations

@@ -88,6 +88,16 @@ def engine_options(fn):
         click.option("--threads", type=THREADS, default=None, help="CPU threads [default: all cores]."),
         click.option("--device", default="cpu", show_default=True, callback=check_device,
                      help="cpu (numba kernels), cuda or cuda:N (torch kernels)."),
+        click.option("--stream", "--no-download", "stream", is_flag=True,
+                     help="Read Hub inputs by HTTP range instead of downloading them."),
+        click.option("--range-cache", type=click.Path(path_type=Path), default=None,
+                     help="With --stream: where multi-pass methods keep fetched ranges "
+                          "[default: HF_HOME/surgery-ranges]."),
+        click.option("--shards", "share", default=None, metavar="I/N",
+                     help="Run share I (0-based) of N of the work (static split, e.g. SLURM); then "
+                          "`surgery finalize OUT`."),
+        click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
+                     help="Run on a Ray cluster: local, auto or host:port (OUT on shared storage)."),
         click.option("--dry-run", is_flag=True, help="Check the inputs and print the plan only."),
         click.option("--overwrite", is_flag=True,
                      help="Replace a previous surgery output (never other files)."),
@@ -115,17 +125,20 @@ def output_options(fn=None, *, dtype_default: str = "the base's"):
 def run_recipe(ctx: click.Context, recipe, output: Path, max_memory: str, threads: int | None,
                device: str, dry_run: bool, overwrite: bool, quiet: bool, allow_nonfinite: bool = False,
                push_to_hub: str | None = None, private: bool = False, revision: str | None = None,
-               summary_to_stderr: bool = False) -> None:  # fmt: skip
+               stream: bool = False, range_cache: Path | None = None, share: str | None = None,
+               ray_address: str | None = None, summary_to_stderr: bool = False) -> None:  # fmt: skip
     """Plan, then (unless --dry-run) execute with a progress bar; shared by merge and run.
     ``summary_to_stderr`` keeps stdout for a command's own --json report."""
     from surgery.engine import EngineOptions, execute
+    from surgery.inputs import InputOptions
     from surgery.plan import build_plan
     from surgery.recipe import parse_size
+    from surgery.remote import stream_stats
 
     options = EngineOptions(
         parse_size(max_memory), threads, device, overwrite, allow_nonfinite=allow_nonfinite
     )
-    plan = build_plan(recipe)
+    plan = build_plan(recipe, InputOptions(stream, range_cache))
     try:
         if dry_run:
             click.echo(json.dumps(plan.summary(options.max_memory, options.workers), indent=2))
@@ -133,12 +146,20 @@ def run_recipe(ctx: click.Context, recipe, output: Path, max_memory: str, thread
         ctx.meta["surgery.output"] = str(output)
         for note in plan.notes:
             click.echo(f"note: {note}", err=True)
-        total = plan.layout.total_bytes if plan.layout is not None else None
-        bar = _LazyBar(total, len(plan.jobs), f"surgery {recipe.method}", quiet)
-        try:
-            result = execute(plan, output, options, bar.update)
-        finally:
-            bar.close()
+        if share is not None or ray_address is not None:
+            result = _run_elsewhere(
+                plan, output, options, InputOptions(stream, range_cache), share, ray_address
+            )
+            if result is None:
+                return
+        else:
+            total = plan.layout.total_bytes if plan.layout is not None else None
+            bar = _LazyBar(total, len(plan.jobs), f"surgery {recipe.method}", quiet)
+            try:
+                result = execute(plan, output, options, bar.update)
+            finally:
+                bar.close()
+        streamed = stream_stats(plan.inputs)
     finally:
         plan.close()
     for warning in result.warnings:
@@ -149,6 +170,12 @@ def run_recipe(ctx: click.Context, recipe, output: Path, max_memory: str, thread
         f"{result.bytes_written / 1e9:.3f} GB) in {result.seconds:.1f} s",
         err=summary_to_stderr,
     )
+    if streamed is not None:
+        click.echo(
+            f"streamed inputs: {streamed.header_requests} header + {streamed.data_requests} data requests, "
+            f"{streamed.bytes_fetched / 1e6:.2f} MB fetched, {streamed.bytes_from_cache / 1e6:.2f} MB "
+            "from the range cache"
+        )
     if result.diff is not None:
         d = result.diff
         click.echo(
@@ -156,6 +183,40 @@ def run_recipe(ctx: click.Context, recipe, output: Path, max_memory: str, thread
             f"({100 * d.fraction:.4g}%), {d.size_bytes / 1e6:.2f} MB of safetensors"
         )
     push_after_run(output, push_to_hub, private, revision)
+
+
+def _run_elsewhere(plan, output: Path, options, sources, share: str | None, ray_address: str | None):
+    """--shards: this process's share (None: `surgery finalize` completes the run); --ray: the run."""
+    from surgery.errors import RecipeError
+
+    if share is not None and ray_address is not None:
+        raise RecipeError("--shards and --ray are two ways to split a run: choose one")
+    if ray_address is not None:
+        from surgery.ray_backend import execute_on_ray
+
+        return execute_on_ray(plan, output, options, sources, ray_address)
+    from surgery.scaleout import Share, run_share
+
+    part = Share.parse(share)
+    done = run_share(plan, output, options, part, sources, lambda m: click.echo(f"note: {m}", err=True))
+    click.echo(
+        f"share {part.index}/{part.count}: wrote {done.shards_written} output shards "
+        f"({done.shards_resumed} already done, {done.bytes_written / 1e9:.3f} GB) in {done.seconds:.1f} s; "
+        f"run `surgery finalize {output}` once every share is done"
+    )
+    return None
+
+
+@cli.command()
+@click.argument("output", type=click.Path(path_type=Path))
+@click.pass_context
+def finalize(ctx: click.Context, output: Path) -> None:
+    """Complete OUTPUT after every `--shards I/N` share has run (index, config, card, recipe)."""
+    from surgery.scaleout import finalize_split
+
+    ctx.meta["surgery.output"] = str(output)
+    result = finalize_split(output)
+    click.echo(f"wrote {output} ({result.tensors} tensors, {result.bytes_written / 1e9:.3f} GB)")
 
 
 class _LazyBar:
@@ -775,14 +836,15 @@ def recipe_terms(hint: str | None, command: click.Command) -> str | None:
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--layers", "show_layers", is_flag=True, help="List every tensor's block (LiNeS mapping).")
+@click.option("--stream", is_flag=True, help="Hub repos: read the headers by range, download no weights.")
 @click.pass_context
-def inspect(ctx: click.Context, path: str, as_json: bool, show_layers: bool) -> None:
+def inspect(ctx: click.Context, path: str, as_json: bool, show_layers: bool, stream: bool) -> None:
     """Describe a checkpoint: shards, tensors, parameters, dtypes, layers, tied embeddings."""
     from surgery.inspect import describe
 
     if as_json:
         refuse_unused(ctx, ("show_layers",), "with --json", hint="the JSON report holds every tensor's block")
-    report = describe(path)
+    report = describe(path, stream)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

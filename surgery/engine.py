@@ -124,15 +124,7 @@ def execute(
     options = options or EngineOptions()
     start = time.perf_counter()
     check_device(options.device)  # before the output folder is touched
-    # The layout is a pure function of recipe and inputs, so they alone identify a partial run.
-    fingerprint = fingerprint_of(
-        {
-            "engine": ENGINE_VERSION,
-            "recipe": plan.recipe.to_dict(),
-            "inputs": [c.fingerprint() for c in plan.inputs],
-        }
-    )
-    with open_output(out, input_paths(plan), fingerprint, overwrite=options.overwrite) as staged:
+    with open_output(out, input_paths(plan), run_fingerprint(plan), overwrite=options.overwrite) as staged:
         run = _Run(plan, options, progress)
         prepared = run.prepare()
         layout = plan.layout or patch_layout(prepared.counts, plan.recipe.max_shard_size)
@@ -147,6 +139,12 @@ def execute(
     return RunResult(
         out, len(plan.jobs), resumed, layout.total_bytes, seconds, warnings, prepared.lines, diff
     )
+
+
+def run_fingerprint(plan: Plan) -> str:
+    """The layout is a pure function of recipe and inputs, so they alone identify a partial run."""
+    inputs = [c.fingerprint() for c in plan.inputs]
+    return fingerprint_of({"engine": ENGINE_VERSION, "recipe": plan.recipe.to_dict(), "inputs": inputs})
 
 
 def _side_files(

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from surgery.checkpoint import Checkpoint, open_checkpoint
+from surgery.checkpoint import Checkpoint
 from surgery.compose import DENSE, base_conflicts, touched
 from surgery.dtypes import DTYPES
 from surgery.errors import PlanError
 from surgery.files import CONFIG
+from surgery.inputs import InputOptions, open_input
 from surgery.methods.lines import depths
 from surgery.methods.spec import TAU_GIVEN, TAU_PAIRS
 from surgery.names import layer_map, natural_key, place, with_block
@@ -194,12 +195,24 @@ def estimate_seconds(read: int, write: int, passes: int, chunks: int, workers: i
     return round(seconds, 4)
 
 
-def build_plan(recipe: Recipe) -> Plan:
-    """Open the inputs (headers only) and check that the recipe can run on them."""
+def input_passes(recipe: Recipe) -> int:
+    """How many times a run reads each input tensor (at most: a tensor that fits one chunk is read once)."""
+    passes = recipe.spec.passes(recipe.parameters)
+    if recipe.lines is not None and recipe.lines.alpha == "auto":
+        passes += 1  # the LiNeS auto-alpha measure pass (as Plan.summary counts it)
+    return passes
+
+
+def build_plan(recipe: Recipe, sources: InputOptions | None = None) -> Plan:
+    """Open the inputs (headers only) and check that the recipe can run on them. ``sources`` says how
+    remote inputs are read (Hub ids downloaded or streamed by range; ranges cached for multi-pass
+    methods)."""
+    sources = sources or InputOptions()
+    cache_ranges = input_passes(recipe) > 1  # streamed or URL inputs read more than once: keep ranges
     inputs: list[Checkpoint] = []
     try:
         for source in recipe.inputs:
-            inputs.append(open_checkpoint(source))
+            inputs.append(open_input(source, sources, cache_ranges))
         if recipe.spec.output == "scatter":
             return _plan_scatter(recipe, inputs)
         if recipe.slices or recipe.spec.name == "passthrough":

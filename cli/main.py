@@ -295,12 +295,41 @@ def _method_flags(fn):
     return fn
 
 
+# Method parameters with their own flags below; every other one gets a flag from the registry.
+_FIXED_FLAGS = {"density", "outliers", "scale", "weights", "granularity", "t", "seed", "rho", "eta",
+                "wudi_steps", "wudi_lr", "wudi_weight_power", "calibration", "regmean_alpha",
+                "max_length"}  # fmt: skip
+_TYPES = {"float": float, "int": int, "regex": str}
+
+
+def _registry_params() -> dict[str, list]:
+    """Each merge method parameter without a hand-written flag: name -> (method, Param) of every use."""
+    params: dict[str, list] = {}
+    for name in MERGE_METHODS:
+        for p in METHODS[name].params:
+            if p.name not in _FIXED_FLAGS and (p.kind in _TYPES or p.kind == "choice"):
+                params.setdefault(p.name, []).append((name, p))
+    return params
+
+
+def _param_flags(fn):
+    for name, uses in reversed(_registry_params().items()):
+        kind = uses[0][1].kind
+        choices = sorted({c for _, p in uses for c in p.choices})
+        kind_type = click.Choice(choices) if kind == "choice" else _TYPES[kind]
+        help_text = f"{uses[0][1].help} ({', '.join(m for m, _ in uses)})."
+        flag = "--" + name.replace("_", "-")
+        fn = click.option(flag, name, type=kind_type, default=None, help=help_text)(fn)
+    return fn
+
+
 @cli.command()
 @click.argument("models", nargs=-1, required=True)
 @click.option("--base", default=None, help="Base model [default: base_model from the models' cards].")
 @click.option("--method", "method_name", default=None,
               help="Method by name (see `surgery methods`) [default: task_arithmetic].")  # fmt: skip
 @_method_flags
+@_param_flags
 @click.option(
     "--density",
     type=SCHEDULE,
@@ -427,6 +456,7 @@ def merge(ctx: click.Context, models: tuple[str, ...], base: str | None, method_
                "wudi_steps": wudi_steps, "wudi_lr": wudi_lr, "wudi_weight_power": wudi_weight_power,
                "calibration": list(calibration) or None, "regmean_alpha": regmean_alpha,
                "max_length": max_length}  # fmt: skip
+    params |= {name: engine.pop(name) for name in _registry_params()}
     lines = None
     if use_lines:
         lines = {"alpha": lines_alpha, "beta": lines_beta, "outside": lines_outside}

@@ -29,7 +29,7 @@ import numpy as np
 from surgery import reduce
 from surgery.card import card_for
 from surgery.dtypes import DTYPES
-from surgery.errors import IncompatibleTensorsError, Interrupted, NonFiniteOutputError, RecipeError
+from surgery.errors import IncompatibleTensorsError, Interrupted, NonFiniteOutputError
 from surgery.files import CARD, MANIFEST, RECIPE
 from surgery.kernels import Backend, check_device, get_backend
 from surgery.methods.lines import LinesResolved
@@ -44,7 +44,7 @@ from surgery.patch import (
     target_warning,
 )
 from surgery.plan import MERGED, Plan, TensorJob, build_plan, input_paths
-from surgery.ranks import Band, band_ranks
+from surgery.ranks import Band
 from surgery.recipe import Recipe
 from surgery.select_jobs import key_patch, key_selection, pair_chunks, pick, scatter
 from surgery.stream import Chunk, TensorStream, Workspace, chunk_ranges
@@ -224,7 +224,7 @@ class _Run:
             alpha = self._auto_alpha() if self.lines.alpha == "auto" else float(self.lines.alpha)
             beta = (1.0 - alpha) if self.lines.beta is None else self.lines.beta
             lines = LinesResolved(alpha, beta, self.lines.outside, self.lines.alpha)
-        counts = _patch_counts([j for j in jobs if j.kind == "patch"], params, sparsify, bands)
+        counts = reduce.patch_counts([j for j in jobs if j.kind == "patch"], params, sparsify, bands)
         picks = {}
         if self.spec.pick is not None:
             picks = self.spec.pick.rules(
@@ -325,7 +325,8 @@ class _Run:
         sparsify = self.spec.sparsify
         ranked = job.kind in MERGED and sparsify is not None and sparsify.needs_ranks
         per_row = ranked and job.params.get("granularity") == "per_row"
-        whole = job.kind in ("dense", "update") and self.spec.combine.wants_whole(job.name, job.shape)
+        dense = job.kind in ("dense", "update")
+        whole = dense and self.spec.combine.wants_whole(job.name, job.shape, job.params)
         ranges = chunk_ranges(job, self.share, self.n_models, per_row, self.options.min_chunk, whole)
         uses_tau = self.plan.has_base and self.spec.combine.uses_tau
         tau_from = self.spec.tau_from if uses_tau else None
@@ -446,7 +447,8 @@ class _Run:
 
 
 def _sparsify(run: _Run, job: TensorJob, chunk: Chunk, bands: list[Band] | None, selected=None) -> None:
-    """The method's sparsify stage on each task vector of the chunk, in place."""
+    """The method's sparsify stage on each task vector of the chunk, in place (``selected``: a keyed
+    stage's flat indices of this tensor)."""
     sparsify = run.spec.sparsify
     if sparsify is None:
         return
@@ -455,26 +457,6 @@ def _sparsify(run: _Run, job: TensorJob, chunk: Chunk, bands: list[Band] | None,
         band = bands[t] if bands is not None else None
         where = Slice(job.name, t, chunk.start, job.cols, band, job.params, scratch, selected)
         sparsify.apply(run.backend, chunk.tau[t], where)
-
-
-def _patch_counts(patches: list[TensorJob], params, sparsify, bands) -> dict[str, int]:
-    """Entries each sparse-patch tensor keeps: its band's count, or a keyed stage's floor(D * numel)."""
-    keyed = sparsify is not None and sparsify.key is not None
-    if patches and not keyed and params.get("granularity") not in ("per_tensor", "global"):
-        raise RecipeError(
-            f"a sparse patch ranks per tensor or globally, not {params.get('granularity')}",
-            hint="use --granularity per_tensor or global",
-        )
-    counts = {}
-    for job in patches:
-        if keyed:
-            counts[job.name] = reduce.key_count(job)
-        elif bands is not None:
-            counts[job.name] = bands.counts[job.name]
-        else:
-            r_hi, r_lo = band_ranks(job.params, job.numel)
-            counts[job.name] = r_lo - r_hi
-    return counts
 
 
 # -- the finiteness check -------------------------------------------------------------------------

@@ -169,7 +169,7 @@ def make_recipe(
 
 
 # Parameters a tensor may set for itself; the others shape the whole run (ranks over all tensors...).
-_PER_TENSOR = {"scale", "weights", "density", "outliers", "t"}
+_PER_TENSOR = {"scale", "weights", "density", "outliers", "t", "distance", "vectors"}
 
 
 def _check_per_tensor(spec: Method, per_tensor: object, n_models: int, params: dict) -> dict[str, dict]:

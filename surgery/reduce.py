@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from surgery.errors import RecipeError
 from surgery.kernels import Backend
 from surgery.plan import TensorJob
 from surgery.ranks import (
@@ -141,12 +142,14 @@ def global_bands(
 
 
 def gram(stream: TensorStream, over: str, backend: Backend) -> np.ndarray:
-    """G[s, t] = <x_s, x_t> over the whole tensor (float64), x = the inputs or the task vectors."""
+    """G[s, t] = <x_s, x_t> over the whole tensor (float64, upper triangle), x = the inputs or the
+    task vectors (the models themselves when there is no base, hence no task vectors)."""
     size = len(stream.job.in_dtypes) if over == "inputs" else stream.n_models
     g = np.zeros((size, size), np.float64)
     for k in range(len(stream.ranges)):
         chunk = stream.read(k)
-        backend.gram_accumulate(chunk.inputs if over == "inputs" else chunk.tau, g)
+        vectors = chunk.inputs if over == "inputs" or chunk.tau is None else chunk.tau
+        backend.gram_accumulate(vectors, g)
     return g
 
 
@@ -204,3 +207,23 @@ def key_selection(stream: TensorStream, job: TensorJob, key: Callable, backend: 
         return np.empty(0, np.int64)
     base = stream.load(0, job.numel, None, n_inputs=1)[0].reshape(job.shape).copy()
     return top_k_indices(backend, key(base, job.params), k)
+
+
+def patch_counts(patches: list[TensorJob], params, sparsify, bands) -> dict[str, int]:
+    """Entries each sparse-patch tensor keeps: its band's count, or a keyed stage's floor(D * numel)."""
+    keyed = sparsify is not None and sparsify.key is not None
+    if patches and not keyed and params.get("granularity") not in ("per_tensor", "global"):
+        raise RecipeError(
+            f"a sparse patch ranks per tensor or globally, not {params.get('granularity')}",
+            hint="use --granularity per_tensor or global",
+        )
+    counts = {}
+    for job in patches:
+        if keyed:
+            counts[job.name] = key_count(job)
+        elif bands is not None:
+            counts[job.name] = bands.counts[job.name]
+        else:
+            r_hi, r_lo = band_ranks(job.params, job.numel)
+            counts[job.name] = r_lo - r_hi
+    return counts

@@ -175,6 +175,64 @@ CONFIGS = {
         "merge_method": "nuslerp",
         "dtype": "float32",
     },
+    "nuslerp_base_rows": {
+        "models": [{"model": A, "parameters": {"weight": 0.3}}, {"model": C, "parameters": {"weight": 0.7}}],
+        "merge_method": "nuslerp",
+        "base_model": B,
+        "parameters": {"nuslerp_flatten": False},
+        "dtype": "float32",
+    },
+    "nuslerp_base_columns": {
+        "models": [{"model": A, "parameters": {"weight": 1.0}}, {"model": C, "parameters": {"weight": 0.5}}],
+        "merge_method": "nuslerp",
+        "base_model": B,
+        "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+        "dtype": "float32",
+    },
+    "nearswap_filter": {
+        "models": [{"model": A}],
+        "merge_method": "nearswap",
+        "base_model": B,
+        "parameters": {"t": [{"filter": "mlp", "value": 0.03}, {"value": 0.01}]},
+        "dtype": "float32",
+    },
+    "multislerp_no_base": {
+        "models": [{"model": A, "parameters": {"weight": 1.0}}, {"model": C, "parameters": {"weight": 1.0}}],
+        "merge_method": "multislerp",
+        "dtype": "float32",
+    },
+    "multislerp_unnormalized": {
+        "models": [{"model": A, "parameters": {"weight": 0.5}}, {"model": C, "parameters": {"weight": 1.0}}],
+        "merge_method": "multislerp",
+        "base_model": B,
+        "parameters": {"normalize_weights": False},
+        "dtype": "float32",
+    },
+    "karcher_three": {
+        "models": [{"model": A}, {"model": C}, {"model": D}],
+        "merge_method": "karcher",
+        "dtype": "float32",
+    },
+    "karcher_with_base": {
+        "models": [{"model": B}, {"model": A}, {"model": C}],
+        "merge_method": "karcher",
+        "base_model": B,
+        "parameters": {"max_iter": 3},
+        "dtype": "float32",
+    },
+    "sce": {
+        "models": [{"model": A}, {"model": C}, {"model": D}],
+        "merge_method": "sce",
+        "base_model": B,
+        "dtype": "float32",
+    },
+    "sce_topk": {
+        "models": [{"model": A}, {"model": C}, {"model": D}],
+        "merge_method": "sce",
+        "base_model": B,
+        "parameters": {"select_topk": 0.3},
+        "dtype": "float32",
+    },
 }
 
 
@@ -256,10 +314,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mergekit", required=True, help="path to mergekit-yaml")
     ap.add_argument("workdir", type=Path)
+    ap.add_argument("--only", default=None, help="comma-separated config names (default: all)")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     paths = build_family(args.workdir / "models")
     for name, data in CONFIGS.items():
+        if args.only and name not in args.only.split(","):
+            continue
         cfg = args.workdir / f"{name}.yml"
         cfg.write_text(yaml.safe_dump(substitute(data, paths), sort_keys=False))
         ours, theirs = args.workdir / f"{name}.surgery", args.workdir / f"{name}.mergekit"

@@ -111,7 +111,7 @@ MK_METHODS: dict[str, MkMethod] = {
         ),
         MkMethod(
             "sce",
-            None,
+            "sce",
             "required",
             (MkParam("int8_mask", "bool", False, False), MkParam("select_topk", "float", False, 1.0)),
         ),

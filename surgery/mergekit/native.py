@@ -10,6 +10,9 @@ papers' (our own recipes keep the papers' semantics):
     dare_linear       rescale: l1 (mergekit's default), or without rescale weights w_t * density
     breadcrumbs(_ties) density >= 1 keeps everything (gamma is then ignored), as in mergekit
     passthrough       the slices' layer ranges, stacked and renumbered              -> passthrough
+    nearswap          t -> distance;  sce  select_topk -> density;  karcher  max_iter, tol
+    nuslerp           weights; nuslerp_flatten / nuslerp_row_wise -> vectors: flat | rows | columns
+    multislerp        weights, normalize_weights, eps
 
 Per-tensor values (gradients, filters) become the recipe's ``per_tensor`` entries. Whatever has no
 exact translation yet (merging slices whose sources sit at other layer indices, L1 rescale after a
@@ -103,23 +106,51 @@ def _translate(name: str, shared: dict, per_model: dict, numel: int, reasons: li
         return "linear", {"weights": list(per_model["weight"])}
     if name == "slerp":  # mergekit: linear above |cos| 0.9995 (ours: 1 - 1e-6)
         return "slerp", {"t": float(shared["t"]), "linear_above": 0.9995}
-    if name == "nuslerp":
-        if shared["nuslerp_row_wise"] or not shared["nuslerp_flatten"]:
-            reasons.append("nuslerp per row or column (nuslerp_flatten: false)")
-        return "nuslerp", {"weights": [float(w) for w in per_model["weight"]]}
-    if name == "multislerp":
-        normalize = "true" if shared["normalize_weights"] else "false"
-        weights = [float(w) for w in per_model["weight"]]
-        return "multislerp", {"weights": weights, "normalize_weights": normalize, "eps": float(shared["eps"])}
-    if name == "karcher":
-        return "karcher", {"max_iter": int(shared["max_iter"]), "tol": float(shared["tol"])}
-    if name == "nearswap":
-        return "nearswap", {"t": float(shared["t"])}
     if name == "model_stock":  # mergekit does not clamp the mean cosine to [0, 1]
         if shared["filter_wise"]:
             reasons.append("filter_wise: true (one Model Stock ratio per row)")
         return "model_stock", {"cos_min": -1.0}
+    if name in _SPHERICAL:
+        return name, _SPHERICAL[name](shared, per_model, reasons)
     return _task_arithmetic_family(name, shared, per_model, numel, reasons)
+
+
+def _nuslerp(shared: dict, per_model: dict, reasons: list[str]) -> dict:
+    """nuslerp_flatten (default) slerps whole tensors; otherwise per row, or per column (vectors
+    along the first axis) with nuslerp_row_wise."""
+    vectors = "flat" if shared["nuslerp_flatten"] else "columns" if shared["nuslerp_row_wise"] else "rows"
+    return {"weights": [float(w) for w in per_model["weight"]], "vectors": vectors}
+
+
+def _multislerp(shared: dict, per_model: dict, reasons: list[str]) -> dict:
+    normalize = "true" if shared["normalize_weights"] else "false"
+    weights = [float(w) for w in per_model["weight"]]
+    return {"weights": weights, "normalize_weights": normalize, "eps": float(shared["eps"])}
+
+
+def _sce(shared: dict, per_model: dict, reasons: list[str]) -> dict:
+    """select_topk is the fraction kept (>= 1: all; int8_mask changes memory only)."""
+    topk = float(shared["select_topk"])
+    if topk <= 0.0:
+        reasons.append(f"select_topk {topk} (keeps nothing: the base)")
+    return {"density": min(1.0, max(topk, 1e-6))}
+
+
+def _karcher(shared: dict, per_model: dict, reasons: list[str]) -> dict:
+    max_iter = float(shared["max_iter"])
+    if max_iter != int(max_iter) or max_iter < 0:
+        reasons.append(f"max_iter {max_iter}")
+    return {"max_iter": max(0, int(max_iter)), "tol": float(shared["tol"])}
+
+
+# mergekit's spherical methods, SCE and NearSwap: the same math under our parameter names.
+_SPHERICAL: dict[str, Callable[[dict, dict, list[str]], dict]] = {
+    "nearswap": lambda shared, per_model, reasons: {"distance": float(shared["t"])},
+    "nuslerp": _nuslerp,
+    "multislerp": _multislerp,
+    "karcher": _karcher,
+    "sce": _sce,
+}
 
 
 _NATIVE = {

@@ -14,10 +14,12 @@ from surgery.methods.half_reset import HALF_RESET
 from surgery.methods.interpolation import LINEAR, MODEL_STOCK, SLERP
 from surgery.methods.iso import ISO_C, ISO_CTS
 from surgery.methods.lift import LIFT_GRAFT, LIFT_PATCH
+from surgery.methods.nearswap import NEARSWAP
 from surgery.methods.passthrough import PASSTHROUGH
 from surgery.methods.regmean import REGMEAN
+from surgery.methods.sce import SCE
 from surgery.methods.spec import Method, Param
-from surgery.methods.spherical import KARCHER, MULTISLERP, NEARSWAP, NUSLERP
+from surgery.methods.spherical import KARCHER, MULTISLERP, NUSLERP
 from surgery.methods.star import STAR
 from surgery.methods.task_arithmetic import TASK_ARITHMETIC
 from surgery.methods.ties import BREADCRUMBS_TIES, TIES
@@ -37,11 +39,12 @@ METHODS: dict[str, Method] = {
         LINEAR,
         SLERP,
         MODEL_STOCK,
-        PASSTHROUGH,
+        NEARSWAP,
         NUSLERP,
         MULTISLERP,
         KARCHER,
-        NEARSWAP,
+        SCE,
+        PASSTHROUGH,
         TSV_MERGE,
         ISO_C,
         ISO_CTS,

@@ -84,7 +84,8 @@ class Combine:
 
     ``coefficients(gram, params, n_models)`` gives the per-tensor scalars the apply needs (weights,
     SLERP's [c0, c1], Model Stock's [k]) once per tensor; ``gram`` is the Gram matrix of
-    ``gram_over`` ("inputs" or "tau") over the whole tensor, or None. ``apply(backend, operands,
+    ``gram_over`` ("inputs" or "tau": the task vectors, or the models themselves when the recipe
+    has no base) over the whole tensor (upper triangle filled), or None. ``apply(backend, operands,
     coeffs, scale, out)`` writes the float32 output chunk in place.
 
     ``adds_update``: the output is ``base + scale * update(tau)``; the engine then folds LiNeS into
@@ -92,8 +93,9 @@ class Combine:
     the output is an interpolation of the inputs and LiNeS rescales ``out - inputs[0]`` afterwards.
     ``whole_matrix``: the stage needs every input's whole tensor at once (a per-matrix SVD); the
     engine then hands it one chunk holding the whole tensor when it fits the memory budget. A
-    predicate ``(tensor name, shape) -> bool`` asks for whole tensors only where it is true (the
-    others stream in chunks as usual: an embedding need not fit the budget to be averaged).
+    predicate ``(tensor name, shape, parameters) -> bool`` asks for whole tensors only where it is
+    true (the others stream in chunks as usual: an embedding need not fit the budget to be averaged;
+    NuSLERP needs whole tensors only for per-row or per-column slerps).
     """
 
     name: str
@@ -102,11 +104,11 @@ class Combine:
     apply: Callable[..., None]
     coefficients: Callable[[Any, Mapping[str, object], int], tuple[float, ...]] | None = None
     gram_over: Literal["inputs", "tau"] | None = None
-    whole_matrix: bool | Callable[[str, tuple[int, ...]], bool] = False
+    whole_matrix: bool | Callable[[str, tuple[int, ...], Mapping[str, object]], bool] = False
 
-    def wants_whole(self, tensor: str, shape: tuple[int, ...]) -> bool:
+    def wants_whole(self, tensor: str, shape: tuple[int, ...], params: Mapping[str, object]) -> bool:
         w = self.whole_matrix
-        return bool(w(tensor, shape) if callable(w) else w)
+        return bool(w(tensor, shape, params) if callable(w) else w)
 
 
 @dataclass(frozen=True)

@@ -108,15 +108,6 @@ def test_nearswap(family, invoke, tmp_path):  # noqa: F811
     check(out, expect)
 
 
-def test_nuslerp_per_row_is_refused(family, invoke, tmp_path):  # noqa: F811
-    cfg = write_config(tmp_path, {
-        "merge_method": "nuslerp", "models": [{"model": str(family[k]), "parameters": {"weight": 1.0}} for k in ("ft1", "ft2")],
-        "parameters": {"nuslerp_flatten": False},
-    })  # fmt: skip
-    result = invoke("run", cfg, "-o", tmp_path / "out", "-q")
-    assert result.exit_code == 1 and "nuslerp_flatten: false" in result.stderr
-
-
 @pytest.mark.parametrize("method", ["nuslerp", "multislerp", "karcher"])
 def test_streamed_equals_whole(family, invoke, tmp_path, method):  # noqa: F811
     models = [{"model": str(family[k]), "parameters": {"weight": 1.0}} for k in ("ft1", "ft2")]

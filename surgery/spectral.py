@@ -181,6 +181,27 @@ def polar_factor(a: Any, *, route: str = "svd", device: str | None = None) -> An
     return like(q if tall else q.T, a)
 
 
+def orthogonal_union(parts: list[SVD], min_s: float | None = None) -> SVD | None:
+    """The parts' singular triplets side by side, both bases replaced by their polar factors.
+
+    ``U = polar([U_1 | ... | U_T])``, ``s = [s_1; ...; s_T]``, ``V^T = polar([V_1^T; ...; V_T^T])``: the
+    nearest orthonormal bases to the union of several subspaces (TSV-M, Iso-CTS). Triplets with
+    ``s <= min_s`` are dropped before the polar step (their vectors are arbitrary). None when no
+    triplet is left. Torch tensors in and out.
+    """
+    s = torch.cat([p.s for p in parts])
+    keep = None if min_s is None else s > min_s
+    if keep is not None:
+        s = s[keep]
+    if s.numel() == 0:
+        return None
+    u = torch.cat([p.u for p in parts], dim=1)
+    vh = torch.cat([p.vh for p in parts], dim=0)
+    if keep is not None:
+        u, vh = u[:, keep], vh[keep, :]
+    return SVD(polar_factor(u), s, polar_factor(vh))
+
+
 # --- rank rules and spectrum edits -------------------------------------------------------------
 
 

@@ -63,13 +63,11 @@ def iso_cts(
         specific = tau[t] - common.u @ (common.u.T @ tau[t])
         parts.append(spectral.thin_svd(specific).truncate(per_task))
     parts.append(common)
-    s = torch.cat([p.s for p in parts])
-    keep = s > torch.finfo(torch.float32).eps * r * (s.max() if s.numel() else 0)
-    if not bool(keep.any()):
+    s_max = max((float(p.s.max()) for p in parts if p.s.numel()), default=0.0)
+    union = spectral.orthogonal_union(parts, min_s=torch.finfo(torch.float32).eps * r * s_max)
+    if union is None:
         return spectral.like(b.clone(), base)
-    u = spectral.polar_factor(torch.cat([p.u for p in parts], dim=1)[:, keep])
-    vh = spectral.polar_factor(torch.cat([p.vh for p in parts], dim=0)[keep, :])
-    merged = (u * s[keep].mean()) @ vh
+    merged = (union.u * union.s.mean()) @ union.vh
     return spectral.like(b + scale * merged, base)
 
 

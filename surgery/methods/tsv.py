@@ -20,7 +20,6 @@ from surgery.methods.spec import SCALE, Method
 
 def tsv_merge(base: Any, taus: Any, *, scale: float = 1.0, device: str | None = None) -> Any:
     """TSV-M of one matrix: ``base`` [m, n], ``taus`` [T, m, n]; numpy or torch, same kind out."""
-    import torch
 
     from surgery import spectral
 
@@ -32,13 +31,10 @@ def tsv_merge(base: Any, taus: Any, *, scale: float = 1.0, device: str | None = 
     for t in range(n_tasks):
         svd = spectral.thin_svd(tau[t])
         parts.append(svd.truncate(min(k, spectral.numerical_rank(svd.s))))
-    s = torch.cat([p.s for p in parts])
-    if s.numel() == 0:  # every task vector is zero
+    union = spectral.orthogonal_union(parts)
+    if union is None:  # every task vector is zero
         return spectral.like(b.clone(), base)
-    u = spectral.polar_factor(torch.cat([p.u for p in parts], dim=1))
-    vh = spectral.polar_factor(torch.cat([p.vh for p in parts], dim=0))
-    merged = spectral.SVD(u, s, vh).matrix()
-    return spectral.like(b + scale * merged, base)
+    return spectral.like(b + scale * union.matrix(), base)
 
 
 TSV_MERGE = Method(

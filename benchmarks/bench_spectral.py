@@ -169,6 +169,55 @@ def load_facts() -> dict:
         }
 
 
+def fmt(x, nd: int = 1) -> str:
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def merge_table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| merge | slice wall s | peak RSS GiB | extra s per block matrix | 16-block 1B estimate s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        name = r["method"] + (f" ({r['wudi_steps']} steps)" if "wudi_steps" in r else "")
+        if not r["ok"]:
+            lines.append(f"| {name} | failed | | | |")
+            continue
+        lines.append(
+            f"| {name} | {fmt(r['wall_s'])} | {fmt(r['peak_rss_gib'], 2)} | "
+            f"{fmt(r.get('extra_per_matrix_s'), 2)} | {fmt(r.get('full_1b_s_est'), 0)} |"
+        )
+        if "per_step_s" in r:
+            lines.append(
+                f"| wudi, 300 steps (extrapolated: {fmt(r['per_step_s'], 2)} s/step on the slice) | "
+                f"{fmt(r['slice_s_at_300_steps_est'], 0)} | | | |"
+            )
+    return lines
+
+
+def calib_table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| calibration pass | texts | tokens | wall s | tokens/s | peak RSS GiB | Grams MB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if not r["ok"]:
+            lines.append(f"| {r['model']} | failed | | | | | |")
+            continue
+        lines.append(
+            f"| {r['model']} | {r['texts']} | {r['tokens']} | {fmt(r['wall_s'])} | "
+            f"{fmt(r['tokens_per_s'])} | {fmt(r['peak_rss_gib'], 2)} | {fmt(r['gram_bytes'] / 1e6, 0)} |"
+        )
+    return lines
+
+
+def markdown(res: dict) -> str:
+    """The README tables, from a results JSON."""
+    tables = [merge_table(res["merges"])] if res["merges"] else []
+    tables += [calib_table(res["calibration"])] if res["calibration"] else []
+    return "\n\n".join("\n".join(t) for t in tables)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="/work/bench-data/1b-slice", help="slice inputs: DATA/{base,ft1,ft2}")
@@ -183,7 +232,12 @@ def main(argv=None) -> int:
     ap.add_argument("--surgery", help="surgery command (default: this Python -m surgery_cli.main)")
     ap.add_argument("--timeout", type=float, default=3600, help="per-run timeout, seconds")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--report", metavar="JSON", help="only print the markdown tables of a results file")
     args = ap.parse_args(argv)
+    if args.report:
+        with open(args.report) as f:
+            print(markdown(json.load(f)))
+        return 0
     parts = set(args.parts.split(","))
     methods = [m for m in args.methods.split(",") if m]
     for m in methods:

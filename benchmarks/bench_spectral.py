@@ -87,26 +87,32 @@ def merge_row(surgery: list[str], method: str, dirs: list[str], args, work: str)
     return {"method": method, "cmd": " ".join(cmd), **r}
 
 
-def extrapolate(rows: list[dict], n_matrices: int, blocks: int, slice_bytes: int, args) -> None:
-    """Adds per-matrix time and the 16-block estimate to each row (formula in the module doc)."""
+def extrapolate(rows: list[dict], n_matrices: int, blocks: int, slice_bytes: int) -> None:
+    """Adds per-matrix time and the 16-block estimate to each row (formula in the module doc),
+    from wall time and from CPU time (user + sys: on a machine shared with other jobs, the
+    steadier of the two)."""
     ta = next((r for r in rows if r["method"] == "task_arithmetic" and r["ok"]), None)
     if ta is None:
         return
     full_blocks = make_synthetic.SHAPES["1b"]["layers"]
     full_bytes = sum(s.nbytes for s in make_synthetic.tensor_specs(make_synthetic.SHAPES["1b"]))
-    stream_full = ta["wall_s"] * full_bytes / slice_bytes
     for r in rows:
-        if not r["ok"]:
-            continue
-        extra = max(r["wall_s"] - ta["wall_s"], 0.0)
-        if r["method"] == "wudi":
-            r["wudi_steps"] = args.wudi_steps
-            r["per_step_s"] = extra / args.wudi_steps
-            r["per_step_per_matrix_s"] = r["per_step_s"] / n_matrices
-            extra = r["per_step_s"] * WUDI_DEFAULT_STEPS
-            r["slice_s_at_300_steps_est"] = ta["wall_s"] + extra
-        r["extra_per_matrix_s"] = extra / n_matrices
-        r["full_1b_s_est"] = stream_full + extra * full_blocks / blocks
+        if r["ok"]:
+            r["cpu_s"] = r["user_s"] + r["sys_s"]
+    for clock in ("wall", "cpu"):
+        key, ref = f"{clock}_s", ta[f"{clock}_s"]
+        for r in rows:
+            if not r["ok"]:
+                continue
+            extra = max(r[key] - ref, 0.0)
+            if r["method"] == "wudi":
+                steps = int(r["cmd"].split("--wudi-steps ")[1].split()[0])
+                r["wudi_steps"] = steps
+                r[f"{clock}_per_step_s"] = extra / steps
+                extra = extra / steps * WUDI_DEFAULT_STEPS
+                r[f"{clock}_slice_s_at_300_steps_est"] = ref + extra
+            r[f"{clock}_extra_per_matrix_s"] = extra / n_matrices
+            r[f"{clock}_full_1b_s_est"] = ref * full_bytes / slice_bytes + extra * full_blocks / blocks
 
 
 def calib_texts(path: str, n: int) -> str:
@@ -175,22 +181,27 @@ def fmt(x, nd: int = 1) -> str:
 
 def merge_table(rows: list[dict]) -> list[str]:
     lines = [
-        "| merge | slice wall s | peak RSS GiB | extra s per block matrix | 16-block 1B estimate s |",
-        "|---|---:|---:|---:|---:|",
+        "| merge | wall s | CPU s | peak RSS GiB | extra CPU s per block matrix | 16-block 1B est. CPU s "
+        "| 16-block 1B est. wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         name = r["method"] + (f" ({r['wudi_steps']} steps)" if "wudi_steps" in r else "")
         if not r["ok"]:
-            lines.append(f"| {name} | failed | | | |")
+            lines.append(f"| {name} | failed | | | | | |")
             continue
         lines.append(
-            f"| {name} | {fmt(r['wall_s'])} | {fmt(r['peak_rss_gib'], 2)} | "
-            f"{fmt(r.get('extra_per_matrix_s'), 2)} | {fmt(r.get('full_1b_s_est'), 0)} |"
+            f"| {name} | {fmt(r['wall_s'])} | {fmt(r['cpu_s'])} | {fmt(r['peak_rss_gib'], 2)} | "
+            f"{fmt(r.get('cpu_extra_per_matrix_s'), 2)} | {fmt(r.get('cpu_full_1b_s_est'), 0)} | "
+            f"{fmt(r.get('wall_full_1b_s_est'), 0)} |"
         )
-        if "per_step_s" in r:
+        if "wudi_steps" in r:
             lines.append(
-                f"| wudi, 300 steps (extrapolated: {fmt(r['per_step_s'], 2)} s/step on the slice) | "
-                f"{fmt(r['slice_s_at_300_steps_est'], 0)} | | | |"
+                f"| wudi, 300 steps (extrapolated from {fmt(r['cpu_per_step_s'], 1)} CPU s / "
+                f"{fmt(r['wall_per_step_s'], 1)} wall s per step) | "
+                f"{fmt(r['wall_slice_s_at_300_steps_est'], 0)} | {fmt(r['cpu_slice_s_at_300_steps_est'], 0)} "
+                f"| | {fmt(r['cpu_extra_per_matrix_s'], 1)} | {fmt(r['cpu_full_1b_s_est'], 0)} | "
+                f"{fmt(r['wall_full_1b_s_est'], 0)} |"
             )
     return lines
 
@@ -211,10 +222,16 @@ def calib_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def markdown(res: dict) -> str:
-    """The README tables, from a results JSON."""
-    tables = [merge_table(res["merges"])] if res["merges"] else []
-    tables += [calib_table(res["calibration"])] if res["calibration"] else []
+def markdown(results: list[dict]) -> str:
+    """The README tables, from one or more results JSONs (each merge run with its own reference)."""
+    merges, calib = [], []
+    for res in results:
+        sl = res["slice"]
+        extrapolate(res["merges"], sl["block_matrices"], sl["blocks"], round(sl["model_gb"] * GB))
+        merges += res["merges"]
+        calib += res["calibration"]
+    tables = [merge_table(merges)] if merges else []
+    tables += [calib_table(calib)] if calib else []
     return "\n\n".join("\n".join(t) for t in tables)
 
 
@@ -232,11 +249,14 @@ def main(argv=None) -> int:
     ap.add_argument("--surgery", help="surgery command (default: this Python -m surgery_cli.main)")
     ap.add_argument("--timeout", type=float, default=3600, help="per-run timeout, seconds")
     ap.add_argument("--json", help="write the results here")
-    ap.add_argument("--report", metavar="JSON", help="only print the markdown tables of a results file")
+    ap.add_argument("--report", metavar="JSON", nargs="+", help="only print the tables of results files")
     args = ap.parse_args(argv)
     if args.report:
-        with open(args.report) as f:
-            print(markdown(json.load(f)))
+        results = []
+        for path in args.report:
+            with open(path) as f:
+                results.append(json.load(f))
+        print(markdown(results))
         return 0
     parts = set(args.parts.split(","))
     methods = [m for m in args.methods.split(",") if m]
@@ -267,7 +287,7 @@ def main(argv=None) -> int:
     try:
         if "merge" in parts:
             res["merges"] = [merge_row(surgery, m, dirs, args, work) for m in methods]
-            extrapolate(res["merges"], n_matrices, args.blocks, slice_bytes, args)
+            extrapolate(res["merges"], n_matrices, args.blocks, slice_bytes)
         if parts & {"calib-family", "calib-1b"}:
             texts = calib_texts(os.path.join(work, "calibration.jsonl"), args.calib_texts)
             # the interpreter's start and imports, part of every calibration row's wall time

@@ -208,16 +208,20 @@ def merge_table(rows: list[dict]) -> list[str]:
 
 def calib_table(rows: list[dict]) -> list[str]:
     lines = [
-        "| calibration pass | texts | tokens | wall s | tokens/s | peak RSS GiB | Grams MB |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| calibration pass | texts | tokens | wall s | CPU s | tokens / CPU s | peak RSS GiB (anon) "
+        "| Grams MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if not r["ok"]:
-            lines.append(f"| {r['model']} | failed | | | | | |")
+            lines.append(f"| {r['model']} | failed | | | | | | |")
             continue
+        cpu = r["user_s"] + r["sys_s"]
         lines.append(
-            f"| {r['model']} | {r['texts']} | {r['tokens']} | {fmt(r['wall_s'])} | "
-            f"{fmt(r['tokens_per_s'])} | {fmt(r['peak_rss_gib'], 2)} | {fmt(r['gram_bytes'] / 1e6, 0)} |"
+            f"| {r['model']} | {r['texts']} | {r['tokens']} | {fmt(r['wall_s'])} | {fmt(cpu)} | "
+            f"{fmt(r['tokens'] / cpu, 0)} | {fmt(r['peak_rss_gib'], 2)} "
+            f"({fmt(r['peak_anon_gib_sampled'], 2)}) | "
+            f"{fmt(r['gram_bytes'] / 1e6, 0)} |"
         )
     return lines
 

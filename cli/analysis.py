@@ -113,10 +113,18 @@ def intruders(ctx: click.Context, base: str, finetuned: tuple[str, ...], k: int,
 @_apply(_COMMON_OPTIONS)
 @click.option("--no-rank", is_flag=True, help="Skip effective ranks (one SVD per 2-D tensor and model).")
 @click.option("--tensors", "per_tensor", is_flag=True, help="Tables per tensor, not only per layer.")
+@click.option(
+    "--lift-rank",
+    type=int,
+    default=None,
+    help="Also: overlap of the top --lift-density |tau| with LIFT's top |rank-R approx. of W0|.",
+)
+@click.option("--lift-density", type=float, default=0.05, show_default=True,
+              help="Fraction of each block matrix compared (with --lift-rank).")  # fmt: skip
 @click.pass_context
 def stats(ctx: click.Context, base: str, finetuned: tuple[str, ...], include: str | None, as_json: bool,
           plot: Path | None, device: str, threads: int | None, quiet: bool, no_rank: bool,
-          per_tensor: bool) -> None:  # fmt: skip
+          per_tensor: bool, lift_rank: int | None, lift_density: float) -> None:  # fmt: skip
     """Task-vector statistics of fine-tunes FINETUNED... of BASE, per tensor and per layer.
 
     Relative norm ||tau|| / ||W0||, sparsity (exact zeros), effective rank of 2-D updates; with 2+
@@ -129,10 +137,13 @@ def stats(ctx: click.Context, base: str, finetuned: tuple[str, ...], include: st
 
     if as_json:
         refuse_unused(ctx, ("per_tensor",), "with --json", hint="the JSON report holds every tensor")
+    if lift_rank is None:
+        refuse_unused(ctx, ("lift_density",), "without --lift-rank", hint="add --lift-rank R")
     _threads(threads)
     with _Bar("stats", "tensor", quiet) as bar:
         report = diff_stats(base, list(finetuned), include=include, effective_ranks=not no_rank,
-                            device=device, progress=bar.update)  # fmt: skip
+                            device=device, progress=bar.update, lift_rank=lift_rank,
+                            lift_density=lift_density)  # fmt: skip
     _notes(report.skipped, base)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
@@ -182,6 +193,15 @@ def render_stats(report, per_tensor: bool = False) -> str:
     for title, columns, values, fmt in sections:
         body = [[s.label] + ["-" if v is None else fmt.format(v) for v in values(s)] for s in rows]
         out += ["", title, _table(["tensor" if per_tensor else "layer", *columns], body)]
+    if report.lift is not None:
+        lift = report.lift
+        counts = {**(lift.per_tensor if per_tensor else lift.layers), "all": lift.overall}
+        body = [
+            [k] + ["-" if v is None else f"{v:.2%}" for v in lift.fractions(c)] for k, c in counts.items()
+        ]
+        title = (f"overlap of the top {lift.density:g} |tau| with LIFT positions (rank {lift.rank}); "
+                 f"independent positions: {lift.density:.2%}")  # fmt: skip
+        out += ["", title, _table(["tensor" if per_tensor else "layer", *models], body)]
     return "\n".join(out)
 
 

@@ -87,29 +87,56 @@ def plot_tuco(report, path: Path) -> None:
 
 
 @click.command("generate")
-@click.argument("base")
-@click.argument("finetuned")
-@click.option("--alpha", type=float, required=True,
-              help="Scale of the fine-tuning component: 1 = FINETUNED, 0 = BASE blocks only.")  # fmt: skip
+@click.argument("base", required=False)
+@click.argument("finetuned", required=False)
+@click.option("--alpha", type=float, default=None,
+              help="Steering: scale of the fine-tuning component (1 = FINETUNED, 0 = BASE blocks only). "
+                   "EFT: scale of l_SF - l_SB [default: 1].")  # fmt: skip
+@click.option("--eft", is_flag=True, help="Emulated fine-tuning: l_LB + alpha (l_SF - l_SB) per step.")
+@click.option("--small-base", default=None, help="EFT: the small base model SB.")
+@click.option("--small-finetuned", default=None, help="EFT: SB's fine-tune SF.")
+@click.option("--large-base", default=None, help="EFT: the (larger) base LB, same tokenizer.")
 @click.option("--prompt", required=True, help="Prompt text.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
               help="Tokens to generate at most (greedy).")  # fmt: skip
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--threads", type=THREADS, default=None, help="CPU threads [default: all cores].")
-def generate_command(base: str, finetuned: str, alpha: float, prompt: str, max_new_tokens: int, chat: bool,
-                     as_json: bool, threads: int | None) -> None:  # fmt: skip
-    """Greedy generation steered by TuCo: x_{l+1} = x_l + PTC_l + ALPHA * FTC_l at every layer.
+def generate_command(base: str | None, finetuned: str | None, alpha: float | None, eft: bool,
+                     small_base: str | None, small_finetuned: str | None, large_base: str | None,
+                     prompt: str, max_new_tokens: int, chat: bool, as_json: bool,
+                     threads: int | None) -> None:  # fmt: skip
+    """Greedy generation, steered by TuCo or by emulated fine-tuning (EFT).
 
-    No KV cache (the sequence is recomputed each step): meant for small models and short outputs.
+    Steering (BASE FT --alpha A): x_{l+1} = x_l + PTC_l + A * FTC_l at every layer, no KV cache.
+    EFT (Mitchell et al., ICLR 2024): logits = l_LB + A (l_SF - l_SB) at every step, with a KV
+    cache per model; LB = SB reproduces SF.
 
     \b
     surgery generate BASE FT --alpha 0.5 --prompt "<sort>dcba="
+    surgery generate --eft --small-base SB --small-finetuned SF --large-base LB --prompt "..."
     """
-    from surgery.analysis.tuco import steered_generate
+    from surgery.errors import RecipeError
 
     _threads(threads)
-    result = steered_generate(base, finetuned, prompt, alpha, max_new_tokens, chat=chat)
+    eft_flags = [small_base, small_finetuned, large_base]
+    if eft:
+        if base or finetuned or None in eft_flags:
+            raise RecipeError("--eft takes --small-base, --small-finetuned and --large-base (no BASE FT)",
+                              hint="surgery generate --eft --small-base SB --small-finetuned SF "
+                                   "--large-base LB --prompt TEXT")  # fmt: skip
+        from surgery.analysis.eft import eft_generate
+
+        a = 1.0 if alpha is None else alpha
+        result = eft_generate(*eft_flags, prompt, a, max_new_tokens, chat=chat)
+    else:
+        if any(eft_flags):
+            raise RecipeError("--small-base, --small-finetuned and --large-base need --eft")
+        if not (base and finetuned and alpha is not None):
+            raise RecipeError("steering needs BASE, FINETUNED and --alpha", hint="or use --eft")
+        from surgery.analysis.tuco import steered_generate
+
+        result = steered_generate(base, finetuned, prompt, alpha, max_new_tokens, chat=chat)
     click.echo(json.dumps(result) if as_json else result["text"])
 
 

@@ -6,6 +6,7 @@ Each command turns flags into a recipe, calls the library and renders the result
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -87,6 +88,16 @@ def engine_options(fn):
         click.option("--threads", type=THREADS, default=None, help="CPU threads [default: all cores]."),
         click.option("--device", default="cpu", show_default=True, callback=check_device,
                      help="cpu (numba kernels), cuda or cuda:N (torch kernels)."),
+        click.option("--stream", "--no-download", "stream", is_flag=True,
+                     help="Read Hub inputs by HTTP range instead of downloading them."),
+        click.option("--range-cache", type=click.Path(path_type=Path), default=None,
+                     help="With --stream: where multi-pass methods keep fetched ranges "
+                          "[default: HF_HOME/surgery-ranges]."),
+        click.option("--shards", "share", default=None, metavar="I/N",
+                     help="Run share I (0-based) of N of the work (static split, e.g. SLURM); then "
+                          "`surgery finalize OUT`."),
+        click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
+                     help="Run on a Ray cluster: local, auto or host:port (OUT on shared storage)."),
         click.option("--dry-run", is_flag=True, help="Check the inputs and print the plan only."),
         click.option("--overwrite", is_flag=True,
                      help="Replace a previous surgery output (never other files)."),
@@ -113,17 +124,21 @@ def output_options(fn=None, *, dtype_default: str = "the base's"):
 
 def run_recipe(ctx: click.Context, recipe, output: Path, max_memory: str, threads: int | None,
                device: str, dry_run: bool, overwrite: bool, quiet: bool, allow_nonfinite: bool = False,
-               push_to_hub: str | None = None,
-               private: bool = False, revision: str | None = None) -> None:  # fmt: skip
-    """Plan, then (unless --dry-run) execute with a progress bar; shared by merge and run."""
+               push_to_hub: str | None = None, private: bool = False, revision: str | None = None,
+               stream: bool = False, range_cache: Path | None = None, share: str | None = None,
+               ray_address: str | None = None, summary_to_stderr: bool = False) -> None:  # fmt: skip
+    """Plan, then (unless --dry-run) execute with a progress bar; shared by merge and run.
+    ``summary_to_stderr`` keeps stdout for a command's own --json report."""
     from surgery.engine import EngineOptions, execute
+    from surgery.inputs import InputOptions
     from surgery.plan import build_plan
     from surgery.recipe import parse_size
+    from surgery.remote import stream_stats
 
     options = EngineOptions(
         parse_size(max_memory), threads, device, overwrite, allow_nonfinite=allow_nonfinite
     )
-    plan = build_plan(recipe)
+    plan = build_plan(recipe, InputOptions(stream, range_cache))
     try:
         if dry_run:
             click.echo(json.dumps(plan.summary(options.max_memory, options.workers), indent=2))
@@ -131,12 +146,20 @@ def run_recipe(ctx: click.Context, recipe, output: Path, max_memory: str, thread
         ctx.meta["surgery.output"] = str(output)
         for note in plan.notes:
             click.echo(f"note: {note}", err=True)
-        total = plan.layout.total_bytes if plan.layout is not None else None
-        bar = _LazyBar(total, len(plan.jobs), f"surgery {recipe.method}", quiet)
-        try:
-            result = execute(plan, output, options, bar.update)
-        finally:
-            bar.close()
+        if share is not None or ray_address is not None:
+            result = _run_elsewhere(
+                plan, output, options, InputOptions(stream, range_cache), share, ray_address
+            )
+            if result is None:
+                return
+        else:
+            total = plan.layout.total_bytes if plan.layout is not None else None
+            bar = _LazyBar(total, len(plan.jobs), f"surgery {recipe.method}", quiet)
+            try:
+                result = execute(plan, output, options, bar.update)
+            finally:
+                bar.close()
+        streamed = stream_stats(plan.inputs)
     finally:
         plan.close()
     for warning in result.warnings:
@@ -144,8 +167,15 @@ def run_recipe(ctx: click.Context, recipe, output: Path, max_memory: str, thread
     resumed = f", {result.resumed} resumed" if result.resumed else ""
     click.echo(
         f"wrote {output} ({result.tensors} tensors{resumed}, "
-        f"{result.bytes_written / 1e9:.3f} GB) in {result.seconds:.1f} s"
+        f"{result.bytes_written / 1e9:.3f} GB) in {result.seconds:.1f} s",
+        err=summary_to_stderr,
     )
+    if streamed is not None:
+        click.echo(
+            f"streamed inputs: {streamed.header_requests} header + {streamed.data_requests} data requests, "
+            f"{streamed.bytes_fetched / 1e6:.2f} MB fetched, {streamed.bytes_from_cache / 1e6:.2f} MB "
+            "from the range cache"
+        )
     if result.diff is not None:
         d = result.diff
         click.echo(
@@ -153,6 +183,40 @@ def run_recipe(ctx: click.Context, recipe, output: Path, max_memory: str, thread
             f"({100 * d.fraction:.4g}%), {d.size_bytes / 1e6:.2f} MB of safetensors"
         )
     push_after_run(output, push_to_hub, private, revision)
+
+
+def _run_elsewhere(plan, output: Path, options, sources, share: str | None, ray_address: str | None):
+    """--shards: this process's share (None: `surgery finalize` completes the run); --ray: the run."""
+    from surgery.errors import RecipeError
+
+    if share is not None and ray_address is not None:
+        raise RecipeError("--shards and --ray are two ways to split a run: choose one")
+    if ray_address is not None:
+        from surgery.ray_backend import execute_on_ray
+
+        return execute_on_ray(plan, output, options, sources, ray_address)
+    from surgery.scaleout import Share, run_share
+
+    part = Share.parse(share)
+    done = run_share(plan, output, options, part, sources, lambda m: click.echo(f"note: {m}", err=True))
+    click.echo(
+        f"share {part.index}/{part.count}: wrote {done.shards_written} output shards "
+        f"({done.shards_resumed} already done, {done.bytes_written / 1e9:.3f} GB) in {done.seconds:.1f} s; "
+        f"run `surgery finalize {output}` once every share is done"
+    )
+    return None
+
+
+@cli.command()
+@click.argument("output", type=click.Path(path_type=Path))
+@click.pass_context
+def finalize(ctx: click.Context, output: Path) -> None:
+    """Complete OUTPUT after every `--shards I/N` share has run (index, config, card, recipe)."""
+    from surgery.scaleout import finalize_split
+
+    ctx.meta["surgery.output"] = str(output)
+    result = finalize_split(output)
+    click.echo(f"wrote {output} ({result.tensors} tensors, {result.bytes_written / 1e9:.3f} GB)")
 
 
 class _LazyBar:
@@ -204,11 +268,57 @@ def lines_outside_option(fn):
     )(fn)
 
 
+class _Schedule(click.ParamType):
+    """A number, or a gradient over the blocks written a:b[:c...] (mergekit's [a, b, c])."""
+
+    name = "number or a:b"
+
+    def convert(self, value, param, ctx):
+        if not isinstance(value, str):
+            return value
+        try:
+            knots = [float(x) for x in value.split(":")]
+        except ValueError:
+            self.fail(f"{value!r} is not a number or a gradient such as 0.2:1.0", param, ctx)
+        return knots[0] if len(knots) == 1 else knots
+
+
+SCHEDULE = _Schedule()
+
+
 # -- commands ---------------------------------------------------------------------------------------
 def _method_flags(fn):
     for name in reversed(MERGE_METHODS):
         flag = "--" + name.replace("_", "-")
         fn = click.option(flag, name, is_flag=True, help=f"Method: {METHODS[name].title}.")(fn)
+    return fn
+
+
+# Method parameters with their own flags below; every other one gets a flag from the registry.
+_FIXED_FLAGS = {"density", "outliers", "scale", "weights", "granularity", "t", "seed", "rho", "eta",
+                "wudi_steps", "wudi_lr", "wudi_weight_power", "calibration", "regmean_alpha",
+                "max_length"}  # fmt: skip
+_TYPES = {"float": float, "int": int, "regex": str}
+
+
+def _registry_params() -> dict[str, list]:
+    """Each merge method parameter without a hand-written flag: name -> (method, Param) of every use."""
+    params: dict[str, list] = {}
+    for name in MERGE_METHODS:
+        for p in METHODS[name].params:
+            if p.name not in _FIXED_FLAGS and (p.kind in _TYPES or p.kind == "choice"):
+                params.setdefault(p.name, []).append((name, p))
+    return params
+
+
+def _param_flags(fn):
+    for name, uses in reversed(_registry_params().items()):
+        kind = uses[0][1].kind
+        choices = sorted({c for _, p in uses for c in p.choices})
+        kind_type = click.Choice(choices) if kind == "choice" else _TYPES[kind]
+        help_text = f"{uses[0][1].help} ({', '.join(m for m, _ in uses)})."
+        flag = "--" + name.replace("_", "-")
+        fn = click.option(flag, name, type=kind_type, default=None, help=help_text)(fn)
     return fn
 
 
@@ -218,19 +328,33 @@ def _method_flags(fn):
 @click.option("--method", "method_name", default=None,
               help="Method by name (see `surgery methods`) [default: task_arithmetic].")  # fmt: skip
 @_method_flags
+@_param_flags
 @click.option(
     "--density",
-    type=float,
+    type=SCHEDULE,
     default=None,
-    help="Fraction of task-vector entries KEPT [default: the method's, see `surgery methods`].",
+    help="Fraction of task-vector entries KEPT, or a gradient over the blocks such as 0.1:0.5 "
+    "[default: the method's, see `surgery methods`].",
 )
 @click.option(
     "--outliers",
-    type=float,
+    type=SCHEDULE,
     default=None,
     help="Fraction of the largest |tau| removed [default: the method's: 0.01 breadcrumbs].",
 )
-@click.option("--scale", type=float, default=None, help="Multiplier of the merged task vector [default: 1].")
+@click.option(
+    "--scale",
+    type=SCHEDULE,
+    default=None,
+    help="Multiplier of the merged task vector, or a gradient 0.2:1.0 over the blocks [default: 1].",
+)
+@click.option(
+    "--filter",
+    "filters",
+    multiple=True,
+    metavar="NAME_PART:PARAM=VALUE",
+    help="Per-tensor override, e.g. self_attn:density=0.5 or mlp:scale=0.2:1 (first match wins).",
+)
 @click.option("--weights", default=None, help="Per-model weights w1,w2,... [default: all 1].")
 @click.option(
     "--granularity",
@@ -241,7 +365,7 @@ def _method_flags(fn):
 @click.option(
     "--t",
     "t",
-    type=float,
+    type=SCHEDULE,
     default=None,
     help="SLERP interpolation factor: 0 = first endpoint, 1 = second [default: 0.5].",
 )
@@ -293,7 +417,7 @@ def _method_flags(fn):
 @engine_options
 @click.pass_context
 def merge(ctx: click.Context, models: tuple[str, ...], base: str | None, method_name: str | None,
-          density, outliers, scale, weights, granularity, t, seed, rho, eta, wudi_steps, wudi_lr,
+          density, outliers, scale, filters, weights, granularity, t, seed, rho, eta, wudi_steps, wudi_lr,
           wudi_weight_power, calibration, regmean_alpha, max_length, use_lines, lines_alpha,
           lines_beta, lines_outside, dtype, max_shard_size, **engine) -> None:  # fmt: skip
     """Merge fine-tunes MODELS of one base into a new checkpoint.
@@ -323,19 +447,46 @@ def merge(ctx: click.Context, models: tuple[str, ...], base: str | None, method_
         click.echo(f"base: {base} (the base_model of every fine-tune's model card)", err=True)
     elif base is not None:
         warn_contradicting_cards(base, list(models))
-    params = {"density": density, "outliers": outliers, "scale": scale, "weights": weights,
-              "granularity": granularity, "t": t, "seed": seed, "rho": rho, "eta": eta,
-              "wudi_steps": wudi_steps, "wudi_lr": wudi_lr, "wudi_weight_power": wudi_weight_power,
-              "calibration": list(calibration) or None, "regmean_alpha": regmean_alpha,
-              "max_length": max_length}  # fmt: skip
+    params, per_tensor = _schedules({"density": density, "outliers": outliers, "scale": scale, "t": t},
+                                    filters, base or models[0])  # fmt: skip
+    params |= {"weights": weights, "granularity": granularity, "seed": seed, "rho": rho, "eta": eta,
+               "wudi_steps": wudi_steps, "wudi_lr": wudi_lr, "wudi_weight_power": wudi_weight_power,
+               "calibration": list(calibration) or None, "regmean_alpha": regmean_alpha,
+               "max_length": max_length}  # fmt: skip
+    params |= {name: engine.pop(name) for name in _registry_params()}
     lines = None
     if use_lines:
         lines = {"alpha": lines_alpha, "beta": lines_beta, "outside": lines_outside}
     else:
         refuse_unused(ctx, ("lines_alpha", "lines_beta", "lines_outside"), "without --lines",
                       hint="add --lines to scale the merged update by block depth")  # fmt: skip
-    recipe = make_recipe(method, list(models), base, params, dtype, max_shard_size, lines)
+    recipe = make_recipe(method, list(models), base, params, dtype, max_shard_size, lines, per_tensor)
     run_recipe(ctx, recipe, **engine)
+
+
+def _schedules(given: dict, filters: tuple[str, ...], reference: str) -> tuple[dict, dict]:
+    """--scale 0.2:1.0 and --filter self_attn:density=0.5 as recipe parameters + per_tensor values."""
+    from surgery.errors import RecipeError
+    from surgery.mergekit.load import merge_schedule
+
+    conditions: dict[str, list] = {}
+    for text in filters:
+        where, _, assignment = text.partition(":")
+        key, _, value = assignment.partition("=")
+        if not where or key not in given or not value:
+            hint = f"PARAM is one of {', '.join(given)}; e.g. --filter self_attn:density=0.5"
+            raise RecipeError(f"--filter {text!r} is not NAME_PART:PARAM=VALUE", hint=hint)
+        conditions.setdefault(key, []).append({"filter": where, "value": SCHEDULE.convert(value, None, None)})
+    settings = {}
+    for key, value in given.items():
+        if key in conditions:
+            settings[key] = conditions[key] + ([{"value": value}] if value is not None else [])
+        elif value is not None:
+            settings[key] = value
+    if all(isinstance(v, float | int) for v in settings.values()):
+        return {**given}, {}
+    params, per_tensor = merge_schedule(reference, settings)
+    return {k: params.get(k) for k in given}, per_tensor
 
 
 @cli.command()
@@ -382,11 +533,13 @@ def lines(ctx: click.Context, base: str, finetuned: str, alpha: float, beta: flo
 @click.option(
     "--region", default=None, help="Regex of tensors a patch may touch [default: all; --graft: the blocks]."
 )
+@click.option("--lift-rank", type=int, default=None,
+              help="LIFT patch: top --density of |rank-R approx.| of each base block matrix.")  # fmt: skip
 @output_options(dtype_default="float32, exact for bf16/f16 inputs")
 @engine_options
 @click.pass_context
 def diff(ctx: click.Context, base: str, finetuned: str, density, breadcrumbs, outliers, graft_density,
-         region, dtype, max_shard_size, **engine) -> None:  # fmt: skip
+         region, lift_rank, dtype, max_shard_size, **engine) -> None:  # fmt: skip
     """Write the task vector FINETUNED - BASE as a checkpoint of its own.
 
     Dense by default (float32, so bf16/f16 inputs are exact); --density, --breadcrumbs or --graft write
@@ -397,13 +550,16 @@ def diff(ctx: click.Context, base: str, finetuned: str, density, breadcrumbs, ou
     from surgery.recipe import make_recipe
 
     flags = {
-        "density": density is not None and not breadcrumbs,
+        "density": density is not None and not breadcrumbs and lift_rank is None,
         "breadcrumbs": breadcrumbs,
         "graft": graft_density is not None,
+        "lift-rank": lift_rank is not None,
     }
     modes = [m for m, on in flags.items() if on]
     if len(modes) > 1:
-        raise RecipeError(f"choose one of --density, --breadcrumbs, --graft (got {', '.join(modes)})")
+        raise RecipeError(
+            f"choose one of --density, --breadcrumbs, --graft, --lift-rank (got {', '.join(modes)})"
+        )
     if modes == ["graft"]:
         refuse_unused(ctx, ("outliers",), "with --graft", hint="--outliers goes with --breadcrumbs")
     if modes:
@@ -413,6 +569,13 @@ def diff(ctx: click.Context, base: str, finetuned: str, density, breadcrumbs, ou
             raise RecipeError("--outliers and --region apply to sparse patches only")
         recipe = make_recipe("diff", [finetuned], base, {}, dtype or "float32", max_shard_size)
         return run_recipe(ctx, recipe, **engine)
+    if modes == ["lift-rank"]:
+        if outliers is not None:
+            raise RecipeError("--outliers does not apply to a LIFT patch")
+        params = {"density": density, "lift_rank": lift_rank, "region": region}
+        return run_recipe(
+            ctx, make_recipe("lift_patch", [finetuned], base, params, None, max_shard_size), **engine
+        )
     if modes == ["graft"]:
         params = {"density": graft_density, "granularity": "global", "region": region}
     elif modes == ["breadcrumbs"]:
@@ -424,26 +587,56 @@ def diff(ctx: click.Context, base: str, finetuned: str, density, breadcrumbs, ou
 
 
 @cli.command()
-@click.argument("diff_or_patch")
-@click.option("--to", "target", required=True, help="The base to apply it to (any compatible version).")
-@click.option("--scale", type=float, default=None, help="Multiplier of the diff [default: 1].")
+@click.argument("patches", nargs=-1, required=True)
+@click.option("--to", "target", required=True, help="The base to apply them to (any compatible version).")
+@click.option("--scale", type=float, default=None, help="Multiplier of the (summed) diff [default: 1].")
+@click.option("--scales", default=None, help="Per-patch multipliers s1,s2,... [default: all 1].")
+@click.option("--force-base", is_flag=True, help="Compose patches taken from different bases anyway.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--raw-diff", is_flag=True,
-              help="DIFF_OR_PATCH is a hand-made dense diff (no surgery_diff.json).")  # fmt: skip
+              help="The inputs are hand-made dense diffs (no surgery_diff.json).")  # fmt: skip
 @output_options(dtype_default="the target's")
 @engine_options
 @click.pass_context
-def apply(ctx: click.Context, diff_or_patch: str, target: str, scale, raw_diff: bool, dtype, max_shard_size,
-          **engine) -> None:  # fmt: skip
-    """Apply a diff or sparse patch to a base: OUT = BASE + scale * DIFF.
+def apply(ctx: click.Context, patches: tuple[str, ...], target: str, scale, scales, force_base: bool,
+          as_json: bool, raw_diff: bool, dtype, max_shard_size, **engine) -> None:  # fmt: skip
+    """Apply diffs or sparse patches to a base: OUT = BASE + scale * sum_i s_i PATCH_i.
 
-    DIFF_OR_PATCH is what `surgery diff` wrote (it carries surgery_diff.json). Warns when the target
-    is not the base the diff was taken from (content hashes differ).
+    Each input is what `surgery diff` wrote (it carries surgery_diff.json). Several compose in one
+    pass (Ansell et al., ACL 2022): overlapping entries add, and a table says how many entries each
+    pair shares. Patches taken from different bases are refused (--force-base); a target that is
+    not their base gets a warning.
+
+    \b
+    surgery apply lang.patch task.patch --to BASE --scales 1,0.5 -o OUT
     """
+    from surgery.checkpoint import open_checkpoint
+    from surgery.compose import overlaps
     from surgery.recipe import make_recipe
 
-    method = check_diff_input(diff_or_patch, None, raw_diff)
-    recipe = make_recipe(method, [diff_or_patch], target, {"scale": scale}, dtype, max_shard_size)
-    run_recipe(ctx, recipe, **engine)
+    kinds = [check_diff_input(p, None, raw_diff) for p in patches]  # refuses a full model
+    composed = len(patches) > 1 or scales is not None
+    table = None
+    if len(patches) > 1 or as_json:
+        with contextlib.ExitStack() as stack:
+            table = overlaps([stack.enter_context(open_checkpoint(p)) for p in patches])
+    params = {"scale": scale}
+    if composed:
+        params |= {"scales": scales, "force_base": force_base or None}
+    recipe = make_recipe("compose" if composed else kinds[0], list(patches), target, params, dtype,
+                         max_shard_size)  # fmt: skip
+    run_recipe(ctx, recipe, summary_to_stderr=as_json, **engine)
+    if table is not None and not engine["dry_run"]:  # a dry run prints the plan (JSON) only
+        click.echo(json.dumps(table.to_dict(), indent=2) if as_json else render_overlaps(table))
+
+
+def render_overlaps(table) -> str:
+    names = [f"P{i + 1}" for i in range(len(table.sources))]
+    lines = [f"{name}  {src}  ({n:,} entries)" for name, src, n in zip(names, table.sources, table.entries)]
+    lines.append("shared entries " + "".join(f"{n:>12}" for n in names))
+    for name, row in zip(names, table.shared):
+        lines.append(f"{name:>14} " + "".join(f"{v:>12,}" for v in row))
+    return "\n".join(lines)
 
 
 @cli.command()
@@ -485,18 +678,26 @@ def config_differences(old: dict, new: dict) -> list[str]:
 @click.option("--density", type=float, required=True, help="Fraction of the region's parameters grafted.")
 @click.option("--region", default=None, help="Regex of tensors to graft [default: the transformer blocks].")
 @click.option("--patch", "as_patch", is_flag=True, help="Write a sparse patch instead of a full checkpoint.")
+@click.option("--lift-rank", type=int, default=None,
+              help="Graft at LIFT positions: top DENSITY of |rank-R approx.| per block matrix.")  # fmt: skip
 @output_options
 @engine_options
 @click.pass_context
-def graft(ctx: click.Context, base: str, finetuned: str, density: float, region, as_patch: bool, dtype,
-          max_shard_size, **engine) -> None:  # fmt: skip
+def graft(ctx: click.Context, base: str, finetuned: str, density: float, region, as_patch: bool,
+          lift_rank: int | None, dtype, max_shard_size, **engine) -> None:  # fmt: skip
     """Data-free skill graft: BASE + the top-DENSITY entries of (FINETUNED - BASE) over the region.
 
     Panigrahi et al. (ICML 2023): a tiny fraction of the parameters carries a fine-tune's skill.
+    With --lift-rank R the positions are LIFT's principal weights instead (per block matrix).
     """
     from surgery.recipe import make_recipe
 
     params = {"density": density, "region": region}
+    if lift_rank is not None:
+        params["lift_rank"] = lift_rank
+        method = "lift_patch" if as_patch else "lift_graft"
+        recipe = make_recipe(method, [finetuned], base, params, None if as_patch else dtype, max_shard_size)
+        return run_recipe(ctx, recipe, **engine)
     if as_patch:
         refuse_unused(ctx, ("dtype",), "with --patch", hint="patch values are always float32")
         params["granularity"] = "global"
@@ -507,13 +708,46 @@ def graft(ctx: click.Context, base: str, finetuned: str, density: float, region,
 
 
 @cli.command()
+@click.argument("base")
+@click.argument("finetuned")
+@click.option("--fraction", type=float, default=0.5, show_default=True,
+              help="Fraction of each block's matrices (or elements) reset to BASE.")  # fmt: skip
+@click.option("--by", type=click.Choice(["matrix", "element"]), default="matrix", show_default=True)
+@click.option("--seed", type=int, default=None, help="Seed of the permutation that picks them [default: 0].")
+@click.option("--select", type=click.Choice(["smallest-update", "largest-update"]), default=None,
+              help="Pick by relative update ||f - b|| / ||b|| instead of at random.")  # fmt: skip
+@output_options
+@engine_options
+@click.pass_context
+def reset(ctx: click.Context, base: str, finetuned: str, fraction: float, by: str, seed: int | None,
+          select: str | None, dtype, max_shard_size, **engine) -> None:  # fmt: skip
+    """Half reset: part of each block of FINETUNED back to BASE (Half Fine-Tuning's operation).
+
+    Per block, floor(fraction * n) of its n matrices (or elements) := BASE, the rest := FINETUNED,
+    bit for bit (Hui et al. 2024, arXiv 2404.18466). Vectors and non-block tensors keep FINETUNED.
+
+    \b
+    surgery reset BASE FT --fraction 0.5 --seed 1 -o reset/
+    surgery reset BASE FT --select smallest-update -o reset/
+    """
+    from surgery.errors import RecipeError
+    from surgery.recipe import make_recipe
+
+    if seed is not None and select is not None:
+        raise RecipeError("choose --seed (a random permutation) or --select, not both")
+    params = {"fraction": fraction, "by": by, "select": select or "random", "seed": seed}
+    recipe = make_recipe("half_reset", [finetuned], base, params, dtype, max_shard_size)
+    run_recipe(ctx, recipe, **engine)
+
+
+@cli.command()
 @click.argument("recipe_file", type=click.Path(path_type=Path))
 @click.option("--raw-diff", is_flag=True,
               help="An apply recipe's diff is a hand-made dense diff (no surgery_diff.json).")  # fmt: skip
 @engine_options
 @click.pass_context
 def run(ctx: click.Context, recipe_file: Path, raw_diff: bool, **engine) -> None:
-    """Run a recipe YAML file (e.g. an output's surgery_recipe.yaml).
+    """Run a recipe YAML file (e.g. an output's surgery_recipe.yaml) or a mergekit config.
 
     \b
     Schema:
@@ -525,16 +759,19 @@ def run(ctx: click.Context, recipe_file: Path, raw_diff: bool, **engine) -> None
       output: {dtype: null, max_shard_size: 5GB}
 
     Relative paths are resolved against the recipe file's folder; without base:, the models' cards
-    name it (as in `surgery merge`).
+    name it (as in `surgery merge`). A file with `merge_method:` is read as a mergekit config (see
+    `surgery convert`).
     """
     from surgery.errors import SurgeryError
-    from surgery.recipe import load_recipe
+    from surgery.mergekit.load import load_any
 
     def from_cards(base: str) -> None:
         click.echo(f"base: {base} (the base_model of every model's card)", err=True)
 
     try:
-        recipe = load_recipe(recipe_file, from_cards)
+        recipe, notes = load_any(recipe_file, from_cards)
+        for note in notes:
+            click.echo(f"note: {note}", err=True)
         if recipe.method in ("apply", "apply_patch"):
             check_diff_input(recipe.models[0], recipe.method, raw_diff)
         else:
@@ -543,6 +780,18 @@ def run(ctx: click.Context, recipe_file: Path, raw_diff: bool, **engine) -> None
     except SurgeryError as exc:
         exc.hint = recipe_terms(exc.hint, ctx.command)
         raise
+
+
+@cli.command()
+@click.argument("config_file", type=click.Path(path_type=Path))
+def convert(config_file: Path) -> None:
+    """Print the surgery recipe equivalent to a mergekit config (or why there is none yet)."""
+    from surgery.mergekit.load import convert_file
+
+    converted = convert_file(config_file)
+    for note in converted.notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(converted.recipe.to_yaml(), nl=False)
 
 
 def check_diff_input(source: str, method: str | None, raw_diff: bool) -> str:
@@ -587,14 +836,15 @@ def recipe_terms(hint: str | None, command: click.Command) -> str | None:
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--layers", "show_layers", is_flag=True, help="List every tensor's block (LiNeS mapping).")
+@click.option("--stream", is_flag=True, help="Hub repos: read the headers by range, download no weights.")
 @click.pass_context
-def inspect(ctx: click.Context, path: str, as_json: bool, show_layers: bool) -> None:
+def inspect(ctx: click.Context, path: str, as_json: bool, show_layers: bool, stream: bool) -> None:
     """Describe a checkpoint: shards, tensors, parameters, dtypes, layers, tied embeddings."""
     from surgery.inspect import describe
 
     if as_json:
         refuse_unused(ctx, ("show_layers",), "with --json", hint="the JSON report holds every tensor's block")
-    report = describe(path)
+    report = describe(path, stream)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -622,6 +872,7 @@ def methods() -> None:
     """List the merge methods with their parameters, defaults and papers."""
     from surgery.methods import METHODS
 
+    real = {opt for c in cli.commands.values() for p in c.params for opt in p.opts}
     for spec in METHODS.values():
         click.echo(f"{spec.name:<17} {spec.title}  <{spec.paper}>")
         click.echo(f"{'':<17} {spec.formula}")
@@ -634,6 +885,8 @@ def methods() -> None:
                 click.echo(f"{'':<19}{p.name}: {p.default}")
                 continue
             flag = "--" + p.name.replace("_", "-")  # as the commands spell it
+            if flag not in real:  # a recipe parameter only (mergekit semantics and the like)
+                flag = f"{p.name} (recipe)"
             default = (
                 "" if "default" in p.help else f" [default: {'all 1' if p.kind == 'weights' else p.default}]"
             )

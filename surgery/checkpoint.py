@@ -13,8 +13,10 @@ import json
 import math
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -51,7 +53,7 @@ class Checkpoint:
     files: tuple[Path, ...]
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str] = field(default_factory=dict)
-    _fds: dict[Path, int] = field(default_factory=dict, repr=False)
+    io: TensorBytes = field(default_factory=lambda: LocalFiles(), repr=False)
 
     # -- reading ---------------------------------------------------------------------------------
     def info(self, name: str) -> TensorInfo:
@@ -72,10 +74,9 @@ class Checkpoint:
         first = info.offset + start * info.dtype.itemsize
         assert start >= 0 and first + nbytes <= info.offset + info.nbytes, (name, start, out.size)
         view = memoryview(out.reshape(-1).view(np.uint8))
-        fd = self._fd(info.path)
         done = 0
         while done < nbytes:
-            got = os.preadv(fd, [view[done:]], first + done)
+            got = self.io.read_into(info.path, first + done, view[done:])
             if got == 0:
                 raise CorruptCheckpointError(
                     f"{info.path} ended while reading tensor {name!r}: the file is truncated",
@@ -93,24 +94,13 @@ class Checkpoint:
         return self.read_into(name, 0, out).reshape(info.shape)
 
     def prefetch(self, name: str, start: int, count: int) -> None:
-        """Ask the kernel to read ahead a range we are about to need (cold reads overlap compute)."""
-        if not hasattr(os, "posix_fadvise"):
-            return
+        """Hint that a range will be needed soon (local files: kernel read-ahead overlaps compute)."""
         info = self.info(name)
         isz = info.dtype.itemsize
-        os.posix_fadvise(self._fd(info.path), info.offset + start * isz, count * isz, os.POSIX_FADV_WILLNEED)
-
-    def _fd(self, path: Path) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            fd = os.open(path, os.O_RDONLY)
-            self._fds[path] = fd
-        return fd
+        self.io.prefetch(info.path, info.offset + start * isz, count * isz)
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        self.io.close()
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -137,8 +127,48 @@ class Checkpoint:
             raise CorruptCheckpointError(f"{path} is not valid JSON: {exc}", path=str(path)) from None
 
     def fingerprint(self) -> list[list]:
-        """Identity of the inputs for resuming: file names, sizes and modification times."""
-        return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in self.files]
+        """Identity of the inputs for resuming: local files' names, sizes and modification times;
+        streamed files' names, sizes and commit."""
+        return self.io.fingerprint(self.files)
+
+
+class TensorBytes(Protocol):
+    """Where a checkpoint's tensor bytes come from: local files here, HTTP ranges in surgery.remote."""
+
+    def read_into(self, path: Path, offset: int, view: memoryview) -> int: ...
+    def prefetch(self, path: Path, offset: int, nbytes: int) -> None: ...
+    def fingerprint(self, files: tuple[Path, ...]) -> list[list]: ...
+    def close(self) -> None: ...
+
+
+class LocalFiles:
+    """Local files read with ``os.preadv`` into the caller's buffer (no mmap: see the module doc)."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def read_into(self, path: Path, offset: int, view: memoryview) -> int:
+        """Bytes read at ``offset`` into ``view`` (fewer at the end of the file, 0 past it)."""
+        return os.preadv(self._fd(path), [view], offset)
+
+    def prefetch(self, path: Path, offset: int, nbytes: int) -> None:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd(path), offset, nbytes, os.POSIX_FADV_WILLNEED)
+
+    def fingerprint(self, files: tuple[Path, ...]) -> list[list]:
+        return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY)
+            self._fds[path] = fd
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 # -- opening ---------------------------------------------------------------------------------------
@@ -157,11 +187,26 @@ def open_checkpoint(source: str | os.PathLike) -> Checkpoint:
         tensors, metadata = _read_file(path)
         return Checkpoint(text, path.parent, (path,), tensors, metadata)
     if path.is_dir():
-        return _open_folder(text, path)
+        return open_folder(text, path)
     raise InputNotFoundError(f"checkpoint not found: {text}", hint="check the path", path=text)
 
 
-def _open_folder(text: str, root: Path) -> Checkpoint:
+def open_folder(
+    text: str,
+    root: Path,
+    read_file: Callable[[Path], tuple[dict[str, TensorInfo], dict[str, str]]] = None,  # type: ignore[assignment]
+    weights: list[str] | None = None,
+    io: TensorBytes | None = None,
+) -> Checkpoint:
+    """A checkpoint folder: sharded with an index, ``model.safetensors``, or one ``*.safetensors``.
+
+    By default the weights are the folder's files; a streamed checkpoint (surgery.remote) passes the
+    names of its remote ``weights``, a ``read_file`` that fetches a header, and its ``io``.
+    """
+    read_file = read_file or _read_file
+    extra = {} if io is None else {"io": io}
+    if weights is None:
+        weights = sorted(p.name for p in root.glob("*.safetensors") if p.is_file())
     index_path = root / INDEX
     if index_path.is_file():
         weight_map = _read_index(index_path)
@@ -172,8 +217,8 @@ def _open_folder(text: str, root: Path) -> Checkpoint:
         files = []
         metadata: dict[str, str] = {}
         for fname in sorted(by_file):
-            shard = _shard_path(root, fname, index_path)
-            found, meta = _read_file(shard)
+            shard = _shard_path(root, fname, index_path, weights, io is None)
+            found, meta = read_file(shard)
             metadata = metadata or meta
             files.append(shard)
             for name in by_file[fname]:
@@ -185,21 +230,18 @@ def _open_folder(text: str, root: Path) -> Checkpoint:
                         tensor=name,
                     )
                 tensors[name] = found[name]
-        return Checkpoint(text, root, tuple(files), tensors, metadata)
-    single = root / SINGLE
-    if single.is_file():
-        tensors, metadata = _read_file(single)
-        return Checkpoint(text, root, (single,), tensors, metadata)
-    shards = sorted(root.glob("*.safetensors"))
-    if len(shards) > 1:
+        return Checkpoint(text, root, tuple(files), tensors, metadata, **extra)
+    if SINGLE in weights:
+        weights = [SINGLE]
+    if len(weights) > 1:
         raise CorruptCheckpointError(
-            f"{root} holds {len(shards)} .safetensors files but no {INDEX}",
+            f"{root} holds {len(weights)} .safetensors files but no {INDEX}",
             hint="restore the index file, or name one .safetensors file directly",
             path=str(root),
         )
-    if len(shards) == 1:
-        tensors, metadata = _read_file(shards[0])
-        return Checkpoint(text, root, (shards[0],), tensors, metadata)
+    if len(weights) == 1:
+        tensors, metadata = read_file(root / weights[0])
+        return Checkpoint(text, root, (root / weights[0],), tensors, metadata, **extra)
     if (root / STAGING).is_dir():
         raise InputNotFoundError(
             f"{root} holds an unfinished surgery run ({STAGING}), not a checkpoint",
@@ -230,7 +272,7 @@ def _read_index(index_path: Path) -> dict[str, str]:
     return weight_map
 
 
-def _shard_path(root: Path, fname: str, index_path: Path) -> Path:
+def _shard_path(root: Path, fname: str, index_path: Path, weights: list[str], local: bool) -> Path:
     """Resolve a shard named in the index, refusing names that escape the checkpoint folder."""
     candidate = root / fname
     # Lexical: Hub cache snapshots are symlinks into ../../blobs, which is where they belong.
@@ -240,7 +282,7 @@ def _shard_path(root: Path, fname: str, index_path: Path) -> Path:
             hint="shard names in an index must be plain file names in the same folder",
             path=str(index_path),
         )
-    if not candidate.is_file():
+    if fname not in weights and not (local and candidate.is_file()):
         raise InputNotFoundError(
             f"shard {fname} named in {index_path} is missing",
             hint="download or copy the missing shard",
@@ -253,87 +295,103 @@ def read_header(path: Path) -> tuple[dict, int]:
     """Parse and return (header JSON, data start offset) of a safetensors file, unvalidated."""
     size = path.stat().st_size
     with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise CorruptCheckpointError(
-                f"{path} is too short to be a safetensors file ({size} bytes)",
-                hint="the file is truncated or not safetensors",
-                path=str(path),
-            )
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER_BYTES:
-            raise CorruptCheckpointError(
-                f"{path} declares a header of {n} bytes, over the format's 100 MB limit",
-                hint="the file is corrupt or not safetensors",
-                path=str(path),
-            )
-        if 8 + n > size:
-            raise CorruptCheckpointError(
-                f"{path} declares a {n}-byte header but the file has only {size} bytes",
-                hint="the file is truncated or not safetensors",
-                path=str(path),
-            )
+        n = header_length(fh.read(8), size, str(path))
         raw = fh.read(n)
+    return parse_header_json(raw, str(path)), 8 + n
+
+
+def header_length(head: bytes, size: int, label: str) -> int:
+    """The JSON length N declared by a file's first 8 bytes, checked against the format and ``size``."""
+    if len(head) < 8:
+        raise CorruptCheckpointError(
+            f"{label} is too short to be a safetensors file ({size} bytes)",
+            hint="the file is truncated or not safetensors",
+            path=label,
+        )
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > MAX_HEADER_BYTES:
+        raise CorruptCheckpointError(
+            f"{label} declares a header of {n} bytes, over the format's 100 MB limit",
+            hint="the file is corrupt or not safetensors",
+            path=label,
+        )
+    if 8 + n > size:
+        raise CorruptCheckpointError(
+            f"{label} declares a {n}-byte header but the file has only {size} bytes",
+            hint="the file is truncated or not safetensors",
+            path=label,
+        )
+    return n
+
+
+def parse_header_json(raw: bytes, label: str) -> dict:
     try:
         header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorruptCheckpointError(
-            f"{path} has a header that is not valid JSON ({exc})",
+            f"{label} has a header that is not valid JSON ({exc})",
             hint="the file is corrupt or not safetensors",
-            path=str(path),
+            path=label,
         ) from None
     if not isinstance(header, dict):
-        raise CorruptCheckpointError(f"{path} has a malformed header", path=str(path))
-    return header, 8 + n
+        raise CorruptCheckpointError(f"{label} has a malformed header", path=label)
+    return header
 
 
 def _read_file(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Read one file's header and check it: known dtypes, sizes, offsets that tile the data."""
     header, data_start = read_header(path)
-    data_len = path.stat().st_size - data_start
+    return tensors_from_header(header, data_start, path.stat().st_size, path, str(path))
+
+
+def tensors_from_header(
+    header: dict, data_start: int, size: int, path: Path, label: str
+) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Check one file's header: known dtypes, sizes, offsets that tile the data. ``size`` is the file's
+    length; ``path`` goes into the TensorInfos, ``label`` into error messages."""
+    data_len = size - data_start
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
         raise CorruptCheckpointError(
-            f"{path}: __metadata__ must be a map of strings, not {type(metadata).__name__}",
+            f"{label}: __metadata__ must be a map of strings, not {type(metadata).__name__}",
             hint="the file is corrupt",
-            path=str(path),
+            path=label,
         )
     tensors: dict[str, TensorInfo] = {}
     spans = []
     for name, entry in header.items():
-        dtype, shape, (start, end) = _entry(path, name, entry)
+        dtype, shape, (start, end) = _entry(label, name, entry)
         expected = math.prod(shape) * dtype.itemsize
         if any(d < 0 for d in shape) or start < 0 or end - start != expected:
             raise CorruptCheckpointError(
-                f"{path}: tensor {name!r} ({entry['dtype']}, shape {list(shape)}) needs {expected} "
+                f"{label}: tensor {name!r} ({entry['dtype']}, shape {list(shape)}) needs {expected} "
                 f"bytes but its data_offsets [{start}, {end}] give {end - start}",
                 hint="the file is corrupt",
-                path=str(path),
+                path=label,
                 tensor=name,
             )
         if end > data_len:
             raise CorruptCheckpointError(
-                f"{path}: tensor {name!r} ends at byte {end} of the data but the file holds only "
+                f"{label}: tensor {name!r} ends at byte {end} of the data but the file holds only "
                 f"{data_len} data bytes: the file is truncated",
                 hint="re-download or re-copy this file",
-                path=str(path),
+                path=label,
                 tensor=name,
             )
         spans.append((start, end, name))
         tensors[name] = TensorInfo(name, dtype, shape, path, data_start + start, end - start)
-    _check_tiling(path, spans, data_len)
+    _check_tiling(label, spans, data_len)
     return tensors, {str(k): str(v) for k, v in metadata.items()}
 
 
-def _entry(path: Path, name: str, entry: object) -> tuple[DType, tuple[int, ...], tuple[int, int]]:
+def _entry(label: str, name: str, entry: object) -> tuple[DType, tuple[int, ...], tuple[int, int]]:
     """(dtype, shape, data_offsets) of one header entry, exactly as the format defines them: a known
     dtype name, a list of non-negative integers, and two integers (JSON ints, not floats or strings)."""
 
     def bad(why: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(
-            f"{path}: tensor {name!r} has a malformed header entry ({why})",
+            f"{label}: tensor {name!r} has a malformed header entry ({why})",
             hint="the file is corrupt or not safetensors",
-            path=str(path),
+            path=label,
             tensor=name,
         )
 
@@ -356,28 +414,28 @@ def _entry(path: Path, name: str, entry: object) -> tuple[DType, tuple[int, ...]
     return dtype, tuple(shape), (offsets[0], offsets[1])
 
 
-def _check_tiling(path: Path, spans: list[tuple[int, int, str]], data_len: int) -> None:
+def _check_tiling(label: str, spans: list[tuple[int, int, str]], data_len: int) -> None:
     """Offsets must cover the data exactly: no overlaps (two tensors sharing bytes), no holes."""
     pos = 0
     prev = None
     for start, end, name in sorted(spans):
         if start < pos:
             raise CorruptCheckpointError(
-                f"{path}: tensors {prev!r} and {name!r} overlap (byte {start} < {pos})",
+                f"{label}: tensors {prev!r} and {name!r} overlap (byte {start} < {pos})",
                 hint="the file is corrupt",
-                path=str(path),
+                path=label,
                 tensor=name,
             )
         if start > pos:
             raise CorruptCheckpointError(
-                f"{path}: bytes {pos}..{start} of the data belong to no tensor",
+                f"{label}: bytes {pos}..{start} of the data belong to no tensor",
                 hint="the file is corrupt",
-                path=str(path),
+                path=label,
             )
         pos, prev = end, name
     if pos != data_len:
         raise CorruptCheckpointError(
-            f"{path}: the header describes {pos} data bytes but the file holds {data_len}",
+            f"{label}: the header describes {pos} data bytes but the file holds {data_len}",
             hint="the file is corrupt or was appended to",
-            path=str(path),
+            path=label,
         )

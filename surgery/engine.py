@@ -17,17 +17,19 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from surgery import reduce
 from surgery.card import card_for
 from surgery.dtypes import DTYPES
-from surgery.errors import IncompatibleTensorsError, Interrupted, NonFiniteOutputError, RecipeError
+from surgery.errors import IncompatibleTensorsError, Interrupted, NonFiniteOutputError
 from surgery.files import CARD, MANIFEST, RECIPE
 from surgery.kernels import Backend, check_device, get_backend
 from surgery.methods.lines import LinesResolved
@@ -37,14 +39,14 @@ from surgery.patch import (
     INDICES,
     VALUES,
     DiffSummary,
-    PatchCursor,
     manifest_for,
     patch_layout,
     target_warning,
 )
 from surgery.plan import MERGED, Plan, TensorJob, build_plan, input_paths
-from surgery.ranks import Band, band_ranks
+from surgery.ranks import Band
 from surgery.recipe import Recipe
+from surgery.select_jobs import key_patch, key_selection, pair_chunks, pick, scatter
 from surgery.stream import Chunk, TensorStream, Workspace, chunk_ranges
 from surgery.writer import CheckpointWriter, Layout, fingerprint_of
 
@@ -89,6 +91,7 @@ class Prepared:
     bands: reduce.GlobalBands | None  # granularity global: every tensor's share of the model's band
     counts: dict[str, int]  # sparse patch: entries kept per tensor
     lines: LinesResolved | None  # LiNeS with auto alpha measured; None without LiNeS
+    picks: Mapping[str, Any] = field(default_factory=dict)  # output "pick": the spec's rule per tensor
 
 
 # -- entry points ---------------------------------------------------------------------------------
@@ -121,15 +124,7 @@ def execute(
     options = options or EngineOptions()
     start = time.perf_counter()
     check_device(options.device)  # before the output folder is touched
-    # The layout is a pure function of recipe and inputs, so they alone identify a partial run.
-    fingerprint = fingerprint_of(
-        {
-            "engine": ENGINE_VERSION,
-            "recipe": plan.recipe.to_dict(),
-            "inputs": [c.fingerprint() for c in plan.inputs],
-        }
-    )
-    with open_output(out, input_paths(plan), fingerprint, overwrite=options.overwrite) as staged:
+    with open_output(out, input_paths(plan), run_fingerprint(plan), overwrite=options.overwrite) as staged:
         run = _Run(plan, options, progress)
         prepared = run.prepare()
         layout = plan.layout or patch_layout(prepared.counts, plan.recipe.max_shard_size)
@@ -146,6 +141,12 @@ def execute(
     )
 
 
+def run_fingerprint(plan: Plan) -> str:
+    """The layout is a pure function of recipe and inputs, so they alone identify a partial run."""
+    inputs = [c.fingerprint() for c in plan.inputs]
+    return fingerprint_of({"engine": ENGINE_VERSION, "recipe": plan.recipe.to_dict(), "inputs": inputs})
+
+
 def _side_files(
     plan: Plan, prepared: Prepared, hashes: dict[str, str], layout: Layout
 ) -> tuple[dict[str, bytes], tuple[str, ...], DiffSummary | None]:
@@ -160,10 +161,11 @@ def _side_files(
         side[MANIFEST] = (json.dumps(manifest, indent=2) + "\n").encode()
         size = sum(s.size for s in layout.shards)
         diff = DiffSummary(manifest["kind"], manifest["kept"], manifest["total"], manifest["fraction"], size)
-    elif spec.base_hashes == "check":
-        warning = target_warning(plan.inputs[1], hashes)
-        if warning:
-            warnings.append(warning)
+    elif spec.base_hashes == "check":  # every diff or patch applied (composed patches: several)
+        for applied in plan.inputs[1:]:
+            warning = target_warning(applied, hashes)
+            if warning:
+                warnings.append(warning if len(plan.inputs) == 2 else f"{applied.source}: {warning}")
     side[CARD] = card_for(plan.recipe, prepared.lines).encode()
     return side, tuple(warnings), diff
 
@@ -222,20 +224,13 @@ class _Run:
             alpha = self._auto_alpha() if self.lines.alpha == "auto" else float(self.lines.alpha)
             beta = (1.0 - alpha) if self.lines.beta is None else self.lines.beta
             lines = LinesResolved(alpha, beta, self.lines.outside, self.lines.alpha)
-        counts = {}
-        patches = [j for j in jobs if j.kind == "patch"]
-        if patches and params.get("granularity") not in ("per_tensor", "global"):
-            raise RecipeError(
-                f"a sparse patch ranks per tensor or globally, not {params.get('granularity')}",
-                hint="use --granularity per_tensor or global",
+        counts = reduce.patch_counts([j for j in jobs if j.kind == "patch"], params, sparsify, bands)
+        picks = {}
+        if self.spec.pick is not None:
+            picks = self.spec.pick.rules(
+                jobs, params, self.backend, self.parallel, partial(pair_chunks, self)
             )
-        for job in patches:
-            if bands is not None:
-                counts[job.name] = bands.counts[job.name]
-            else:
-                r_hi, r_lo = band_ranks(job.params, job.numel)
-                counts[job.name] = r_lo - r_hi
-        self.prepared = Prepared(bands, counts, lines)
+        self.prepared = Prepared(bands, counts, lines, picks)
         return self.prepared
 
     def run(self, prepared: Prepared, writer: CheckpointWriter) -> dict[str, str]:
@@ -266,7 +261,9 @@ class _Run:
             case "patch":
                 _patch(self, job)
             case "scatter":
-                _scatter(self, job)
+                scatter(self, job)
+            case "pick":
+                pick(self, job)
             case _:
                 raise AssertionError(f"unknown job kind {job.kind!r}")
         bad = _nonfinite_from_finite(self, job, self.local.nonfinite)
@@ -328,7 +325,8 @@ class _Run:
         sparsify = self.spec.sparsify
         ranked = job.kind in MERGED and sparsify is not None and sparsify.needs_ranks
         per_row = ranked and job.params.get("granularity") == "per_row"
-        whole = job.kind in ("dense", "update") and self.spec.combine.wants_whole(job.name, job.shape)
+        dense = job.kind in ("dense", "update")
+        whole = dense and self.spec.combine.wants_whole(job.name, job.shape, job.params)
         ranges = chunk_ranges(job, self.share, self.n_models, per_row, self.options.min_chunk, whole)
         uses_tau = self.plan.has_base and self.spec.combine.uses_tau
         tau_from = self.spec.tau_from if uses_tau else None
@@ -392,9 +390,12 @@ class _Run:
         coeffs: np.ndarray | None,
         lam: float,
         zero_base: bool = False,
+        factors: np.ndarray | None = None,
+        selected: np.ndarray | None = None,
     ) -> np.ndarray:
         """Output chunk in float32: sparsify each task vector in place, then combine. ``lam`` is the
-        LiNeS scale of this tensor's update (1 = none); ``zero_base``: the merged update itself."""
+        LiNeS scale of this tensor's update (1 = none); ``zero_base``: the merged update itself;
+        ``selected``: a keyed sparsify stage's flat indices of this tensor (``key_selection``)."""
         be, spec, count = self.backend, self.spec, chunk.count
         out = self.ws.get("out", (count,), np.float32)
         dec, tau = chunk.inputs, chunk.tau
@@ -405,15 +406,9 @@ class _Run:
             if lam != 1.0:  # LiNeS on an interpolation: b + lambda * (out - b)
                 be.rescale_update(dec[0], out, np.float32(lam))
             return out
-        if spec.sparsify is not None:
-            scratch = None
-            if bands is None and spec.sparsify.needs_ranks:
-                scratch = self.ws.get("keys", (job.cols,), np.uint64)
-            for t in range(self.n_models):
-                band = bands[t] if bands is not None else None
-                spec.sparsify.apply(
-                    be, tau[t], Slice(job.name, t, chunk.start, job.cols, band, job.params, scratch)
-                )
+        _sparsify(self, job, chunk, bands, selected)
+        if factors is not None:  # each sparsified task vector back to its L1 norm
+            tau *= factors[:, None]
         scale = np.float32(float(job.params.get("scale", 1.0)) * lam)  # one rounding of scale * lambda
         base = self.zeros(count) if zero_base else dec[0]
         spec.combine.apply(be, Operands(dec, models, tau, base, shape, job), coeffs, scale, out)
@@ -429,13 +424,14 @@ class _Run:
         """alpha = ||sum_t tau_t||_1 / (T * ||tau_merged||_1) over all merged tensors."""
 
         def measure(job: TensorJob) -> np.ndarray:
+            selected = key_selection(self, job)
             stream = self.stream(job)
             bands, coeffs = self.bands(job, stream), self.coefficients(job, stream)
 
             def merged_update(chunk: Chunk, tmp: np.ndarray) -> np.ndarray:
                 if self.spec.combine.adds_update:  # the update itself, without b + ... - b
-                    return self.apply(job, chunk, bands, coeffs, 1.0, zero_base=True)
-                out = self.apply(job, chunk, bands, coeffs, 1.0)
+                    return self.apply(job, chunk, bands, coeffs, 1.0, zero_base=True, selected=selected)
+                out = self.apply(job, chunk, bands, coeffs, 1.0, selected=selected)
                 np.subtract(out, chunk.inputs[0], out=tmp)
                 return tmp
 
@@ -450,6 +446,19 @@ class _Run:
         return float(totals[0] / (self.n_models * totals[1]))
 
 
+def _sparsify(run: _Run, job: TensorJob, chunk: Chunk, bands: list[Band] | None, selected=None) -> None:
+    """The method's sparsify stage on each task vector of the chunk, in place (``selected``: a keyed
+    stage's flat indices of this tensor)."""
+    sparsify = run.spec.sparsify
+    if sparsify is None:
+        return
+    scratch = run.ws.get("keys", (job.cols,), np.uint64) if bands is None and sparsify.needs_ranks else None
+    for t in range(run.n_models):
+        band = bands[t] if bands is not None else None
+        where = Slice(job.name, t, chunk.start, job.cols, band, job.params, scratch, selected)
+        sparsify.apply(run.backend, chunk.tau[t], where)
+
+
 # -- the finiteness check -------------------------------------------------------------------------
 def _nonfinite_from_finite(run: _Run, job: TensorJob, bad: int) -> int:
     """``bad`` when a job wrote inf / NaN although every input value it read was finite, else 0.
@@ -457,11 +466,13 @@ def _nonfinite_from_finite(run: _Run, job: TensorJob, bad: int) -> int:
     tensor, so it does not depend on chunking or threads."""
     if bad == 0 or run.options.allow_nonfinite:
         return 0
-    if job.kind == "scatter":  # the patch's own values are inputs too (sparse: read whole)
-        if not np.isfinite(run.plan.inputs[1].read(job.name + VALUES)).all():
-            return 0
+    if job.kind == "scatter":  # the patches' (or diffs') own values are inputs too (read whole)
+        for ckpt, n in zip(run.plan.inputs[1:], job.patch_counts):
+            name = job.name + VALUES if n > 0 else job.name
+            if n != 0 and run.backend.nonfinite(ckpt.read(name).reshape(-1), ckpt.tensors[name].dtype.name):
+                return 0
     stream = run.stream(job)
-    n_inputs = None if job.kind in ("dense", "update") else 1  # keep_base, scatter: the base only
+    n_inputs = None if job.kind in ("dense", "update", "pick") else 1  # keep_base, scatter: the base
     for start, count in stream.ranges:
         if run.backend.nonfinite(stream.load(start, count, None, n_inputs), "F32"):
             return 0  # an input already held inf / NaN: not ours to refuse
@@ -484,12 +495,14 @@ def _raise_nonfinite(run: _Run) -> None:
 
 # -- job writers: one per job kind ------------------------------------------------------------------
 def _copy(run: _Run, job: TensorJob) -> None:
-    """Integer tensors: equal in every input, copied. F8: copied from the first input."""
-    inputs = run.plan.inputs
-    storage = DTYPES[job.out_dtype].storage
+    """Integer tensors: equal in every input, copied. Otherwise copied from input ``job.copy_from`` (F8,
+    layer stacking), converted (one rounding) when the output dtype differs."""
+    inputs, src = run.plan.inputs, job.copy_from
+    convert = job.kind == "copy_base" and job.in_dtypes[src] != job.out_dtype
+    storage = DTYPES[job.in_dtypes[src] if convert else job.out_dtype].storage
     n_check = len(inputs) if job.kind == "copy_equal" else 1
     for start, count in chunk_ranges(job, run.share, run.n_models, False, run.options.min_chunk):
-        first = inputs[0].read_into(job.source(0), start, run.ws.get("raw0", (count,), storage))
+        first = inputs[src].read_into(job.source(src), start, run.ws.get("raw0", (count,), storage))
         for i in range(1, n_check):
             other = inputs[i].read_into(job.source(i), start, run.ws.get("raw1", (count,), storage))
             if not np.array_equal(first, other):
@@ -499,6 +512,9 @@ def _copy(run: _Run, job: TensorJob) -> None:
                     "must hold the same values",
                     tensor=job.name,
                 )
+        if convert:
+            dec = run.backend.decode(first, job.in_dtypes[src], run.ws.get("out", (count,), np.float32))
+            first = run.encode(job, dec)
         run.write(job.name, start, first)
 
 
@@ -512,8 +528,12 @@ def _keep_base(run: _Run, job: TensorJob) -> None:
 
 def _merge(run: _Run, job: TensorJob) -> None:
     """The method's output (kind dense), or the merged update alone (kind update: a diff)."""
+    selected = key_selection(run, job)
     stream = run.stream(job)
     bands, coeffs = run.bands(job, stream), run.coefficients(job, stream)
+    factors = None
+    if job.params.get("rescale", "none") == "l1" and run.spec.sparsify is not None:
+        factors = reduce.l1_rescale(stream, lambda c: _sparsify(run, job, c, bands, selected), run.n_models)
     lam = run.lines_scale(job)
     hasher = run.hasher()
     for k in range(len(stream.ranges)):
@@ -521,7 +541,8 @@ def _merge(run: _Run, job: TensorJob) -> None:
         if hasher is not None:
             hasher.update(stream.raw0(chunk))
         # a diff is the update itself: b + tau - b would round
-        out = run.apply(job, chunk, bands, coeffs, lam, zero_base=job.kind == "update")
+        out = run.apply(job, chunk, bands, coeffs, lam, zero_base=job.kind == "update", factors=factors,
+                        selected=selected)  # fmt: skip
         stream.fix_rows(chunk, out)
         run.write(job.name, chunk.start, run.encode(job, out))
     run.finish_hash(job, hasher)
@@ -529,6 +550,9 @@ def _merge(run: _Run, job: TensorJob) -> None:
 
 def _patch(run: _Run, job: TensorJob) -> None:
     """Emit the selected entries of tau as (flat index, value), in index order."""
+    selected = key_selection(run, job)
+    if selected is not None:
+        return key_patch(run, job, selected)
     stream = run.stream(job)
     bands = run.bands(job, stream)
     assert bands is not None and len(bands) == 1
@@ -549,24 +573,4 @@ def _patch(run: _Run, job: TensorJob) -> None:
             run.write(job.name + VALUES, written, val[:n])
             written += n
     assert written == total, (job.name, written, total)
-    run.finish_hash(job, hasher)
-
-
-def _scatter(run: _Run, job: TensorJob) -> None:
-    """out = b, plus scale * v_i at every patched index i (one float32 rounding)."""
-    patch = run.plan.inputs[1]
-    cursor = PatchCursor(patch, job.name, job.patch_count, job.numel)
-    scale = np.float32(job.params["scale"])
-    hasher = run.hasher()
-    stream = run.stream(job)
-    for start, count in stream.ranges:
-        dec = stream.load(start, count, None, n_inputs=1)
-        if hasher is not None:
-            hasher.update(stream.raw0(Chunk(start, count, dec, None)))
-        out = run.ws.get("out", (count,), np.float32)
-        np.copyto(out, dec[0])
-        idx, val = cursor.take(start + count)
-        local = idx - start
-        out[local] = out[local] + scale * val
-        run.write(job.name, start, run.encode(job, out))
     run.finish_hash(job, hasher)

@@ -28,6 +28,10 @@ class InputNotFoundError(SurgeryError, FileNotFoundError):
     """A checkpoint, shard or file named by the user does not exist."""
 
 
+class InputReadError(SurgeryError, OSError):
+    """An input exists but could not be read (e.g. the network failed while streaming it by range)."""
+
+
 class CorruptCheckpointError(SurgeryError, ValueError):
     """A safetensors file or index is malformed (bad header, offsets, truncated data)."""
 
@@ -79,3 +83,7 @@ class DeviceError(SurgeryError, ValueError):
 
 class Interrupted(SurgeryError):
     """The run was stopped; the output folder holds a resumable partial run."""
+
+
+class BackendError(SurgeryError, ConnectionError):
+    """A distributed backend (Ray) could not be reached, or lost the run."""

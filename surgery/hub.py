@@ -113,6 +113,36 @@ def download(ref: HubRef) -> Path:
     return folder
 
 
+def stream_snapshot(ref: HubRef) -> tuple[Path, str, list[str]] | None:
+    """For reading weights by range: fetch only the small files; return (their snapshot folder, the
+    commit they pin, the safetensors files to read remotely). None when HF_HUB_OFFLINE is set: without
+    network the weights can only come from the cache, as ``download`` finds them."""
+    try:
+        import huggingface_hub as hf
+    except ImportError:
+        return None  # download() says huggingface_hub is missing
+    from huggingface_hub.utils import validate_repo_id
+
+    if _offline():
+        return None
+    try:
+        validate_repo_id(ref.repo_id)
+        small = sorted(set(EXTRA_FILES) | set(SIDE_FILES))
+        folder = Path(hf.snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=small))
+        commit = folder.name if _COMMIT.fullmatch(folder.name) else None
+        if commit is None:  # a snapshot folder is named after its commit; anything else cannot be pinned
+            commit = hf.HfApi().model_info(ref.repo_id, revision=ref.revision).sha
+        weights, _ = _weight_files(hf, ref, folder, commit)
+        if "*.safetensors" in weights:  # no usable index: list the top-level weights from the Hub
+            tree = hf.HfApi().list_repo_files(ref.repo_id, revision=commit)
+            weights = sorted(f for f in tree if f.endswith(".safetensors") and "/" not in f)
+    except Exception as exc:
+        if not _hub_failure(exc):
+            raise
+        raise _download_error(exc, ref, False) from None
+    return folder, commit, weights
+
+
 def _weight_files(hf, ref: HubRef, folder: Path, commit: str | None) -> tuple[list[str], list[str] | None]:
     """The safetensors files to fetch: the shards the index names, else model.safetensors, else the
     top-level ``*.safetensors`` (never ``consolidated.safetensors`` beside an index, nor subfolders)."""

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections import Counter
 
-from surgery.checkpoint import open_checkpoint
+from surgery.inputs import InputOptions, open_input
 from surgery.names import layer_map, natural_key
 
 
-def describe(source: str) -> dict:
-    """Files, counts, dtypes, layer placement and tied embeddings of a checkpoint."""
-    with open_checkpoint(source) as ckpt:
+def describe(source: str, stream: bool = False) -> dict:
+    """Files, counts, dtypes, layer placement and tied embeddings of a checkpoint. ``stream``: a Hub
+    repo's weights are not downloaded, only their headers are read (one range request per file)."""
+    with open_input(source, InputOptions(stream)) as ckpt:
         config = ckpt.config()
         names = list(ckpt.tensors)
         layers = layer_map(names, config)

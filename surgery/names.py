@@ -77,6 +77,14 @@ def layer_map(names: list[str], config: dict | None = None) -> LayerMap:
     return LayerMap(placements, (max(blocks) + 1) if blocks else 0, unknown, config_layers)
 
 
+def with_block(name: str, index: int) -> str:
+    """The same tensor in block ``index``: ``model.layers.5.mlp.w`` -> ``model.layers.2.mlp.w``."""
+    m = _BLOCK.search(name)
+    if m is None:
+        raise ValueError(f"{name!r} is not inside a block")
+    return name[: m.start(1)] + str(index) + name[m.end(1) :]
+
+
 def natural_key(name: str) -> list:
     """Sort key that orders ``layers.2`` before ``layers.10``."""
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]

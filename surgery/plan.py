@@ -14,15 +14,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from surgery.checkpoint import Checkpoint, open_checkpoint
+from surgery.checkpoint import Checkpoint
+from surgery.compose import DENSE, base_conflicts, touched
 from surgery.dtypes import DTYPES
 from surgery.errors import PlanError
 from surgery.files import CONFIG
+from surgery.inputs import InputOptions, open_input
 from surgery.methods.lines import depths
 from surgery.methods.spec import TAU_GIVEN, TAU_PAIRS
-from surgery.names import layer_map, natural_key, place
+from surgery.names import layer_map, natural_key, place, with_block
 from surgery.output import side_files_of
-from surgery.patch import patched_names, read_manifest
+from surgery.patch import read_manifest
 from surgery.recipe import Recipe
 from surgery.vocab import RowMap, align_rows, load_vocab
 from surgery.writer import Layout, OutputTensor, plan_layout
@@ -37,9 +39,10 @@ _VOCAB_HINTS = ("embed", "wte", "lm_head", "word_embeddings", "shared.weight", "
 #   dense       the method's output: b + update, or an interpolation of the inputs
 #   update      the merged update alone (a diff)
 #   patch       the selected entries of the update as (indices, values) tensors
-#   scatter     input 0 plus a sparse patch (input 1) at its indices
-JobKind = Literal["copy_equal", "copy_base", "keep_base", "dense", "update", "patch", "scatter"]
-MERGED = frozenset({"dense", "update", "patch", "scatter"})  # kinds the method computes
+#   scatter     input 0 plus sparse patches (or dense diffs: inputs 1, 2, ...) at their indices
+#   pick        each element from input 0 or input 1, bit for bit (the method's ``Pick`` rules)
+JobKind = Literal["copy_equal", "copy_base", "keep_base", "dense", "update", "patch", "scatter", "pick"]
+MERGED = frozenset({"dense", "update", "patch", "scatter", "pick"})  # kinds the method computes
 
 
 @dataclass(frozen=True)
@@ -59,9 +62,12 @@ class TensorJob:
     out_dtype: str
     depth: float | None = None  # LiNeS: l / (L - 1) of the tensor's block; None outside the blocks
     row_map: RowMap | None = None  # transfer across vocabularies: output rows by token string
-    patch_count: int = 0  # apply_patch: entries of this tensor in the patch
+    # scatter: per patch (or dense diff) after the target, this tensor's entries in it
+    # (0: untouched, compose.DENSE: a dense diff holds the whole tensor)
+    patch_counts: tuple[int, ...] = ()
     params: Mapping[str, object] = field(default_factory=dict, compare=False)
     sources: tuple[str, ...] | None = None  # input tensor name per input; None: ``name`` everywhere
+    copy_from: int = 0  # copy_base: the input copied (layer stacking copies from any model)
 
     @property
     def numel(self) -> int:
@@ -92,6 +98,7 @@ class Plan:
     config_source: Checkpoint
     notes: list[str] = field(default_factory=list)
     tokenizer_source: Checkpoint | None = None  # tokenizer / chat template / generation config
+    config_updates: Mapping[str, object] = field(default_factory=dict)  # config.json keys set (layer count)
 
     @property
     def has_base(self) -> bool:
@@ -106,6 +113,7 @@ class Plan:
         config = self.config_source.config()
         if config is None:
             return None
+        config.update(self.config_updates)
         aligned = [j.row_map for j in self.jobs if j.row_map is not None]
         if aligned and "vocab_size" in config:
             config["vocab_size"] = aligned[0].n_out
@@ -187,14 +195,28 @@ def estimate_seconds(read: int, write: int, passes: int, chunks: int, workers: i
     return round(seconds, 4)
 
 
-def build_plan(recipe: Recipe) -> Plan:
-    """Open the inputs (headers only) and check that the recipe can run on them."""
+def input_passes(recipe: Recipe) -> int:
+    """How many times a run reads each input tensor (at most: a tensor that fits one chunk is read once)."""
+    passes = recipe.spec.passes(recipe.parameters)
+    if recipe.lines is not None and recipe.lines.alpha == "auto":
+        passes += 1  # the LiNeS auto-alpha measure pass (as Plan.summary counts it)
+    return passes
+
+
+def build_plan(recipe: Recipe, sources: InputOptions | None = None) -> Plan:
+    """Open the inputs (headers only) and check that the recipe can run on them. ``sources`` says how
+    remote inputs are read (Hub ids downloaded or streamed by range; ranges cached for multi-pass
+    methods)."""
+    sources = sources or InputOptions()
+    cache_ranges = input_passes(recipe) > 1  # streamed or URL inputs read more than once: keep ranges
     inputs: list[Checkpoint] = []
     try:
         for source in recipe.inputs:
-            inputs.append(open_checkpoint(source))
+            inputs.append(open_input(source, sources, cache_ranges))
         if recipe.spec.output == "scatter":
             return _plan_scatter(recipe, inputs)
+        if recipe.slices or recipe.spec.name == "passthrough":
+            return _plan_stack(recipe, inputs)
         return _plan(recipe, inputs)
     except BaseException:
         for ckpt in inputs:
@@ -291,7 +313,7 @@ def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
         jobs = _with_region(jobs, recipe.parameters["region"], notes)
     if spec.output in ("update", "patch"):  # a diff or patch carries the computed tensors only
         jobs = [j for j in jobs if j.kind == spec.output]
-    jobs = [replace(j, params=recipe.parameters) for j in jobs]
+    jobs = _with_params(jobs, recipe)
     layout = None
     if spec.output != "patch":
         layout = plan_layout(
@@ -359,47 +381,47 @@ def _with_region(jobs: list[TensorJob], region: str | None, notes: list[str]) ->
 
 
 def _plan_scatter(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
-    """apply_patch: jobs are the target's tensors; the patch's entries must fit them."""
-    target, patch = inputs
-    counts = patched_names(patch)
+    """apply_patch / compose: jobs are the target's tensors; every patch's (or dense diff's) entries
+    must fit them, and several patches must come from one base (unless ``force_base``)."""
+    target, patches = inputs[0], inputs[1:]
     problems = []
-    manifest = read_manifest(patch.root) or {}
-    shapes = manifest.get("tensors", {})
-    for name, count in sorted(counts.items(), key=lambda kv: natural_key(kv[0])):
-        info = target.tensors.get(name)
-        if info is None:
-            problems.append(f"patch tensor {name!r} is not in target {target.source}")
-        elif info.dtype.kind != "float":
-            problems.append(f"patch tensor {name!r} is {info.dtype.name} in {target.source}, not a float")
-        elif name in shapes and tuple(shapes[name]["shape"]) != info.shape:
-            problems.append(
-                f"patch tensor {name!r} was taken from shape {shapes[name]['shape']} but the target's is "
-                f"{list(info.shape)}"
-            )
-        elif count > info.numel:
-            problems.append(f"patch tensor {name!r} has {count} entries for {info.numel} elements")
+    if len(patches) > 1 and not recipe.parameters.get("force_base"):
+        problems += base_conflicts(patches)
+    touched_by = [touched(p) for p in patches]
+    for patch, counts in zip(patches, touched_by):
+        shapes = (read_manifest(patch.root) or {}).get("tensors", {})
+        for name, count in sorted(counts.items(), key=lambda kv: natural_key(kv[0])):
+            info = target.tensors.get(name)
+            shape = list(patch.tensors[name].shape) if count == DENSE else shapes.get(name, {}).get("shape")
+            of = f" of {patch.source}" if len(patches) > 1 else ""
+            if info is None:
+                problems.append(f"patch tensor {name!r}{of} is not in target {target.source}")
+            elif info.dtype.kind != "float":
+                problems.append(f"patch tensor {name!r} is {info.dtype.name} in {target.source}, not a float")
+            elif shape is not None and tuple(shape) != info.shape:
+                problems.append(
+                    f"patch tensor {name!r}{of} was taken from shape {shape} but the target's is "
+                    f"{list(info.shape)}"
+                )
+            elif count > info.numel:
+                problems.append(f"patch tensor {name!r} has {count} entries for {info.numel} elements")
     if problems:
-        raise PlanError(problems, hint="apply a patch to the base it was taken from or a same-shape release")
+        hint = "apply a patch to the base it was taken from or a same-shape release"
+        if len(patches) > 1:
+            hint += "; --force-base composes patches taken from different bases anyway"
+        raise PlanError(problems, hint=hint)
     jobs = []
     for name in sorted(target.tensors, key=natural_key):
         info = target.tensors[name]
         out_dtype = recipe.dtype or info.dtype.name if info.dtype.kind == "float" else info.dtype.name
-        if name in counts:
-            jobs.append(
-                TensorJob(
-                    name,
-                    "scatter",
-                    info.shape,
-                    (info.dtype.name,),
-                    out_dtype,
-                    patch_count=counts[name],
-                    params=recipe.parameters,
-                )  # fmt: skip
-            )
+        counts = tuple(c.get(name, 0) for c in touched_by)
+        if any(counts):
+            jobs.append(TensorJob(name, "scatter", info.shape, (info.dtype.name,), out_dtype,
+                                  patch_counts=counts, params=recipe.parameters))  # fmt: skip
         else:
             jobs.append(TensorJob(name, "copy_base", info.shape, (info.dtype.name,), info.dtype.name))
     layout = plan_layout([OutputTensor(j.name, j.out_dtype, j.shape) for j in jobs], recipe.max_shard_size)
-    return Plan(recipe, inputs, jobs, layout, target, [], tokenizer_source=patch)
+    return Plan(recipe, inputs, jobs, layout, target, [], tokenizer_source=inputs[-1])
 
 
 def _with_depths(jobs: list[TensorJob], reference: Checkpoint, notes: list[str]) -> list[TensorJob]:
@@ -425,6 +447,83 @@ def _with_depths(jobs: list[TensorJob], reference: Checkpoint, notes: list[str])
     depth = depths(layers, merged)
     notes.append(f"LiNeS: {layers.num_blocks} blocks")
     return [replace(j, depth=depth.get(j.name)) for j in jobs]
+
+
+def _with_params(jobs: list[TensorJob], recipe: Recipe) -> list[TensorJob]:
+    """Each job's parameters: the recipe's, with the tensor's own values (``per_tensor``) on top."""
+    names = {j.name for j in jobs if j.kind in MERGED}
+    stray = sorted(set(recipe.per_tensor) - names, key=natural_key)
+    if stray:
+        raise PlanError(
+            [f"per_tensor names {n!r}, which is not a tensor the method computes" for n in stray],
+            hint="per_tensor keys are tensor names as `surgery inspect --layers` lists them",
+        )
+    return [replace(j, params={**recipe.parameters, **recipe.per_tensor.get(j.name, {})}) for j in jobs]
+
+
+def _plan_stack(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
+    """Passthrough: copy layer ranges of the models into consecutive output blocks (renumbered);
+    embeddings from the first slice's model, final norm and head from the last slice's."""
+    maps = [layer_map(list(c.tensors), c.config()) for c in inputs]
+    slices = recipe.slices or ((0, 0, maps[0].num_blocks),)
+    problems = [
+        f"slice {i}: layers [{a}, {b}) but {inputs[m].source} has {maps[m].num_blocks} blocks"
+        for i, (m, a, b) in enumerate(slices)
+        if b > maps[m].num_blocks
+    ]
+    if problems:
+        raise PlanError(problems, hint="layer ranges are [start, end) block indices of that model")
+    picks: list[tuple[str, int, str]] = []  # (output name, input, source name)
+
+    def outside(model: int, where: tuple[str, ...]) -> None:
+        names = sorted(inputs[model].tensors, key=natural_key)
+        picks.extend((n, model, n) for n in names if maps[model].placements[n].position in where)
+
+    outside(slices[0][0], ("before",))
+    out_block = 0
+    for model, start, end in slices:
+        names = sorted(inputs[model].tensors, key=natural_key)
+        for block in range(start, end):
+            picks += [
+                (with_block(n, out_block), model, n)
+                for n in names
+                if maps[model].placements[n].block == block
+            ]
+            out_block += 1
+    outside(slices[-1][0], ("after", "unknown"))
+    jobs = []
+    for out_name, model, name in picks:
+        info = inputs[model].tensors[name]
+        out_dtype = (recipe.dtype or info.dtype.name) if info.dtype.kind == "float" else info.dtype.name
+        n = len(inputs)
+        jobs.append(TensorJob(out_name, "copy_base", info.shape, (info.dtype.name,) * n, out_dtype,
+                              params=recipe.parameters, sources=(name,) * n, copy_from=model))  # fmt: skip
+    layout = plan_layout([OutputTensor(j.name, j.out_dtype, j.shape) for j in jobs], recipe.max_shard_size)
+    first = inputs[slices[0][0]]
+    updates = _layer_count_updates(first.config(), [(inputs[m].config(), a, b) for m, a, b in slices])
+    notes = [f"layer stack: {out_block} blocks from {len(slices)} slice(s)"]
+    return Plan(recipe, inputs, jobs, layout, first, notes, tokenizer_source=first, config_updates=updates)
+
+
+def _layer_count_updates(config: dict | None, parts: list[tuple[dict | None, int, int]]) -> dict:
+    """num_hidden_layers (or the config's own key) = the stacked block count; per-layer lists such as
+    layer_types are stacked the same way."""
+    if config is None:
+        return {}
+    total = sum(b - a for _, a, b in parts)
+    updates: dict = {
+        k: total for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers") if k in config
+    }
+    for key, value in config.items():
+        if (
+            isinstance(value, list)
+            and key != "architectures"
+            and len(value) == config.get("num_hidden_layers")
+        ):
+            sources = [(c or {}).get(key) for c, _, _ in parts]
+            if all(isinstance(v, list) for v in sources):
+                updates[key] = [x for v, (_, a, b) in zip(sources, parts) for x in v[a:b]]
+    return updates
 
 
 def input_paths(plan: Plan) -> list[Path]:

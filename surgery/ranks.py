@@ -10,7 +10,7 @@ first ``ties`` elements whose bits equal v, counted in index order across chunks
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -26,10 +26,16 @@ def rank_count(fraction: float, n: int) -> int:
     return math.floor(Fraction(repr(float(fraction))) * n)
 
 
-def band_ranks(params: dict, n: int) -> tuple[int, int]:
-    """(r_hi, r_lo): keep ranks r_hi+1..r_lo, i.e. drop the top ``outliers``, keep ``density``."""
-    r_hi = rank_count(params.get("outliers", 0.0), n)
-    return r_hi, min(n, r_hi + rank_count(params["density"], n))
+def per_model(value, model: int):
+    """A parameter given once, or as one value per model (mergekit's per-model density)."""
+    return value[model] if isinstance(value, list | tuple) else value
+
+
+def band_ranks(params: dict, n: int, model: int = 0) -> tuple[int, int]:
+    """(r_hi, r_lo): keep ranks r_hi+1..r_lo, i.e. drop the top ``outliers``, keep ``density``
+    (each may be one value per model)."""
+    r_hi = rank_count(per_model(params.get("outliers", 0.0), model), n)
+    return r_hi, min(n, r_hi + rank_count(per_model(params["density"], model), n))
 
 
 def high_bin(hist: np.ndarray, r: int) -> tuple[int, int]:
@@ -99,3 +105,62 @@ def count_above(
     above = int(cnt[idx > (v >> 16)].sum())
     low_idx, low_cnt = lows[v >> 16]  # the edge bin of v always has a low histogram
     return above + int(low_cnt[low_idx > (v & 0xFFFF)].sum())
+
+
+def top_k_indices(backend, x: np.ndarray, k: int) -> np.ndarray:
+    """Ascending flat indices of the k largest |x| of an in-memory array, ties by lower index
+    (``backend``: a ``surgery.kernels.Backend``; two histogram passes and one select)."""
+    x = np.ascontiguousarray(x, np.float32).reshape(-1)
+    k = max(0, min(int(k), x.size))
+    high = np.zeros(HIST, np.int64)
+    backend.abs_hist_high(x, high)
+    lows = {b: np.zeros(HIST, np.int64) for b in edge_bins(high, 0, k)}
+    for b, hist in lows.items():
+        backend.abs_hist_low(x, b, hist)
+    v, ties = threshold_from_hists(high, k, lows.__getitem__)
+    band = Band(NONE_ABOVE, 0, v, ties)
+    idx, val = np.empty(k, np.int64), np.empty(k, np.float32)
+    n = int(backend.band_select(x, band.v_hi, band.ties_hi, band.v_lo, band.ties_lo, band.seen, 0, idx, val))
+    assert n == k, (n, k)
+    return idx
+
+
+def group_bands(streams: Sequence[Callable[[], Iterable[np.ndarray]]], k: int, backend,
+                pmap: Callable = lambda f, items: list(map(f, items))) -> list[Band]:  # fmt: skip
+    """Top-k largest |x| over a group of tensors, each read as a stream of chunks (``streams[i]()``
+    yields tensor i's chunks in index order), ties by (tensor order, index): per tensor, the Band
+    that selects its part (``v_lo``, its share of the ties). Two passes; ``pmap`` may run the tensors
+    in parallel (it must return results in order)."""
+
+    def high(stream: Callable) -> tuple[np.ndarray, np.ndarray]:
+        hist = np.zeros(HIST, np.int64)
+        for x in stream():
+            backend.abs_hist_high(x, hist)
+        return sparse(hist)
+
+    highs = pmap(high, streams)
+    total = np.zeros(HIST, np.int64)
+    for idx, cnt in highs:
+        total[idx] += cnt
+    bins = edge_bins(total, 0, k)
+
+    def low(stream: Callable) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        hists = {b: np.zeros(HIST, np.int64) for b in bins}
+        if bins:
+            for x in stream():
+                for b, hist in hists.items():
+                    backend.abs_hist_low(x, b, hist)
+        return {b: sparse(h) for b, h in hists.items()}
+
+    lows = pmap(low, streams)
+    low_total = {b: np.zeros(HIST, np.int64) for b in bins}
+    for part in lows:
+        for b, (idx, cnt) in part.items():
+            low_total[b][idx] += cnt
+    v, ties = threshold_from_hists(total, k, low_total.__getitem__)
+    bands = []
+    for part in lows:  # the tensors before take their equal elements first (lower position)
+        equal = count_at(part, v)
+        bands.append(Band(NONE_ABOVE, 0, v, min(ties, equal)))
+        ties = max(0, ties - equal)
+    return bands

@@ -15,6 +15,10 @@ Schema (YAML), every field explicit in a saved recipe::
     output:
       dtype: null                  # float dtype of merged tensors; null keeps each base tensor's
       max_shard_size: 5000000000   # bytes (strings such as 5GB or 2GiB are accepted)
+    per_tensor:                    # optional: a tensor's own values (per-layer schedules, mergekit
+      model.layers.0.mlp.up_proj.weight: {scale: 0.2}   # gradients and filters, resolved)
+    slices:                        # passthrough only: stack layer ranges [start, end) of the models
+      - {model: 0, layers: [0, 24]}
     lines:                         # optional LiNeS on the merged update (arXiv 2410.17146)
       alpha: auto                  # number, or auto = ||sum tau||_1 / (T ||tau_merged||_1)
       beta: null                   # null = 1 - alpha
@@ -64,6 +68,8 @@ class Recipe:
     dtype: str | None = None  # safetensors float dtype name of merged tensors
     max_shard_size: int = 5 * 10**9
     lines: LinesSchedule | None = None  # LiNeS on the merged update (parsed once, here)
+    per_tensor: dict[str, dict] = field(default_factory=dict)  # tensor name -> its own parameter values
+    slices: tuple[tuple[int, int, int], ...] = ()  # passthrough: (model index, first block, end block)
 
     @property
     def spec(self) -> Method:
@@ -83,7 +89,16 @@ class Recipe:
             "parameters": dict(self.parameters),
             "lines": None if self.lines is None else self.lines.to_dict(),
             "output": {"dtype": self.dtype, "max_shard_size": self.max_shard_size},
-        }
+        } | self._extras()
+
+    def _extras(self) -> dict:
+        """Keys written only when used, so that other recipes stay as they were."""
+        extras: dict = {}
+        if self.per_tensor:
+            extras["per_tensor"] = {k: dict(v) for k, v in self.per_tensor.items()}
+        if self.slices:
+            extras["slices"] = [{"model": m, "layers": [a, b]} for m, a, b in self.slices]
+        return extras
 
     def to_yaml(self) -> str:
         import yaml
@@ -100,6 +115,8 @@ def make_recipe(
     dtype: str | None = None,
     max_shard_size: int | str = 5 * 10**9,
     lines: dict | LinesSchedule | None = None,
+    per_tensor: dict[str, dict] | None = None,
+    slices: list | None = None,
 ) -> Recipe:
     """Validate and complete a recipe: method known, parameters typed and in range, defaults filled."""
     spec = get_method(method)
@@ -123,6 +140,9 @@ def make_recipe(
     if spec.max_models is not None and n_inputs > spec.max_models:
         raise RecipeError(f"method {spec.name} takes at most {spec.max_models} models")
     params = _resolve_parameters(spec, dict(parameters or {}), len(models))
+    per_model = [k for k in ("density", "outliers") if isinstance(params.get(k), list)]
+    if per_model and params.get("granularity") == "global":
+        raise RecipeError(f"global ranks take one {per_model[0]} for every model, not one per model")
     if spec.combine.name == "linear" and sum(params["weights"]) == 0.0:  # normalised by their sum
         raise RecipeError(
             f"{spec.name}: the weights {params['weights']} sum to 0, and a weighted average divides "
@@ -139,7 +159,61 @@ def make_recipe(
     if shard < 1:
         raise RecipeError(f"max_shard_size must be at least 1 byte, not {max_shard_size!r}",
                           hint="write sizes like 500MB or 5GB")  # fmt: skip
-    return replace(recipe, max_shard_size=shard, lines=schedule)
+    return replace(
+        recipe,
+        max_shard_size=shard,
+        lines=schedule,
+        per_tensor=_check_per_tensor(spec, per_tensor or {}, len(models), params),
+        slices=_check_slices(spec, slices, len(models)),
+    )
+
+
+# Parameters a tensor may set for itself; the others shape the whole run (ranks over all tensors...).
+_PER_TENSOR = {"scale", "weights", "density", "outliers", "t", "distance", "vectors"}
+
+
+def _check_per_tensor(spec: Method, per_tensor: object, n_models: int, params: dict) -> dict[str, dict]:
+    if not isinstance(per_tensor, dict):
+        raise RecipeError("per_tensor must map tensor names to {parameter: value}")
+    known = {p.name: p for p in spec.params}
+    out = {}
+    for name, values in per_tensor.items():
+        if not isinstance(values, dict):
+            raise RecipeError(f"per_tensor: {name} must map parameter names to values")
+        bad = sorted(k for k in values if k not in known or k not in _PER_TENSOR)
+        if bad:
+            raise RecipeError(
+                f"per_tensor: {name} sets {', '.join(bad)}, which {spec.name} cannot vary by tensor",
+                hint=f"per-tensor parameters: {', '.join(sorted(_PER_TENSOR & set(known)))}",
+            )
+        if params.get("granularity") == "global" and {"density", "outliers"} & set(values):
+            raise RecipeError(f"per_tensor: {name}: global ranks take one density for the whole model")
+        out[str(name)] = {
+            k: _check_parameter(spec, k, known[k].kind, v, known[k].choices, n_models)
+            for k, v in values.items()
+        }
+    return out
+
+
+def _check_slices(spec: Method, slices: list | None, n_models: int) -> tuple[tuple[int, int, int], ...]:
+    """Layer stacking: [{model: i, layers: [start, end]}, ...]; only passthrough stacks layers."""
+    if not slices:
+        if spec.name == "passthrough" and n_models != 1:
+            raise RecipeError("passthrough without slices copies one model", hint="give slices: to stack")
+        return ()
+    if spec.name != "passthrough":
+        raise RecipeError(f"method {spec.name} does not stack layers", hint="slices are for passthrough")
+    out = []
+    for i, entry in enumerate(slices):
+        try:
+            model, (start, end) = int(entry["model"]), entry["layers"]
+            start, end = int(start), int(end)
+        except (KeyError, TypeError, ValueError):
+            raise RecipeError(f"slices[{i}] must be {{model: INDEX, layers: [START, END]}}") from None
+        if not 0 <= model < n_models or not 0 <= start < end:
+            raise RecipeError(f"slices[{i}]: model {model} of {n_models}, layers [{start}, {end}) is invalid")
+        out.append((model, start, end))
+    return tuple(out)
 
 
 def _absolute(source: str | Path) -> str:
@@ -179,9 +253,17 @@ def _check_parameter(
     where = f"{spec.name}: {name}"
     if kind == "weights":
         return _check_weights(where, value, n_models)
+    if name in ("density", "outliers") and isinstance(value, list | tuple):  # one value per model
+        if len(value) != n_models:
+            raise RecipeError(f"{where} has {len(value)} values for {n_models} models")
+        return [_check_parameter(spec, name, kind, v, choices, n_models) for v in value]
     if kind == "choice":
         if value not in choices:
             raise RecipeError(f"{where} must be one of {', '.join(choices)}, not {value!r}")
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise RecipeError(f"{where} must be true or false, not {value!r}")
         return value
     if kind == "files":
         return _check_files(where, value, n_models)
@@ -198,6 +280,8 @@ def _check_parameter(
             raise RecipeError(f"{where} is not a valid regular expression: {exc}") from None
         return str(value)
     if kind == "int":
+        if value is None:
+            raise RecipeError(f"{where} is required (no default)", hint="give it in the recipe's parameters")
         if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise RecipeError(f"{where} must be a non-negative integer, not {value!r}")
         try:
@@ -206,6 +290,8 @@ def _check_parameter(
             raise RecipeError(f"{where} must be a non-negative integer, not {value!r}") from None
         if number != float(value) or number < 0:
             raise RecipeError(f"{where} must be a non-negative integer, not {value!r}")
+        if name == "lift_rank" and number < 1:
+            raise RecipeError(f"{where} must be at least 1, not {number}")
         return number
     try:
         number = float(value)  # type: ignore[arg-type]
@@ -217,6 +303,8 @@ def _check_parameter(
         raise RecipeError(f"{where} = {number} is outside (0, 1]", hint="density is the fraction KEPT")
     if name == "outliers" and not 0.0 <= number < 1.0:
         raise RecipeError(f"{where} = {number} is outside [0, 1)")
+    if name == "fraction" and not 0.0 <= number <= 1.0:
+        raise RecipeError(f"{where} = {number} is outside [0, 1]")
     if name == "t" and not 0.0 <= number <= 1.0:
         raise RecipeError(f"{where} = {number} is outside [0, 1]")
     if name in ("rho", "eta") and not 0.0 < number <= 1.0:
@@ -269,6 +357,21 @@ def _check_weights(where: str, value: object, n_models: int) -> list[float]:
     return weights
 
 
+def read_yaml(path: str | Path) -> object:
+    """A YAML file's content; errors name the file."""
+    import yaml
+
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        from surgery.errors import InputNotFoundError
+
+        raise InputNotFoundError(f"recipe not found: {path}", hint="check the path", path=str(path)) from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path} is not valid YAML: {exc}") from None
+
+
 def load_recipe(path: str | Path, on_card_base: Callable[[str], None] | None = None) -> Recipe:
     """Read and validate a recipe YAML file.
 
@@ -276,17 +379,11 @@ def load_recipe(path: str | Path, on_card_base: Callable[[str], None] | None = N
     needs a base takes the one every model's card names (as ``surgery merge`` does) and reports it
     through ``on_card_base(base)``.
     """
-    import yaml
+    return recipe_from_dict(read_yaml(path), Path(path), on_card_base)
 
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        from surgery.errors import InputNotFoundError
 
-        raise InputNotFoundError(f"recipe not found: {path}", hint="check the path", path=str(path)) from None
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path} is not valid YAML: {exc}") from None
+def recipe_from_dict(data: object, path: Path, on_card_base: Callable[[str], None] | None = None) -> Recipe:
+    """Validate a loaded recipe (``path`` names it in errors and anchors its relative paths)."""
     if not isinstance(data, dict) or "method" not in data or "models" not in data:
         raise RecipeError(
             f"{path} is not a surgery recipe (needs at least 'method' and 'models')",
@@ -294,7 +391,8 @@ def load_recipe(path: str | Path, on_card_base: Callable[[str], None] | None = N
         )
     if data.get("version", RECIPE_VERSION) != RECIPE_VERSION:
         raise RecipeError(f"{path} has recipe version {data['version']}; this surgery reads 1")
-    extra = set(data) - {"version", "method", "base", "models", "parameters", "lines", "output"}
+    keys = {"version", "method", "base", "models", "parameters", "lines", "output", "per_tensor", "slices"}
+    extra = set(data) - keys
     if extra:
         raise RecipeError(f"{path} has unknown keys: {', '.join(sorted(extra))}")
     output = data.get("output") or {}
@@ -320,6 +418,8 @@ def load_recipe(path: str | Path, on_card_base: Callable[[str], None] | None = N
         output.get("dtype"),
         output.get("max_shard_size", 5 * 10**9),
         data.get("lines"),
+        data.get("per_tensor"),
+        data.get("slices"),
     )
 
 

@@ -3,7 +3,8 @@
 - exact rank bands per tensor (two histogram passes of radix select, ``ranks.py``) and over the whole
   model (``global_bands``: the same passes summed over every tensor, ties shared in plan order);
 - the Gram matrix of the inputs or task vectors (SLERP's angle, Model Stock's cosines);
-- the L1 norms LiNeS' automatic alpha needs.
+- the L1 norms LiNeS' automatic alpha needs;
+- a keyed selection: the top entries of a whole-tensor key of the base (LIFT's principal weights).
 
 Each takes streams and a backend and returns numbers; nothing here writes output or keeps state.
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from surgery.errors import RecipeError
 from surgery.kernels import Backend
 from surgery.plan import TensorJob
 from surgery.ranks import (
@@ -24,8 +26,10 @@ from surgery.ranks import (
     count_above,
     count_at,
     edge_bins,
+    rank_count,
     sparse,
     threshold_from_hists,
+    top_k_indices,
 )
 from surgery.stream import TensorStream
 
@@ -59,11 +63,11 @@ def _band(high: np.ndarray, lows: dict[int, np.ndarray], r_hi: int, r_lo: int) -
 
 def tensor_bands(stream: TensorStream, params: Mapping, n_models: int, backend: Backend) -> list[Band]:
     """One band per task vector over this tensor: ranks floor(outliers n)+1 .. + floor(density n)."""
-    r_hi, r_lo = band_ranks(params, stream.job.numel)
+    ranks = [band_ranks(params, stream.job.numel, t) for t in range(n_models)]
     highs = _hist_high(stream, n_models, backend)
-    bins = [edge_bins(highs[t], r_hi, r_lo) for t in range(n_models)]
+    bins = [edge_bins(highs[t], *ranks[t]) for t in range(n_models)]
     lows = _hist_low(stream, bins, backend)
-    return [_band(highs[t], lows[t], r_hi, r_lo) for t in range(n_models)]
+    return [_band(highs[t], lows[t], *ranks[t]) for t in range(n_models)]
 
 
 @dataclass(frozen=True)
@@ -138,13 +142,30 @@ def global_bands(
 
 
 def gram(stream: TensorStream, over: str, backend: Backend) -> np.ndarray:
-    """G[s, t] = <x_s, x_t> over the whole tensor (float64), x = the inputs or the task vectors."""
+    """G[s, t] = <x_s, x_t> over the whole tensor (float64, upper triangle), x = the inputs or the
+    task vectors (the models themselves when there is no base, hence no task vectors)."""
     size = len(stream.job.in_dtypes) if over == "inputs" else stream.n_models
     g = np.zeros((size, size), np.float64)
     for k in range(len(stream.ranges)):
         chunk = stream.read(k)
-        backend.gram_accumulate(chunk.inputs if over == "inputs" else chunk.tau, g)
+        vectors = chunk.inputs if over == "inputs" or chunk.tau is None else chunk.tau
+        backend.gram_accumulate(vectors, g)
     return g
+
+
+def l1_rescale(stream: TensorStream, sparsify: Callable[[object], None], n_models: int) -> np.ndarray:
+    """``rescale: l1`` (mergekit's DARE rescale): per task vector ||tau||_1 / ||sparsified tau||_1
+    over the whole tensor (float64 sums), 1 where either is below 1e-7 (as mergekit). The sparsify
+    stage is reproducible (ranks, counter-based masks), so the apply pass masks the same entries."""
+    before = np.zeros(n_models, np.float64)
+    after = np.zeros(n_models, np.float64)
+    for k in range(len(stream.ranges)):
+        chunk = stream.take(k)  # sparsify masks tau in place
+        before += np.abs(chunk.tau).sum(axis=1, dtype=np.float64)
+        sparsify(chunk)
+        after += np.abs(chunk.tau).sum(axis=1, dtype=np.float64)
+    ok = (before >= 1e-7) & (after >= 1e-7)
+    return np.where(ok, before / np.where(ok, after, 1.0), 1.0).astype(np.float32)
 
 
 def update_l1(
@@ -171,3 +192,38 @@ def update_l1(
         update = merged_update(chunk, tmp[0])
         backend.l1_accumulate(update[None], acc[1:2])
     return acc
+
+
+def key_count(job: TensorJob) -> int:
+    """Entries a keyed sparsify stage keeps: floor(density * numel) of a matrix, none of other shapes."""
+    return rank_count(float(job.params["density"]), job.numel) if len(job.shape) == 2 else 0
+
+
+def key_selection(stream: TensorStream, job: TensorJob, key: Callable, backend: Backend) -> np.ndarray:
+    """Ascending flat indices of the top ``key_count`` entries of ``key(base tensor, params)``, ties
+    by lower index (radix select). Holds the whole base tensor and its key."""
+    k = key_count(job)
+    if k == 0:
+        return np.empty(0, np.int64)
+    base = stream.load(0, job.numel, None, n_inputs=1)[0].reshape(job.shape).copy()
+    return top_k_indices(backend, key(base, job.params), k)
+
+
+def patch_counts(patches: list[TensorJob], params, sparsify, bands) -> dict[str, int]:
+    """Entries each sparse-patch tensor keeps: its band's count, or a keyed stage's floor(D * numel)."""
+    keyed = sparsify is not None and sparsify.key is not None
+    if patches and not keyed and params.get("granularity") not in ("per_tensor", "global"):
+        raise RecipeError(
+            f"a sparse patch ranks per tensor or globally, not {params.get('granularity')}",
+            hint="use --granularity per_tensor or global",
+        )
+    counts = {}
+    for job in patches:
+        if keyed:
+            counts[job.name] = key_count(job)
+        elif bands is not None:
+            counts[job.name] = bands.counts[job.name]
+        else:
+            r_hi, r_lo = band_ranks(job.params, job.numel)
+            counts[job.name] = r_lo - r_hi
+    return counts

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,15 +178,7 @@ class CheckpointWriter:
             self.done -= set(shard.offsets)  # a re-created shard has lost its tensors
 
     def _os_error(self, exc: OSError, path: Path) -> OutputError:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            need = self.layout.total_bytes
-            return OutputError(
-                f"disk full while writing {path} (the output needs {need / 1e9:.2f} GB)",
-                hint="free space or choose another output folder, then re-run the same command: "
-                "it resumes where it stopped",
-                path=str(path),
-            )
-        return OutputError(f"cannot write {path}: {exc.strerror}", path=str(path))
+        return _os_error(exc, path, self.layout.total_bytes)
 
     @staticmethod
     def _pwrite(fd: int, data: bytes | memoryview, offset: int, path: Path) -> None:
@@ -222,29 +215,7 @@ class CheckpointWriter:
             except OSError as exc:
                 raise self._os_error(exc, self.staging / filename) from None
         self.close()
-        files = dict(side_files)
-        if len(self.layout.shards) > 1:
-            files[INDEX] = self.layout.index_json()
-        index = files.pop(INDEX, None)
-        for name, data in files.items():
-            self._write_whole(self.staging / name, data)
-            os.replace(self.staging / name, self.out / name)
-        for shard in self.layout.shards:
-            os.replace(self.staging / shard.filename, self.out / shard.filename)
-        if index is not None:
-            self._write_whole(self.staging / INDEX, index)
-            os.replace(self.staging / INDEX, self.out / INDEX)
-        shutil.rmtree(self.staging)
-        _fsync_dir(self.out)
-
-    def _write_whole(self, path: Path, data: bytes) -> None:
-        try:
-            with open(path, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-        except OSError as exc:
-            raise self._os_error(exc, path) from None
+        publish(self.out, self.layout, self.staging, side_files)
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -252,6 +223,102 @@ class CheckpointWriter:
         self._fds.clear()
         if not self._journal.closed:
             self._journal.close()
+
+
+def publish(out: Path, layout: Layout, shard_dir: Path, side_files: dict[str, bytes]) -> None:
+    """Move a complete run into place: side files first, the (fsynced) shards from ``shard_dir`` next,
+    the index last; then remove the staging folder. Until the index (or the single shard) lands, the
+    folder does not look finished."""
+    staging = out / STAGING
+    files = dict(side_files)
+    if len(layout.shards) > 1:
+        files[INDEX] = layout.index_json()
+    index = files.pop(INDEX, None)
+    for name, data in files.items():
+        _write_whole(staging / name, data, layout)
+        os.replace(staging / name, out / name)
+    for shard in layout.shards:
+        os.replace(shard_dir / shard.filename, out / shard.filename)
+    if index is not None:
+        _write_whole(staging / INDEX, index, layout)
+        os.replace(staging / INDEX, out / INDEX)
+    shutil.rmtree(staging)
+    _fsync_dir(out)
+
+
+def _write_whole(path: Path, data: bytes, layout: Layout) -> None:
+    try:
+        with open(path, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        raise _os_error(exc, path, layout.total_bytes) from None
+
+
+def _os_error(exc: OSError, path: Path, need: int) -> OutputError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutputError(
+            f"disk full while writing {path} (the output needs {need / 1e9:.2f} GB)",
+            hint="free space or choose another output folder, then re-run the same command: "
+            "it resumes where it stopped",
+            path=str(path),
+        )
+    return OutputError(f"cannot write {path}: {exc.strerror}", path=str(path))
+
+
+class ShardWriter:
+    """Writes ONE output shard whole, for runs shared by several processes or machines: under a
+    temporary name in ``shard_dir``, then fsync and rename to its own name there. A retried or re-run
+    attempt writes the same bytes to a new temporary name, so attempts never disturb one another."""
+
+    def __init__(self, layout: Layout, filename: str, shard_dir: Path) -> None:
+        self.layout = layout
+        self.shard = next(s for s in layout.shards if s.filename == filename)
+        self.final = shard_dir / filename
+        self.tmp = shard_dir / f"{filename}.tmp-{uuid.uuid4().hex}"
+        self.done: set[str] = set()
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            if hasattr(os, "posix_fallocate") and self.shard.size:
+                os.posix_fallocate(self._fd, 0, self.shard.size)
+            else:
+                os.ftruncate(self._fd, self.shard.size)
+            CheckpointWriter._pwrite(self._fd, self.shard.header, 0, self.tmp)
+        except OSError as exc:
+            self.abort()
+            raise _os_error(exc, self.tmp, self.shard.size) from None
+
+    def write(self, name: str, elem_start: int, raw: np.ndarray) -> None:
+        isz = DTYPES[self.layout.tensors[name].dtype].itemsize
+        assert raw.dtype.itemsize == isz and raw.flags.c_contiguous
+        offset = self.shard.offsets[name] + elem_start * isz
+        try:
+            CheckpointWriter._pwrite(self._fd, raw.reshape(-1).view(np.uint8), offset, self.tmp)
+        except OSError as exc:
+            raise _os_error(exc, self.tmp, self.shard.size) from None
+
+    def mark_done(self, name: str) -> None:
+        self.done.add(name)
+
+    def commit(self) -> None:
+        missing = set(self.shard.offsets) - self.done
+        assert not missing, f"commit with unwritten tensors: {sorted(missing)[:5]}"
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise _os_error(exc, self.tmp, self.shard.size) from None
+        os.close(self._fd)
+        self._fd = -1
+        os.replace(self.tmp, self.final)
+        _fsync_dir(self.final.parent)
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.tmp.unlink(missing_ok=True)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -41,6 +41,7 @@ from surgery.analysis._common import (
     read_f32,
     require_torch,
 )
+from surgery.analysis.lift_overlap import LiftOverlap, lift_overlap
 from surgery.checkpoint import Checkpoint, open_checkpoint
 from surgery.errors import RecipeError
 from surgery.names import natural_key
@@ -173,10 +174,12 @@ class StatsReport:
     layers: tuple[DiffStats, ...]  # in network order
     overall: DiffStats
     skipped: tuple[tuple[str, str], ...]  # (tensor, reason)
+    lift: LiftOverlap | None = None  # --lift-rank: top-D |tau| against LIFT's principal weights
 
     def to_dict(self) -> dict:
         pairs = self.pairs
-        return {
+        lift = {} if self.lift is None else {"lift_overlap": self.lift.to_dict()}
+        return lift | {
             "base": self.base,
             "models": list(self.models),
             "pairs": [[self.models[i], self.models[j]] for i, j in pairs],
@@ -197,12 +200,20 @@ def diff_stats(
     device: str = "cpu",
     chunk_elements: int = 1 << 22,
     progress: Progress | None = None,
+    lift_rank: int | None = None,
+    lift_density: float = 0.05,
 ) -> StatsReport:
     """Diff statistics of every float tensor shared (same shape) by ``base`` and all ``finetuned``.
 
     ``include`` (regex, searched in the name) restricts the tensors. ``effective_ranks`` computes the
     singular values of each 2-D update (torch on ``device``), the costly part on big models.
+    ``lift_rank``: also the overlap of each fine-tune's top-``lift_density`` |tau| with LIFT's
+    principal weights (top |W_r|) per block matrix (``surgery.analysis.lift_overlap``).
     """
+    if lift_rank is not None and (lift_rank < 1 or not 0.0 < lift_density <= 1.0):
+        raise RecipeError(
+            f"--lift-rank must be >= 1 and --lift-density in (0, 1], got {lift_rank} and {lift_density}"
+        )
     if not finetuned:
         raise RecipeError("diff statistics need at least one fine-tuned model")
     if chunk_elements < 1:
@@ -228,6 +239,9 @@ def diff_stats(
             )
             if progress is not None:
                 progress(done + 1, len(names), name)
+        lift = None
+        if lift_rank is not None:
+            lift = lift_overlap(base_ck, models, names, lift_rank, lift_density)
     finally:
         base_ck.close()
         for ck in models:
@@ -244,6 +258,7 @@ def diff_stats(
         layers=layers,
         overall=combine(per_tensor, "all"),
         skipped=tuple(skipped),
+        lift=lift,
     )
 
 

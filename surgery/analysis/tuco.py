@@ -373,7 +373,8 @@ def steered_generate(
     chat: bool = False,
 ) -> dict[str, Any]:
     """Greedy generation with the fine-tuning component scaled by ``alpha`` (no KV cache: the full
-    sequence is recomputed at each step). Returns ``{"text", "token_ids", "prompt_ids"}``."""
+    sequence is recomputed at each step). Returns ``{"text", "tokens", "prompt_tokens"}``, the shape
+    of ``eft_generate``'s result."""
     import math
 
     import torch
@@ -395,7 +396,7 @@ def steered_generate(
                 break
             ids = torch.cat([ids, torch.tensor([[nxt]], device=ids.device)], dim=1)
     text = tok.decode([t for t in new if t not in eos], skip_special_tokens=True)
-    return {"text": text, "token_ids": new, "prompt_ids": list(prompt_ids)}
+    return {"text": text, "tokens": new, "prompt_tokens": list(prompt_ids)}
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -9,11 +9,17 @@ from surgery.errors import RecipeError
 from surgery.methods.breadcrumbs import BREADCRUMBS
 from surgery.methods.cart import CART
 from surgery.methods.dare import DARE, DARE_TIES
-from surgery.methods.graft import APPLY_PATCH, GRAFT, PATCH
+from surgery.methods.graft import APPLY_PATCH, COMPOSE, GRAFT, PATCH
+from surgery.methods.half_reset import HALF_RESET
 from surgery.methods.interpolation import LINEAR, MODEL_STOCK, SLERP
 from surgery.methods.iso import ISO_C, ISO_CTS
+from surgery.methods.lift import LIFT_GRAFT, LIFT_PATCH
+from surgery.methods.nearswap import NEARSWAP
+from surgery.methods.passthrough import PASSTHROUGH
 from surgery.methods.regmean import REGMEAN
+from surgery.methods.sce import SCE
 from surgery.methods.spec import Method, Param
+from surgery.methods.spherical import KARCHER, MULTISLERP, NUSLERP
 from surgery.methods.star import STAR
 from surgery.methods.task_arithmetic import TASK_ARITHMETIC
 from surgery.methods.ties import BREADCRUMBS_TIES, TIES
@@ -33,6 +39,12 @@ METHODS: dict[str, Method] = {
         LINEAR,
         SLERP,
         MODEL_STOCK,
+        NEARSWAP,
+        NUSLERP,
+        MULTISLERP,
+        KARCHER,
+        SCE,
+        PASSTHROUGH,
         TSV_MERGE,
         ISO_C,
         ISO_CTS,
@@ -44,8 +56,12 @@ METHODS: dict[str, Method] = {
         PATCH,
         APPLY,
         APPLY_PATCH,
+        COMPOSE,
         TRANSFER,
         GRAFT,
+        HALF_RESET,
+        LIFT_PATCH,
+        LIFT_GRAFT,
     )
 }
 

@@ -20,7 +20,7 @@ def _band_apply(be, tau, s: Slice) -> None:
     if s.band is None:  # ranks per row: thresholds of each row, computed in the kernel
         from surgery.ranks import band_ranks
 
-        r_hi, r_lo = band_ranks(s.params, s.cols)
+        r_hi, r_lo = band_ranks(s.params, s.cols, s.model)
         be.row_band_mask(tau, s.cols, r_hi, r_lo, s.scratch)
     else:
         b = s.band

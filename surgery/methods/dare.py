@@ -1,6 +1,7 @@
 """DARE: drop and rescale (Yu et al., ICML 2024, arXiv 2311.03099).
 
 m ~ Bernoulli(density) per element, tau' = m * tau / density (the exact rescale keeps E[tau'] = tau).
+``rescale: l1`` is mergekit's rule instead: tau' = m * tau * ||tau||_1 / ||m * tau||_1 per tensor.
 The random stream is keyed by (seed, tensor name, model index, element index): the same seed gives the
 same output whatever the chunking, thread count or order. Then task arithmetic (``dare``, mergekit's
 dare_linear) or TIES election and disjoint mean (``dare_ties``).
@@ -9,8 +10,8 @@ dare_linear) or TIES election and disjoint mean (``dare_ties``).
 import hashlib
 from dataclasses import replace
 
-from surgery.methods.spec import SCALE, SEED, WEIGHTS, Method, Slice, Sparsify, density
-from surgery.methods.ties import TIES_COMBINE
+from surgery.methods.spec import SCALE, SEED, WEIGHTS, Method, Param, Slice, Sparsify, density
+from surgery.methods.ties import DISJOINT, ELECT, TIES_COMBINE
 
 
 def dare_key(seed: int, name: str, model_index: int) -> int:
@@ -23,8 +24,15 @@ def _bernoulli_apply(be, tau, s: Slice) -> None:
     import numpy as np
 
     key = dare_key(int(s.params["seed"]), s.tensor, s.model)
-    be.dare_mask(tau, float(s.params["density"]), np.uint64(key), s.start)
+    from surgery.ranks import per_model
 
+    be.dare_mask(tau, float(per_model(s.params["density"], s.model)), np.uint64(key), s.start)
+
+
+RESCALE = Param(
+    "rescale", "choice", "none", "after the mask: none (m tau / density), or l1: back to the L1 norm of tau "
+    "(mergekit)", ("none", "l1")
+)  # fmt: skip
 
 BERNOULLI = Sparsify("bernoulli", needs_ranks=False, apply=_bernoulli_apply)
 
@@ -34,7 +42,7 @@ DARE = Method(
     paper="https://arxiv.org/abs/2311.03099",
     formula="out = b + scale * sum_t w_t * m_t * tau_t / density",
     sparsify=BERNOULLI,
-    params=(density(0.5), SEED, SCALE, WEIGHTS),
+    params=(density(0.5), SEED, SCALE, WEIGHTS, RESCALE),
 )
 
 DARE_TIES = replace(
@@ -43,4 +51,5 @@ DARE_TIES = replace(
     title="DARE + TIES sign election",
     formula="out = b + scale * disjoint_mean(elect(m_t * tau_t / density))",
     combine=TIES_COMBINE,
+    params=(*DARE.params, ELECT, DISJOINT),
 )

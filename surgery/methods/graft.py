@@ -8,6 +8,8 @@ sparse patch (``patch``: flat indices + values per tensor), a tiny file; ``apply
 base. Sparse patches can also keep the top ``density`` per tensor, or a Breadcrumbs band.
 """
 
+from dataclasses import replace
+
 from surgery.methods.breadcrumbs import BAND
 from surgery.methods.spec import REGION, SCALE, Method, Param, density, granularity, outliers
 
@@ -41,6 +43,23 @@ APPLY_PATCH = Method(
     output="scatter",
     tokenizer_from="last",
     base_hashes="check",
+)
+
+# Several patches (or dense diffs) in one pass (Ansell et al., ACL 2022, arXiv 2110.07560): the same
+# scatter output with per-patch scales; inputs taken from different bases are refused unless forced.
+COMPOSE = replace(
+    APPLY_PATCH,
+    name="compose",
+    title="Composed sparse patches",
+    paper="https://arxiv.org/abs/2110.07560",
+    formula="out = b + scale * sum_i s_i p_i (overlapping entries added; untouched entries keep b)",
+    max_models=None,
+    params=(
+        SCALE,
+        Param("scales", "weights", None, "per-patch multipliers s1,s2,... (default all 1)"),
+        Param("force_base", "bool", False, "compose patches taken from different bases"),
+    ),
+    roles="base: the target model; models: sparse patches (or dense diffs) taken from that base",
 )
 
 GRAFT = Method(

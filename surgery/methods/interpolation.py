@@ -12,7 +12,8 @@ Model Stock (Jang et al., ECCV 2024, arXiv 2403.19522): per tensor, cos = mean p
 task vectors, k = T cos / (1 + (T-1) cos), out = k * mean_t f_t + (1 - k) * b. cos is clamped to
 [0, 1]: the paper's geometry assumes fine-tunes at similar angles; for opposed task vectors the
 formula would extrapolate away from both (and divide by zero at cos = -1/(T-1)), so we return b.
-A pair with a zero task vector counts as cos 0.
+A pair with a zero task vector counts as cos 0. ``cos_min = -1`` drops the clamp (mergekit's
+behaviour; k = 0 at the singularity).
 """
 
 import math
@@ -34,13 +35,15 @@ def _linear_apply(be, x: Operands, coeffs, scale, out) -> None:
 
 
 def slerp_coefficients(gram, params: Mapping[str, object], n_models: int = 2) -> tuple[float, float]:
-    """[c0, c1] with out = c0 v0 + c1 v1 (float64 math; the engine rounds them once to float32)."""
+    """[c0, c1] with out = c0 v0 + c1 v1 (float64 math; the engine rounds them once to float32);
+    linear when |cos| > ``linear_above`` (mergekit uses 0.9995)."""
     t = float(params["t"])
+    linear_above = float(params.get("linear_above", 1.0 - 1e-6))
     n0, n1 = math.sqrt(gram[0, 0]), math.sqrt(gram[1, 1])
     if n0 == 0.0 or n1 == 0.0:
         return 1.0 - t, t
     cos = max(-1.0, min(1.0, gram[0, 1] / (n0 * n1)))
-    if abs(cos) > 1.0 - 1e-6:
+    if abs(cos) > linear_above:
         return 1.0 - t, t
     omega = math.acos(cos)
     s = math.sin(omega)
@@ -52,15 +55,18 @@ def _slerp_apply(be, x: Operands, coeffs, scale, out) -> None:
 
 
 def model_stock_k(gram, params: Mapping[str, object] | None = None, n_models: int = 0) -> tuple[float]:
-    """(k,): k = T cos / (1 + (T-1) cos), cos = mean pairwise cosine of the task vectors, in [0, 1]."""
+    """(k,): k = T cos / (1 + (T-1) cos), cos = mean pairwise cosine of the task vectors clamped to
+    [cos_min, 1] (default 0); k = 0 (the base) where the denominator vanishes (cos_min < 0 only)."""
+    cos_min = float((params or {}).get("cos_min", 0.0))
     T = gram.shape[0]
     cosines = []
     for s in range(T):
         for t in range(s + 1, T):
             denom = math.sqrt(gram[s, s]) * math.sqrt(gram[t, t])
             cosines.append(gram[s, t] / denom if denom > 0 else 0.0)
-    cos = min(1.0, max(0.0, sum(cosines) / len(cosines)))
-    return (T * cos / (1.0 + (T - 1) * cos),)
+    cos = min(1.0, max(cos_min, sum(cosines) / len(cosines)))
+    denominator = 1.0 + (T - 1) * cos
+    return (0.0 if abs(denominator) < 1e-6 else T * cos / denominator,)
 
 
 def _model_stock_apply(be, x: Operands, coeffs, scale, out) -> None:
@@ -93,7 +99,10 @@ SLERP = Method(
     needs_base=False,
     max_models=2,
     endpoints=2,
-    params=(Param("t", "float", 0.5, "interpolation factor: 0 = first endpoint, 1 = second"),),
+    params=(
+        Param("t", "float", 0.5, "interpolation factor: 0 = first endpoint, 1 = second"),
+        Param("linear_above", "float", 1.0 - 1e-6, "|cos| above which SLERP interpolates linearly"),
+    ),
 )
 
 MODEL_STOCK = Method(
@@ -103,4 +112,5 @@ MODEL_STOCK = Method(
     formula="k = T cos / (1 + (T-1) cos); out = k * mean_t f_t + (1 - k) * b",
     combine=STOCK,
     min_models=2,
+    params=(Param("cos_min", "float", 0.0, "lower clamp of the mean cosine (-1: no clamp, as mergekit)"),),
 )

@@ -39,7 +39,7 @@ def matrix_role(name: str, ndim: int) -> str:
 KEY_POLICY_PARAM = Param("key_policy", "fixed", KEY_POLICY, "which tensors get the per-matrix method")
 
 
-def needs_whole(name: str, shape: tuple[int, ...]) -> bool:
+def needs_whole(name: str, shape: tuple[int, ...], params: object = None) -> bool:
     """The engine hands whole tensors only to the tensors the method factors (the rest stream)."""
     return matrix_role(name, len(shape)) != "mean"
 

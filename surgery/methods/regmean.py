@@ -79,7 +79,7 @@ def _gram_set(folder: str):
 _SETS: dict = {}  # Gram folder -> GramSet (its index is read once per process)
 
 
-def _whole(name: str, shape: tuple[int, ...]) -> bool:
+def _whole(name: str, shape: tuple[int, ...], params: object = None) -> bool:
     return len(shape) == 2 and place(name).position == "block"
 
 

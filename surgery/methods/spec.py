@@ -23,7 +23,7 @@ GRANULARITIES = ("per_tensor", "per_row", "global")
 @dataclass(frozen=True)
 class Param:
     name: str
-    kind: str  # "float", "int", "weights", "choice", "regex", "fixed", "files" (one path per model)
+    kind: str  # "float", "int", "weights", "choice", "regex", "bool", "fixed", "files" (one path per model)
     default: object
     help: str
     choices: tuple[str, ...] = ()
@@ -40,15 +40,22 @@ class Slice:
     band: Any  # ranks.Band of this tensor (or the whole model) for model t; None: rank per row
     params: Mapping[str, object]  # the job's parameters
     scratch: Any  # a reusable uint64 buffer of ``cols`` entries
+    selected: Any = None  # a keyed stage: ascending flat indices this tensor keeps (``Sparsify.key``)
 
 
 @dataclass(frozen=True)
 class Sparsify:
-    """How each task vector is thinned before the combine, in place: ``apply(backend, tau_t, slice)``."""
+    """How each task vector is thinned before the combine, in place: ``apply(backend, tau_t, slice)``.
+
+    ``key(base_matrix, params)``: rank by a whole-matrix key computed from the BASE tensor (float32,
+    >= 0, same shape) instead of |tau|; the engine keeps the top floor(density * numel) entries of
+    each 2-D tensor by that key (ties by lower index; other shapes keep nothing) and hands the stage
+    their flat indices (``Slice.selected``). LIFT's principal weights are such a key."""
 
     name: str
     needs_ranks: bool  # exact rank thresholds from reduce passes (per tensor / per row / global)
     apply: Callable[[Any, Any, Slice], None]
+    key: Callable[[Any, Mapping[str, object]], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -77,7 +84,8 @@ class Combine:
 
     ``coefficients(gram, params, n_models)`` gives the per-tensor scalars the apply needs (weights,
     SLERP's [c0, c1], Model Stock's [k]) once per tensor; ``gram`` is the Gram matrix of
-    ``gram_over`` ("inputs" or "tau") over the whole tensor, or None. ``apply(backend, operands,
+    ``gram_over`` ("inputs" or "tau": the task vectors, or the models themselves when the recipe
+    has no base) over the whole tensor (upper triangle filled), or None. ``apply(backend, operands,
     coeffs, scale, out)`` writes the float32 output chunk in place.
 
     ``adds_update``: the output is ``base + scale * update(tau)``; the engine then folds LiNeS into
@@ -85,8 +93,9 @@ class Combine:
     the output is an interpolation of the inputs and LiNeS rescales ``out - inputs[0]`` afterwards.
     ``whole_matrix``: the stage needs every input's whole tensor at once (a per-matrix SVD); the
     engine then hands it one chunk holding the whole tensor when it fits the memory budget. A
-    predicate ``(tensor name, shape) -> bool`` asks for whole tensors only where it is true (the
-    others stream in chunks as usual: an embedding need not fit the budget to be averaged).
+    predicate ``(tensor name, shape, parameters) -> bool`` asks for whole tensors only where it is
+    true (the others stream in chunks as usual: an embedding need not fit the budget to be averaged;
+    NuSLERP needs whole tensors only for per-row or per-column slerps).
     """
 
     name: str
@@ -95,11 +104,11 @@ class Combine:
     apply: Callable[..., None]
     coefficients: Callable[[Any, Mapping[str, object], int], tuple[float, ...]] | None = None
     gram_over: Literal["inputs", "tau"] | None = None
-    whole_matrix: bool | Callable[[str, tuple[int, ...]], bool] = False
+    whole_matrix: bool | Callable[[str, tuple[int, ...], Mapping[str, object]], bool] = False
 
-    def wants_whole(self, tensor: str, shape: tuple[int, ...]) -> bool:
+    def wants_whole(self, tensor: str, shape: tuple[int, ...], params: Mapping[str, object]) -> bool:
         w = self.whole_matrix
-        return bool(w(tensor, shape) if callable(w) else w)
+        return bool(w(tensor, shape, params) if callable(w) else w)
 
 
 @dataclass(frozen=True)
@@ -142,6 +151,20 @@ SUM = Combine("sum", uses_tau=True, adds_update=True, apply=_sum_apply, coeffici
 
 
 @dataclass(frozen=True)
+class Pick:
+    """Output kind "pick": every element of a tensor is input 0's or input 1's, bit for bit.
+
+    ``rules(jobs, params, backend, parallel, chunks)`` decides, before anything is written, a rule
+    per tensor (tensors without one take input 1): ``rule.mask(start, count, x0, x1, backend, state)``
+    is True where elements start..start+count-1 take input 0, ``rule.fresh()`` the per-run state
+    passed back in (tie counters; None when there is none). ``parallel(fn, items)`` maps over worker
+    threads, ``chunks(job)`` yields (x0, x1) float32 chunks of a tensor in index order."""
+
+    name: str
+    rules: Callable[..., Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
 class Method:
     """A merge method: metadata for users (name, title, paper, formula, roles, parameters) and the
     stages the engine runs (``sparsify``, ``combine``, ``tau_from``). Variants: ``replace(spec, ...)``."""
@@ -159,8 +182,10 @@ class Method:
     endpoints: int | None = None  # SLERP: exactly this many inputs (a base counts as one)
     tau_from: TauFrom = TAU_MODELS
     # What is written: "dense" (b + update), "update" (the update alone: a diff), "patch" (sparse
-    # indices + values of the selected update), "scatter" (b + a sparse patch).
-    output: Literal["dense", "update", "patch", "scatter"] = "dense"
+    # indices + values of the selected update), "scatter" (b + sparse patches), "pick" (each element
+    # from input 0 or input 1, see ``Pick``).
+    output: Literal["dense", "update", "patch", "scatter", "pick"] = "dense"
+    pick: Pick | None = None  # output "pick": which input each element comes from
     config_from: Literal["base", "last"] = "base"  # config.json: from input 0 or the last input
     tokenizer_from: Literal["base", "last"] = "base"  # tokenizer, chat template, generation config
     # Content hashes of input 0: "record" them in the manifest (a diff), "check" them against the
@@ -181,6 +206,8 @@ class Method:
         """Passes over the inputs: rank thresholds take two reduce passes, a Gram matrix one."""
         if self.sparsify is not None and self.sparsify.needs_ranks and params.get("granularity") != "per_row":
             return 3
+        if self.pick is not None and params.get("select", "random") != "random":
+            return 3 if params.get("by") == "element" else 2  # relative updates first
         return 2 if self.combine.gram_over is not None else 1
 
 

@@ -6,6 +6,10 @@ Disjoint mean: per element, the weighted mean of the trimmed values whose sign i
     merged = sum_{t: sign = s} w_t * trimmed_t / sum_{t: sign = s} w_t
 (the paper's disjoint mean when all w_t = 1; weights applied after election).
     out = b + scale * merged
+
+mergekit's variant (``elect: weighted``): s = +1 where sum_t w_t trimmed_t >= 0, else -1 (weights
+before election, zero sums elect +; mergekit's ``get_mask``); ``disjoint: sum`` leaves out the
+division by sum_{t: sign = s} w_t (mergekit's ``normalize: false``).
 """
 
 from dataclasses import replace
@@ -17,6 +21,7 @@ from surgery.methods.spec import (
     Combine,
     Method,
     Operands,
+    Param,
     density,
     granularity,
     weights_or_ones,
@@ -24,8 +29,38 @@ from surgery.methods.spec import (
 
 
 def _ties_apply(be, x: Operands, coeffs, scale, out) -> None:
-    be.combine_ties(x.base, x.tau, coeffs, scale, out)
+    if x.params.get("elect", "unweighted") == "unweighted" and x.params.get("disjoint", "mean") == "mean":
+        be.combine_ties(x.base, x.tau, coeffs, scale, out)
+    else:
+        _ties_variant(x, coeffs, scale, out)
 
+
+def _ties_variant(x: Operands, coeffs, scale, out) -> None:
+    """Weighted election and/or disjoint sum, in float32 numpy (the same on every backend)."""
+    import numpy as np
+
+    w = np.asarray(coeffs, np.float32)
+    weighted = x.tau * w[:, None]
+    if x.params.get("elect") == "weighted":
+        total = np.zeros_like(out)
+        for t in range(len(w)):
+            total += weighted[t]
+        positive = total >= 0
+        selected = np.where(positive, weighted > 0, weighted < 0)
+    else:  # the paper's election on the unweighted sum; a zero sum selects nothing
+        total = x.tau.sum(axis=0, dtype=np.float32)
+        selected = ((x.tau > 0) & (total > 0)) | ((x.tau < 0) & (total < 0))
+    num = np.where(selected, weighted, np.float32(0)).sum(axis=0, dtype=np.float32)
+    if x.params.get("disjoint", "mean") == "mean":
+        den = np.where(selected, w[:, None], np.float32(0)).sum(axis=0, dtype=np.float32)
+        num = num / np.where(den == 0, np.float32(1), den)
+    np.copyto(out, x.base + np.float32(scale) * num)
+
+
+ELECT = Param("elect", "choice", "unweighted", "sign election on sum tau_t, or on sum w_t tau_t (mergekit)",
+              ("unweighted", "weighted"))  # fmt: skip
+DISJOINT = Param("disjoint", "choice", "mean", "agreeing updates: weighted mean (paper), or sum (mergekit)",
+                 ("mean", "sum"))  # fmt: skip
 
 # Sign election and disjoint mean over the (sparsified) task vectors.
 TIES_COMBINE = Combine(
@@ -39,7 +74,7 @@ TIES = Method(
     formula="out = b + scale * disjoint_mean(elect(topk_density(tau_t)))",
     sparsify=BAND,  # a band with outliers = 0 is a top-k
     combine=TIES_COMBINE,
-    params=(density(0.2), granularity(), SCALE, WEIGHTS),
+    params=(density(0.2), granularity(), SCALE, WEIGHTS, ELECT, DISJOINT),
 )
 
 # Breadcrumbs' band (arXiv 2312.06795) with TIES' election: a variant is data.
@@ -49,4 +84,5 @@ BREADCRUMBS_TIES = replace(
     title="Model Breadcrumbs with TIES sign election",
     formula="out = b + scale * disjoint_mean(elect(band_mask_t * tau_t))",
     combine=TIES_COMBINE,
+    params=(*BREADCRUMBS.params, ELECT, DISJOINT),
 )

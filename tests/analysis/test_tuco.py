@@ -128,10 +128,10 @@ def test_alpha_one_reproduces_finetuned(pair):
     pt, ft = pair
     tok = make_tokenizer()
     res = steered_generate(pt, ft, "abcd=", 1.0, max_new_tokens=10, tokenizer=tok)
-    assert res["token_ids"] == plain_greedy(ft, res["prompt_ids"], 10)
+    assert res["tokens"] == plain_greedy(ft, res["prompt_tokens"], 10)
     # alpha = 1 through the hooks (not the shortcut) agrees too
     res2 = steered_generate(pt, ft, "abcd=", 1.0 + 1e-12, max_new_tokens=10, tokenizer=tok)
-    assert res2["token_ids"] == res["token_ids"]
+    assert res2["tokens"] == res["tokens"]
 
 
 def test_alpha_zero_uses_pretrained_blocks(pair):
@@ -146,13 +146,13 @@ def test_alpha_zero_uses_pretrained_blocks(pair):
                 p.add_(0.3 * torch.randn_like(p))
     tok = make_tokenizer()
     res = steered_generate(pt, ft2, "abcd=", 0.0, max_new_tokens=10, tokenizer=tok)
-    assert res["token_ids"] == plain_greedy(pt, res["prompt_ids"], 10)
+    assert res["tokens"] == plain_greedy(pt, res["prompt_tokens"], 10)
 
 
 def test_alpha_invariant_for_identical_models(pair):
     pt = pair[0]
     tok = make_tokenizer()
-    outs = {a: steered_generate(pt, pt, "abc=", a, 8, tok)["token_ids"] for a in (0.0, 0.5, 1.0, 2.0)}
+    outs = {a: steered_generate(pt, pt, "abc=", a, 8, tok)["tokens"] for a in (0.0, 0.5, 1.0, 2.0)}
     assert len({tuple(v) for v in outs.values()}) == 1
 
 
@@ -204,4 +204,4 @@ def test_cli_generate(saved_pair):
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     ft = transformers.AutoModelForCausalLM.from_pretrained(r / "ft", local_files_only=True).eval()
-    assert data["token_ids"] == plain_greedy(ft, data["prompt_ids"], 5)
+    assert data["tokens"] == plain_greedy(ft, data["prompt_tokens"], 5)

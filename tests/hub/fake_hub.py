@@ -9,7 +9,8 @@ It implements what huggingface_hub 2.4 calls with Xet disabled (``HF_HUB_DISABLE
 - download: ``GET /api/models/{repo}[/revision/{rev}]`` (model info with ``sha`` and ``siblings``),
   ``GET /api/models/{repo}/tree/{rev}`` (the listing ``snapshot_download`` filters), and
   ``HEAD``/``GET /{repo}/resolve/{rev}/{path}`` with ``X-Repo-Commit``, ``ETag``, ``Content-Length`` and, for
-  LFS files, ``X-Linked-Etag``/``X-Linked-Size``; ``Range`` requests resume a download.
+  LFS files, ``X-Linked-Etag``/``X-Linked-Size``; ``Range: bytes=A-[B]`` requests (resumed downloads,
+  streamed reads) answer 206 with ``Content-Range``; ``FakeHub.range_log`` keeps (repo, file, Range).
 
 Errors carry the headers the client maps to its exception types (``X-Error-Code: RepoNotFound``,
 ``RevisionNotFound``, ``EntryNotFound``, ``GatedRepo``). Failure injection (``FakeHub.faults``):
@@ -85,6 +86,7 @@ class FakeHub:
         self.faults: dict = {"upload_500": 0, "drop": {}, "drop_after": 0, "reject_token": False}
         self.log: list[tuple[str, str]] = []  # (method, path) of every request
         self.ranges: list[tuple[str, str | None]] = []  # (file path, Range header) of every file GET
+        self.range_log: list[tuple[str, str, str | None]] = []  # (repo, file, Range) of file GETs
         self.seen_headers: list[str] = []  # every request header line, to check what the client sends
         self.yaml_checked: list[str] = []
         self.lock = threading.Lock()
@@ -441,15 +443,21 @@ class _Handler(BaseHTTPRequestHandler):
             headers["X-Linked-Size"] = str(len(data))
         if head:
             return self._send(200, data, {**headers, "Content-Length": str(len(data))}, head=True)
-        start = 0
+        start, end = 0, len(data)
         status = 200
+        m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
         with self.state.lock:
             self.state.ranges.append((path, self.headers.get("Range")))
-        m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
+            self.state.range_log.append((repo_id, path, self.headers.get("Range")))
         if m:
             start, status = int(m.group(1)), 206
-            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
-        body = data[start:]
+            end = min(len(data), int(m.group(2)) + 1) if m.group(2) else len(data)
+            if start >= len(data):
+                return self._error(
+                    416, "Range Not Satisfiable", None, **{"Content-Range": f"bytes */{len(data)}"}
+                )
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
+        body = data[start:end]
         with self.state.lock:
             drops = self.state.faults["drop"]
             drop = drops.get(path, 0) > 0

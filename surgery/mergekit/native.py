@@ -1,0 +1,226 @@
+"""A resolved mergekit config as one of our recipes, where the same math exists.
+
+mergekit's options are translated onto our parameters so that the numbers are mergekit's, not the
+papers' (our own recipes keep the papers' semantics):
+
+    task_arithmetic   b + lambda * sum_t w_t tau_t [/ sum_t w_t if normalize]      -> task_arithmetic
+    linear            sum_t w_t f_t / sum_t w_t (the base, when named, is an input)  -> linear
+    ties              elect: weighted (w_t tau_t before election), disjoint: mean | sum (normalize)
+    slerp             linear_above 0.9995 (mergekit's threshold);  model_stock  cos_min -1 (no clamp)
+    dare_linear       rescale: l1 (mergekit's default), or without rescale weights w_t * density
+    breadcrumbs(_ties) density >= 1 keeps everything (gamma is then ignored), as in mergekit
+    passthrough       the slices' layer ranges, stacked and renumbered              -> passthrough
+    nearswap          t -> distance;  sce  select_topk -> density;  karcher  max_iter, tol
+    nuslerp           weights; nuslerp_flatten / nuslerp_row_wise -> vectors: flat | rows | columns
+    multislerp        weights, normalize_weights, eps
+
+Per-tensor values (gradients, filters) become the recipe's ``per_tensor`` entries. Whatever has no
+exact translation yet (merging slices whose sources sit at other layer indices, L1 rescale after a
+top-k, row-wise nuslerp, ...) is listed, all reasons at once, in one ``not supported yet`` error.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from surgery.errors import RecipeError
+from surgery.mergekit.config import MergekitConfig, ModelRef, OutputSlice
+from surgery.mergekit.methods import MkMethod, get_mk_method, require_runnable
+from surgery.mergekit.resolve import TensorSpec
+from surgery.ranks import rank_count
+from surgery.recipe import Recipe, make_recipe
+
+
+def native_recipe(
+    config: MergekitConfig,
+    method: MkMethod,
+    specs: list[TensorSpec],
+    numel: Callable[[str], int],
+    slices: tuple[OutputSlice, ...] = (),
+) -> Recipe:
+    """Our recipe computing what mergekit computes for this config, or an error listing why not.
+
+    Values that differ between tensors (gradients, filters) go to the recipe's ``per_tensor``;
+    passthrough's slices become the recipe's ``slices``."""
+    require_runnable(method)
+    reasons: list[str] = []
+    if method.name == "passthrough":
+        return _stack(config, specs, slices, reasons)
+    first = specs[0]
+    if any(s.models != first.models or s.sources != (s.name,) * len(s.sources) for s in specs):
+        reasons.append(
+            "slices that stack or move layers (output layers read from other layer indices or models)"
+        )
+    tok = config.tokenizer_source
+    if tok not in (None, "base") and not (first.has_base and tok == str(first.models[0])):
+        reasons.append(f"tokenizer_source: {tok} (a tokenizer other than the base's)")
+    translated = [_translate(method.name, s.shared, s.per_model, numel(s.name), reasons) for s in specs]
+    if reasons:
+        raise _refuse(method, reasons)
+    name, params = translated[0]
+    per_tensor = {}
+    for spec, (_, p) in zip(specs, translated):
+        own = {k: v for k, v in p.items() if v != params[k]}
+        if own:
+            per_tensor[spec.name] = own
+    models = [m.source for m in first.models]
+    base = models.pop(0) if first.has_base else None
+    dtype = config.out_dtype or config.dtype
+    return make_recipe(name, models, base, params, dtype, per_tensor=per_tensor)
+
+
+def _stack(
+    config: MergekitConfig, specs: list[TensorSpec], slices: tuple[OutputSlice, ...], reasons: list[str]
+) -> Recipe:
+    """passthrough: the slices' models (each once, in order of appearance) and their layer ranges."""
+    if any(s.per_model["scale"][0] is not None for s in specs):
+        reasons.append("scale")
+    if config.tokenizer_source not in (None, "base"):
+        reasons.append(f"tokenizer_source: {config.tokenizer_source}")
+    if reasons:
+        raise _refuse(get_mk_method("passthrough"), reasons)
+    models: list[ModelRef] = []
+    for s in slices:
+        if s.sources[0].model not in models:
+            models.append(s.sources[0].model)
+    stack = [
+        {"model": models.index(s.sources[0].model), "layers": list(s.sources[0].layer_range)} for s in slices
+    ]
+    dtype = config.out_dtype or config.dtype
+    return make_recipe("passthrough", [m.source for m in models], None, {}, dtype, slices=stack)
+
+
+def _refuse(method: MkMethod, reasons: list[str]) -> RecipeError:
+    listed = "; ".join(dict.fromkeys(reasons))
+    return RecipeError(
+        f"mergekit config: merge_method {method.name} with {listed} is not supported yet",
+        hint="see README.md, 'Coming from mergekit', for what runs as is",
+    )
+
+
+def _translate(name: str, shared: dict, per_model: dict, numel: int, reasons: list[str]) -> tuple[str, dict]:
+    if name == "linear":
+        if not shared["normalize"]:
+            reasons.append("normalize: false")
+        return "linear", {"weights": list(per_model["weight"])}
+    if name == "slerp":  # mergekit: linear above |cos| 0.9995 (ours: 1 - 1e-6)
+        return "slerp", {"t": float(shared["t"]), "linear_above": 0.9995}
+    if name == "model_stock":  # mergekit does not clamp the mean cosine to [0, 1]
+        if shared["filter_wise"]:
+            reasons.append("filter_wise: true (one Model Stock ratio per row)")
+        return "model_stock", {"cos_min": -1.0}
+    if name in _SPHERICAL:
+        return name, _SPHERICAL[name](shared, per_model, reasons)
+    return _task_arithmetic_family(name, shared, per_model, numel, reasons)
+
+
+def _nuslerp(shared: dict, per_model: dict, reasons: list[str]) -> dict:
+    """nuslerp_flatten (default) slerps whole tensors; otherwise per row, or per column (vectors
+    along the first axis) with nuslerp_row_wise."""
+    vectors = "flat" if shared["nuslerp_flatten"] else "columns" if shared["nuslerp_row_wise"] else "rows"
+    return {"weights": [float(w) for w in per_model["weight"]], "vectors": vectors}
+
+
+def _multislerp(shared: dict, per_model: dict, reasons: list[str]) -> dict:
+    normalize = "true" if shared["normalize_weights"] else "false"
+    weights = [float(w) for w in per_model["weight"]]
+    return {"weights": weights, "normalize_weights": normalize, "eps": float(shared["eps"])}
+
+
+def _sce(shared: dict, per_model: dict, reasons: list[str]) -> dict:
+    """select_topk is the fraction kept (>= 1: all; int8_mask changes memory only)."""
+    topk = float(shared["select_topk"])
+    if topk <= 0.0:
+        reasons.append(f"select_topk {topk} (keeps nothing: the base)")
+    return {"density": min(1.0, max(topk, 1e-6))}
+
+
+def _karcher(shared: dict, per_model: dict, reasons: list[str]) -> dict:
+    max_iter = float(shared["max_iter"])
+    if max_iter != int(max_iter) or max_iter < 0:
+        reasons.append(f"max_iter {max_iter}")
+    return {"max_iter": max(0, int(max_iter)), "tol": float(shared["tol"])}
+
+
+# mergekit's spherical methods, SCE and NearSwap: the same math under our parameter names.
+_SPHERICAL: dict[str, Callable[[dict, dict, list[str]], dict]] = {
+    "nearswap": lambda shared, per_model, reasons: {"distance": float(shared["t"])},
+    "nuslerp": _nuslerp,
+    "multislerp": _multislerp,
+    "karcher": _karcher,
+    "sce": _sce,
+}
+
+
+_NATIVE = {
+    "task_arithmetic": "task_arithmetic",
+    "ties": "ties",
+    "dare_linear": "dare",
+    "dare_ties": "dare_ties",
+    "breadcrumbs": "breadcrumbs",
+    "breadcrumbs_ties": "breadcrumbs_ties",
+}
+
+
+def _task_arithmetic_family(
+    name: str, shared: dict, per_model: dict, n: int, reasons: list[str]
+) -> tuple[str, dict]:
+    """One tensor's values. The method stays the same for every tensor (density 1 keeps all)."""
+    weights = [float(w) for w in per_model["weight"]]
+    divisor = sum(weights) if shared["normalize"] and abs(sum(weights)) >= 1e-8 else 1.0
+    params: dict = {"scale": float(shared["lambda"])}
+    densities = [min(1.0, _finite(d, "density", reasons)) for d in per_model["density"]]
+    # mergekit skips a model's sparsification (gamma included) when its density is >= 1
+    gammas = [
+        _finite(g, "gamma", reasons) if d < 1 else 0.0 for g, d in zip(per_model.get("gamma", ()), densities)
+    ]
+    sparsified = name != "task_arithmetic" and min(densities) < 1.0
+    dare = name in ("dare_linear", "dare_ties")
+    if shared["rescale"] and sparsified and not dare:
+        reasons.append("rescale: true with magnitude pruning (L1 rescale after a top-k)")
+    ties = name in ("ties", "dare_ties", "breadcrumbs_ties")
+    if ties:  # weights before election; normalize divides by the agreeing weights
+        params.update(weights=weights, elect="weighted", disjoint="mean" if shared["normalize"] else "sum")
+    else:
+        params["weights"] = [w / divisor for w in weights]
+    if name == "task_arithmetic":
+        return "task_arithmetic", params
+    if min(densities) <= 0.0:
+        reasons.append(f"density {min(densities)}")
+        return _NATIVE[name], params
+    density = densities[0] if len(set(densities)) == 1 else densities
+    if dare:
+        if shared["rescale"]:  # masked tau back to the L1 norm of tau (the 1/p is then irrelevant)
+            return _NATIVE[name], {**params, "density": density, "rescale": "l1"}
+        # ours keeps m tau / density, mergekit m tau: fold the density back in
+        if not ties:
+            params["weights"] = [w * d for w, d in zip(params["weights"], densities)]
+        elif isinstance(density, float):
+            params["scale"] *= density
+        elif params["disjoint"] == "sum":
+            params["weights"] = [w * d for w, d in zip(weights, densities)]
+        else:
+            reasons.append("different density per model with rescale: false and normalize: true")
+        return _NATIVE[name], {**params, "density": density, "rescale": "none"}
+    # magnitude (ties) and magnitude_outliers (breadcrumbs): mergekit counts int(x * n) in floats
+    for d, g in zip(densities, gammas or [0.0] * len(densities)):
+        keep, top = int(d * n), int(g * n)
+        if (
+            (max(1, keep) if name == "ties" else keep) != rank_count(d, n)
+            or top != rank_count(g, n)
+            or keep + top > n
+        ):
+            reasons.append(f"density {d} / gamma {g} on a tensor of {n} entries (rank rounding)")
+            break
+    params.update(density=density, granularity="per_tensor")
+    if name != "ties":
+        params["outliers"] = gammas[0] if len(set(gammas)) == 1 else gammas
+    return _NATIVE[name], params
+
+
+def _finite(value: object, key: str, reasons: list[str]) -> float:
+    value = float(value)  # type: ignore[arg-type]
+    if not math.isfinite(value):
+        reasons.append(f"{key} {value}")
+    return value

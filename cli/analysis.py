@@ -190,6 +190,11 @@ def render_stats(report, per_tensor: bool = False) -> str:
             ("sign-conflict rate (of all entries)", pairs, lambda s: s.conflict_rates, "{:.2%}"),
         ]
     out = [f"{len(report.models)} fine-tune(s) of {report.base}: {report.overall.tensors} tensors"]
+    for model, ranks in zip(models, report.adapter_ranks):
+        if ranks:
+            values = sorted(set(ranks.values()))
+            shown = str(values[0]) if len(values) == 1 else f"{values[0]}..{values[-1]}"
+            out.append(f"{model}: LoRA adapter, rank {shown} on {len(ranks)} tensors")
     for title, columns, values, fmt in sections:
         body = [[s.label] + ["-" if v is None else fmt.format(v) for v in values(s)] for s in rows]
         out += ["", title, _table(["tensor" if per_tensor else "layer", *columns], body)]

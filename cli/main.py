@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 from surgery_cli.hub import push_after_run, push_command, push_options
+from surgery_cli.lora import as_lora_options, extract_lora_command, lora_rule, write_as_lora
 from surgery_cli.options import THREADS, check_device, check_max_memory, refuse_unused
 
 from surgery.methods import METHODS  # numpy-free: the flags below come from the registry
@@ -413,13 +414,14 @@ def _param_flags(fn):
 )
 @click.option("--lines-beta", type=float, default=None, help="LiNeS beta [default: 1 - alpha].")
 @lines_outside_option
+@as_lora_options
 @output_options
 @engine_options
 @click.pass_context
 def merge(ctx: click.Context, models: tuple[str, ...], base: str | None, method_name: str | None,
           density, outliers, scale, filters, weights, granularity, t, seed, rho, eta, wudi_steps, wudi_lr,
           wudi_weight_power, calibration, regmean_alpha, max_length, use_lines, lines_alpha,
-          lines_beta, lines_outside, dtype, max_shard_size, **engine) -> None:  # fmt: skip
+          lines_beta, lines_outside, dtype, max_shard_size, as_lora, **engine) -> None:  # fmt: skip
     """Merge fine-tunes MODELS of one base into a new checkpoint.
 
     \b
@@ -427,6 +429,7 @@ def merge(ctx: click.Context, models: tuple[str, ...], base: str | None, method_
     surgery merge FT_A FT_B --ties --density 0.2 -o merged/
     surgery merge FT_A FT_B --tsv-merge -o merged/        (also --iso-c, --iso-cts, --cart, --star, --wudi)
     surgery merge FT_A FT_B --regmean --calibration a.jsonl --calibration b.jsonl -o merged/
+    surgery merge ADAPTER_A ADAPTER_B --base BASE --ties --as-lora --rank 16 -o merged-lora/
     """
     from surgery.bases import base_from_cards
     from surgery.errors import RecipeError
@@ -460,7 +463,11 @@ def merge(ctx: click.Context, models: tuple[str, ...], base: str | None, method_
     else:
         refuse_unused(ctx, ("lines_alpha", "lines_beta", "lines_outside"), "without --lines",
                       hint="add --lines to scale the merged update by block depth")  # fmt: skip
-    recipe = make_recipe(method, list(models), base, params, dtype, max_shard_size, lines, per_tensor)
+    rule = lora_rule(ctx, as_lora, engine)  # with --as-lora, --dtype is the dtype of the LoRA factors
+    merged_dtype = None if as_lora else dtype
+    recipe = make_recipe(method, list(models), base, params, merged_dtype, max_shard_size, lines, per_tensor)
+    if as_lora and not engine["dry_run"]:
+        return write_as_lora(recipe, rule, dtype, **engine)
     run_recipe(ctx, recipe, **engine)
 
 
@@ -904,6 +911,7 @@ from surgery_cli.forward import generate_command, localize_command, tuco_command
 cli.add_command(tuco_command)
 cli.add_command(generate_command)
 cli.add_command(localize_command)
+cli.add_command(extract_lora_command)
 
 from surgery_cli.tune import tune_command  # noqa: E402
 

@@ -6,12 +6,13 @@ card names; an explicit base that no card names is allowed but worth a warning.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
 
 from surgery.errors import InputNotFoundError, RecipeError, SurgeryError
-from surgery.files import CARD
+from surgery.files import ADAPTER_CONFIG, CARD
 from surgery.hub import parse_hub_id, resolve
 
 
@@ -32,15 +33,28 @@ def front_matter(readme: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def adapter_base(folder: Path) -> str | None:
+    """A PEFT adapter folder's ``base_model_name_or_path`` (None: not an adapter, or none named)."""
+    path = folder / ADAPTER_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        base = json.loads(path.read_text()).get("base_model_name_or_path")
+    except (ValueError, AttributeError):
+        return None  # opening the adapter reports the broken file
+    return base if isinstance(base, str) and base else None
+
+
 def card_base(model: str) -> str | None:
-    """The base that ``model``'s card names as ``base_model``: a local folder (a relative path is
+    """The base that ``model``'s card names as ``base_model`` (a LoRA adapter: the
+    ``base_model_name_or_path`` of its adapter_config.json first): a local folder (a relative path is
     resolved against the fine-tune's folder, never the current directory), else a Hub id; None when
     the card names no single base."""
     root = resolve(model)  # a Hub fine-tune: its card comes with it
     if not root.exists():
         raise InputNotFoundError(f"{model}: no such folder or file", hint="check the path", path=str(model))
     folder = root if root.is_dir() else root.parent
-    base = front_matter(folder / CARD).get("base_model")
+    base = adapter_base(folder) or front_matter(folder / CARD).get("base_model")
     if isinstance(base, list) and len(base) == 1:
         base = base[0]
     if not isinstance(base, str) or not base:

@@ -175,8 +175,11 @@ class LocalFiles:
 def open_checkpoint(source: str | os.PathLike) -> Checkpoint:
     """Open a checkpoint folder, ``.safetensors`` file or Hub repo ``owner/name[@revision]`` (downloaded
     into the Hugging Face cache), reading and validating headers only."""
-    path = resolve(source)
-    text = str(source)
+    return open_resolved(str(source), resolve(source))
+
+
+def open_resolved(text: str, path: Path) -> Checkpoint:
+    """Open the checkpoint ``text`` names, already resolved to a local ``path`` (folder or file)."""
     if path.is_file():
         if path.suffix != ".safetensors":
             raise CorruptCheckpointError(

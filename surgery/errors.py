@@ -87,3 +87,7 @@ class Interrupted(SurgeryError):
 
 class BackendError(SurgeryError, ConnectionError):
     """A distributed backend (Ray) could not be reached, or lost the run."""
+
+
+class MemoryBudgetError(SurgeryError, MemoryError):
+    """One unit of work (a matrix to factor) needs more memory than the budget allows."""

@@ -12,9 +12,12 @@ RECIPE = "surgery_recipe.yaml"  # the recipe that produced the folder: `surgery 
 MANIFEST = "surgery_diff.json"  # a diff or patch: which base it was taken from
 INTRUDERS = "surgery_intruders.json"  # `surgery intruders --mitigate`: what was scaled
 STAGING = ".surgery-partial"  # a folder holding it is an unfinished run, never a checkpoint
+ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter folder: its config ...
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # ... and its weights
+LORA_REPORT = "surgery_lora.json"  # an extracted adapter: rank and energy kept per module
 LOCK = "lock"  # in STAGING: flock'ed by the process writing the folder, holds its pid
 # A folder holding one of these (or STAGING) is an output surgery wrote: --overwrite may replace it.
-MARKERS = (RECIPE, MANIFEST, INTRUDERS)
+MARKERS = (RECIPE, MANIFEST, INTRUDERS, LORA_REPORT)
 
 # Files copied beside the weights from the config / tokenizer source.
 SIDE_FILES = (
@@ -28,6 +31,8 @@ SIDE_FILES = (
 def written_by_surgery(name: str) -> bool:
     """Whether a top-level file of an output folder is one that surgery writes there."""
     if name in (INDEX, SINGLE, CONFIG, CARD, RECIPE, MANIFEST, INTRUDERS, STAGING) or name in SIDE_FILES:
+        return True
+    if name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_REPORT):  # extract-lora
         return True
     # model-00001-of-00002.safetensors
     parts = name.removesuffix(".safetensors").split("-")

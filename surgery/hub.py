@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from surgery.errors import InputNotFoundError, OutputError, SurgeryError
-from surgery.files import CARD, CONFIG, INDEX, MANIFEST, RECIPE, SIDE_FILES, SINGLE, STAGING
+from surgery.files import ADAPTER_CONFIG, CARD, CONFIG, INDEX, MANIFEST, RECIPE, SIDE_FILES, SINGLE, STAGING
 
-# Read beside the weights, with the tokenizer and chat-template files of SIDE_FILES.
-EXTRA_FILES = (CONFIG, INDEX, CARD, MANIFEST)
+# Read beside the weights, with the tokenizer and chat-template files of SIDE_FILES (and a LoRA
+# adapter's config, whose weights file is then the only top-level safetensors file).
+EXTRA_FILES = (CONFIG, INDEX, CARD, MANIFEST, ADAPTER_CONFIG)
 _PART = r"[\w](?:[\w.-]{0,94}[\w])?"  # a namespace or name, as huggingface_hub.utils.validate_repo_id
 _HUB_ID = re.compile(rf"(?P<repo>{_PART}/{_PART})(?:@(?P<revision>[^\s@]+))?")
 _COMMIT = re.compile(r"[0-9a-f]{40}")

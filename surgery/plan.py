@@ -211,8 +211,8 @@ def build_plan(recipe: Recipe, sources: InputOptions | None = None) -> Plan:
     cache_ranges = input_passes(recipe) > 1  # streamed or URL inputs read more than once: keep ranges
     inputs: list[Checkpoint] = []
     try:
-        for source in recipe.inputs:
-            inputs.append(open_input(source, sources, cache_ranges))
+        for i, source in enumerate(recipe.inputs):
+            inputs.append(open_input(source, sources, cache_ranges, base=_adapter_base(recipe, i)))
         if recipe.spec.output == "scatter":
             return _plan_scatter(recipe, inputs)
         if recipe.slices or recipe.spec.name == "passthrough":
@@ -222,6 +222,15 @@ def build_plan(recipe: Recipe, sources: InputOptions | None = None) -> Plan:
         for ckpt in inputs:
             ckpt.close()
         raise
+
+
+def _adapter_base(recipe: Recipe, i: int) -> str | None:
+    """The model input ``i`` would be applied to if it is a LoRA adapter: the base its task vector is
+    taken against (transfer: the old base), else None (the adapter's own base_model_name_or_path)."""
+    inputs = recipe.inputs
+    if recipe.spec.tau_from is TAU_PAIRS:  # (new base, old base, old fine-tune)
+        return inputs[1] if i == 2 else None
+    return recipe.base if recipe.base and i > 0 else None
 
 
 def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:

@@ -35,3 +35,13 @@ def test_the_checker_finds_a_cycle_hidden_in_a_function_and_oversized_code(tmp_p
 
 def test_surgery_has_no_cycle_no_big_class_no_big_module():
     assert load_checker().check(ROOT / "surgery") == []
+
+
+def test_every_package_ships_in_the_wheel():
+    """A subpackage missing from pyproject's list works in an editable install and breaks a real one."""
+    tomllib = __import__("pytest").importorskip("tomllib")
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "surgery").rglob("__init__.py")} | {
+        "surgery_cli"
+    }
+    assert found - listed == set()

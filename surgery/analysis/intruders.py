@@ -44,7 +44,8 @@ from surgery.analysis._common import (
 )
 from surgery.checkpoint import Checkpoint, open_checkpoint
 from surgery.errors import OutputError, RecipeError
-from surgery.files import INTRUDERS
+from surgery.files import CONFIG, INTRUDERS
+from surgery.inputs import open_input
 from surgery.names import natural_key, place
 
 SVD_CACHE_VERSION = 1
@@ -381,7 +382,7 @@ def find_intruders(
     """
     _check_params(k, eps, eps_grid)
     cache = _prepare_cache(cache_dir)
-    with open_checkpoint(base) as base_ck, open_checkpoint(finetuned) as ft_ck:
+    with open_checkpoint(base) as base_ck, open_input(finetuned, base=str(base)) as ft_ck:
         names, skipped = select_matrices(base_ck, ft_ck, include)
         _require_some(names, base, finetuned, include)
         matrices = tuple(
@@ -433,7 +434,7 @@ def mitigate_intruders(
         raise RecipeError(f"--mitigate needs a finite lambda, got {lam}")
     out = Path(output).expanduser()
     cache = _prepare_cache(cache_dir)
-    with open_checkpoint(base) as base_ck, open_checkpoint(finetuned) as ft_ck:
+    with open_checkpoint(base) as base_ck, open_input(finetuned, base=str(base)) as ft_ck:
         names, skipped = select_matrices(base_ck, ft_ck, include)
         _require_some(names, base, finetuned, include)
         params = {"lambda": lam, "k": k, "eps": eps, "include": include, "conv1d": conv1d}
@@ -477,6 +478,8 @@ def mitigate_intruders(
                 lam=lam, output=str(out), modified=tuple(modified),
             )  # fmt: skip
             side = side_files_of(ft_ck.root)
+            if CONFIG not in side and ft_ck.config() is not None:  # a LoRA adapter: its base's config
+                side[CONFIG] = (json.dumps(ft_ck.config(), indent=2) + "\n").encode()
             side[MITIGATION_NAME] = (json.dumps(report.to_dict(), indent=2) + "\n").encode()
             writer.finalize(side)
     return report

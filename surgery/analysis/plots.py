@@ -106,3 +106,19 @@ def _save(plt, fig, path: str | Path) -> Path:
     finally:
         plt.close(fig)
     return path
+
+
+def plot_lora_extraction(report, path: str | Path) -> Path:
+    """Per extracted matrix (in network order): the rank kept, and the fraction of ||tau||_F kept."""
+    plt = _pyplot()
+    mods = report.modules
+    xs = list(range(len(mods)))
+    fig, axes = plt.subplots(2, 1, figsize=(max(6, 0.12 * len(mods) + 3), 5.5), dpi=100, sharex=True)
+    axes[0].bar(xs, [m.rank for m in mods])
+    axes[0].set_title("rank kept per matrix", fontsize=10)
+    axes[1].plot(xs, [m.frobenius_kept for m in mods], marker=".")
+    axes[1].set_title("fraction of ||tau||_F kept", fontsize=10)
+    axes[1].set_ylim(0, 1.02)
+    axes[1].set_xlabel("matrix (network order)")
+    fig.tight_layout()
+    return _save(plt, fig, path)

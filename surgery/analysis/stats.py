@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from surgery.adapters import AdapterCheckpoint
 from surgery.analysis._common import (
     compile_include,
     layer_label,
@@ -44,6 +45,7 @@ from surgery.analysis._common import (
 from surgery.analysis.lift_overlap import LiftOverlap, lift_overlap
 from surgery.checkpoint import Checkpoint, open_checkpoint
 from surgery.errors import RecipeError
+from surgery.inputs import open_input
 from surgery.names import natural_key
 
 # progress(done, total, tensor name)
@@ -174,6 +176,9 @@ class StatsReport:
     layers: tuple[DiffStats, ...]  # in network order
     overall: DiffStats
     skipped: tuple[tuple[str, str], ...]  # (tensor, reason)
+    # per model: the LoRA rank r of every tensor an adapter input changes (None: a full fine-tune).
+    # The effective rank of tau says less for an adapter: rounding to the weights' dtype adds noise.
+    adapter_ranks: tuple[dict[str, int] | None, ...] = ()
     lift: LiftOverlap | None = None  # --lift-rank: top-D |tau| against LIFT's principal weights
 
     def to_dict(self) -> dict:
@@ -182,6 +187,7 @@ class StatsReport:
         return lift | {
             "base": self.base,
             "models": list(self.models),
+            "adapter_ranks": list(self.adapter_ranks),
             "pairs": [[self.models[i], self.models[j]] for i, j in pairs],
             "overall": self.overall.to_dict(pairs),
             "layers": [s.to_dict(pairs) for s in self.layers],
@@ -223,7 +229,7 @@ def diff_stats(
     models = []
     try:
         for path in finetuned:
-            models.append(open_checkpoint(path))
+            models.append(open_input(path, base=str(base)))
         names, skipped = _select(base_ck, models, pattern)
         if not names:
             raise RecipeError(
@@ -232,6 +238,9 @@ def diff_stats(
                 hint="check the tensor names with `surgery inspect`",
             )
         pairs = tuple(combinations(range(len(models)), 2))
+        adapter_ranks = tuple(
+            ck.layout.effective_ranks() if isinstance(ck, AdapterCheckpoint) else None for ck in models
+        )
         per_tensor = []
         for done, name in enumerate(names):
             per_tensor.append(
@@ -258,6 +267,7 @@ def diff_stats(
         layers=layers,
         overall=combine(per_tensor, "all"),
         skipped=tuple(skipped),
+        adapter_ranks=adapter_ranks,
         lift=lift,
     )
 

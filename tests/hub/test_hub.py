@@ -376,6 +376,29 @@ def child_cli(out: str, from_cards: str) -> dict:
     return out
 
 
+def child_merge_adapters(tmp: str, local_adapter: str) -> dict:
+    """`surgery merge alice/lora` (base from the adapter's config) vs the local adapter and base."""
+    from click.testing import CliRunner
+    from surgery_cli.main import cli
+
+    from surgery.hub import resolve
+
+    runner = CliRunner()
+    hub = runner.invoke(cli, ["merge", "alice/lora", "--scale", "0.5", "-o", f"{tmp}/hub", "-q"])
+    assert hub.exit_code == 0, hub.output
+    local = runner.invoke(cli, ["merge", local_adapter, "--scale", "0.5", "-o", f"{tmp}/out_local", "-q"])
+    assert local.exit_code == 0, local.output
+    same = (
+        Path(f"{tmp}/hub/model.safetensors").read_bytes()
+        == Path(f"{tmp}/out_local/model.safetensors").read_bytes()
+    )
+    return {
+        "same": same,
+        "files": sorted(p.name for p in resolve("alice/lora").iterdir()),
+        "recipe": Path(f"{tmp}/hub/surgery_recipe.yaml").read_text(),
+    }
+
+
 def test_dropped_download_resumes_by_range(tmp_path, family, fake_hub, run_child):
     """A connection that drops mid-file is resumed from the last chunk written (HTTP Range), not
     restarted, and the file is byte-identical. huggingface_hub's own retry does the resuming; surgery

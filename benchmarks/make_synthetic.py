@@ -5,7 +5,9 @@
 
 writes ``OUT/base``, ``OUT/ft1`` .. ``OUT/ftN``, each a Hugging Face style sharded checkpoint
 (``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json`` + ``config.json``), and
-``OUT/synthetic.json`` (the parameters used) once everything is written.
+``OUT/synthetic.json`` (the parameters used) once everything is written. ``--blocks N`` writes only the first
+N decoder blocks at the shape's widths: a slice on which per-matrix methods are timed at real
+matrix sizes.
 
 Values: every matrix of the base is N(0, 0.02) (Llama's ``initializer_range``), norm weights are
 1 + N(0, 0.05); fine-tune k is ``base + update_scale * rms(w) * N(0, 1)``, computed in float32 from
@@ -325,11 +327,14 @@ def params_of(args) -> dict:
         "tie": resolve_dims(args)["tie"],
         "shard_bytes": resolve_dims(args)["shard"],
         "version": 1,
-    }
+    } | ({"blocks": args.blocks} if args.blocks is not None else {})
 
 
 def resolve_dims(args) -> dict:
     dims = dict(SHAPES[args.shape])
+    if args.blocks is not None:
+        # a slice: the real widths (so real matrix sizes), fewer decoder blocks
+        dims["layers"] = args.blocks
     if args.tie is not None:
         dims["tie"] = args.tie
     if args.shard_size:
@@ -396,6 +401,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--shape", choices=sorted(SHAPES), required=True)
     ap.add_argument("--out", required=True, help="folder; gets base/, ft1/ .. ftN/")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--blocks",
+        type=int,
+        help="decoder blocks written (default: the shape's); e.g. --shape 1b --blocks 2 is a "
+        "slice with Llama-3.2-1B's matrix sizes",
+    )
     ap.add_argument("--finetunes", type=int, default=2)
     ap.add_argument(
         "--update-scale",

@@ -139,6 +139,12 @@ def run_recipe(ctx: click.Context, recipe, output: Path, max_memory: str, thread
     options = EngineOptions(
         parse_size(max_memory), threads, device, overwrite, allow_nonfinite=allow_nonfinite
     )
+    if range_cache is not None and not stream:
+        from surgery.urls import is_url
+
+        if not any(is_url(s) for s in (recipe.base, *recipe.models) if s):
+            refuse_unused(ctx, ["range_cache"], "without --stream or URL inputs",
+                          hint="add --stream to read Hub inputs by range")  # fmt: skip
     plan = build_plan(recipe, InputOptions(stream, range_cache))
     try:
         if dry_run:

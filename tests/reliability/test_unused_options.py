@@ -22,6 +22,9 @@ def fam(make_family):
         (["--density", "0.5"], "method task_arithmetic takes no parameter 'density'"),
         (["--ties", "--seed", "3"], "method ties takes no parameter 'seed'"),
         (["--dare", "--t", "0.3"], "method dare takes no parameter 't'"),
+        (["--range-cache", "rc"], "--range-cache does nothing without --stream or URL inputs"),
+        (["--ties", "--rho", "0.1"], "method ties takes no parameter 'rho'"),
+        (["--rank", "4"], "--rank does nothing without --as-lora"),
     ],
 )
 def test_merge_refuses_unused_options(invoke, fam, tmp_path, extra, needle):

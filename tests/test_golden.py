@@ -63,6 +63,18 @@ MERGES = [("task_arithmetic", ["merge", "{ft1}", "{ft2}", "--base", "{base}"]),
           ("graft", ["graft", "{base}", "{ft1}", "--density", "0.05"]),
           ("graft_patch_region", ["graft", "{base}", "{ft1}", "--density", "0.2", "--region", "mlp", "--patch"]),
           ("transfer", ["transfer", "--from", "{base}", "--finetuned", "{ft1}", "--to", "{ft2}", "--scale", "0.9"]),
+          # added after the redesign, with the methods of the second wave that need no SVD (LAPACK results
+          # may differ across machines): their bytes are pinned from here on
+          ("nearswap", ["merge", "{ft1}", "--base", "{base}", "--nearswap", "--distance", "0.01"]),
+          ("nuslerp_base", ["merge", "{ft1}", "{ft2}", "--base", "{base}", "--nuslerp", "--weights", "1,2"]),
+          ("multislerp", ["merge", "{ft1}", "{ft2}", "{ft3}", "--base", "{base}", "--multislerp"]),
+          ("karcher", ["merge", "{ft1}", "{ft2}", "--karcher"]),
+          ("sce", ["merge", "{ft1}", "{ft2}", "--base", "{base}", "--sce", "--density", "0.5"]),
+          ("ties_gradient_filter", ["merge", "{ft1}", "{ft2}", "--base", "{base}", "--ties", "--density", "0.3:0.8",
+                                    "--filter", "mlp:density=0.5"]),
+          ("reset_matrix", ["reset", "{base}", "{ft1}", "--fraction", "0.5", "--seed", "1"]),
+          ("reset_element_smallest", ["reset", "{base}", "{ft1}", "--fraction", "0.5", "--by", "element",
+                                      "--select", "smallest-update"]),
           ]  # fmt: skip
 for _method in ("breadcrumbs", "breadcrumbs_ties", "ties"):
     for _g in GRANULARITIES:

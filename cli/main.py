@@ -61,8 +61,9 @@ class SurgeryGroup(click.Group):
             if not isinstance(exc, SurgeryError) or ctx.meta.get("surgery.debug"):
                 raise
             click.echo(f"error: {exc.message}", err=True)
-            if exc.hint:
-                click.echo(f"hint: {exc.hint}", err=True)
+            # the rule is error + hint: an error raised without one still says where to look
+            hint = exc.hint or "see `surgery COMMAND --help`; `surgery --debug ...` shows where it failed"
+            click.echo(f"hint: {hint}", err=True)
             ctx.exit(1)
 
 
@@ -449,7 +450,10 @@ def merge(ctx: click.Context, models: tuple[str, ...], base: str | None, method_
             raise RecipeError(f"{spec.name} is not a merge method", hint=f"use `surgery {spec.command}`")
         chosen.append(spec.name)
     if len(set(chosen)) > 1:
-        raise RecipeError(f"choose one method, not {' and '.join(sorted(set(chosen)))}")
+        raise RecipeError(
+            f"choose one method, not {' and '.join(sorted(set(chosen)))}",
+            hint="give one method flag (or --method NAME); `surgery methods` lists them",
+        )
     method = chosen[0] if chosen else "task_arithmetic"
     if base is None and get_method(method).needs_base:
         base = base_from_cards(list(models))

@@ -31,6 +31,7 @@ def refuse_unused(
         from surgery.errors import RecipeError
 
         what = " and ".join(given)
+        hint = hint or f"leave it out, or see `surgery {ctx.info_name} --help` for what it goes with"
         raise RecipeError(f"{what} {'does' if len(given) == 1 else 'do'} nothing {why}", hint=hint)
 
 

@@ -124,7 +124,11 @@ class Checkpoint:
         try:
             return json.loads(path.read_text())
         except json.JSONDecodeError as exc:
-            raise CorruptCheckpointError(f"{path} is not valid JSON: {exc}", path=str(path)) from None
+            raise CorruptCheckpointError(
+                f"{path} is not valid JSON: {exc}",
+                hint="the file is damaged: download or copy it again",
+                path=str(path),
+            ) from None
 
     def fingerprint(self) -> list[list]:
         """Identity of the inputs for resuming: local files' names, sizes and modification times;
@@ -263,7 +267,11 @@ def _read_index(index_path: Path) -> dict[str, str]:
     try:
         index = json.loads(index_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptCheckpointError(f"{index_path} is not valid JSON: {exc}", path=str(index_path)) from None
+        raise CorruptCheckpointError(
+            f"{index_path} is not valid JSON: {exc}",
+            hint="the file is damaged: download or copy it again",
+            path=str(index_path),
+        ) from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()

@@ -85,7 +85,11 @@ def open_output(
     out = Path(out)
     check_output_folder(out, inputs)
     if out.exists() and not out.is_dir():
-        raise OutputError(f"output {out} exists and is not a folder", path=str(out))
+        raise OutputError(
+            f"output {out} exists and is not a folder",
+            hint="surgery writes a folder: pass -o a new or empty folder",
+            path=str(out),
+        )
     staging = out / STAGING
     made_out = not out.exists()
     made_staging = not staging.exists()

@@ -52,7 +52,11 @@ def read_manifest(root: Path) -> dict | None:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise CorruptCheckpointError(f"{path} is not valid JSON: {exc}", path=str(path)) from None
+        raise CorruptCheckpointError(
+            f"{path} is not valid JSON: {exc}",
+            hint="the file is damaged: download or copy it again",
+            path=str(path),
+        ) from None
     if not isinstance(data, dict) or data.get("format") != "surgery-diff":
         raise CorruptCheckpointError(f"{path} is not a surgery diff manifest", path=str(path))
     return data

@@ -250,6 +250,19 @@ def _resolve_parameters(spec: Method, given: dict, n_models: int) -> dict:
 def _check_parameter(
     spec: Method, name: str, kind: str, value: object, choices: tuple, n_models: int
 ) -> object:
+    """A parameter's value, checked; every refusal carries a hint (the rule: error + hint)."""
+    try:
+        return _check_value(spec, name, kind, value, choices, n_models)
+    except RecipeError as exc:
+        if exc.hint:
+            raise
+        raise RecipeError(
+            exc.message,
+            hint=f"`surgery methods` lists {spec.name}'s parameters with their meaning and defaults",
+        ) from None
+
+
+def _check_value(spec: Method, name: str, kind: str, value: object, choices: tuple, n_models: int) -> object:
     where = f"{spec.name}: {name}"
     if kind == "weights":
         return _check_weights(where, value, n_models)

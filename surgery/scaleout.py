@@ -305,7 +305,11 @@ def join_output(out: Path, plan: Plan) -> int:
     """
     check_output_folder(out, input_paths(plan))
     if out.exists() and not out.is_dir():
-        raise OutputError(f"output {out} exists and is not a folder", path=str(out))
+        raise OutputError(
+            f"output {out} exists and is not a folder",
+            hint="surgery writes a folder: pass -o a new or empty folder",
+            path=str(out),
+        )
     staging = out / STAGING
     staging.mkdir(parents=True, exist_ok=True)
     fd = os.open(staging / LOCK, os.O_RDWR | os.O_CREAT, 0o644)

@@ -20,6 +20,7 @@ def assert_fails(result, *needles: str, hint: str | None = None) -> str:
     message = "\n".join(lines[first:])
     for needle in needles:
         assert needle in message, (needle, err)
+    assert "\nhint: " in message, f"no hint line (the rule: error + hint): {err}"
     if hint is not None:
         assert f"hint: {hint}" in message, err
     return message

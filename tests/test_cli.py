@@ -43,6 +43,7 @@ def assert_error(result, *needles: str, hint: str | None = None) -> str:
     assert "Traceback" not in err
     for needle in needles:
         assert needle in err, (needle, err)
+    assert "\nhint: " in err, f"no hint line (the rule: error + hint): {err}"
     if hint is not None:
         assert f"hint: {hint}" in err, err
     return err

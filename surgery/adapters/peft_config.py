@@ -131,7 +131,11 @@ def read_settings(folder: Path) -> LoraSettings:
     try:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptCheckpointError(f"{path} is not valid JSON: {exc}", path=str(path)) from None
+        raise CorruptCheckpointError(
+            f"{path} is not valid JSON: {exc}",
+            hint="the file is damaged: download or copy it again",
+            path=str(path),
+        ) from None
     if not isinstance(raw, dict):
         raise CorruptCheckpointError(f"{path} is not a JSON object", path=str(path))
     kind = raw.get("peft_type", "LORA")

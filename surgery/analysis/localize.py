@@ -82,7 +82,9 @@ def read_examples(path: str | Path) -> list[tuple[str, str]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise RecipeError(f"{path}:{i} is not valid JSON: {exc}", path=str(path)) from None
+            raise RecipeError(
+                f"{path}:{i} is not valid JSON: {exc}", hint="one JSON object a line", path=str(path)
+            ) from None
         if not (
             isinstance(row, dict)
             and isinstance(row.get("prompt"), str)

@@ -183,7 +183,9 @@ def read_prompts(path: str | Path) -> list[str]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise RecipeError(f"{path}:{i} is not valid JSON: {exc}", path=str(path)) from None
+            raise RecipeError(
+                f"{path}:{i} is not valid JSON: {exc}", hint="one JSON object a line", path=str(path)
+            ) from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise RecipeError(f"{path}:{i} has no string field 'prompt'", path=str(path))
         prompts.append(row["prompt"])

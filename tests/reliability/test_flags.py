@@ -155,3 +155,33 @@ def test_localize_lr_must_be_positive(tmp_path):
 
     with pytest.raises(RecipeError, match="lr must be a positive number"):
         localize(tmp_path / "b", tmp_path / "f", [("a", "b")] * 5, 0.1, tmp_path / "o", lr=-1.0)
+
+
+@pytest.mark.parametrize(
+    "args, needle, hint",
+    [
+        (["reset", "{base}", "{ft}", "--fraction", "2"], "half_reset: fraction = 2.0 is outside [0, 1]",
+         "`surgery methods` lists half_reset's parameters"),
+        (["merge", "{ft}", "--base", "{base}", "--ties", "--breadcrumbs"], "choose one method, not breadcrumbs and ties",
+         "give one method flag"),
+    ],
+)  # fmt: skip
+def test_parameter_and_method_errors_carry_a_hint(invoke, fam, tmp_path, args, needle, hint):
+    base, (ft, _) = fam
+    before = snapshot(tmp_path)
+    result = invoke(*[a.format(base=base, ft=ft) for a in args], "-o", tmp_path / "out", "-q")
+    assert_fails(result, needle, hint=hint)
+    assert snapshot(tmp_path) == before
+
+
+def test_an_error_raised_without_a_hint_still_gets_one(invoke, tmp_path, monkeypatch):
+    """The CLI's fallback: the rule is error + hint, whichever library error escapes without one."""
+    import surgery.inspect
+    from surgery.errors import RecipeError
+
+    def describe(path, stream):
+        raise RecipeError("something specific went wrong")
+
+    monkeypatch.setattr(surgery.inspect, "describe", describe)
+    result = invoke("inspect", tmp_path)
+    assert_fails(result, "something specific went wrong", hint="see `surgery COMMAND --help`")

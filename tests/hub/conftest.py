@@ -27,10 +27,13 @@ FT_CARD = "---\nlicense: apache-2.0\nbase_model: alice/base\n---\n\n# a fine-tun
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 RESULT = "@@child-result@@"
-_CHILD = (
-    "import json, sys, test_hub; "
-    f"print({RESULT!r} + json.dumps(getattr(test_hub, sys.argv[1])(*json.loads(sys.argv[2]))))"
-)
+
+
+def _child_code(module: str) -> str:
+    return (
+        f"import json, sys, {module}; "
+        f"print({RESULT!r} + json.dumps(getattr({module}, sys.argv[1])(*json.loads(sys.argv[2]))))"
+    )
 
 
 @pytest.fixture
@@ -62,23 +65,22 @@ def hub_env(tmp_path, fake_hub) -> dict[str, str]:
     return env
 
 
-@pytest.fixture
-def run_child(hub_env):
-    """``run_child(name, *args, env=None)`` -> what ``test_hub.<name>(*args)`` returned in a fresh process."""
+def _child_runner(hub_env: dict, module: str, timeout: float):
+    """``run(name, *args, env=None)`` -> what ``<module>.<name>(*args)`` returned in a fresh process."""
 
     def run(name: str, *args, env: dict | None = None):
         proc = subprocess.run(
             [
                 sys.executable,
                 "-c",
-                _CHILD,
+                _child_code(module),
                 name,
                 json.dumps([str(a) if isinstance(a, Path) else a for a in args]),
             ],
             env={**hub_env, **(env or {})},
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=timeout,
         )
         output = proc.stdout + proc.stderr
         assert TEST_TOKEN not in output, f"the token leaked into the output of {name}"
@@ -87,6 +89,18 @@ def run_child(hub_env):
         return json.loads(line[len(RESULT) :])
 
     return run
+
+
+@pytest.fixture
+def run_child(hub_env):
+    """``run_child(name, *args, env=None)`` -> what ``test_hub.<name>(*args)`` returned in a fresh process."""
+    return _child_runner(hub_env, "test_hub", timeout=120)
+
+
+@pytest.fixture
+def child_runner(hub_env):
+    """``child_runner(module, timeout)``: a ``run_child`` for the functions of another test module."""
+    return lambda module, timeout: _child_runner(hub_env, module, timeout)
 
 
 @pytest.fixture

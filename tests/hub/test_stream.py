@@ -9,49 +9,19 @@ byte with the same merge of the local folders. Children run in fresh interpreter
 from __future__ import annotations
 
 import json
-import os
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from fake_hub import TEST_TOKEN
 
 PROBE = "bytes=0-99999"  # surgery.remote.HEADER_PROBE
-RESULT = "@@child-result@@"
-_CHILD = (
-    "import json, sys, test_stream; "
-    f"print({RESULT!r} + json.dumps(getattr(test_stream, sys.argv[1])(*json.loads(sys.argv[2]))))"
-)
 INPUTS = {"alice/sharded": "sharded", "alice/ft1": "ft1", "alice/ft2": "ft2"}  # base first
 
 
 @pytest.fixture
-def stream_child(hub_env):
-    def run(name: str, *args, env: dict | None = None):
-        # Keep this process's import path too: the CLI package of a worktree is found through it.
-        path = os.pathsep.join(p for p in (hub_env["PYTHONPATH"], os.environ.get("PYTHONPATH")) if p)
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                _CHILD,
-                name,
-                json.dumps([str(a) if isinstance(a, Path) else a for a in args]),
-            ],
-            env={**hub_env, "PYTHONPATH": path, **(env or {})},
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
-        output = proc.stdout + proc.stderr
-        assert TEST_TOKEN not in output, f"the token leaked into the output of {name}"
-        assert proc.returncode == 0, f"{name} failed:\n{output[-6000:]}"
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT)][-1]
-        return json.loads(line[len(RESULT) :])
-
-    return run
+def stream_child(child_runner):
+    """``stream_child(name, *args)`` -> what ``test_stream.<name>(*args)`` returned in a fresh process."""
+    return child_runner("test_stream", timeout=180)
 
 
 @pytest.fixture

@@ -121,14 +121,7 @@ class Checkpoint:
         path = self.root / CONFIG
         if not path.is_file():
             return None
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise CorruptCheckpointError(
-                f"{path} is not valid JSON: {exc}",
-                hint="the file is damaged: download or copy it again",
-                path=str(path),
-            ) from None
+        return read_json(path)
 
     def fingerprint(self) -> list[list]:
         """Identity of the inputs for resuming: local files' names, sizes and modification times;
@@ -263,15 +256,20 @@ def open_folder(
     )
 
 
-def _read_index(index_path: Path) -> dict[str, str]:
+def read_json(path: Path) -> object:
+    """A JSON side file (config, index, manifest, adapter config); a damaged one is a clear error."""
     try:
-        index = json.loads(index_path.read_text())
+        return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorruptCheckpointError(
-            f"{index_path} is not valid JSON: {exc}",
+            f"{path} is not valid JSON: {exc}",
             hint="the file is damaged: download or copy it again",
-            path=str(index_path),
+            path=str(path),
         ) from None
+
+
+def _read_index(index_path: Path) -> dict[str, str]:
+    index = read_json(index_path)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()

@@ -18,14 +18,13 @@ target is the base the diff came from.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from surgery.checkpoint import Checkpoint
+from surgery.checkpoint import Checkpoint, read_json
 from surgery.errors import CorruptCheckpointError, InputNotADiffError
 from surgery.files import MANIFEST
 from surgery.names import natural_key
@@ -49,14 +48,7 @@ def read_manifest(root: Path) -> dict | None:
     path = root / MANIFEST
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CorruptCheckpointError(
-            f"{path} is not valid JSON: {exc}",
-            hint="the file is damaged: download or copy it again",
-            path=str(path),
-        ) from None
+    data = read_json(path)
     if not isinstance(data, dict) or data.get("format") != "surgery-diff":
         raise CorruptCheckpointError(f"{path} is not a surgery diff manifest", path=str(path))
     return data

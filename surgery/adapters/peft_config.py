@@ -17,12 +17,12 @@ refused with an error rather than merged wrongly.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from surgery.checkpoint import read_json
 from surgery.errors import CorruptCheckpointError, InputNotFoundError, RecipeError
 from surgery.files import ADAPTER_CONFIG as CONFIG_NAME
 
@@ -128,14 +128,7 @@ def read_settings(folder: Path) -> LoraSettings:
         raise InputNotFoundError(
             f"no {CONFIG_NAME} in {folder}", hint="name a PEFT adapter folder", path=str(path)
         )
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptCheckpointError(
-            f"{path} is not valid JSON: {exc}",
-            hint="the file is damaged: download or copy it again",
-            path=str(path),
-        ) from None
+    raw = read_json(path)
     if not isinstance(raw, dict):
         raise CorruptCheckpointError(f"{path} is not a JSON object", path=str(path))
     kind = raw.get("peft_type", "LORA")

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from surgery.errors import InputNotFoundError, RecipeError
+from surgery.jsonl import lines_of, looks_like_jsonl, parse_line
 
 MAX_LENGTH = 512  # tokens per text (longer texts are truncated)
 INDEX = "grams.json"
@@ -45,9 +46,11 @@ def read_texts(path: str | os.PathLike) -> list[str]:
         raise InputNotFoundError(
             f"calibration file {p} does not exist", hint="pass --calibration FILE", path=str(p)
         )
-    lines = [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-    jsonl = p.suffix == ".jsonl" or (lines and lines[0].lstrip().startswith("{"))
-    texts = [_text_field(p, i, line) for i, line in enumerate(lines, 1)] if jsonl else lines
+    lines = lines_of(p)
+    if looks_like_jsonl(p, lines):
+        texts = [_text_field(p, i, line) for i, line in lines]
+    else:
+        texts = [line for _, line in lines]
     if not texts:
         raise RecipeError(
             f"calibration file {p} holds no text", hint="one example per line (or JSONL `text`)"
@@ -56,12 +59,7 @@ def read_texts(path: str | os.PathLike) -> list[str]:
 
 
 def _text_field(path: Path, lineno: int, line: str) -> str:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise RecipeError(
-            f"{path}:{lineno}: not valid JSON ({exc.msg})", hint="one JSON object a line"
-        ) from None
+    record = parse_line(path, lineno, line)
     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
         raise RecipeError(f"{path}:{lineno}: no string field `text`", hint='write {"text": "..."} per line')
     return record["text"]

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from surgery.errors import InputNotFoundError, OutputError, RecipeError
+from surgery.jsonl import lines_of, parse_line
 
 RESULTS = "surgery_tune.json"
 PLOT = "surgery_tune.png"
@@ -96,15 +97,8 @@ def read_eval(path: str | os.PathLike) -> EvalSet:
     if not p.is_file():
         raise InputNotFoundError(f"eval file {p} does not exist", hint="pass --eval FILE.jsonl", path=str(p))
     qa, texts = [], []
-    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise RecipeError(
-                f"{p}:{lineno}: not valid JSON ({exc.msg})", hint="one JSON object a line"
-            ) from None
+    for lineno, line in lines_of(p):
+        rec = parse_line(p, lineno, line)
         if (
             isinstance(rec, dict)
             and isinstance(rec.get("prompt"), str)

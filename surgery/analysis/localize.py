@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.errors import InputNotFoundError, RecipeError
+from surgery.jsonl import lines_of, parse_line
 
 __all__ = ["LocalizeReport", "compare_patches", "gamma", "localize", "read_examples", "region_names"]
 
@@ -76,15 +77,8 @@ def read_examples(path: str | Path) -> list[tuple[str, str]]:
     if not path.is_file():
         raise InputNotFoundError(f"{path} does not exist", hint="pass a JSONL file", path=str(path))
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise RecipeError(
-                f"{path}:{i} is not valid JSON: {exc}", hint="one JSON object a line", path=str(path)
-            ) from None
+    for i, line in lines_of(path):
+        row = parse_line(path, i, line)
         if not (
             isinstance(row, dict)
             and isinstance(row.get("prompt"), str)

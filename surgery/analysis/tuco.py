@@ -28,7 +28,6 @@ both models' layers consistent and is fine for small models but quadratic in the
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.errors import IncompatibleTensorsError, InputNotFoundError, RecipeError
+from surgery.jsonl import lines_of, looks_like_jsonl, parse_line
 
 __all__ = [
     "TucoReport",
@@ -174,18 +174,12 @@ def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise InputNotFoundError(f"{path} does not exist", hint="pass a text or JSONL file", path=str(path))
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    jsonl = path.suffix == ".jsonl" or (lines and lines[0].lstrip().startswith("{"))
-    if not jsonl:
-        return lines
+    lines = lines_of(path)
+    if not looks_like_jsonl(path, lines):
+        return [line for _, line in lines]
     prompts = []
-    for i, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise RecipeError(
-                f"{path}:{i} is not valid JSON: {exc}", hint="one JSON object a line", path=str(path)
-            ) from None
+    for i, line in lines:
+        row = parse_line(path, i, line)
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise RecipeError(f"{path}:{i} has no string field 'prompt'", path=str(path))
         prompts.append(row["prompt"])

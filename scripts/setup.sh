@@ -11,5 +11,4 @@ fi
 python -m pip install -q --upgrade pip
 # The CPU wheel first: an open torch range with no torch installed would pull a multi-GB CUDA build.
 python -m pip install -q "torch==2.13.0"
-# ray: the Ray backend's tests (a real local Ray cluster) run in scripts/test.sh.
-python -m pip install -q -e ".[test,ray]"
+python -m pip install -q -e ".[test]"

@@ -363,7 +363,12 @@ def _param_flags(fn):
     metavar="NAME_PART:PARAM=VALUE",
     help="Per-tensor override, e.g. self_attn:density=0.5 or mlp:scale=0.2:1 (first match wins).",
 )
-@click.option("--weights", default=None, help="Per-model weights w1,w2,... [default: all 1].")
+@click.option(
+    "--weights",
+    default=None,
+    help="Per-model weights w1,w2,...; each a number or a gradient over the blocks, e.g. "
+    "0.2:1.0,1.0:0.2 [default: all 1].",
+)
 @click.option(
     "--granularity",
     type=click.Choice(GRANULARITIES),
@@ -460,9 +465,9 @@ def merge(ctx: click.Context, models: tuple[str, ...], base: str | None, method_
         click.echo(f"base: {base} (the base_model of every fine-tune's model card)", err=True)
     elif base is not None:
         warn_contradicting_cards(base, list(models))
-    params, per_tensor = _schedules({"density": density, "outliers": outliers, "scale": scale, "t": t},
-                                    filters, base or models[0])  # fmt: skip
-    params |= {"weights": weights, "granularity": granularity, "seed": seed, "rho": rho, "eta": eta,
+    given = {"density": density, "outliers": outliers, "scale": scale, "t": t, "weights": weights}
+    params, per_tensor = _schedules(given, filters, base or models[0])
+    params |= {"granularity": granularity, "seed": seed, "rho": rho, "eta": eta,
                "wudi_steps": wudi_steps, "wudi_lr": wudi_lr, "wudi_weight_power": wudi_weight_power,
                "calibration": list(calibration) or None, "regmean_alpha": regmean_alpha,
                "max_length": max_length}  # fmt: skip
@@ -482,7 +487,8 @@ def merge(ctx: click.Context, models: tuple[str, ...], base: str | None, method_
 
 
 def _schedules(given: dict, filters: tuple[str, ...], reference: str) -> tuple[dict, dict]:
-    """--scale 0.2:1.0 and --filter self_attn:density=0.5 as recipe parameters + per_tensor values."""
+    """--scale 0.2:1.0, --weights 0.2:1,1:0.2 and --filter self_attn:density=0.5 as recipe parameters
+    + per_tensor values (weights: one number or gradient per model, comma-separated)."""
     from surgery.errors import RecipeError
     from surgery.mergekit.load import merge_schedule
 
@@ -493,17 +499,37 @@ def _schedules(given: dict, filters: tuple[str, ...], reference: str) -> tuple[d
         if not where or key not in given or not value:
             hint = f"PARAM is one of {', '.join(given)}; e.g. --filter self_attn:density=0.5"
             raise RecipeError(f"--filter {text!r} is not NAME_PART:PARAM=VALUE", hint=hint)
-        conditions.setdefault(key, []).append({"filter": where, "value": SCHEDULE.convert(value, None, None)})
+        parsed = _weights(value) if key == "weights" else SCHEDULE.convert(value, None, None)
+        conditions.setdefault(key, []).append({"filter": where, "value": parsed})
     settings = {}
     for key, value in given.items():
+        value = _weights(value) if key == "weights" and value is not None else value
         if key in conditions:
             settings[key] = conditions[key] + ([{"value": value}] if value is not None else [])
         elif value is not None:
             settings[key] = value
-    if all(isinstance(v, float | int) for v in settings.values()):
-        return {**given}, {}
+    if all(isinstance(v, float | int) for k, v in settings.items() if k != "weights") and all(
+        isinstance(w, float) for w in settings.get("weights", [])
+    ):
+        return {**given, "weights": settings.get("weights")}, {}
     params, per_tensor = merge_schedule(reference, settings)
     return {k: params.get(k) for k in given}, per_tensor
+
+
+def _weights(text: str) -> list:
+    """``--weights 0.2:1.0,1`` -> [[0.2, 1.0], 1.0]: per model a number or a gradient over the blocks."""
+    from surgery.errors import RecipeError
+
+    items = [x.strip() for x in str(text).split(",")]
+    if not all(items):
+        raise RecipeError(f"--weights {text!r} has an empty entry", hint="write w1,w2,... e.g. 0.2:1.0,1")
+    try:
+        return [SCHEDULE.convert(x, None, None) for x in items]
+    except click.BadParameter:
+        raise RecipeError(
+            f"--weights {text!r}: each weight is a number or a gradient such as 0.2:1.0",
+            hint="e.g. --weights 0.2:1.0,1.0:0.2 (model 1 rises over the blocks, model 2 falls)",
+        ) from None
 
 
 @cli.command()

@@ -324,8 +324,11 @@ class _Run:
     def stream(self, job: TensorJob) -> TensorStream:
         sparsify = self.spec.sparsify
         ranked = job.kind in MERGED and sparsify is not None and sparsify.needs_ranks
-        per_row = ranked and job.params.get("granularity") == "per_row"
         dense = job.kind in ("dense", "update")
+        rows = self.spec.combine.whole_rows
+        per_row = (ranked and job.params.get("granularity") == "per_row") or (
+            dense and rows is not None and rows(job.params)
+        )
         whole = dense and self.spec.combine.wants_whole(job.name, job.shape, job.params)
         ranges = chunk_ranges(job, self.share, self.n_models, per_row, self.options.min_chunk, whole)
         uses_tau = self.plan.has_base and self.spec.combine.uses_tau
@@ -496,9 +499,11 @@ def _raise_nonfinite(run: _Run) -> None:
 # -- job writers: one per job kind ------------------------------------------------------------------
 def _copy(run: _Run, job: TensorJob) -> None:
     """Integer tensors: equal in every input, copied. Otherwise copied from input ``job.copy_from`` (F8,
-    layer stacking), converted (one rounding) when the output dtype differs."""
+    layer stacking), converted (one rounding) when the output dtype differs, times the job's
+    ``scale`` (float32, then one rounding) when it has one (passthrough's scale)."""
     inputs, src = run.plan.inputs, job.copy_from
-    convert = job.kind == "copy_base" and job.in_dtypes[src] != job.out_dtype
+    scale = np.float32(job.params.get("scale", 1.0)) if job.kind == "copy_base" else np.float32(1.0)
+    convert = job.kind == "copy_base" and (job.in_dtypes[src] != job.out_dtype or scale != 1.0)
     storage = DTYPES[job.in_dtypes[src] if convert else job.out_dtype].storage
     n_check = len(inputs) if job.kind == "copy_equal" else 1
     for start, count in chunk_ranges(job, run.share, run.n_models, False, run.options.min_chunk):
@@ -514,6 +519,8 @@ def _copy(run: _Run, job: TensorJob) -> None:
                 )
         if convert:
             dec = run.backend.decode(first, job.in_dtypes[src], run.ws.get("out", (count,), np.float32))
+            if scale != 1.0:
+                np.multiply(dec, scale, out=dec)
             first = run.encode(job, dec)
         run.write(job.name, start, first)
 

@@ -34,7 +34,8 @@ _VOCAB_HINTS = ("embed", "wte", "lm_head", "word_embeddings", "shared.weight", "
 
 # What a job writes (the engine runs one writer function per kind):
 #   copy_equal  an integer tensor, equal in every input, copied
-#   copy_base   copied from input 0 (F8, or a tensor a diff does not hold)
+#   copy_base   copied from input ``copy_from`` (F8, a tensor a diff does not hold, layer stacking);
+#               a float tensor times its ``scale`` parameter when the job has one (passthrough scale)
 #   keep_base   a float tensor outside the method's region: input 0 in the output dtype
 #   dense       the method's output: b + update, or an interpolation of the inputs
 #   update      the merged update alone (a diff)
@@ -467,7 +468,11 @@ def _with_params(jobs: list[TensorJob], recipe: Recipe) -> list[TensorJob]:
             [f"per_tensor names {n!r}, which is not a tensor the method computes" for n in stray],
             hint="per_tensor keys are tensor names as `surgery inspect --layers` lists them",
         )
-    return [replace(j, params={**recipe.parameters, **recipe.per_tensor.get(j.name, {})}) for j in jobs]
+    own = recipe.per_tensor
+    return [
+        replace(j, params={**recipe.parameters, **own.get(j.name, {})}) if j.name in names else j
+        for j in jobs
+    ]
 
 
 def _plan_stack(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
@@ -500,13 +505,19 @@ def _plan_stack(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
             ]
             out_block += 1
     outside(slices[-1][0], ("after", "unknown"))
+    floats = {out for out, model, name in picks if inputs[model].tensors[name].dtype.kind == "float"}
+    stray = sorted(set(recipe.per_tensor) - floats, key=natural_key)
+    if stray:
+        raise PlanError([f"per_tensor names {n!r}, which is not a float tensor of the stack" for n in stray],
+                        hint="per_tensor keys are output tensor names (blocks renumbered)")  # fmt: skip
     jobs = []
     for out_name, model, name in picks:
         info = inputs[model].tensors[name]
         out_dtype = (recipe.dtype or info.dtype.name) if info.dtype.kind == "float" else info.dtype.name
         n = len(inputs)
+        params = {**recipe.parameters, **recipe.per_tensor.get(out_name, {})} if out_name in floats else {}
         jobs.append(TensorJob(out_name, "copy_base", info.shape, (info.dtype.name,) * n, out_dtype,
-                              params=recipe.parameters, sources=(name,) * n, copy_from=model))  # fmt: skip
+                              params=params, sources=(name,) * n, copy_from=model))  # fmt: skip
     layout = plan_layout([OutputTensor(j.name, j.out_dtype, j.shape) for j in jobs], recipe.max_shard_size)
     first = inputs[slices[0][0]]
     updates = _layer_count_updates(first.config(), [(inputs[m].config(), a, b) for m, a, b in slices])

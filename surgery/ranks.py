@@ -33,9 +33,26 @@ def per_model(value, model: int):
 
 def band_ranks(params: dict, n: int, model: int = 0) -> tuple[int, int]:
     """(r_hi, r_lo): keep ranks r_hi+1..r_lo, i.e. drop the top ``outliers``, keep ``density``
-    (each may be one value per model)."""
-    r_hi = rank_count(per_model(params.get("outliers", 0.0), model), n)
-    return r_hi, min(n, r_hi + rank_count(per_model(params["density"], model), n))
+    (each may be one value per model). ``rank_counts: mergekit`` counts as mergekit does."""
+    density = per_model(params["density"], model)
+    outliers = per_model(params.get("outliers", 0.0), model)
+    if params.get("rank_counts") == "mergekit":
+        return mergekit_band(float(density), float(outliers), n, top_k="outliers" not in params)
+    r_hi = rank_count(outliers, n)
+    return r_hi, min(n, r_hi + rank_count(density, n))
+
+
+def mergekit_band(density: float, gamma: float, n: int, top_k: bool) -> tuple[int, int]:
+    """mergekit 0.1.5's counts, in floating point: TIES' ``magnitude`` keeps max(1, int(density n));
+    Breadcrumbs' ``magnitude_outliers`` keeps int(density n) below the int(gamma n) largest, cutting
+    the outliers back when both do not fit (the density wins). density >= 1 keeps everything."""
+    if density >= 1.0:
+        return 0, n
+    keep = int(density * n)
+    if top_k:
+        return 0, min(n, max(1, keep))
+    below = max(0, n - keep - int(gamma * n))  # the smallest entries dropped
+    return n - below - keep, n - below
 
 
 def high_bin(hist: np.ndarray, r: int) -> tuple[int, int]:

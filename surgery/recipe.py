@@ -143,7 +143,8 @@ def make_recipe(
     per_model = [k for k in ("density", "outliers") if isinstance(params.get(k), list)]
     if per_model and params.get("granularity") == "global":
         raise RecipeError(f"global ranks take one {per_model[0]} for every model, not one per model")
-    if spec.combine.name == "linear" and sum(params["weights"]) == 0.0:  # normalised by their sum
+    normalized = params.get("normalize", True)
+    if spec.combine.name == "linear" and normalized and sum(params["weights"]) == 0.0:  # divided by the sum
         raise RecipeError(
             f"{spec.name}: the weights {params['weights']} sum to 0, and a weighted average divides "
             "by their sum",
@@ -237,7 +238,8 @@ def _resolve_parameters(spec: Method, given: dict, n_models: int) -> dict:
         value = p.default if value is None else value
         out[name] = _check_parameter(spec, p.name, p.kind, value, p.choices, n_models)
     density, outliers = out.get("density"), out.get("outliers")
-    if density is not None and outliers is not None and density + outliers > 1.0:
+    exact = out.get("rank_counts", "exact") == "exact"  # mergekit's counts cut the outliers back
+    if exact and density is not None and outliers is not None and density + outliers > 1.0:
         raise RecipeError(
             f"{spec.name}: density {density:g} + outliers {outliers:g} > 1: only {1 - outliers:g} of "
             "the entries lie below the outliers, so the density could not be kept",

@@ -96,3 +96,53 @@ def sce_ref(b, fs, topk):
     ew = w[:, None] * erase
     merged = (flat * ew).sum(0) / np.maximum(ew.sum(0), 1e-6)
     return b + merged.reshape(b.shape)
+
+
+def model_stock_ref(b, fs, filter_wise=False):
+    """mergekit's model_stock: k from the mean pairwise cosine of the offsets, per row (vectors along
+    the last axis; a 1-D tensor is one row) with filter_wise, else over the flattened tensor."""
+    b = b.astype(np.float64)
+    fs = [f.astype(np.float64) for f in fs]
+    shape = b.shape
+    if filter_wise:
+        w0 = b.reshape(1, -1) if b.ndim == 1 else b.reshape(-1, shape[-1])
+        ws = [f.reshape(w0.shape) for f in fs]
+    else:
+        w0, ws = b.reshape(1, -1), [f.reshape(1, -1) for f in fs]
+    offsets = [w - w0 for w in ws]
+    cosines = []
+    for i, a in enumerate(offsets):
+        for c in offsets[i + 1 :]:
+            norm = np.linalg.norm(a, axis=-1) * np.linalg.norm(c, axis=-1)
+            cosines.append(np.clip((a * c).sum(-1) / np.maximum(norm, 1e-6), -1, 1))
+    cos = np.mean(cosines, axis=0)[:, None]
+    n = len(ws)
+    den = 1 + (n - 1) * cos
+    k = np.where(np.abs(den) < 1e-6, 0.0, n * cos / np.where(np.abs(den) < 1e-6, 1.0, den))
+    return (k * (sum(ws) / n) + (1 - k) * w0).reshape(shape)
+
+
+def magnitude_outliers_ref(delta, density, gamma):
+    """mergekit's magnitude_outliers: ascending sort, drop the n_bot smallest, keep int(density n)."""
+    if density >= 1:
+        return delta
+    flat = delta.ravel()
+    n = flat.size
+    keep, top = int(density * n), int(gamma * n)
+    n_bot = max(0, n - keep - top)
+    order = np.argsort(np.abs(flat), kind="stable")
+    mask = np.zeros(n)
+    mask[order[n_bot : n_bot + keep]] = 1
+    return (flat * mask).reshape(delta.shape)
+
+
+def magnitude_ref(delta, density):
+    """mergekit's magnitude (TIES' trim): the max(1, int(density n)) largest |delta|."""
+    if density >= 1:
+        return delta
+    flat = delta.ravel()
+    k = max(1, int(density * flat.size))
+    order = np.argsort(-np.abs(flat), kind="stable")
+    mask = np.zeros(flat.size)
+    mask[order[:k]] = 1
+    return (flat * mask).reshape(delta.shape)

@@ -96,18 +96,49 @@ def merge_schedule(source: str, settings: dict) -> tuple[dict, dict[str, dict[st
     """``surgery merge`` per-layer values: (recipe parameters, per_tensor) for settings such as
     ``{"scale": [0.2, 1.0], "density": [{"filter": "self_attn", "value": 0.5}, {"value": 0.2}]}``.
     A setting that is one number stays a recipe parameter; the others are evaluated for every float
-    tensor of ``source`` (headers only), with a mergekit config's rule."""
+    tensor of ``source`` (headers only), with a mergekit config's rule. ``weights`` holds one setting
+    per model (``[[0.2, 1.0], 1.0]``, or conditions whose value is such a list): each model's weight
+    is evaluated as its own setting, and per tensor they make the ``weights`` list again."""
     from surgery.mergekit.config import check_setting
     from surgery.mergekit.params import is_uniform, schedule
     from surgery.names import place
 
+    settings = dict(settings)
+    per_model = _per_model_weights(settings.pop("weights")) if "weights" in settings else []
     for key, setting in settings.items():
         check_setting(setting, key)
+    for i, setting in enumerate(per_model):
+        check_setting(setting, f"weights of model {i + 1}")
     params = {k: v for k, v in settings.items() if is_uniform(v)}
     varying = {k: v for k, v in settings.items() if not is_uniform(v)}
+    if per_model and all(is_uniform(w) for w in per_model):
+        params["weights"] = per_model
+    elif per_model:
+        varying |= {f"weights[{i}]": w for i, w in enumerate(per_model)}
     if not varying:
         return params, {}
     with open_checkpoint(source) as ckpt:
         names = [n for n, t in ckpt.tensors.items() if t.dtype.kind == "float"]
         layers = layer_map(names, ckpt.config())
-    return params, schedule(names, layers.num_blocks, varying, lambda n: place(n).block)
+    per_tensor = schedule(names, layers.num_blocks, varying, lambda n: place(n).block)
+    for values in per_tensor.values():
+        weights = [values.pop(f"weights[{i}]", None) for i in range(len(per_model))]
+        if any(w is not None for w in weights):
+            values["weights"] = [1.0 if w is None else w for w in weights]  # no match: the default 1
+    return params, per_tensor
+
+
+def _per_model_weights(setting: object) -> list:
+    """One setting per model from ``[w1, w2]`` or ``[{filter, value: [w1, w2]}, ...]``."""
+    if not isinstance(setting, list) or not setting:
+        raise RecipeError("weights must give one value (or gradient) per model")
+    if not any(isinstance(c, dict) for c in setting):
+        return list(setting)
+    lengths = {len(c["value"]) if isinstance(c.get("value"), list) else -1 for c in setting}
+    if len(lengths) != 1 or -1 in lengths:
+        raise RecipeError(
+            "every --filter ...:weights= and --weights must give one weight per model",
+            hint="e.g. --weights 1,1 --filter mlp:weights=0.2:1.0,1",
+        )
+    n = lengths.pop()
+    return [[{**c, "value": c["value"][i]} for c in setting] for i in range(n)]

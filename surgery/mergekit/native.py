@@ -4,7 +4,7 @@ mergekit's options are translated onto our parameters so that the numbers are me
 papers' (our own recipes keep the papers' semantics):
 
     task_arithmetic   b + lambda * sum_t w_t tau_t [/ sum_t w_t if normalize]      -> task_arithmetic
-    linear            sum_t w_t f_t / sum_t w_t (the base, when named, is an input)  -> linear
+    linear            sum_t w_t f_t [/ sum_t w_t if normalize] (the base, when named, is an input)
     ties              elect: weighted (w_t tau_t before election), disjoint: mean | sum (normalize)
     slerp             linear_above 0.9995 (mergekit's threshold);  model_stock  cos_min -1 (no clamp)
     dare_linear       rescale: l1 (mergekit's default), or without rescale weights w_t * density
@@ -28,7 +28,6 @@ from surgery.errors import RecipeError
 from surgery.mergekit.config import MergekitConfig, ModelRef, OutputSlice
 from surgery.mergekit.methods import MkMethod, get_mk_method, require_runnable
 from surgery.mergekit.resolve import TensorSpec
-from surgery.ranks import rank_count
 from surgery.recipe import Recipe, make_recipe
 
 
@@ -73,9 +72,9 @@ def native_recipe(
 def _stack(
     config: MergekitConfig, specs: list[TensorSpec], slices: tuple[OutputSlice, ...], reasons: list[str]
 ) -> Recipe:
-    """passthrough: the slices' models (each once, in order of appearance) and their layer ranges."""
-    if any(s.per_model["scale"][0] is not None for s in specs):
-        reasons.append("scale")
+    """passthrough: the slices' models (each once, in order of appearance) and their layer ranges;
+    ``scale`` (per tensor: gradients and filters allowed) becomes the tensors' own ``scale``."""
+    scales = {s.name: float(s.per_model["scale"][0]) for s in specs if s.per_model["scale"][0] is not None}
     if config.tokenizer_source not in (None, "base"):
         reasons.append(f"tokenizer_source: {config.tokenizer_source}")
     if reasons:
@@ -88,7 +87,10 @@ def _stack(
         {"model": models.index(s.sources[0].model), "layers": list(s.sources[0].layer_range)} for s in slices
     ]
     dtype = config.out_dtype or config.dtype
-    return make_recipe("passthrough", [m.source for m in models], None, {}, dtype, slices=stack)
+    per_tensor = {name: {"scale": v} for name, v in scales.items() if v != 1.0}
+    return make_recipe(
+        "passthrough", [m.source for m in models], None, {}, dtype, per_tensor=per_tensor, slices=stack
+    )
 
 
 def _refuse(method: MkMethod, reasons: list[str]) -> RecipeError:
@@ -100,16 +102,12 @@ def _refuse(method: MkMethod, reasons: list[str]) -> RecipeError:
 
 
 def _translate(name: str, shared: dict, per_model: dict, numel: int, reasons: list[str]) -> tuple[str, dict]:
-    if name == "linear":
-        if not shared["normalize"]:
-            reasons.append("normalize: false")
-        return "linear", {"weights": list(per_model["weight"])}
+    if name == "linear":  # normalize: false sums w_t f_t (no division)
+        return "linear", {"weights": list(per_model["weight"]), "normalize": bool(shared["normalize"])}
     if name == "slerp":  # mergekit: linear above |cos| 0.9995 (ours: 1 - 1e-6)
         return "slerp", {"t": float(shared["t"]), "linear_above": 0.9995}
     if name == "model_stock":  # mergekit does not clamp the mean cosine to [0, 1]
-        if shared["filter_wise"]:
-            reasons.append("filter_wise: true (one Model Stock ratio per row)")
-        return "model_stock", {"cos_min": -1.0}
+        return "model_stock", {"cos_min": -1.0, "filter_wise": bool(shared["filter_wise"])}
     if name in _SPHERICAL:
         return name, _SPHERICAL[name](shared, per_model, reasons)
     return _task_arithmetic_family(name, shared, per_model, numel, reasons)
@@ -204,16 +202,7 @@ def _task_arithmetic_family(
             reasons.append("different density per model with rescale: false and normalize: true")
         return _NATIVE[name], {**params, "density": density, "rescale": "none"}
     # magnitude (ties) and magnitude_outliers (breadcrumbs): mergekit counts int(x * n) in floats
-    for d, g in zip(densities, gammas or [0.0] * len(densities)):
-        keep, top = int(d * n), int(g * n)
-        if (
-            (max(1, keep) if name == "ties" else keep) != rank_count(d, n)
-            or top != rank_count(g, n)
-            or keep + top > n
-        ):
-            reasons.append(f"density {d} / gamma {g} on a tensor of {n} entries (rank rounding)")
-            break
-    params.update(density=density, granularity="per_tensor")
+    params.update(density=density, granularity="per_tensor", rank_counts="mergekit")
     if name != "ties":
         params["outliers"] = gammas[0] if len(set(gammas)) == 1 else gammas
     return _NATIVE[name], params

@@ -13,7 +13,17 @@ graft and a sparse patch select a band too): the engine's reduce passes find the
 each tensor, row or the whole model (``granularity``), and the mask keeps the band in place.
 """
 
-from surgery.methods.spec import SCALE, WEIGHTS, Method, Slice, Sparsify, density, granularity, outliers
+from surgery.methods.spec import (
+    RANK_COUNTS,
+    SCALE,
+    WEIGHTS,
+    Method,
+    Slice,
+    Sparsify,
+    density,
+    granularity,
+    outliers,
+)
 
 
 def _band_apply(be, tau, s: Slice) -> None:
@@ -35,5 +45,5 @@ BREADCRUMBS = Method(
     paper="https://arxiv.org/abs/2312.06795",
     formula="out = b + scale * sum_t w_t * band_mask_t * tau_t",
     sparsify=BAND,
-    params=(density(0.10), outliers(0.01), granularity(), SCALE, WEIGHTS),
+    params=(density(0.10), outliers(0.01), granularity(), SCALE, WEIGHTS, RANK_COUNTS),
 )

@@ -1,6 +1,7 @@
 """Weight-space interpolation: linear averaging, SLERP and Model Stock.
 
-Linear: out = sum_t w_t f_t / sum_t w_t.
+Linear: out = sum_t w_t f_t / sum_t w_t; ``normalize: false`` leaves out the division (mergekit's
+``normalize: false``: out = sum_t w_t f_t).
 
 SLERP (Shoemake 1985; as popularised for LLM merging): for two endpoints v0, v1 (flattened tensors)
     cos = v0.v1 / (|v0||v1|), omega = arccos(cos)
@@ -13,7 +14,8 @@ task vectors, k = T cos / (1 + (T-1) cos), out = k * mean_t f_t + (1 - k) * b. c
 [0, 1]: the paper's geometry assumes fine-tunes at similar angles; for opposed task vectors the
 formula would extrapolate away from both (and divide by zero at cos = -1/(T-1)), so we return b.
 A pair with a zero task vector counts as cos 0. ``cos_min = -1`` drops the clamp (mergekit's
-behaviour; k = 0 at the singularity).
+behaviour; k = 0 at the singularity). ``filter_wise`` (mergekit's option): one k per row, from the row's
+own mean cosine (clamped to [cos_min, 1] as the whole-tensor k), streamed in chunks of whole rows.
 """
 
 import math
@@ -23,11 +25,13 @@ from surgery.methods.spec import WEIGHTS, Combine, Method, Operands, Param
 
 
 def linear_coefficients(gram, params: Mapping[str, object], n_models: int) -> tuple[float, ...]:
-    """w_t / sum_t w_t (float64, rounded once to float32)."""
+    """w_t / sum_t w_t (float64, rounded once to float32); w_t itself with ``normalize: false``."""
     import numpy as np
 
     w = np.asarray(params["weights"], np.float64)
-    return tuple(float(c) for c in (w / w.sum()).astype(np.float32))
+    if params.get("normalize", True):
+        w = w / w.sum()
+    return tuple(float(c) for c in w.astype(np.float32))
 
 
 def _linear_apply(be, x: Operands, coeffs, scale, out) -> None:
@@ -70,7 +74,36 @@ def model_stock_k(gram, params: Mapping[str, object] | None = None, n_models: in
 
 
 def _model_stock_apply(be, x: Operands, coeffs, scale, out) -> None:
-    be.combine_model_stock(x.inputs[0], x.models, coeffs[0], out)
+    if x.params.get("filter_wise"):
+        _model_stock_rows(x, out)
+    else:
+        be.combine_model_stock(x.inputs[0], x.models, coeffs[0], out)
+
+
+def _model_stock_rows(x: Operands, out) -> None:
+    """``filter_wise``: one k per row (mergekit's "filter": a vector along the last axis; a 1-D tensor
+    is one row), from the row's mean pairwise cosine (each clamped to [-1, 1], norms' product at
+    least 1e-6, as mergekit; the mean clamped to [cos_min, 1]); k = 0 where 1 + (T-1) cos vanishes.
+    Chunks hold whole rows (``whole_rows``)."""
+    import numpy as np
+
+    T = x.tau.shape[0]
+    shape = x.job.shape if x.job is not None else x.shape  # chunks hold whole rows (whole_rows)
+    cols = shape[-1] if shape else 1
+    tau = x.tau.reshape(T, -1, cols)
+    norms = np.sqrt(np.einsum("trc,trc->tr", tau, tau, dtype=np.float64))
+    cos = np.zeros(tau.shape[1], np.float64)
+    for s in range(T):
+        for t in range(s + 1, T):
+            dots = np.einsum("rc,rc->r", tau[s], tau[t], dtype=np.float64)
+            cos += np.clip(dots / np.maximum(norms[s] * norms[t], 1e-6), -1.0, 1.0)
+    cos = np.clip(cos / (T * (T - 1) // 2), float(x.params.get("cos_min", 0.0)), 1.0)
+    denominator = 1.0 + (T - 1) * cos
+    singular = np.abs(denominator) < 1e-6
+    k = np.where(singular, 0.0, T * cos / np.where(singular, 1.0, denominator)).astype(np.float32)
+    mean = x.models.sum(axis=0, dtype=np.float32) * np.float32(1.0 / T)
+    k_el = np.repeat(k, cols)
+    np.copyto(out, k_el * mean + (np.float32(1.0) - k_el) * x.inputs[0])
 
 
 WEIGHTED = Combine("linear", uses_tau=False, adds_update=False, apply=_linear_apply,
@@ -78,7 +111,8 @@ WEIGHTED = Combine("linear", uses_tau=False, adds_update=False, apply=_linear_ap
 SPHERICAL = Combine("slerp", uses_tau=False, adds_update=False, apply=_slerp_apply,
                     coefficients=slerp_coefficients, gram_over="inputs")  # fmt: skip
 STOCK = Combine("model_stock", uses_tau=True, adds_update=False, apply=_model_stock_apply,
-                coefficients=model_stock_k, gram_over="tau")  # fmt: skip
+                coefficients=model_stock_k, gram_over="tau",
+                whole_rows=lambda params: bool(params.get("filter_wise")))  # fmt: skip
 
 LINEAR = Method(
     name="linear",
@@ -87,7 +121,7 @@ LINEAR = Method(
     formula="out = sum_t w_t f_t / sum_t w_t",
     combine=WEIGHTED,
     needs_base=False,
-    params=(WEIGHTS,),
+    params=(WEIGHTS, Param("normalize", "bool", True, "divide by sum_t w_t (false: out = sum_t w_t f_t)")),
 )
 
 SLERP = Method(
@@ -112,5 +146,8 @@ MODEL_STOCK = Method(
     formula="k = T cos / (1 + (T-1) cos); out = k * mean_t f_t + (1 - k) * b",
     combine=STOCK,
     min_models=2,
-    params=(Param("cos_min", "float", 0.0, "lower clamp of the mean cosine (-1: no clamp, as mergekit)"),),
+    params=(
+        Param("cos_min", "float", 0.0, "lower clamp of the mean cosine (-1: no clamp, as mergekit)"),
+        Param("filter_wise", "bool", False, "one k per row (mergekit's filter_wise)"),
+    ),
 )

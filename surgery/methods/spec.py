@@ -105,6 +105,9 @@ class Combine:
     coefficients: Callable[[Any, Mapping[str, object], int], tuple[float, ...]] | None = None
     gram_over: Literal["inputs", "tau"] | None = None
     whole_matrix: bool | Callable[[str, tuple[int, ...], Mapping[str, object]], bool] = False
+    # ``whole_rows(parameters)``: every chunk holds whole rows (vectors along the last axis), for a
+    # stage computing per-row values (Model Stock's filter_wise); chunks stay within the budget.
+    whole_rows: Callable[[Mapping[str, object]], bool] | None = None
 
     def wants_whole(self, tensor: str, shape: tuple[int, ...], params: Mapping[str, object]) -> bool:
         w = self.whole_matrix
@@ -231,6 +234,12 @@ def density(default: float) -> Param:
 
 def outliers(default: float) -> Param:
     return Param("outliers", "float", default, "fraction of the LARGEST |tau| entries removed")
+
+
+# How many entries a density keeps: floor(density n) exactly for the decimal written (ours), or
+# int(density * n) in floating point as mergekit counts (ranks.mergekit_band); mergekit configs only.
+RANK_COUNTS = Param("rank_counts", "choice", "exact", "entries kept: floor(density n) of the decimal "
+                    "written, or int(density * n) in floats (mergekit)", ("exact", "mergekit"))  # fmt: skip
 
 
 def granularity(default: str = "per_tensor") -> Param:

@@ -16,6 +16,7 @@ from dataclasses import replace
 
 from surgery.methods.breadcrumbs import BAND, BREADCRUMBS
 from surgery.methods.spec import (
+    RANK_COUNTS,
     SCALE,
     WEIGHTS,
     Combine,
@@ -74,7 +75,7 @@ TIES = Method(
     formula="out = b + scale * disjoint_mean(elect(topk_density(tau_t)))",
     sparsify=BAND,  # a band with outliers = 0 is a top-k
     combine=TIES_COMBINE,
-    params=(density(0.2), granularity(), SCALE, WEIGHTS, ELECT, DISJOINT),
+    params=(density(0.2), granularity(), SCALE, WEIGHTS, ELECT, DISJOINT, RANK_COUNTS),
 )
 
 # Breadcrumbs' band (arXiv 2312.06795) with TIES' election: a variant is data.

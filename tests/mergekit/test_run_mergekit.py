@@ -545,14 +545,6 @@ def test_convert_prints_a_recipe_that_reproduces_the_run(family, invoke, tmp_pat
             "merge_method: della is not supported yet",
         ),
         (
-            {"merge_method": "model_stock", "models": ["FT1", "FT2"], "parameters": {"filter_wise": True}},
-            r"filter_wise: true \(one Model Stock ratio per row\) is not supported yet",
-        ),
-        (
-            {"merge_method": "linear", "parameters": {"weight": 1.0, "normalize": False}},
-            "linear with normalize: false is not supported yet",
-        ),
-        (
             {
                 "merge_method": "dare_ties",
                 "models": [
@@ -633,10 +625,7 @@ def test_self_stack_duplicates_layers_into_their_own_tensors(family, invoke, tmp
     assert all(torch.equal(got[n], t) for n, t in load_state(tmp_path / "again").items())
 
 
-def test_passthrough_scale_and_bad_ranges_are_refused(family, invoke, tmp_path):
-    cfg = stack_config(tmp_path, family, [("ft1", 0, 3)], parameters={"scale": 0.5})
-    result = invoke("run", cfg, "-o", tmp_path / "out", "-q")
-    assert result.exit_code == 1 and "passthrough with scale is not supported yet" in result.stderr
+def test_passthrough_bad_ranges_are_refused(family, invoke, tmp_path):
     cfg = stack_config(tmp_path, family, [("ft1", 0, 6)])
     result = invoke("run", cfg, "-o", tmp_path / "out", "-q")
     assert result.exit_code == 1 and "has no layer 4" in result.stderr

@@ -20,6 +20,7 @@ from surgery.dtypes import DTYPES
 from surgery.errors import PlanError
 from surgery.files import CONFIG
 from surgery.inputs import InputOptions, open_input
+from surgery.layer_slices import layer_count_updates, slice_picks
 from surgery.methods.lines import depths
 from surgery.methods.spec import TAU_GIVEN, TAU_PAIRS
 from surgery.names import layer_map, natural_key, place, with_block
@@ -239,30 +240,36 @@ def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
     labels = [("base " if recipe.base and i == 0 else "model ") + c.source for i, c in enumerate(inputs)]
     problems: list[str] = []
     notes: list[str] = []
-    names = sorted(reference.tensors, key=natural_key)
-    for ckpt, label in zip(inputs[1:], labels[1:]):
-        extra = sorted(set(ckpt.tensors) - set(reference.tensors), key=natural_key)
-        for name in extra:
-            problems.append(f"tensor {name!r} is in {label} but not in {labels[0]}")
+    updates: dict = {}
+    if recipe.layer_slices:  # output tensors merged from other blocks: a source name per input
+        picks, updates = slice_picks(recipe.layer_slices, inputs)
+        notes.append(f"layer slices: {updates.get('num_hidden_layers', '?')} output blocks")
+    else:
+        picks = [(name, None) for name in sorted(reference.tensors, key=natural_key)]
+        for ckpt, label in zip(inputs[1:], labels[1:]):
+            extra = sorted(set(ckpt.tensors) - set(reference.tensors), key=natural_key)
+            for name in extra:
+                problems.append(f"tensor {name!r} is in {label} but not in {labels[0]}")
     jobs = []
     spec = recipe.spec
     given = spec.tau_from is TAU_GIVEN
     row_map = _vocab_alignment(recipe, inputs, notes) if spec.tau_from is TAU_PAIRS else None
-    for name in names:
+    for name, sources in picks:
         if given and name not in inputs[1].tensors:  # a diff holds no integer or untouched tensors
             ref = reference.tensors[name]
             jobs.append(TensorJob(name, "copy_base", ref.shape, (ref.dtype.name,), ref.dtype.name))
             continue
         infos = []
-        for ckpt, label in zip(inputs, labels):
-            info = ckpt.tensors.get(name)
+        for i, (ckpt, label) in enumerate(zip(inputs, labels)):
+            source = name if sources is None else sources[i]
+            info = ckpt.tensors.get(source)
             if info is None:
                 hint = (
                     " (tied embeddings? one input stores lm_head, another ties it)"
-                    if "lm_head" in name
+                    if "lm_head" in source
                     else ""
                 )
-                problems.append(f"tensor {name!r} is missing from {label}{hint}")
+                problems.append(f"tensor {source!r} is missing from {label}{hint}")
             infos.append(info)
         if any(i is None for i in infos):
             continue
@@ -310,7 +317,9 @@ def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
         else:
             out_dtype, action = ref.dtype.name, "copy_base"
             notes.append(f"{name} ({ref.dtype.name}) is copied from {labels[0]}, not merged")
-        jobs.append(TensorJob(name, action, ref.shape, tuple(i.dtype.name for i in infos), out_dtype))
+        renamed = None if sources is None or set(sources) == {name} else sources
+        jobs.append(TensorJob(name, action, ref.shape, tuple(i.dtype.name for i in infos), out_dtype,
+                              sources=renamed))  # fmt: skip
     if problems:
         raise PlanError(
             problems,
@@ -335,7 +344,8 @@ def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
     tokenizer_source = inputs[-1] if spec.tokenizer_from == "last" else reference
     if recipe.parameters.get("tokenizer_from") == "new-base":
         tokenizer_source = reference
-    return Plan(recipe, inputs, jobs, layout, config_source, notes, tokenizer_source=tokenizer_source)
+    return Plan(recipe, inputs, jobs, layout, config_source, notes, tokenizer_source=tokenizer_source,
+                config_updates=updates)  # fmt: skip
 
 
 def _vocab_indexed(name: str, infos: list) -> bool:
@@ -520,30 +530,9 @@ def _plan_stack(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
                               params=params, sources=(name,) * n, copy_from=model))  # fmt: skip
     layout = plan_layout([OutputTensor(j.name, j.out_dtype, j.shape) for j in jobs], recipe.max_shard_size)
     first = inputs[slices[0][0]]
-    updates = _layer_count_updates(first.config(), [(inputs[m].config(), a, b) for m, a, b in slices])
+    updates = layer_count_updates(first.config(), [(inputs[m].config(), a, b) for m, a, b in slices])
     notes = [f"layer stack: {out_block} blocks from {len(slices)} slice(s)"]
     return Plan(recipe, inputs, jobs, layout, first, notes, tokenizer_source=first, config_updates=updates)
-
-
-def _layer_count_updates(config: dict | None, parts: list[tuple[dict | None, int, int]]) -> dict:
-    """num_hidden_layers (or the config's own key) = the stacked block count; per-layer lists such as
-    layer_types are stacked the same way."""
-    if config is None:
-        return {}
-    total = sum(b - a for _, a, b in parts)
-    updates: dict = {
-        k: total for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers") if k in config
-    }
-    for key, value in config.items():
-        if (
-            isinstance(value, list)
-            and key != "architectures"
-            and len(value) == config.get("num_hidden_layers")
-        ):
-            sources = [(c or {}).get(key) for c, _, _ in parts]
-            if all(isinstance(v, list) for v in sources):
-                updates[key] = [x for v, (_, a, b) in zip(sources, parts) for x in v[a:b]]
-    return updates
 
 
 def input_paths(plan: Plan) -> list[Path]:

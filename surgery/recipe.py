@@ -19,6 +19,8 @@ Schema (YAML), every field explicit in a saved recipe::
       model.layers.0.mlp.up_proj.weight: {scale: 0.2}   # gradients and filters, resolved)
     slices:                        # passthrough only: stack layer ranges [start, end) of the models
       - {model: 0, layers: [0, 24]}
+    layer_slices:                  # merging methods: per output slice, the blocks [start, end) of each
+      - {ranges: [[0, 8], [4, 12]]}  # input (base first) merged into the next output blocks
     lines:                         # optional LiNeS on the merged update (arXiv 2410.17146)
       alpha: auto                  # number, or auto = ||sum tau||_1 / (T ||tau_merged||_1)
       beta: null                   # null = 1 - alpha
@@ -70,6 +72,8 @@ class Recipe:
     lines: LinesSchedule | None = None  # LiNeS on the merged update (parsed once, here)
     per_tensor: dict[str, dict] = field(default_factory=dict)  # tensor name -> its own parameter values
     slices: tuple[tuple[int, int, int], ...] = ()  # passthrough: (model index, first block, end block)
+    # a merge of other blocks (mergekit slices): per output slice, one [start, end) per input
+    layer_slices: tuple[tuple[tuple[int, int], ...], ...] = ()
 
     @property
     def spec(self) -> Method:
@@ -98,6 +102,8 @@ class Recipe:
             extras["per_tensor"] = {k: dict(v) for k, v in self.per_tensor.items()}
         if self.slices:
             extras["slices"] = [{"model": m, "layers": [a, b]} for m, a, b in self.slices]
+        if self.layer_slices:
+            extras["layer_slices"] = [{"ranges": [list(r) for r in ranges]} for ranges in self.layer_slices]
         return extras
 
     def to_yaml(self) -> str:
@@ -117,6 +123,7 @@ def make_recipe(
     lines: dict | LinesSchedule | None = None,
     per_tensor: dict[str, dict] | None = None,
     slices: list | None = None,
+    layer_slices: list | None = None,
 ) -> Recipe:
     """Validate and complete a recipe: method known, parameters typed and in range, defaults filled."""
     spec = get_method(method)
@@ -166,6 +173,7 @@ def make_recipe(
         lines=schedule,
         per_tensor=_check_per_tensor(spec, per_tensor or {}, len(models), params),
         slices=_check_slices(spec, slices, len(models)),
+        layer_slices=_check_layer_slices(spec, layer_slices, recipe, schedule),
     )
 
 
@@ -215,6 +223,22 @@ def _check_slices(spec: Method, slices: list | None, n_models: int) -> tuple[tup
             raise RecipeError(f"slices[{i}]: model {model} of {n_models}, layers [{start}, {end}) is invalid")
         out.append((model, start, end))
     return tuple(out)
+
+
+def _check_layer_slices(spec: Method, value: object, recipe: Recipe, lines: LinesSchedule | None) -> tuple:
+    """Merging other blocks than the output's (mergekit slices): dense merges only, without LiNeS."""
+    from surgery.layer_slices import check_layer_slices
+
+    if not value:
+        return ()
+    if spec.name == "passthrough" or spec.output != "dense" or spec.tau_from.name != "models":
+        raise RecipeError(
+            f"method {spec.name} does not merge layer slices",
+            hint="layer_slices are for merging methods; passthrough stacks with slices",
+        )
+    if lines is not None:
+        raise RecipeError("LiNeS depths and layer_slices do not combine yet", hint="leave out lines:")
+    return check_layer_slices(value, len(recipe.inputs))
 
 
 def _absolute(source: str | Path) -> str:
@@ -406,7 +430,8 @@ def recipe_from_dict(data: object, path: Path, on_card_base: Callable[[str], Non
         )
     if data.get("version", RECIPE_VERSION) != RECIPE_VERSION:
         raise RecipeError(f"{path} has recipe version {data['version']}; this surgery reads 1")
-    keys = {"version", "method", "base", "models", "parameters", "lines", "output", "per_tensor", "slices"}
+    keys = {"version", "method", "base", "models", "parameters", "lines", "output", "per_tensor", "slices",
+            "layer_slices"}  # fmt: skip
     extra = set(data) - keys
     if extra:
         raise RecipeError(f"{path} has unknown keys: {', '.join(sorted(extra))}")
@@ -435,6 +460,7 @@ def recipe_from_dict(data: object, path: Path, on_card_base: Callable[[str], Non
         data.get("lines"),
         data.get("per_tensor"),
         data.get("slices"),
+        data.get("layer_slices"),
     )
 
 

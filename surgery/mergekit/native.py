@@ -14,9 +14,11 @@ papers' (our own recipes keep the papers' semantics):
     nuslerp           weights; nuslerp_flatten / nuslerp_row_wise -> vectors: flat | rows | columns
     multislerp        weights, normalize_weights, eps
 
-Per-tensor values (gradients, filters) become the recipe's ``per_tensor`` entries. Whatever has no
-exact translation yet (merging slices whose sources sit at other layer indices, L1 rescale after a
-top-k, row-wise nuslerp, ...) is listed, all reasons at once, in one ``not supported yet`` error.
+Per-tensor values (gradients, filters) become the recipe's ``per_tensor`` entries; a merge of
+``slices:`` becomes the recipe's ``layer_slices`` (each input's block range per output slice, so
+sources may sit at other layer indices). Whatever has no exact translation yet (slices merging
+different models, L1 rescale after a top-k, ...) is listed, all reasons at once, in one
+``not supported yet`` error.
 """
 
 from __future__ import annotations
@@ -47,10 +49,9 @@ def native_recipe(
     if method.name == "passthrough":
         return _stack(config, specs, slices, reasons)
     first = specs[0]
-    if any(s.models != first.models or s.sources != (s.name,) * len(s.sources) for s in specs):
-        reasons.append(
-            "slices that stack or move layers (output layers read from other layer indices or models)"
-        )
+    if any(s.models != first.models for s in specs):
+        reasons.append("slices that merge different models (or list them in another order) per slice")
+    layer_slices = _layer_slices(first, slices) if config.slices else None
     tok = config.tokenizer_source
     if tok not in (None, "base") and not (first.has_base and tok == str(first.models[0])):
         reasons.append(f"tokenizer_source: {tok} (a tokenizer other than the base's)")
@@ -66,7 +67,17 @@ def native_recipe(
     models = [m.source for m in first.models]
     base = models.pop(0) if first.has_base else None
     dtype = config.out_dtype or config.dtype
-    return make_recipe(name, models, base, params, dtype, per_tensor=per_tensor)
+    return make_recipe(name, models, base, params, dtype, per_tensor=per_tensor, layer_slices=layer_slices)
+
+
+def _layer_slices(first: TensorSpec, slices: tuple[OutputSlice, ...]) -> list[dict]:
+    """mergekit's slices as the recipe's layer_slices: per slice, each input's layer range, in the
+    inputs' order (base first). Every slice merges the same models (checked by the caller)."""
+    out = []
+    for s in slices:
+        ranges = {src.model: src.layer_range for src in s.sources}
+        out.append({"ranges": [list(ranges[m]) for m in first.models if m in ranges]})
+    return out
 
 
 def _stack(

@@ -5,6 +5,8 @@ TIES / Breadcrumbs. Tiny Llama models, against mergekit's math re-derived in ``t
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -183,3 +185,96 @@ def test_mergekit_counts_round_in_floats():
     assert mergekit_band(0.5, 0.1, 100, top_k=False) == (10, 60)
     assert mergekit_band(0.9, 0.2, 100, top_k=False) == (10, 100)
     assert mergekit_band(1.0, 0.2, 100, top_k=False) == (0, 100)
+
+
+def test_slerp_of_slices_at_other_layer_indices(family, invoke, tmp_path):  # noqa: F811
+    """slerp of base blocks 0-2 with ft1 blocks 1-3, then base block 1 with ft1 block 3: the output's
+    blocks read other blocks of each input, t runs over each slice's own positions."""
+    from tests.mergekit.test_run_mergekit import mk_slerp
+
+    base, ft1 = str(family["base"]), str(family["ft1"])
+    data = {
+        "merge_method": "slerp",
+        "base_model": base,
+        "slices": [
+            {"sources": [{"model": base, "layer_range": [0, 3]}, {"model": ft1, "layer_range": [1, 4]}]},
+            {
+                "sources": [{"model": ft1, "layer_range": [3, 4]}, {"model": base, "layer_range": [1, 2]}],
+                "parameters": {"t": 0.9},
+            },
+        ],
+        "parameters": {"t": [{"filter": "mlp", "value": [0.1, 0.7]}, {"value": 0.4}]},
+        "dtype": "float32",
+    }
+    got = run(invoke, tmp_path, data)
+    b, f1 = states_of(family, "base", "ft1")
+
+    def want(name):
+        if ".layers." not in name:  # embeddings: the first slice's values; norm, head: the last's
+            return mk_slerp(0.4 if "embed" in name else 0.9, b[name], f1[name]).numpy()
+        block = int(name.split(".")[2])
+        if block < 3:
+            src_b, src_f, t = block, block + 1, block / 2
+            t = gradient([0.1, 0.7], t) if "mlp" in name else 0.4
+        else:
+            src_b, src_f, t = 1, 3, 0.9
+        return mk_slerp(t, b[renamed(name, src_b)], f1[renamed(name, src_f)]).numpy()
+
+    check(got, want)
+    config = yaml.safe_load((tmp_path / "out" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 4 and len(got) == len(b)
+    recipe = recipe_of(tmp_path)
+    assert recipe["layer_slices"] == [{"ranges": [[0, 3], [1, 4]]}, {"ranges": [[1, 2], [3, 4]]}]
+    same_streamed_and_reproduced(invoke, tmp_path, data, got)
+
+
+def test_ties_of_a_shorter_slice_writes_fewer_layers(family, invoke, tmp_path):  # noqa: F811
+    """A slice over blocks 2-3 of every model: a two-block model, block 0 merged from blocks 2."""
+    from tests.mergekit.test_run_mergekit import gta, magnitude
+
+    paths = [str(family[k]) for k in ("base", "ft1", "ft2")]
+    data = {
+        "merge_method": "ties",
+        "base_model": paths[0],
+        "slices": [{"sources": [{"model": p, "layer_range": [2, 4]} for p in paths]}],
+        "parameters": {"weight": 0.6, "density": 0.5},
+        "dtype": "float32",
+    }
+    got = run(invoke, tmp_path, data)
+    b, f1, f2 = states_of(family, "base", "ft1", "ft2")
+
+    def want(name):
+        src = renamed(name, int(name.split(".")[2]) + 2) if ".layers." in name else name
+        trim = lambda d, _: magnitude(d, 0.5)  # noqa: E731
+        return gta(b[src], [f1[src], f2[src]], [0.6, 0.6], sparsify=trim, consensus=True, normalize=True)
+
+    for name, tensor in got.items():
+        torch.testing.assert_close(tensor, want(name), rtol=1e-5, atol=1e-7, msg=name)
+    assert max(int(n.split(".")[2]) for n in got if ".layers." in n) == 1
+    model = pytest.importorskip("transformers").AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.num_hidden_layers == 2
+
+
+def test_slices_of_different_models_are_refused_by_name(family, invoke, tmp_path):  # noqa: F811
+    base = str(family["base"])
+    data = {
+        "merge_method": "slerp",
+        "base_model": base,
+        "slices": [
+            {
+                "sources": [
+                    {"model": base, "layer_range": [0, 2]},
+                    {"model": str(family[k]), "layer_range": [0, 2]},
+                ]
+            }
+            for k in ("ft1", "ft2")
+        ],
+        "parameters": {"t": 0.5},
+    }
+    result = invoke("run", write_config(tmp_path, data), "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 1 and "slices that merge different models" in result.stderr, result.output
+    assert "hint:" in result.stderr and not (tmp_path / "out").exists()
+
+
+def renamed(name: str, block: int) -> str:
+    return re.sub(r"layers\.\d+\.", f"layers.{block}.", name)

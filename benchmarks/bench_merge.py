@@ -30,6 +30,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import make_synthetic  # noqa: E402
+import mergekit_configs  # noqa: E402
 
 GiB = 1024**3
 GB = 1000**3
@@ -216,6 +217,23 @@ CHECK_TENSORS = (
 )
 
 
+def compare_outputs(ours: str, theirs: str) -> dict:
+    """mk-* methods: the same YAML's two outputs, tensor names and max |ours - theirs| / max |theirs|
+    on a few tensors (della: masks are random in both, so only the changed fraction is comparable)."""
+    try:
+        a, b = output_index(ours), output_index(theirs)
+        res: dict = {"same_tensor_names": sorted(a) == sorted(b), "tensors": len(a)}
+        for name in CHECK_TENSORS:
+            if name in a and name in b:
+                x, y = read_bf16(a[name]), read_bf16(b[name])
+                res[name] = {
+                    "max_rel_diff": float(np.max(np.abs(x - y)) / max(float(np.max(np.abs(y))), 1e-30))
+                }
+        return res
+    except Exception as e:  # never let the check kill the bench
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
 def check_output(method: str, out: str, inputs: list[str], base: str, density: float) -> dict:
     """Cheap sanity check on a few tensors: task arithmetic vs a float32 reference (max error in
     output ulps), breadcrumbs: fraction of elements that moved off the base."""
@@ -322,6 +340,7 @@ def run_tool(
     check: bool,
     density: float,
     timeout: float | None,
+    keep: bool = False,
 ) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     drop_cache([f for d in [base, *inputs] for f in model_files(d)])
@@ -337,14 +356,49 @@ def run_tool(
         total = r["wall_s"] + row["sync_s"]
         row["total_s"] = total
         row["x_ceiling"] = total / ceiling if ceiling else None
-        if check:
+        if check and not method.startswith("mk-"):
             row["check"] = check_output(method, out, inputs, base, density)
     else:
         row["status"] = f"{tool} failed: " + (
             r.get("error") or r.get("stderr_tail") or r.get("stdout_tail") or f"rc={r['returncode']}"
         )
-    shutil.rmtree(out, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(out, ignore_errors=True)
     return row
+
+
+def run_mergekit_config(args, method: str, tools: dict, base: str, inputs: list[str], out: str,
+                        work: str, ceiling: float | None) -> list[dict]:  # fmt: skip
+    """One YAML through `surgery run` and `mergekit-yaml`; the rows, the second with the comparison."""
+    dtype = None if args.mergekit_dtype.lower() == "none" else args.mergekit_dtype
+    cfg = os.path.join(work, f"{method}.yml")
+    with open(cfg, "w") as f:
+        f.write(mergekit_configs.mergekit_config(method, base, inputs, dtype))
+    cmds = {
+        "surgery": lambda o: [*tools["surgery"], "run", cfg, "-o", o, "--max-memory", args.max_memory,
+                              "--overwrite", *shlex.split(args.surgery_args)],
+        "mergekit": lambda o: [tools["mergekit"], cfg, o, "--quiet", *shlex.split(args.mergekit_args)],
+    }  # fmt: skip
+    rows, outs = [], []
+    for tool in ("surgery", "mergekit"):
+        if tool not in args.parts.split(","):
+            continue
+        if tools[tool] is None:
+            rows.append({"method": method, "tool": tool, "status": f"{tool} not installed"})
+            continue
+        target = f"{out}-{tool}"
+        row = run_tool(tool, method, cmds[tool](target), inputs, base, target, work, ceiling, False,
+                       args.density, args.timeout, keep=True)  # fmt: skip
+        with open(cfg) as f:
+            row["yaml"] = f.read()
+        rows.append(row)
+        if row.get("ok"):
+            outs.append(target)
+    if len(outs) == 2 and not args.no_check:
+        rows[-1]["check"] = compare_outputs(*outs)
+    for target in outs:
+        shutil.rmtree(target, ignore_errors=True)
+    return rows
 
 
 def help_startup(cmd: list[str], n: int = 5) -> dict:
@@ -426,7 +480,12 @@ def main(argv=None) -> int:
         help="inputs go to DATA/SHAPE/{base,ft1,ft2}, outputs to DATA/SHAPE/out",
     )
     ap.add_argument("--max-memory", default="2GiB", help="passed to surgery (default 2GiB)")
-    ap.add_argument("--methods", default=DEFAULT_METHODS)
+    ap.add_argument(
+        "--methods",
+        default=DEFAULT_METHODS,
+        help="comma list of task_arithmetic, breadcrumbs (surgery merge vs a mergekit YAML) and "
+        f"{', '.join(mergekit_configs.METHODS)} (one YAML through both tools)",
+    )
     ap.add_argument(
         "--parts",
         default="io,surgery,mergekit,help",
@@ -462,8 +521,9 @@ def main(argv=None) -> int:
     parts = set(args.parts.split(","))
     methods = [m for m in args.methods.split(",") if m]
     for m in methods:
-        if m not in SURGERY_FLAG:
-            ap.error(f"unknown method {m!r} (choose from {', '.join(SURGERY_FLAG)})")
+        if m not in SURGERY_FLAG and m not in mergekit_configs.METHODS:
+            known = [*SURGERY_FLAG, *mergekit_configs.METHODS]
+            ap.error(f"unknown method {m!r} (choose from {', '.join(known)})")
 
     root = os.path.join(args.data, args.shape)
     gen_args = [
@@ -510,6 +570,11 @@ def main(argv=None) -> int:
     surgery = find_surgery(args.surgery)
     mk = find_mergekit(args.mergekit)
     for method in methods:
+        if method in mergekit_configs.METHODS:  # one YAML through both tools
+            tools = {"surgery": surgery, "mergekit": mk}
+            res["rows"] += run_mergekit_config(args, method, tools, base, inputs, out, work, ceiling)
+            print(f"  done {method}", flush=True)
+            continue
         if "surgery" in parts:
             if surgery is None:
                 res["rows"].append(

@@ -235,6 +235,75 @@ CONFIGS = {
     },
 }
 
+# Options that run since w22: linear normalize false, model_stock filter_wise, passthrough scale,
+# mergekit's rank counts (TIES keeps >= 1, Breadcrumbs cuts gamma back), slices at other layer indices.
+CONFIGS |= {
+    "linear_no_normalize": {
+        "models": [
+            {"model": A, "parameters": {"weight": 0.7}},
+            {"model": C, "parameters": {"weight": [0.1, 0.6]}},
+        ],
+        "merge_method": "linear",
+        "parameters": {"normalize": False},
+        "dtype": "float32",
+    },
+    "model_stock_filter_wise": {
+        "models": [{"model": A}, {"model": C}, {"model": D}],
+        "merge_method": "model_stock",
+        "base_model": B,
+        "parameters": {"filter_wise": True},
+        "dtype": "float32",
+    },
+    "passthrough_scale": {  # the o_proj / down_proj = 0 trick on a duplicated range, a gradient elsewhere
+        "slices": [
+            {"sources": [{"model": A, "layer_range": [0, 3]}]},
+            {
+                "sources": [{"model": C, "layer_range": [1, 4]}],
+                "parameters": {
+                    "scale": [{"filter": "o_proj", "value": 0.0}, {"filter": "down_proj", "value": 0.0}]
+                },
+            },
+        ],
+        "merge_method": "passthrough",
+        "parameters": {"scale": [{"filter": "up_proj", "value": [0.5, 1.5]}]},
+        "dtype": "float32",
+    },
+    "ties_tiny_density": {  # int(0.01 n) = 0 on 32-entry norms: mergekit keeps 1
+        "models": [{"model": A, "parameters": {"weight": 1.0}}, {"model": C, "parameters": {"weight": 1.0}}],
+        "merge_method": "ties",
+        "base_model": B,
+        "parameters": {"density": 0.01},
+        "dtype": "float32",
+    },
+    "breadcrumbs_cut_back": {  # density 0.9 + gamma 0.2 > 1
+        "models": [{"model": A, "parameters": {"weight": 0.8}}],
+        "merge_method": "breadcrumbs",
+        "base_model": B,
+        "parameters": {"density": 0.9, "gamma": 0.2},
+        "dtype": "float32",
+    },
+    "slerp_offset_slices": {
+        "slices": [
+            {"sources": [{"model": B, "layer_range": [0, 3]}, {"model": A, "layer_range": [1, 4]}]},
+            {
+                "sources": [{"model": A, "layer_range": [3, 4]}, {"model": B, "layer_range": [1, 2]}],
+                "parameters": {"t": 0.9},
+            },
+        ],
+        "merge_method": "slerp",
+        "base_model": B,
+        "parameters": {"t": [{"filter": "mlp", "value": [0.1, 0.7]}, {"value": 0.4}]},
+        "dtype": "float32",
+    },
+    "ties_sub_slice": {
+        "slices": [{"sources": [{"model": m, "layer_range": [2, 4]} for m in (B, A, C)]}],
+        "merge_method": "ties",
+        "base_model": B,
+        "parameters": {"weight": 0.6, "density": 0.5},
+        "dtype": "float32",
+    },
+}
+
 
 def build_family(root: Path) -> dict[str, str]:
     config = transformers.LlamaConfig(

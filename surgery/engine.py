@@ -334,7 +334,14 @@ class _Run:
         uses_tau = self.plan.has_base and self.spec.combine.uses_tau
         tau_from = self.spec.tau_from if uses_tau else None
         return TensorStream(
-            job, self.plan.inputs, self.backend, self.ws, ranges, tau_from, self.n_models, self.check_stop
+            job,
+            self.plan.inputs_of(job),
+            self.backend,
+            self.ws,
+            ranges,
+            tau_from,
+            self.n_models,
+            self.check_stop,
         )
 
     def write(self, name: str, start: int, raw: np.ndarray) -> None:
@@ -501,7 +508,7 @@ def _copy(run: _Run, job: TensorJob) -> None:
     """Integer tensors: equal in every input, copied. Otherwise copied from input ``job.copy_from`` (F8,
     layer stacking), converted (one rounding) when the output dtype differs, times the job's
     ``scale`` (float32, then one rounding) when it has one (passthrough's scale)."""
-    inputs, src = run.plan.inputs, job.copy_from
+    inputs, src = run.plan.inputs_of(job), job.copy_from
     scale = np.float32(job.params.get("scale", 1.0)) if job.kind == "copy_base" else np.float32(1.0)
     convert = job.kind == "copy_base" and (job.in_dtypes[src] != job.out_dtype or scale != 1.0)
     storage = DTYPES[job.in_dtypes[src] if convert else job.out_dtype].storage

@@ -20,7 +20,7 @@ from surgery.dtypes import DTYPES
 from surgery.errors import PlanError
 from surgery.files import CONFIG
 from surgery.inputs import InputOptions, open_input
-from surgery.layer_slices import layer_count_updates, slice_picks
+from surgery.layer_slices import extra_inputs, layer_count_updates, slice_picks
 from surgery.methods.lines import depths
 from surgery.methods.spec import TAU_GIVEN, TAU_PAIRS
 from surgery.names import layer_map, natural_key, place, with_block
@@ -69,6 +69,7 @@ class TensorJob:
     patch_counts: tuple[int, ...] = ()
     params: Mapping[str, object] = field(default_factory=dict, compare=False)
     sources: tuple[str, ...] | None = None  # input tensor name per input; None: ``name`` everywhere
+    inputs: tuple[int, ...] | None = None  # the plan inputs read, engine order; None: the recipe's
     copy_from: int = 0  # copy_base: the input copied (layer stacking copies from any model)
 
     @property
@@ -105,6 +106,10 @@ class Plan:
     @property
     def has_base(self) -> bool:
         return self.recipe.base is not None
+
+    def inputs_of(self, job: TensorJob) -> list[Checkpoint]:
+        """The inputs a job reads, in engine order (layer slices may merge other models)."""
+        return self.inputs if job.inputs is None else [self.inputs[i] for i in job.inputs]
 
     def close(self) -> None:
         for ckpt in self.inputs:
@@ -215,6 +220,8 @@ def build_plan(recipe: Recipe, sources: InputOptions | None = None) -> Plan:
     try:
         for i, source in enumerate(recipe.inputs):
             inputs.append(open_input(source, sources, cache_ranges, base=_adapter_base(recipe, i)))
+        for source in extra_inputs(recipe.inputs, recipe.layer_slices):  # slices' own models
+            inputs.append(open_input(source, sources, cache_ranges))
         if recipe.spec.output == "scatter":
             return _plan_scatter(recipe, inputs)
         if recipe.slices or recipe.spec.name == "passthrough":
@@ -242,10 +249,11 @@ def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
     notes: list[str] = []
     updates: dict = {}
     if recipe.layer_slices:  # output tensors merged from other blocks: a source name per input
-        picks, updates = slice_picks(recipe.layer_slices, inputs)
+        paths = [*recipe.inputs, *extra_inputs(recipe.inputs, recipe.layer_slices)]
+        picks, updates = slice_picks(recipe.layer_slices, inputs, paths)
         notes.append(f"layer slices: {updates.get('num_hidden_layers', '?')} output blocks")
     else:
-        picks = [(name, None) for name in sorted(reference.tensors, key=natural_key)]
+        picks = [(name, None, None) for name in sorted(reference.tensors, key=natural_key)]
         for ckpt, label in zip(inputs[1:], labels[1:]):
             extra = sorted(set(ckpt.tensors) - set(reference.tensors), key=natural_key)
             for name in extra:
@@ -254,13 +262,17 @@ def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
     spec = recipe.spec
     given = spec.tau_from is TAU_GIVEN
     row_map = _vocab_alignment(recipe, inputs, notes) if spec.tau_from is TAU_PAIRS else None
-    for name, sources in picks:
+    n_inputs = len(recipe.inputs)
+    for name, sources, read in picks:
+        own = read is not None and read != tuple(range(n_inputs))
+        job_inputs = [inputs[i] for i in read] if own else inputs[:n_inputs]
+        job_labels = [labels[i] for i in read] if own else labels[:n_inputs]
         if given and name not in inputs[1].tensors:  # a diff holds no integer or untouched tensors
             ref = reference.tensors[name]
             jobs.append(TensorJob(name, "copy_base", ref.shape, (ref.dtype.name,), ref.dtype.name))
             continue
         infos = []
-        for i, (ckpt, label) in enumerate(zip(inputs, labels)):
+        for i, (ckpt, label) in enumerate(zip(job_inputs, job_labels)):
             source = name if sources is None else sources[i]
             info = ckpt.tensors.get(source)
             if info is None:
@@ -276,7 +288,7 @@ def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
         ref = infos[0]
         kinds = {i.dtype.kind for i in infos}
         aligned = row_map is not None and _vocab_indexed(name, infos)
-        for info, label in zip(infos[1:], labels[1:]):
+        for info, label in zip(infos[1:], job_labels[1:]):
             if info.shape != ref.shape and not aligned:
                 vocab = (
                     len(info.shape) == len(ref.shape) >= 1
@@ -292,13 +304,13 @@ def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
                 )
                 problems.append(
                     f"{what}tensor {name!r} has shape {list(info.shape)} in {label} but "
-                    f"{list(ref.shape)} in {labels[0]}{fix}"
+                    f"{list(ref.shape)} in {job_labels[0]}{fix}"
                 )
             if info.dtype.kind != ref.dtype.kind or (
                 ref.dtype.kind != "float" and info.dtype.name != ref.dtype.name
             ):
                 problems.append(
-                    f"tensor {name!r} is {info.dtype.name} in {label} but {ref.dtype.name} in {labels[0]}"
+                    f"tensor {name!r} is {info.dtype.name} in {label} but {ref.dtype.name} in {job_labels[0]}"
                 )
         if len(kinds) != 1 or (not aligned and any(i.shape != ref.shape for i in infos)):
             continue
@@ -316,10 +328,10 @@ def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
             out_dtype, action = ref.dtype.name, "copy_equal"
         else:
             out_dtype, action = ref.dtype.name, "copy_base"
-            notes.append(f"{name} ({ref.dtype.name}) is copied from {labels[0]}, not merged")
+            notes.append(f"{name} ({ref.dtype.name}) is copied from {job_labels[0]}, not merged")
         renamed = None if sources is None or set(sources) == {name} else sources
         jobs.append(TensorJob(name, action, ref.shape, tuple(i.dtype.name for i in infos), out_dtype,
-                              sources=renamed))  # fmt: skip
+                              sources=renamed, inputs=read if own else None))  # fmt: skip
     if problems:
         raise PlanError(
             problems,

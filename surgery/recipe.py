@@ -20,7 +20,8 @@ Schema (YAML), every field explicit in a saved recipe::
     slices:                        # passthrough only: stack layer ranges [start, end) of the models
       - {model: 0, layers: [0, 24]}
     layer_slices:                  # merging methods: per output slice, the blocks [start, end) of each
-      - {ranges: [[0, 8], [4, 12]]}  # input (base first) merged into the next output blocks
+      - {ranges: [[0, 8], [4, 12]]}  # input (base first) merged into the next output blocks; optional
+      - {ranges: [[8, 16], [0, 8]], inputs: [/models/base, /models/ft_c]}  # the slice's own models
     lines:                         # optional LiNeS on the merged update (arXiv 2410.17146)
       alpha: auto                  # number, or auto = ||sum tau||_1 / (T ||tau_merged||_1)
       beta: null                   # null = 1 - alpha
@@ -42,6 +43,7 @@ from pathlib import Path
 
 from surgery.dtypes import parse_output_dtype
 from surgery.errors import RecipeError
+from surgery.layer_slices import LayerSlice, check_layer_slices
 from surgery.methods import Method, get_method
 from surgery.methods.lines import LinesSchedule, make_schedule
 
@@ -73,7 +75,7 @@ class Recipe:
     per_tensor: dict[str, dict] = field(default_factory=dict)  # tensor name -> its own parameter values
     slices: tuple[tuple[int, int, int], ...] = ()  # passthrough: (model index, first block, end block)
     # a merge of other blocks (mergekit slices): per output slice, one [start, end) per input
-    layer_slices: tuple[tuple[tuple[int, int], ...], ...] = ()
+    layer_slices: tuple[LayerSlice, ...] = ()
 
     @property
     def spec(self) -> Method:
@@ -103,7 +105,7 @@ class Recipe:
         if self.slices:
             extras["slices"] = [{"model": m, "layers": [a, b]} for m, a, b in self.slices]
         if self.layer_slices:
-            extras["layer_slices"] = [{"ranges": [list(r) for r in ranges]} for ranges in self.layer_slices]
+            extras["layer_slices"] = [s.to_dict() for s in self.layer_slices]
         return extras
 
     def to_yaml(self) -> str:
@@ -227,8 +229,6 @@ def _check_slices(spec: Method, slices: list | None, n_models: int) -> tuple[tup
 
 def _check_layer_slices(spec: Method, value: object, recipe: Recipe, lines: LinesSchedule | None) -> tuple:
     """Merging other blocks than the output's (mergekit slices): dense merges only, without LiNeS."""
-    from surgery.layer_slices import check_layer_slices
-
     if not value:
         return ()
     if spec.name == "passthrough" or spec.output != "dense" or spec.tau_from.name != "models":
@@ -238,7 +238,7 @@ def _check_layer_slices(spec: Method, value: object, recipe: Recipe, lines: Line
         )
     if lines is not None:
         raise RecipeError("LiNeS depths and layer_slices do not combine yet", hint="leave out lines:")
-    return check_layer_slices(value, len(recipe.inputs))
+    return check_layer_slices(value, recipe.inputs, _absolute)
 
 
 def _absolute(source: str | Path) -> str:
@@ -460,8 +460,20 @@ def recipe_from_dict(data: object, path: Path, on_card_base: Callable[[str], Non
         data.get("lines"),
         data.get("per_tensor"),
         data.get("slices"),
-        data.get("layer_slices"),
+        _slices_beside(path, data.get("layer_slices")),
     )
+
+
+def _slices_beside(recipe_file: Path, value: object) -> object:
+    """layer_slices' own input paths, relative to the recipe file as the models' are."""
+    if not isinstance(value, list):
+        return value
+    return [
+        {**e, "inputs": [_beside(recipe_file, str(m)) for m in e["inputs"]]}
+        if isinstance(e, dict) and isinstance(e.get("inputs"), list)
+        else e
+        for e in value
+    ]
 
 
 def _beside(recipe_file: Path, source: str) -> str:

@@ -295,6 +295,26 @@ CONFIGS |= {
         "parameters": {"t": [{"filter": "mlp", "value": [0.1, 0.7]}, {"value": 0.4}]},
         "dtype": "float32",
     },
+    "slerp_per_slice_models": {  # another fine-tune per slice, blocks 0-1 of each
+        "slices": [
+            {"sources": [{"model": B, "layer_range": [0, 2]}, {"model": m, "layer_range": [0, 2]}]}
+            for m in (A, C)
+        ],
+        "merge_method": "slerp",
+        "base_model": B,
+        "parameters": {"t": [0.2, 0.6]},
+        "dtype": "float32",
+    },
+    "ties_per_slice_models": {
+        "slices": [
+            {"sources": [{"model": B, "layer_range": [0, 2]}, {"model": A, "layer_range": [0, 2]}]},
+            {"sources": [{"model": B, "layer_range": [2, 4]}, {"model": C, "layer_range": [1, 3]}]},
+        ],
+        "merge_method": "ties",
+        "base_model": B,
+        "parameters": {"weight": 0.7, "density": 0.4},
+        "dtype": "float32",
+    },
     "ties_sub_slice": {
         "slices": [{"sources": [{"model": m, "layer_range": [2, 4]} for m in (B, A, C)]}],
         "merge_method": "ties",

@@ -49,9 +49,9 @@ def native_recipe(
     if method.name == "passthrough":
         return _stack(config, specs, slices, reasons)
     first = specs[0]
-    if any(s.models != first.models for s in specs):
-        reasons.append("slices that merge different models (or list them in another order) per slice")
-    layer_slices = _layer_slices(first, slices) if config.slices else None
+    if any(len(s.models) != len(first.models) or s.has_base != first.has_base for s in specs):
+        reasons.append("slices that merge different numbers of models (or one with a base, one without)")
+    layer_slices = _layer_slices(method, config, slices) if config.slices else None
     tok = config.tokenizer_source
     if tok not in (None, "base") and not (first.has_base and tok == str(first.models[0])):
         reasons.append(f"tokenizer_source: {tok} (a tokenizer other than the base's)")
@@ -70,13 +70,21 @@ def native_recipe(
     return make_recipe(name, models, base, params, dtype, per_tensor=per_tensor, layer_slices=layer_slices)
 
 
-def _layer_slices(first: TensorSpec, slices: tuple[OutputSlice, ...]) -> list[dict]:
-    """mergekit's slices as the recipe's layer_slices: per slice, each input's layer range, in the
-    inputs' order (base first). Every slice merges the same models (checked by the caller)."""
+def _layer_slices(method: MkMethod, config: MergekitConfig, slices: tuple[OutputSlice, ...]) -> list[dict]:
+    """mergekit's slices as the recipe's layer_slices: per slice, each input's layer range in engine
+    order (the slice's base first, then its models in config order, as ``resolve`` orders them), and
+    the slice's own models when they are not the first slice's."""
     out = []
+    first_models = None
     for s in slices:
-        ranges = {src.model: src.layer_range for src in s.sources}
-        out.append({"ranges": [list(ranges[m]) for m in first.models if m in ranges]})
+        base = s.base_model or config.base_model
+        sources = list(s.sources)
+        if method.base != "ignored" and base is not None:
+            sources.sort(key=lambda src: src.model != base)
+        models = [src.model.source for src in sources]
+        first_models = first_models or models
+        entry: dict = {"ranges": [list(src.layer_range) for src in sources]}
+        out.append(entry | ({"inputs": models} if models != first_models else {}))
     return out
 
 

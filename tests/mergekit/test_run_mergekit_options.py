@@ -255,7 +255,12 @@ def test_ties_of_a_shorter_slice_writes_fewer_layers(family, invoke, tmp_path): 
     assert model.config.num_hidden_layers == 2
 
 
-def test_slices_of_different_models_are_refused_by_name(family, invoke, tmp_path):  # noqa: F811
+def test_slices_of_different_models(family, invoke, tmp_path):  # noqa: F811
+    """slerp(base, ft1) for blocks 0-1, then slerp(base, ft2) of blocks 0-1 again as blocks 2-3: the
+    second slice's models are opened as extra inputs; embeddings from the first slice's models, final
+    norm and head from the last's (mergekit's rule)."""
+    from tests.mergekit.test_run_mergekit import mk_slerp
+
     base = str(family["base"])
     data = {
         "merge_method": "slerp",
@@ -269,10 +274,47 @@ def test_slices_of_different_models_are_refused_by_name(family, invoke, tmp_path
             }
             for k in ("ft1", "ft2")
         ],
-        "parameters": {"t": 0.5},
+        "parameters": {"t": [0.2, 0.6]},
+        "dtype": "float32",
+    }
+    got = run(invoke, tmp_path, data)
+    b, f1, f2 = states_of(family, "base", "ft1", "ft2")
+
+    def want(name):
+        if ".layers." not in name:
+            other = f1 if "embed" in name else f2
+            return mk_slerp(0.2, b[name], other[name]).numpy()
+        block = int(name.split(".")[2])
+        other, src = (f1, block) if block < 2 else (f2, block - 2)
+        src_name = renamed(name, src)
+        return mk_slerp(gradient([0.2, 0.6], src), b[src_name], other[src_name]).numpy()
+
+    check(got, want)
+    recipe = recipe_of(tmp_path)
+    assert recipe["models"] == [str(family["ft1"])]
+    assert recipe["layer_slices"][1] == {"ranges": [[0, 2], [0, 2]], "inputs": [base, str(family["ft2"])]}
+    same_streamed_and_reproduced(invoke, tmp_path, data, got)
+
+
+def test_slices_of_different_model_counts_are_refused_by_name(family, invoke, tmp_path):  # noqa: F811
+    base = str(family["base"])
+    data = {
+        "merge_method": "linear",
+        "slices": [
+            {
+                "sources": [
+                    {"model": base, "layer_range": [0, 2]},
+                    {"model": str(family["ft1"]), "layer_range": [0, 2]},
+                ]
+            },
+            {"sources": [{"model": base, "layer_range": [2, 4]}]},
+        ],
+        "parameters": {"weight": 1.0},
     }
     result = invoke("run", write_config(tmp_path, data), "-o", tmp_path / "out", "-q")
-    assert result.exit_code == 1 and "slices that merge different models" in result.stderr, result.output
+    assert result.exit_code == 1 and "slices that merge different numbers of models" in result.stderr, (
+        result.output
+    )
     assert "hint:" in result.stderr and not (tmp_path / "out").exists()
 
 

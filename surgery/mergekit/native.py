@@ -6,19 +6,21 @@ papers' (our own recipes keep the papers' semantics):
     task_arithmetic   b + lambda * sum_t w_t tau_t [/ sum_t w_t if normalize]      -> task_arithmetic
     linear            sum_t w_t f_t [/ sum_t w_t if normalize] (the base, when named, is an input)
     ties              elect: weighted (w_t tau_t before election), disjoint: mean | sum (normalize)
-    slerp             linear_above 0.9995 (mergekit's threshold);  model_stock  cos_min -1 (no clamp)
+    ties, breadcrumbs rank_counts: mergekit (max(1, int(density n)) in floats; outliers cut back)
+    slerp             linear_above 0.9995 (mergekit's threshold)
+    model_stock       cos_min -1 (no clamp), filter_wise (one k per row)
     dare_linear       rescale: l1 (mergekit's default), or without rescale weights w_t * density
     breadcrumbs(_ties) density >= 1 keeps everything (gamma is then ignored), as in mergekit
-    passthrough       the slices' layer ranges, stacked and renumbered              -> passthrough
+    passthrough       the slices' layer ranges, stacked and renumbered; scale -> per_tensor scale
     nearswap          t -> distance;  sce  select_topk -> density;  karcher  max_iter, tol
     nuslerp           weights; nuslerp_flatten / nuslerp_row_wise -> vectors: flat | rows | columns
     multislerp        weights, normalize_weights, eps
 
 Per-tensor values (gradients, filters) become the recipe's ``per_tensor`` entries; a merge of
 ``slices:`` becomes the recipe's ``layer_slices`` (each input's block range per output slice, so
-sources may sit at other layer indices). Whatever has no exact translation yet (slices merging
-different models, L1 rescale after a top-k, ...) is listed, all reasons at once, in one
-``not supported yet`` error.
+sources may sit at other layer indices, and each slice may name its own models). Whatever has no
+exact translation yet (slices merging different numbers of models, L1 rescale after a top-k, ...) is
+listed, all reasons at once, in one ``not supported yet`` error.
 """
 
 from __future__ import annotations

@@ -387,8 +387,10 @@ class _Run:
 
     def coefficients(self, job: TensorJob, stream: TensorStream) -> np.ndarray | None:
         combine = self.spec.combine
-        if combine.coefficients is None:
-            return None
+        if combine.coefficients is None or (
+            combine.whole_rows is not None and combine.whole_rows(job.params)
+        ):
+            return None  # per-row stages compute their values from each chunk's rows (no Gram pass)
         gram = reduce.gram(stream, combine.gram_over, self.backend) if combine.gram_over else None
         return np.asarray(combine.coefficients(gram, job.params, self.n_models), np.float32)
 

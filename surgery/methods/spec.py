@@ -106,7 +106,8 @@ class Combine:
     gram_over: Literal["inputs", "tau"] | None = None
     whole_matrix: bool | Callable[[str, tuple[int, ...], Mapping[str, object]], bool] = False
     # ``whole_rows(parameters)``: every chunk holds whole rows (vectors along the last axis), for a
-    # stage computing per-row values (Model Stock's filter_wise); chunks stay within the budget.
+    # stage computing per-row values itself (Model Stock's filter_wise: no ``coefficients`` pass);
+    # chunks stay within the budget.
     whole_rows: Callable[[Mapping[str, object]], bool] | None = None
 
     def wants_whole(self, tensor: str, shape: tuple[int, ...], params: Mapping[str, object]) -> bool:

@@ -156,6 +156,7 @@ def test_ties_keeps_at_least_one_entry_as_mergekit(family, invoke, tmp_path):  #
     )
     assert 1 <= int((norm != 0).sum()) <= 2  # 32 entries, density 0.01: one per model
     assert recipe_of(tmp_path)["parameters"]["rank_counts"] == "mergekit"
+    same_streamed_and_reproduced(invoke, tmp_path, data, got)
 
 
 def test_breadcrumbs_cuts_the_outliers_back_to_keep_the_density(family, invoke, tmp_path):  # noqa: F811
@@ -253,6 +254,7 @@ def test_ties_of_a_shorter_slice_writes_fewer_layers(family, invoke, tmp_path): 
     assert max(int(n.split(".")[2]) for n in got if ".layers." in n) == 1
     model = pytest.importorskip("transformers").AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert model.config.num_hidden_layers == 2
+    same_streamed_and_reproduced(invoke, tmp_path, data, got)
 
 
 def test_slices_of_different_models(family, invoke, tmp_path):  # noqa: F811

@@ -1,0 +1,180 @@
+"""The device-resident pipeline of the torch backend (``surgery.kernels.resident``), on torch CPU
+tensors (and on the GPU where there is one): same histograms and same output bytes as numba."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from ckpt_factory import make_family  # noqa: E402
+
+from surgery.engine import EngineOptions, merge  # noqa: E402
+from surgery.kernels import cpu, resident, torch_ops  # noqa: E402
+from surgery.methods import get_method  # noqa: E402
+from surgery.recipe import make_recipe  # noqa: E402
+
+U32 = np.uint32
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+ENGINE_DEVICES = ["torch-cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def specials_and_ties(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Many equal |x| (one crowded high bin), +-0, subnormals, infs and NaNs, and continuous values."""
+    x = (rng.integers(-6, 7, n) * 0.125).astype(np.float32)
+    pick = rng.random(n)
+    x[pick < 0.3] = rng.standard_normal(int((pick < 0.3).sum())).astype(np.float32)
+    x[(pick > 0.9) & (pick < 0.92)] = np.float32(-0.0)
+    x[(pick > 0.92) & (pick < 0.93)] = np.float32(1e-41)  # subnormal
+    x[(pick > 0.93) & (pick < 0.935)] = np.float32(np.inf)
+    x[(pick > 0.935) & (pick < 0.94)] = np.float32(np.nan)
+    return x
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_histograms_accumulated_on_the_device_equal_numba(device):
+    """High and low radix-select histograms, summed over many chunks into device int64 counts."""
+    rng = np.random.default_rng(5)
+    tw = torch_ops.for_device(device)
+    x = specials_and_ties(rng, 20_000)
+    chunks = np.array_split(x, 13)
+    ref_high, got_high = np.zeros(65536, np.int64), torch.zeros(65536, dtype=torch.int64, device=device)
+    for c in chunks:
+        cpu.abs_hist_high(c, ref_high)
+        tw.abs_hist_high(torch.from_numpy(c).to(device), got_high)
+    assert np.array_equal(ref_high, got_high.cpu().numpy())
+    # the crowded bin, a sparse one, the NaN/inf bins and an empty one
+    bins = [int(np.argmax(ref_high)), int(np.flatnonzero(ref_high)[0]), 0x7F80, 0x7FC0, 0x1234]
+    for b in bins:
+        ref_low, got_low = np.zeros(65536, np.int64), torch.zeros(65536, dtype=torch.int64, device=device)
+        for c in chunks:
+            cpu.abs_hist_low(c, U32(b), ref_low)
+            tw.abs_hist_low(torch.from_numpy(c).to(device), b, got_low)
+        assert np.array_equal(ref_low, got_low.cpu().numpy()), b
+        assert ref_low.sum() == ref_high[b]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_workspace_stages_uploads_and_downloads_bits(device):
+    ws = resident.DeviceWorkspace(device)
+    a = ws.staging("raw0", (100,), np.uint16)
+    b = ws.staging("raw0", (100,), np.uint16)
+    c = ws.staging("raw0", (100,), np.uint16)
+    # two slots, alternating: the next chunk is read while the last one's copy may be in flight
+    assert a.ctypes.data != b.ctypes.data and a.ctypes.data == c.ctypes.data
+    c[:] = np.arange(65436, 65536, dtype=np.uint16)  # high bit set: unsigned bits through int16
+    dev = ws.upload(c)
+    assert dev.device.type == torch.device(device).type and dev.dtype == torch.int16
+    back = ws.download(dev, "out_raw")
+    assert back.dtype == np.uint16 and np.array_equal(back, c)
+    f = ws.staging("raw1", (7,), np.float32)
+    f[:] = np.array([1.5, -0.0, np.inf, np.nan, 1e-41, -2.0, 3.0], np.float32)
+    dec = ws.array("dec", (2, 7), np.float32)
+    assert ws.upload(f, dec[1]).data_ptr() == dec[1].data_ptr()  # F32: straight into its row
+    assert np.array_equal(ws.to_host(dec[1]).view(U32), f.view(U32))
+    assert ws.counts((2, 3)).sum().item() == 0 and ws.counts((2, 3)).dtype == torch.int64
+
+
+def test_stages_declare_where_they_run():
+    """The four mergekit-family methods stream resident; numpy stages and variants do not."""
+    for name in ("task_arithmetic", "breadcrumbs", "ties", "dare_ties", "dare", "breadcrumbs_ties"):
+        assert get_method(name).on_device({}), name
+    assert not get_method("ties").on_device({"elect": "weighted"})
+    assert not get_method("ties").on_device({"disjoint": "sum"})
+    for name in ("sce", "nearswap", "lift_patch", "half_reset", "tsv_merge"):
+        assert not get_method(name).on_device({}), name
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """BF16 base + 3 fine-tunes with coarse (tied) updates."""
+    return make_family(tmp_path_factory.mktemp("fam"), n_models=3, dtype="BF16", quantize=True, seed=3)
+
+
+@pytest.fixture
+def uploads(monkeypatch):
+    """Counts the resident pipeline's uploads (one per input per chunk)."""
+    calls = []
+    original = resident.DeviceWorkspace.upload
+
+    def spy(self, raw, dest=None):
+        calls.append(raw.size)
+        return original(self, raw, dest)
+
+    monkeypatch.setattr(resident.DeviceWorkspace, "upload", spy)
+    return calls
+
+
+CASES = [
+    ("task_arithmetic", {"scale": 0.7, "weights": [1.0, 0.5, 0.25]}, None),
+    ("breadcrumbs", {"density": 0.5, "outliers": 0.05}, None),
+    ("breadcrumbs", {"density": 0.3, "outliers": 0.02, "granularity": "global"}, None),
+    ("breadcrumbs", {"density": 0.5, "outliers": 0.1, "granularity": "per_row"}, None),
+    ("ties", {"density": 0.4}, None),
+    ("ties", {"density": 0.4, "granularity": "global"}, None),
+    ("dare_ties", {"density": 0.4, "seed": 11}, None),
+    ("dare", {"density": 0.5, "seed": 2, "rescale": "l1"}, None),
+    ("breadcrumbs", {"density": 0.5, "outliers": 0.05}, {"alpha": "auto"}),
+    ("task_arithmetic", {}, {"alpha": 0.5}),
+]
+
+
+def _same_files(ref, out) -> None:
+    files = sorted(p.name for p in ref.glob("*.safetensors"))
+    assert files and files == sorted(p.name for p in out.glob("*.safetensors"))
+    for name in files:
+        assert (ref / name).read_bytes() == (out / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("device", ENGINE_DEVICES)
+@pytest.mark.parametrize("method,params,lines", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_resident_merge_bytes_equal_numba_under_a_tiny_budget(
+    family, tmp_path, uploads, device, method, params, lines
+):
+    base, models = family
+    recipe = make_recipe(method, [str(m) for m in models], str(base), params, lines=lines)
+    merge(recipe, tmp_path / "numba", EngineOptions(device="cpu", threads=1))
+    n_before = len(uploads)
+    assert n_before == 0
+    # 4 KiB for two workers: 2 KiB each, ~50 elements a chunk, so every matrix takes several
+    # chunks (tie counters, DARE offsets and histograms carried across them)
+    merge(recipe, tmp_path / "dev", EngineOptions(device=device, threads=2, max_memory=4096))
+    _same_files(tmp_path / "numba", tmp_path / "dev")
+    big = 37 * 12  # the embedding: at least 8 chunks of it, each uploading every input
+    assert len(uploads) >= 8 * 4 and max(uploads) < big
+
+
+@pytest.mark.parametrize("dtype", ["F16", "F32"])
+def test_resident_merge_of_f16_and_f32_inputs(tmp_path, uploads, dtype):
+    """F16 inputs are cast on the device; F32 inputs go from staging straight into their rows."""
+    base, models = make_family(tmp_path / "f", n_models=2, dtype=dtype, quantize=True, seed=9)
+    recipe = make_recipe("dare_ties", [str(m) for m in models], str(base), {"density": 0.5, "seed": 4})
+    merge(recipe, tmp_path / "numba", EngineOptions(device="cpu", threads=1))
+    merge(recipe, tmp_path / "dev", EngineOptions(device="torch-cpu", threads=1, max_memory=2048))
+    _same_files(tmp_path / "numba", tmp_path / "dev")
+    assert uploads
+
+
+def test_a_diff_streams_resident_and_equals_numba(family, tmp_path, uploads):
+    """A diff (output kind update: the update alone, hashed inputs) through the resident path."""
+    base, models = family
+    recipe = make_recipe("diff", [str(models[0])], str(base))
+    merge(recipe, tmp_path / "numba", EngineOptions(device="cpu", threads=1))
+    merge(recipe, tmp_path / "dev", EngineOptions(device="torch-cpu", threads=2, max_memory=4096))
+    _same_files(tmp_path / "numba", tmp_path / "dev")
+    manifest = "surgery_diff.json"
+    if (tmp_path / "numba" / manifest).exists():  # the content hashes of the base agree
+        assert (tmp_path / "numba" / manifest).read_bytes() == (tmp_path / "dev" / manifest).read_bytes()
+    assert uploads
+
+
+def test_numpy_stages_keep_the_host_path(family, tmp_path, uploads):
+    """TIES with mergekit's weighted election runs numpy: no upload, same bytes as numba."""
+    base, models = family
+    params = {"density": 0.4, "elect": "weighted"}
+    recipe = make_recipe("ties", [str(m) for m in models], str(base), params)
+    merge(recipe, tmp_path / "numba", EngineOptions(device="cpu", threads=1))
+    merge(recipe, tmp_path / "dev", EngineOptions(device="torch-cpu", threads=2, max_memory=4096))
+    _same_files(tmp_path / "numba", tmp_path / "dev")
+    assert uploads == []

@@ -147,8 +147,13 @@ class TorchKernels:
         torch.from_numpy(out).copy_(t.reshape(out.shape))
 
     def _scalar(self, value: object, dtype: torch.dtype) -> torch.Tensor:
-        """A 0-dim device tensor (exact: values are float32 or float64 already)."""
-        return torch.tensor(float(value), dtype=dtype, device=self.device)
+        """A 0-dim device tensor (exact: values are float32 or float64 already). Filled on the
+        device: a host tensor copied over would make a CUDA stream wait (pageable memory)."""
+        return torch.full((), float(value), dtype=dtype, device=self.device)
+
+    def _scalars(self, w: np.ndarray, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Per-model weights as 0-dim device tensors of ``dtype`` (always a widening: exact)."""
+        return [self._scalar(v, dtype) for v in np.asarray(w).reshape(-1)]
 
     def _zero(self, dtype: torch.dtype) -> torch.Tensor:
         return torch.zeros((), dtype=dtype, device=self.device)
@@ -296,7 +301,7 @@ class TorchKernels:
     # -- combinations -----------------------------------------------------------------------------
     def _weighted_acc(self, w: np.ndarray, v: np.ndarray, acc_type: torch.dtype) -> torch.Tensor:
         """acc = 0; for t: acc += w[t] * v[t]  (each multiply and add rounded in acc_type)."""
-        wt = self._dev(w).to(acc_type)
+        wt = self._scalars(w, acc_type)
         vt = self._dev(v)
         vt = vt.reshape(vt.shape[0], -1)
         acc = torch.zeros(vt.shape[1], dtype=acc_type, device=vt.device)
@@ -328,8 +333,8 @@ class TorchKernels:
         for t in range(n_models):
             total += tt[t].to(total_type)
         pos, neg = total > 0, total < 0  # NaN total: neither, as numba's sign tests
-        wn = self._dev(weights).to(num_type)
-        wd = self._dev(weights).to(den_type)
+        wn = self._scalars(weights, num_type)
+        wd = self._scalars(weights, den_type)
         num = torch.zeros(n, dtype=num_type, device=tt.device)
         den = torch.zeros(n, dtype=den_type, device=tt.device)
         zero_num, zero_den = self._zero(num_type), self._zero(den_type)

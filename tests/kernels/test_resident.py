@@ -178,3 +178,41 @@ def test_numpy_stages_keep_the_host_path(family, tmp_path, uploads):
     merge(recipe, tmp_path / "dev", EngineOptions(device="torch-cpu", threads=2, max_memory=4096))
     _same_files(tmp_path / "numba", tmp_path / "dev")
     assert uploads == []
+
+
+def test_transfer_with_aligned_vocabulary_gathers_rows_on_the_device(tmp_path, uploads):
+    """Rows gathered by a vocabulary map, carried-over rows patched in on the device (CLI path)."""
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+    from surgery_cli.main import cli
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    g = torch.Generator().manual_seed(1)
+
+    def model(name: str, tokens: list[str], rows: dict, w: torch.Tensor) -> str:
+        folder = tmp_path / name
+        folder.mkdir()
+        Tokenizer(WordLevel({t: i for i, t in enumerate(tokens)}, unk_token=tokens[0])).save(
+            str(folder / "tokenizer.json")
+        )
+        emb = torch.stack([rows[t] for t in tokens]).to(torch.bfloat16)
+        tensors = {"model.embed_tokens.weight": emb, "model.layers.0.w": w.to(torch.bfloat16)}
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        (folder / "config.json").write_text(f'{{"vocab_size": {len(tokens)}, "num_hidden_layers": 1}}')
+        return str(folder)
+
+    vocab = [f"tok{i}" for i in range(40)]
+    w = torch.randn(16, 16, generator=g)
+    old = {t: torch.randn(8, generator=g) for t in vocab}
+    ft = {t: v + 0.1 * torch.randn(8, generator=g) for t, v in old.items()} | {"<chat>": torch.randn(8)}
+    new = {t: v + 0.01 for t, v in old.items()} | {"newtok": torch.randn(8, generator=g)}
+    args = ["transfer", "--from", model("old", vocab, old, w), "--finetuned",
+            model("ft", vocab + ["<chat>"], ft, w + 0.5), "--to",
+            model("new", list(reversed(vocab)) + ["newtok"], new, w - 0.5), "-q"]  # fmt: skip
+    for device, budget in (("cpu", "1GiB"), ("torch-cpu", "4KiB")):
+        out = str(tmp_path / device)
+        result = CliRunner().invoke(cli, [*args, "-o", out, "--device", device, "--max-memory", budget])
+        assert result.exit_code == 0, result.output
+    _same_files(tmp_path / "cpu", tmp_path / "torch-cpu")
+    assert len(uploads) >= 2 * 3  # several chunks of whole rows, three inputs each

@@ -9,7 +9,7 @@ copies the code asks for (what would cross PCIe on a GPU), and the wall times co
 paths on CPU tensors only. Counted: every numpy array a kernel copies to the device and every
 result it copies back (per-call path); the workspace's uploads, downloads and ``.cpu()`` reads
 (resident path). The family: base + 2 bf16 fine-tunes, 6 matrices of 1024 x 1024 (6.3M elements per
-model); ``--max-memory 64MiB`` with 2 threads gives several chunks per matrix. Outputs are checked
+model); ``--max-memory 16MiB`` with 2 threads gives 4 chunks per matrix. Outputs are checked
 byte for byte against numba's.
 """
 
@@ -122,7 +122,7 @@ def run(recipe, out: Path, device: str, resident_path: bool, budget: int) -> tup
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="torch-cpu")
-    ap.add_argument("--max-memory", type=int, default=64 * 2**20)
+    ap.add_argument("--max-memory", type=int, default=16 * 2**20)
     ap.add_argument("--json")
     args = ap.parse_args()
     get_backend(args.device)  # refuses an unknown device early

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,18 +49,21 @@ class DeviceWorkspace:
 
     resident = True  # chunks live on the device
 
-    def __init__(self, device: torch.device | str) -> None:
+    def __init__(self, device: torch.device | str, streams=None) -> None:
+        """``streams``: the stream and event API (``torch.cuda`` for a CUDA device, None on the CPU;
+        tests pass a recording fake to check the ordering on CPU tensors)."""
         self.device = torch.device(device)
-        self.cuda = self.device.type == "cuda"
+        self._api = streams if streams is not None else (torch.cuda if self.device.type == "cuda" else None)
+        self.cuda = self._api is not None
         self._host: dict[str, tuple[torch.Tensor, np.ndarray]] = {}  # bytes as torch and numpy
         self._dev: dict[str, torch.Tensor] = {}
         self._fresh: set[str] = set()  # device buffers allocated since their last upload
         self._slot: dict[str, int] = {}  # staging key -> slot handed out last
         self._staged: dict[int, tuple[str, torch.Tensor]] = {}  # host address -> ("key#slot", view)
-        self._copied: dict[str, torch.cuda.Event] = {}  # "key#slot" -> its last upload finished
-        self._released: dict[str, torch.cuda.Event] = {}  # "key#slot" -> compute done with it
-        self.compute = torch.cuda.Stream(self.device) if self.cuda else None
-        self.copy = torch.cuda.Stream(self.device) if self.cuda else None
+        self._copied: dict[str, Any] = {}  # "key#slot" -> event: its last upload finished
+        self._released: dict[str, Any] = {}  # "key#slot" -> event: compute done with it
+        self.compute = self._api.Stream(self.device) if self.cuda else None
+        self.copy = self._api.Stream(self.device) if self.cuda else None
 
     # -- buffers ------------------------------------------------------------------------------------
     def _pair(self, key: str, shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, torch.Tensor]:
@@ -67,7 +71,7 @@ class DeviceWorkspace:
         nbytes = math.prod(shape) * dtype.itemsize
         held = self._host.get(key)
         if held is None or held[0].numel() < nbytes:
-            t = torch.empty(max(nbytes, 64), dtype=torch.uint8, pin_memory=self.cuda)
+            t = torch.empty(max(nbytes, 64), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
             held = self._host[key] = (t, t.numpy())
         t, a = held[0][:nbytes].view(_TORCH[dtype]), held[1][:nbytes].view(dtype)
         return a.reshape(shape), t.reshape(shape)
@@ -108,21 +112,21 @@ class DeviceWorkspace:
         if not self.cuda:
             dev.copy_(src)
         else:
-            compute = torch.cuda.current_stream(self.device)
+            compute = self._api.current_stream(self.device)
             released = self._released.pop(name, None)
             if key in self._fresh:  # new memory may still be in use by earlier compute
                 self._fresh.discard(key)
                 self.copy.wait_stream(compute)
             elif released is not None:  # the compute that read this device slot last is done
                 self.copy.wait_event(released)
-            with torch.cuda.stream(self.copy):
+            with self._api.stream(self.copy):
                 dev.copy_(src, non_blocking=True)
-            copied = self._copied[name] = torch.cuda.Event()
+            copied = self._copied[name] = self._api.Event()
             copied.record(self.copy)
             compute.wait_event(copied)
             # Everything enqueued so far on the compute stream (the previous chunk's use of the
             # other slot included) must finish before that slot is written again.
-            mark = self._released[name[:-1] + str(1 - int(name[-1]))] = torch.cuda.Event()
+            mark = self._released[name[:-1] + str(1 - int(name[-1]))] = self._api.Event()
             mark.record(compute)
         if dest is not None:  # an F32 input: device-to-device into its decoded row
             dest.copy_(dev)
@@ -134,8 +138,8 @@ class DeviceWorkspace:
         host, out = self._pair(key, tuple(x.shape), np.dtype(_NUMPY[x.dtype]))
         if self.cuda:
             out.copy_(x, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(torch.cuda.current_stream(self.device))
+            done = self._api.Event()
+            done.record(self._api.current_stream(self.device))
             done.synchronize()
         else:
             out.copy_(x)
@@ -153,7 +157,7 @@ class DeviceWorkspace:
 
     def activate(self) -> contextlib.AbstractContextManager:
         """Run this worker's kernels on its own compute stream (CUDA), not the shared default one."""
-        return torch.cuda.stream(self.compute) if self.cuda else contextlib.nullcontext()
+        return self._api.stream(self.compute) if self.cuda else contextlib.nullcontext()
 
 
 # The host dtype a device array comes back as: the engine's storage dtypes (raw bf16 is uint16).

@@ -3,6 +3,8 @@ tensors (and on the GPU where there is one): same histograms and same output byt
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -216,3 +218,93 @@ def test_transfer_with_aligned_vocabulary_gathers_rows_on_the_device(tmp_path, u
         assert result.exit_code == 0, result.output
     _same_files(tmp_path / "cpu", tmp_path / "torch-cpu")
     assert len(uploads) >= 2 * 3  # several chunks of whole rows, three inputs each
+
+
+class _Streams:
+    """A recording stand-in for ``torch.cuda``'s streams and events: the ordering a CUDA run would
+    get, checked on CPU tensors (the copies themselves run synchronously here)."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple] = []
+        self.current = _Stream(self, "default")
+
+    def Stream(self, device):  # noqa: N802 - torch.cuda's name
+        return _Stream(self, f"s{len(self.log)}-{id(self)}")
+
+    def Event(self):  # noqa: N802
+        return _Event(self)
+
+    def current_stream(self, device):
+        return self.current
+
+    @contextlib.contextmanager
+    def stream(self, s):
+        prev, self.current = self.current, s
+        self.log.append(("enter", s))
+        try:
+            yield
+        finally:
+            self.current = prev
+
+
+class _Stream:
+    def __init__(self, api: _Streams, name: str) -> None:
+        self.api, self.name = api, name
+
+    def wait_event(self, event) -> None:
+        self.api.log.append(("wait", self, event))
+
+    def wait_stream(self, other) -> None:
+        self.api.log.append(("wait_stream", self, other))
+
+
+class _Event:
+    def __init__(self, api: _Streams) -> None:
+        self.api = api
+
+    def record(self, stream) -> None:
+        self.api.log.append(("record", self, stream))
+
+    def synchronize(self) -> None:
+        self.api.log.append(("sync", self))
+
+
+def test_stream_protocol_of_the_two_staging_slots():
+    """With CUDA's ordering recorded: a host slot is refilled only after the copy out of it has
+    finished; a device slot is overwritten only after the compute that read it (two chunks back)
+    is done, not the chunk in between (that is the overlap); compute waits for each copy."""
+    api = _Streams()
+    ws = resident.DeviceWorkspace("cpu", streams=api)
+    log = api.log
+    copy_at, decode_at, staged_at = {}, {}, {}
+    with ws.activate():
+        compute = api.current
+        for k in range(6):
+            raw = ws.staging("raw0", (8,), np.uint16)
+            staged_at[k] = len(log)
+            raw[:] = np.arange(8, dtype=np.uint16) + 1000 * k
+            dev = ws.upload(raw)
+            copy_at[k] = next(i for i in range(len(log) - 1, -1, -1) if log[i] == ("enter", ws.copy))
+            log.append(("decode", k))  # the kernel that reads the device slot, on the compute stream
+            decode_at[k] = len(log) - 1
+            assert np.array_equal(ws.to_host(dev).view(np.uint16), raw)
+
+    def recorded_at(event) -> int:
+        return max(i for i, e in enumerate(log) if e[0] == "record" and e[1] is event)
+
+    for k in range(6):
+        # the copy is recorded on the copy stream and the compute stream waits for it before decoding
+        copied = log[copy_at[k] + 1]
+        assert copied[0] == "record" and copied[2] is ws.copy
+        assert ("wait", compute, copied[1]) in log[copy_at[k] : decode_at[k]]
+        before = log[decode_at[k - 1] if k else 0 : copy_at[k]]
+        if k < 2:  # a new device buffer: wait for everything the compute stream had queued
+            assert ("wait_stream", ws.copy, compute) in before
+            continue
+        # device slot k % 2: the copy waits for an event recorded on compute after decode k-2 ...
+        waits = [e[2] for e in before if e[0] == "wait" and e[1] is ws.copy]
+        assert len(waits) == 1 and log[recorded_at(waits[0])][2] is compute
+        assert decode_at[k - 2] < recorded_at(waits[0]) < decode_at[k - 1]  # ... not after k-1
+        # host slot k % 2 was handed out again only after the copy out of it (chunk k-2) finished
+        host_copied = log[copy_at[k - 2] + 1][1]
+        assert ("sync", host_copied) in log[decode_at[k - 1] : staged_at[k]]

@@ -7,7 +7,8 @@
 #     --device cpu (numba) and --device cuda (the device-resident torch path): wall time, peak RSS,
 #     for task arithmetic, breadcrumbs and TIES, plus the I/O ceiling;
 #  3. byte identity of the cpu and cuda outputs for breadcrumbs and TIES at 1B;
-#  4. gpu-check.json: all of the above in one file.
+#  4. if time is left, breadcrumbs on cuda with 4 worker threads instead of one per core;
+#  5. gpu-check.json: all of the above in one file.
 # Usage: OUT=/some/dir bash benchmarks/gpu_check.sh     (SHAPE=0.5b for a smaller family)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,7 @@ step() { echo "== [$((SECONDS - T0)) s] $*"; }
 
 step install
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+rm -f "$OUT/install.log"  # $OUT brings back at most 8 files
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
 } | tee "$OUT/gpu.txt"
@@ -58,6 +60,14 @@ for m in breadcrumbs ties; do
   echo "$m: cpu and cuda outputs byte-identical: $same" | tee -a "$OUT/identity.txt"
 done
 
+# fewer worker threads on the GPU (16 threads share one device): one breadcrumbs run, if time is left
+if (( SECONDS - T0 < 420 )); then
+  step "bench --device cuda --threads 4 (breadcrumbs)"
+  python3 benchmarks/bench_merge.py --shape "$SHAPE" --data "$DATA" --parts surgery --no-check \
+    --methods breadcrumbs --max-memory "$BUDGET" --timeout 100 \
+    --surgery-args "--device cuda --threads 4" --json "$OUT/bench-cuda-t4.json" 2>&1 | grep -E "^\||failed"
+fi
+
 step summary
 python3 - "$OUT" <<'PY'
 import json, os, sys
@@ -65,8 +75,8 @@ out = sys.argv[1]
 res = {"gpu": open(os.path.join(out, "gpu.txt")).read().splitlines(),
        "tests": open(os.path.join(out, "tests.txt")).read().splitlines()[-3:],
        "identity": open(os.path.join(out, "identity.txt")).read().splitlines(), "runs": []}
-for dev in ("cpu", "cuda"):
-    path = os.path.join(out, f"bench-{dev}.json")
+for dev, name in (("cpu", "cpu"), ("cuda", "cuda"), ("cuda --threads 4", "cuda-t4")):
+    path = os.path.join(out, f"bench-{name}.json")
     if not os.path.exists(path):
         continue
     bench = json.load(open(path))

@@ -105,7 +105,9 @@ class DeviceWorkspace:
     # -- transfers ----------------------------------------------------------------------------------
     def upload(self, raw: np.ndarray, dest: torch.Tensor | None = None) -> torch.Tensor:
         """Copy a staging slot to the device once; the result (its device slot, or ``dest``) is
-        ready for kernels on the current stream."""
+        ready for kernels on the current stream. A device slot is read by the kernels enqueued
+        before the next upload of the same key (the decode right after this one), and stays valid
+        until the upload after that reuses it."""
         name, src = self._staged[_address(raw)]
         key = "dev:" + name
         dev = self.array(key, tuple(raw.shape), raw.dtype)

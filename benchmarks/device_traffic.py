@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from surgery import engine
 from surgery.engine import EngineOptions, merge
-from surgery.kernels import get_backend, resident, torch_ops
+from surgery.kernels import check_device, resident, torch_ops
 from surgery.recipe import make_recipe
 
 METHODS = {
@@ -125,7 +125,7 @@ def main() -> None:
     ap.add_argument("--max-memory", type=int, default=16 * 2**20)
     ap.add_argument("--json")
     args = ap.parse_args()
-    get_backend(args.device)  # refuses an unknown device early
+    check_device(args.device)  # before anything is generated
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -7,7 +7,8 @@
 #     --device cpu (numba) and --device cuda (the device-resident torch path): wall time, peak RSS,
 #     for task arithmetic, breadcrumbs and TIES, plus the I/O ceiling;
 #  3. byte identity of the cpu and cuda outputs for breadcrumbs and TIES at 1B;
-#  4. if time is left, breadcrumbs on cuda with 4 worker threads instead of one per core;
+#  4. if time is left: device_traffic.py on the GPU (per-call vs resident path, 6.3M elements), and
+#     breadcrumbs on cuda with 4 worker threads instead of one per core;
 #  5. gpu-check.json: all of the above in one file.
 # Usage: OUT=/some/dir bash benchmarks/gpu_check.sh     (SHAPE=0.5b for a smaller family)
 set -uo pipefail
@@ -59,6 +60,12 @@ for m in breadcrumbs ties; do
   for f in "$DATA"/o_cpu/*.safetensors; do cmp -s "$f" "$DATA/o_cuda/$(basename "$f")" || same=no; done
   echo "$m: cpu and cuda outputs byte-identical: $same" | tee -a "$OUT/identity.txt"
 done
+
+# per-call vs resident on the GPU at a small scale: bytes moved, wall time, same bytes as numba
+if (( SECONDS - T0 < 400 )); then
+  step "device_traffic --device cuda"
+  timeout 120 python3 benchmarks/device_traffic.py --device cuda --json "$OUT/traffic-cuda.json" 2>&1 | tail -8
+fi
 
 # fewer worker threads on the GPU (16 threads share one device): one breadcrumbs run, if time is left
 if (( SECONDS - T0 < 420 )); then

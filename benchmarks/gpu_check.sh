@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One prepared run on a CUDA machine (about 6 minutes on the H200 image, at most ~8): installs this repo
+# One prepared run on a CUDA machine (about 6 minutes on the H200 image; each step has a timeout and
+# the optional ones are skipped late, but give the run 10 minutes): installs this repo
 # only (no dependencies: the image's python3 has torch with CUDA, numba, safetensors, click, ...), then
 #  1. the backend-equality tests with the GPU as a device: the torch twins kernel by kernel, the
 #     device-resident pipeline (histograms, workspace, whole merges) against numba's bytes;
@@ -30,7 +31,7 @@ rm -f "$OUT/install.log"  # $OUT brings back at most 8 files
 } | tee "$OUT/gpu.txt"
 
 step "equality tests on the GPU"
-timeout 240 python3 -m pytest -q -p no:cacheprovider -x tests/kernels/test_torch_twin.py tests/kernels/test_resident.py \
+timeout 180 python3 -m pytest -q -p no:cacheprovider -x tests/kernels/test_torch_twin.py tests/kernels/test_resident.py \
   >"$OUT/tests.txt" 2>&1
 echo "tests rc=$?" >>"$OUT/tests.txt"
 tail -3 "$OUT/tests.txt"
@@ -41,8 +42,8 @@ timeout 200 python3 benchmarks/make_synthetic.py --shape "$SHAPE" --out "$DATA/$
 parts=io,surgery
 for dev in cpu cuda; do
   step "bench --device $dev"
-  python3 benchmarks/bench_merge.py --shape "$SHAPE" --data "$DATA" --parts $parts --no-check \
-    --methods task_arithmetic,breadcrumbs,ties --max-memory "$BUDGET" --timeout 150 \
+  timeout 240 python3 benchmarks/bench_merge.py --shape "$SHAPE" --data "$DATA" --parts $parts --no-check \
+    --methods task_arithmetic,breadcrumbs,ties --max-memory "$BUDGET" --timeout 100 \
     --surgery-args "--device $dev" --json "$OUT/bench-$dev.json" 2>&1 | grep -E "^\||running|failed"
   parts=surgery  # the I/O ceiling once
 done
@@ -53,7 +54,7 @@ for m in breadcrumbs ties; do
   step "identity $m"
   for dev in cpu cuda; do
     rm -rf "$DATA/o_$dev"
-    timeout 150 surgery merge "$DATA/$SHAPE/ft1" "$DATA/$SHAPE/ft2" --base "$DATA/$SHAPE/base" --$m \
+    timeout 90 surgery merge "$DATA/$SHAPE/ft1" "$DATA/$SHAPE/ft2" --base "$DATA/$SHAPE/base" --$m \
       --density 0.1 --max-memory "$BUDGET" --device $dev -o "$DATA/o_$dev" -q >/dev/null 2>>"$OUT/identity.txt"
   done
   same=yes
@@ -70,7 +71,7 @@ fi
 # fewer worker threads on the GPU (16 threads share one device): one breadcrumbs run, if time is left
 if (( SECONDS - T0 < 420 )); then
   step "bench --device cuda --threads 4 (breadcrumbs)"
-  python3 benchmarks/bench_merge.py --shape "$SHAPE" --data "$DATA" --parts surgery --no-check \
+  timeout 100 python3 benchmarks/bench_merge.py --shape "$SHAPE" --data "$DATA" --parts surgery --no-check \
     --methods breadcrumbs --max-memory "$BUDGET" --timeout 100 \
     --surgery-args "--device cuda --threads 4" --json "$OUT/bench-cuda-t4.json" 2>&1 | grep -E "^\||failed"
 fi

@@ -107,12 +107,13 @@ def _model_stock_rows(x: Operands, out) -> None:
 
 
 WEIGHTED = Combine("linear", uses_tau=False, adds_update=False, apply=_linear_apply,
-                   coefficients=linear_coefficients)  # fmt: skip
+                   coefficients=linear_coefficients, on_device=True)  # fmt: skip
 SPHERICAL = Combine("slerp", uses_tau=False, adds_update=False, apply=_slerp_apply,
-                    coefficients=slerp_coefficients, gram_over="inputs")  # fmt: skip
+                    coefficients=slerp_coefficients, gram_over="inputs", on_device=True)  # fmt: skip
 STOCK = Combine("model_stock", uses_tau=True, adds_update=False, apply=_model_stock_apply,
                 coefficients=model_stock_k, gram_over="tau",
-                whole_rows=lambda params: bool(params.get("filter_wise")))  # fmt: skip
+                whole_rows=lambda params: bool(params.get("filter_wise")),
+                on_device=lambda params: not params.get("filter_wise"))  # per-row k: numpy  # fmt: skip
 
 LINEAR = Method(
     name="linear",

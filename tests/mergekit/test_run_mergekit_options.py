@@ -322,3 +322,33 @@ def test_slices_of_different_model_counts_are_refused_by_name(family, invoke, tm
 
 def renamed(name: str, block: int) -> str:
     return re.sub(r"layers\.\d+\.", f"layers.{block}.", name)
+
+
+@pytest.mark.parametrize(
+    ("method", "parameters"),
+    [("model_stock", {"filter_wise": True}), ("ties", {"weight": 0.5, "density": 0.3})],
+)
+def test_torch_backend_on_slices_and_per_row_stock(family, invoke, tmp_path, method, parameters):  # noqa: F811
+    """The torch backend (CPU tensors here; the device-resident path where the stages allow it) on
+    layer slices with a model per slice and on filter_wise (host numpy): the numba run's numbers."""
+    base = str(family["base"])
+    fts = ("ft1", "ft2", "ft3")
+    per_slice = [("ft1", "ft2"), ("ft2", "ft3")] if method == "model_stock" else [("ft1",), ("ft3",)]
+    data = {
+        "merge_method": method,
+        "base_model": base,
+        "slices": [
+            {
+                "sources": [{"model": base, "layer_range": [2 * i, 2 * i + 2]}]
+                + [{"model": str(family[k]), "layer_range": [2 - 2 * i, 4 - 2 * i]} for k in models]
+            }
+            for i, models in enumerate(per_slice)
+        ],
+        "parameters": parameters,
+        "dtype": "float32",
+    }
+    assert set(fts) >= {k for models in per_slice for k in models}
+    cpu = run(invoke, tmp_path, data)
+    dev = run(invoke, tmp_path, data, "dev", "--device", "torch-cpu", "--max-memory", "4KiB")
+    for name, tensor in cpu.items():
+        torch.testing.assert_close(dev[name], tensor, rtol=1e-6, atol=1e-8, msg=name)

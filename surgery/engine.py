@@ -47,7 +47,7 @@ from surgery.plan import MERGED, Plan, TensorJob, build_plan, input_paths
 from surgery.ranks import Band
 from surgery.recipe import Recipe
 from surgery.select_jobs import key_patch, key_selection, pair_chunks, pick, scatter
-from surgery.stream import Chunk, TensorStream, Workspace, chunk_ranges
+from surgery.stream import Chunk, TensorStream, Workspace, chunk_ranges, span_ranges
 from surgery.writer import CheckpointWriter, Layout, fingerprint_of
 
 ENGINE_VERSION = 1  # part of the resume fingerprint: bump when output bytes could change
@@ -328,11 +328,11 @@ class _Run:
         dense = job.kind in ("dense", "update")
         whole = dense and self.spec.combine.wants_whole(job.name, job.shape, job.params)
         ranges = chunk_ranges(job, self.share, self.n_models, per_row, self.options.min_chunk, whole)
+        spans = span_ranges(job, self.share, self.n_models, ranges)
         uses_tau = self.plan.has_base and self.spec.combine.uses_tau
         tau_from = self.spec.tau_from if uses_tau else None
-        return TensorStream(
-            job, self.plan.inputs, self.backend, self.ws, ranges, tau_from, self.n_models, self.check_stop
-        )
+        return TensorStream(job, self.plan.inputs, self.backend, self.ws, ranges, tau_from, self.n_models,
+                            self.check_stop, spans)  # fmt: skip
 
     def write(self, name: str, start: int, raw: np.ndarray) -> None:
         self.writer.write(name, start, raw)

@@ -26,6 +26,7 @@ from surgery.ranks import (
     count_above,
     count_at,
     edge_bins,
+    high_bin,
     rank_count,
     sparse,
     threshold_from_hists,
@@ -62,12 +63,61 @@ def _band(high: np.ndarray, lows: dict[int, np.ndarray], r_hi: int, r_lo: int) -
 
 
 def tensor_bands(stream: TensorStream, params: Mapping, n_models: int, backend: Backend) -> list[Band]:
-    """One band per task vector over this tensor: ranks floor(outliers n)+1 .. + floor(density n)."""
+    """One band per task vector over this tensor: ranks floor(outliers n)+1 .. + floor(density n).
+
+    A tensor of one chunk is read once (the chunk is kept) and scanned twice. A tensor of several
+    chunks is read once too when every band edge falls inside the window of high bins the first chunk
+    predicts (``_hist_windowed``); otherwise a second read collects the missing low histograms. Either
+    way the histograms, hence the bands, are exact and the same."""
     ranks = [band_ranks(params, stream.job.numel, t) for t in range(n_models)]
-    highs = _hist_high(stream, n_models, backend)
-    bins = [edge_bins(highs[t], *ranks[t]) for t in range(n_models)]
-    lows = _hist_low(stream, bins, backend)
+    if len(stream.ranges) == 1:
+        highs = _hist_high(stream, n_models, backend)
+        bins = [edge_bins(highs[t], *ranks[t]) for t in range(n_models)]
+        lows = _hist_low(stream, bins, backend)
+    else:
+        highs, lows = _hist_windowed(stream, ranks, backend)
+        missing = [[b for b in edge_bins(highs[t], *ranks[t]) if b not in lows[t]] for t in range(n_models)]
+        if any(missing):
+            for t, extra in enumerate(_hist_low(stream, missing, backend)):
+                lows[t].update(extra)
     return [_band(highs[t], lows[t], *ranks[t]) for t in range(n_models)]
+
+
+WINDOW = 4  # high bins kept on each side of an edge's estimate: +-3% in |x| (a bin spans 2^-7)
+
+
+def window_bins(sample: np.ndarray, ranks: tuple[int, int], n: int) -> np.ndarray:
+    """High bins around where each band edge falls, estimated from the histogram of a sample (the
+    first chunk) of a tensor of ``n`` elements: the bin of the sample's rank r * size / n, +-WINDOW."""
+    size = int(sample.sum())
+    bins: set[int] = set()
+    for r in ranks:
+        if 0 < r < n and size:
+            b = high_bin(sample, min(size, max(1, round(r * size / n))))[0]
+            bins.update(range(max(0, b - WINDOW), min(HIST, b + WINDOW + 1)))
+    return np.array(sorted(bins), np.int64)
+
+
+def _hist_windowed(
+    stream: TensorStream, ranks: list[tuple[int, int]], backend: Backend
+) -> tuple[np.ndarray, list[dict[int, np.ndarray]]]:
+    """High histograms, and low histograms of the bins the first chunk predicts to hold the band
+    edges, in one read of the tensor (the first chunk is scanned twice: to predict, then to count)."""
+    T = len(ranks)
+    highs = np.zeros((T, HIST), np.int64)
+    slots = np.full((T, HIST), -1, np.int32)
+    windows, lows = [], []
+    for k in range(len(stream.ranges)):
+        tau = stream.read(k).tau
+        for t in range(T):
+            if k == 0:
+                sample = np.zeros(HIST, np.int64)
+                backend.abs_hist_high(tau[t], sample)
+                windows.append(window_bins(sample, ranks[t], stream.job.numel))
+                slots[t, windows[t]] = np.arange(windows[t].size, dtype=np.int32)
+                lows.append(np.zeros((windows[t].size, HIST), np.int64))
+            backend.abs_hist_high_low(tau[t], highs[t], slots[t], lows[t])
+    return highs, [{int(b): lows[t][i] for i, b in enumerate(windows[t])} for t in range(T)]
 
 
 @dataclass(frozen=True)

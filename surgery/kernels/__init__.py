@@ -27,6 +27,7 @@ class Backend:
     subtract: Callable
     abs_hist_high: Callable
     abs_hist_low: Callable
+    abs_hist_high_low: Callable
     band_mask: Callable
     band_select: Callable
     row_band_mask: Callable

@@ -151,6 +151,18 @@ class TorchKernels:
         counts = torch.bincount(low, minlength=0x10000)
         hist[: counts.numel()] += counts.cpu().numpy()
 
+    def abs_hist_high_low(self, x: np.ndarray, hist: np.ndarray, slot: np.ndarray, lows: np.ndarray) -> None:
+        """``abs_hist_high`` plus the low-16-bit histograms of the bins with ``slot[h] >= 0``."""
+        _, a = self._abs_bits(x)
+        high = a >> 16
+        counts = torch.bincount(high, minlength=(_MAX_BITS >> 16) + 1)
+        hist[: counts.numel()] += counts.cpu().numpy()
+        slots = torch.as_tensor(slot, device=a.device).to(torch.int64)[high.long()]
+        inside = slots >= 0
+        flat = slots[inside] * 0x10000 + (a[inside] & 0xFFFF)
+        counts = torch.bincount(flat, minlength=lows.size).cpu().numpy()
+        lows.reshape(-1)[: counts.size] += counts[: lows.size]
+
     @staticmethod
     def _in_top(a: torch.Tensor, v: int, ties: int, seen: int) -> tuple[torch.Tensor | bool, int]:
         """(mask of elements in the top r, number equal to v) for one (v, ties) threshold.

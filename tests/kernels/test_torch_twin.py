@@ -111,6 +111,28 @@ def test_histograms(tw, rng):
         assert np.array_equal(la, lb), high
 
 
+def test_fused_high_and_low_histograms(tw, rng):
+    x = quantised(rng, 20_000)
+    x[:3] = [np.inf, -3e-42, np.float32(np.finfo(np.float32).max)]
+    bits = (x.view(U32) & U32(0x7FFFFFFF)).astype(np.int64)
+    picked = sorted({int(h) for h in np.unique(bits >> 16)[::3]} | {0x7FFF, 0x7F80})
+    slot = np.full(1 << 16, -1, np.int32)
+    slot[picked] = np.arange(len(picked), dtype=np.int32)
+    outs = []
+    for kernel in (cpu.abs_hist_high_low, tw.abs_hist_high_low):
+        hist = np.arange(1 << 16, dtype=np.int64)  # accumulates into existing counts
+        lows = np.ones((len(picked), 1 << 16), np.int64)
+        kernel(x, hist, slot, lows)
+        outs.append((hist, lows))
+    (ha, la), (hb, lb) = outs
+    assert np.array_equal(ha, hb) and np.array_equal(la, lb)
+    # independently: numpy's counts
+    np.testing.assert_array_equal(ha - np.arange(1 << 16), np.bincount(bits >> 16, minlength=1 << 16))
+    for i, h in enumerate(picked):
+        want = np.bincount(bits[(bits >> 16) == h] & 0xFFFF, minlength=1 << 16)
+        np.testing.assert_array_equal(la[i] - 1, want)
+
+
 def _thresholds(x: np.ndarray, rng: np.random.Generator) -> list[tuple[int, int]]:
     """(v, ties) pairs: |x| values that are present (with tie budgets), absent, 'all' and 'none'."""
     a = (x.view(U32) & U32(0x7FFFFFFF)).astype(np.int64)

@@ -465,7 +465,10 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--mergekit-args", default="", help="extra args for mergekit-yaml")
     ap.add_argument(
-        "--density", type=float, default=0.1, help="breadcrumbs density (mergekit density, surgery --density)"
+        "--density",
+        type=float,
+        default=0.1,
+        help="breadcrumbs and ties density (mergekit density, surgery --density)",
     )
     ap.add_argument(
         "--gamma", type=float, default=0.01, help="breadcrumbs gamma (mergekit gamma, surgery --outliers)"

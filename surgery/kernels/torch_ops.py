@@ -93,6 +93,25 @@ def _ones(a: torch.Tensor) -> torch.Tensor:
     return torch.ones((), dtype=torch.int64, device=a.device).expand(a.numel())
 
 
+def _count_high_low(a: torch.Tensor, slot: torch.Tensor, hist, lows) -> None:
+    """hist[h] += #{|x| bits >> 16 == h}; lows[slot[h], l] += #{|x| bits == (h << 16) | l} for the
+    bins with slot[h] >= 0. Device-tensor counts are accumulated on the device (no sync); numpy
+    counts get the device's counts added once."""
+    if not isinstance(hist, torch.Tensor):
+        h = torch.zeros(hist.shape, dtype=torch.int64, device=a.device)
+        low = torch.zeros(lows.shape, dtype=torch.int64, device=a.device)
+        _count_high_low(a, slot, h, low)
+        hist += h.cpu().numpy()
+        lows += low.cpu().numpy()
+        return
+    high = (a >> 16).long()
+    hist.index_add_(0, high, _ones(a))
+    if lows.shape[0]:
+        slots = slot[high]
+        flat = slots.clamp(min=0) * 0x10000 + (a & 0xFFFF).long()
+        lows.view(-1).index_add_(0, flat, (slots >= 0).to(torch.int64))
+
+
 def _in_top(a: torch.Tensor, v: int, ties: int, seen: int) -> tuple[torch.Tensor | bool, int]:
     """(mask of elements in the top r, number equal to v) for one (v, ties) threshold.
 
@@ -220,23 +239,9 @@ class TorchKernels:
         hist[: counts.numel()] += counts.cpu().numpy()
 
     def abs_hist_high_low(self, x: np.ndarray, hist, slot: np.ndarray, lows) -> None:
-        """``abs_hist_high`` plus the low-16-bit histograms of the bins h with ``slot[h] >= 0``
-        (``lows[slot[h]]``); device-tensor counts are accumulated on the device, without a sync."""
+        """``abs_hist_high`` plus the low-16-bit histograms of the bins h with ``slot[h] >= 0``."""
         _, a = self._abs_bits(x)
-        high = (a >> 16).long()
-        slots = self._dev(slot).long()[high]
-        inside = slots >= 0
-        if isinstance(hist, torch.Tensor):
-            hist.index_add_(0, high, _ones(a))
-            if lows.shape[0]:
-                flat = slots.clamp(min=0) * 0x10000 + (a & 0xFFFF).long()
-                lows.view(-1).index_add_(0, flat, inside.to(torch.int64))
-            return
-        counts = torch.bincount(high, minlength=(_MAX_BITS >> 16) + 1)
-        hist[: counts.numel()] += counts.cpu().numpy()
-        flat = slots[inside] * 0x10000 + (a[inside] & 0xFFFF).long()
-        counts = torch.bincount(flat, minlength=lows.size).cpu().numpy()
-        lows.reshape(-1)[: counts.size] += counts[: lows.size]
+        _count_high_low(a, self._dev(slot).long(), hist, lows)
 
     def band_mask(
         self, x: np.ndarray, v_hi: int, ties_hi: int, v_lo: int, ties_lo: int, seen: np.ndarray

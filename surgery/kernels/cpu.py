@@ -178,6 +178,41 @@ def dare_mask(x, density, key, start):  # pragma: no cover - compiled
             x[i] = np.float32(0.0)
 
 
+@njit(**_JIT)
+def della_mask(x, cols, density, epsilon, key, start, keys, inverse):  # pragma: no cover - compiled
+    """DELLA's MAGPRUNE per row of ``cols`` elements, in place: keep x[i] with probability
+
+        p_i = (density - epsilon) + 2 epsilon * a_i / (cols - 1)    (p_i = density in a row of one)
+
+    where a_i is the ascending rank of |x_i| in its row (0 = smallest; equal |x| ordered as in
+    ``row_band_mask``, the lower column ranking higher). The draw is DARE's (``dare_mask``): keep iff
+    splitmix64(key + global index) / 2**64 < p_i, so the mask never depends on chunking. ``inverse``:
+    kept values times 1/p_i (the paper's rescale); otherwise they stay as they are.
+    """
+    bits = x.view(np.uint32)
+    rows = x.size // cols
+    low = density - epsilon
+    width = 2.0 * epsilon
+    span = np.float64(cols - 1)
+    for r in range(rows):
+        base = r * cols
+        for c in range(cols):
+            a = np.uint64(bits[base + c] & np.uint32(0x7FFFFFFF))
+            keys[c] = (a << np.uint64(32)) | np.uint64(0xFFFFFFFF - c)
+        row_keys = keys[:cols]
+        row_keys.sort()  # distinct keys: position = ascending rank
+        for pos in range(cols):
+            c = np.int64(np.uint64(0xFFFFFFFF) - (row_keys[pos] & np.uint64(0xFFFFFFFF)))
+            p = density if cols == 1 else low + width * (np.float64(pos) / span)
+            i = base + c
+            z = _splitmix64(key + np.uint64(start + i))
+            u = np.float64(z >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+            if u >= p:
+                x[i] = np.float32(0.0)
+            elif inverse:
+                x[i] = np.float32(np.float64(x[i]) * (1.0 / p))
+
+
 # -- combinations ------------------------------------------------------------------------------------
 @njit(**_JIT)
 def combine_sum(base, tau, weights, scale, out):  # pragma: no cover - compiled

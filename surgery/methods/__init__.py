@@ -9,6 +9,7 @@ from surgery.errors import RecipeError
 from surgery.methods.breadcrumbs import BREADCRUMBS
 from surgery.methods.cart import CART
 from surgery.methods.dare import DARE, DARE_TIES
+from surgery.methods.della import DELLA, DELLA_LINEAR
 from surgery.methods.graft import APPLY_PATCH, COMPOSE, GRAFT, PATCH
 from surgery.methods.half_reset import HALF_RESET
 from surgery.methods.interpolation import LINEAR, MODEL_STOCK, SLERP
@@ -36,6 +37,8 @@ METHODS: dict[str, Method] = {
         TIES,
         DARE,
         DARE_TIES,
+        DELLA,
+        DELLA_LINEAR,
         LINEAR,
         SLERP,
         MODEL_STOCK,

@@ -16,9 +16,9 @@ import torch
 import yaml
 
 from surgery.mergekit.native import _task_arithmetic_family
-from tests.mergekit.test_run_mergekit import (  # noqa: F401 (fixture)
+from tests.mergekit.test_run_mergekit import (
     check,
-    family,
+    family,  # noqa: F401 (a fixture)
     gradient,
     gta,
     magnitude,
@@ -57,7 +57,7 @@ def della_ref(name, b, fs, weights, densities, epsilons, *, consensus, normalize
 
 
 @pytest.mark.parametrize("method", ["della", "della_linear"])
-def test_della_defaults(family, invoke, tmp_path, method):
+def test_della_defaults(family, invoke, tmp_path, method):  # noqa: F811
     """mergekit's defaults: epsilon 0.15, rescale: true (L1); della normalize: true, della_linear false."""
     weights, densities, epsilons = [0.6, 0.3, 0.5], [0.5, 0.4, 0.7], [0.15, 0.1, 0.2]
     models = [
@@ -84,7 +84,7 @@ def test_della_defaults(family, invoke, tmp_path, method):
         assert recipe["parameters"]["elect"] == "weighted" and recipe["parameters"]["disjoint"] == "mean"
 
 
-def test_della_gradient_filter_and_no_rescale(family, invoke, tmp_path):
+def test_della_gradient_filter_and_no_rescale(family, invoke, tmp_path):  # noqa: F811
     """Per-tensor density (gradient) and epsilon (filter), rescale: false (kept entries unscaled)."""
     cfg = write_config(
         tmp_path,
@@ -115,7 +115,7 @@ def test_della_gradient_filter_and_no_rescale(family, invoke, tmp_path):
     assert recipe["per_tensor"]["model.layers.3.mlp.up_proj.weight"]["epsilon"] == 0.25
 
 
-def test_della_kept_fraction_is_the_density(family, invoke, tmp_path):
+def test_della_kept_fraction_is_the_density(family, invoke, tmp_path):  # noqa: F811
     cfg = write_config(
         tmp_path,
         {"merge_method": "della_linear", "base_model": str(family["base"]),
@@ -132,7 +132,7 @@ def test_della_kept_fraction_is_the_density(family, invoke, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties"])
-def test_rescale_after_a_top_k(family, invoke, tmp_path, method):
+def test_rescale_after_a_top_k(family, invoke, tmp_path, method):  # noqa: F811
     """rescale: true after magnitude pruning: each trimmed delta times ||delta||_1 / ||trimmed||_1."""
     cfg = write_config(
         tmp_path,

@@ -219,6 +219,12 @@ CONFIGS = {
         "parameters": {"density": 0.4, "gamma": 0.02, "rescale": True},
         "dtype": "float32",
     },
+    "arcee_fusion": {
+        "models": [{"model": A}],
+        "merge_method": "arcee_fusion",
+        "base_model": B,
+        "dtype": "float32",
+    },
     "nuslerp": {
         "models": [{"model": A, "parameters": {"weight": 0.3}}, {"model": C, "parameters": {"weight": 0.7}}],
         "merge_method": "nuslerp",
@@ -354,6 +360,15 @@ def compare_random(ours: Path, theirs: Path, base: Path, model: Path) -> str:
     )
 
 
+def compare_entries(ours: Path, theirs: Path) -> str:
+    """Arcee Fusion: each entry is the base's or the fine-tune's; count the entries that differ."""
+    a, b = load(ours), load(theirs)
+    differ = sum(int((a[n] != b[n]).sum()) for n in a)
+    total = sum(t.numel() for t in a.values())
+    tensors = sum(1 for n in a if not torch.equal(a[n], b[n]))
+    return f"{differ} of {total} entries differ ({differ / total:.2e}), in {tensors} of {len(a)} tensors"
+
+
 def compare(ours: Path, theirs: Path) -> str:
     a, b = load(ours), load(theirs)
     if set(a) != set(b):
@@ -409,6 +424,9 @@ def main() -> None:
             continue
         if name.startswith(("dare", "della")):
             print(f"{name:22} {compare_random(ours, theirs, Path(paths[B]), Path(paths[A]))}")
+            continue
+        if name == "arcee_fusion":
+            print(f"{name:22} {compare_entries(ours, theirs)}")
             continue
         print(f"{name:22} {compare(ours, theirs)}")
 

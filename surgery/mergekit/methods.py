@@ -115,7 +115,7 @@ MK_METHODS: dict[str, MkMethod] = {
             "required",
             (MkParam("int8_mask", "bool", False, False), MkParam("select_topk", "float", False, 1.0)),
         ),
-        MkMethod("arcee_fusion", None, "required", (), 1, 1),
+        MkMethod("arcee_fusion", "arcee_fusion", "required", (), 1, 1),
         MkMethod("ram", None, "required", (MkParam("epsilon", "float", False, 1e-5),)),
         MkMethod("ramplus_tl", None, "required", ()),
     )

@@ -15,6 +15,7 @@ papers' (our own recipes keep the papers' semantics):
     nearswap          t -> distance;  sce  select_topk -> density;  karcher  max_iter, tol
     nuslerp           weights; nuslerp_flatten / nuslerp_row_wise -> vectors: flat | rows | columns
     multislerp        weights, normalize_weights, eps
+    arcee_fusion      as is (whole tensors; exact quartiles where mergekit samples above 1M entries)
 
 Per-tensor values (gradients, filters) become the recipe's ``per_tensor`` entries. Whatever has no
 exact translation yet (merging slices whose sources sit at other layer indices, ...) is listed, all
@@ -116,6 +117,8 @@ def _translate(
         return "model_stock", {"cos_min": -1.0}
     if name in _SPHERICAL:
         return name, _SPHERICAL[name](shared, per_model, reasons)
+    if name == "arcee_fusion":  # no parameters; exact quartiles (mergekit samples above 1M entries)
+        return "arcee_fusion", {}
     return _task_arithmetic_family(name, shared, per_model, shape, reasons)
 
 

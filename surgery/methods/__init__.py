@@ -6,6 +6,7 @@ Importing it loads no numpy: the CLI builds its method flags and choices from it
 from __future__ import annotations
 
 from surgery.errors import RecipeError
+from surgery.methods.arcee_fusion import ARCEE_FUSION
 from surgery.methods.breadcrumbs import BREADCRUMBS
 from surgery.methods.cart import CART
 from surgery.methods.dare import DARE, DARE_TIES
@@ -47,6 +48,7 @@ METHODS: dict[str, Method] = {
         MULTISLERP,
         KARCHER,
         SCE,
+        ARCEE_FUSION,
         PASSTHROUGH,
         TSV_MERGE,
         ISO_C,

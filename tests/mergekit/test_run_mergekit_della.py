@@ -1,4 +1,5 @@
-"""mergekit's della / della_linear, and rescale: true after a magnitude top-k, through `surgery run`.
+"""mergekit's della / della_linear, rescale: true after a magnitude top-k, and arcee_fusion, through
+`surgery run`.
 
 The reference is mergekit 0.1.5's ``della_magprune`` and generalized task arithmetic re-derived here in
 torch on whole tensors: ranks of |delta| along each row (argsort of argsort), keep probabilities
@@ -6,6 +7,7 @@ torch on whole tensors: ranks of |delta| along each row (argsort of argsort), ke
 L1 norm, weights before the sign election, ``normalize`` and ``lambda``. The one substitution: the
 Bernoulli draws are our counter-based uniforms (mergekit's come from torch's global generator and
 cannot be reproduced), so the check is exact given the draws. Float32 inputs: within 1e-5 relative.
+Arcee Fusion's reference is mergekit's ``_compute_importance`` and quartiles in float32 torch.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tests.mergekit.test_run_mergekit import (
     states_of,
     write_config,
 )
+from tests.methods.test_arcee_fusion import fusion_reference
 from tests.methods.test_della import uniforms
 from tests.test_e2e_transformers import load_state
 
@@ -174,3 +177,36 @@ def test_della_shapes_mergekit_ranks_differently_are_refused(shape, reason):
     reasons.clear()
     _task_arithmetic_family("della", shared, {**per_model, "density": (1.0,)}, shape, reasons)
     assert reasons == []  # density 1: nothing is ranked
+
+
+def mk_fusion(b: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """mergekit's arcee_fusion in float32 (its quartiles are exact below 1M entries)."""
+    p = torch.softmax(f, dim=-1) + 1e-8
+    q = torch.softmax(b, dim=-1) + 1e-8
+    importance = (f - b).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    ordered = torch.sort(importance.reshape(-1)).values
+    q1, median, q3 = ordered[(torch.tensor([0.25, 0.5, 0.75]) * (ordered.numel() - 1)).long()]
+    return b + (f - b) * (importance >= median + 1.5 * (q3 - q1)).float()
+
+
+def test_arcee_fusion(family, invoke, tmp_path):  # noqa: F811
+    """Exact against the formula in float64; mergekit computes the importance in float32, where the KL
+    of two nearby softmaxes loses ~1e-3 of its digits, so a few entries next to the threshold differ."""
+    cfg = write_config(
+        tmp_path,
+        {"merge_method": "arcee_fusion", "base_model": str(family["base"]),
+         "models": [{"model": str(family["ft2"])}], "dtype": "float32"},
+    )  # fmt: skip
+    result = invoke("run", cfg, "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    b, f2 = states_of(family, "base", "ft2")
+    got = load_state(tmp_path / "out")
+    differ = total = 0
+    for n, tensor in got.items():
+        exact = torch.from_numpy(fusion_reference(b[n].numpy(), f2[n].numpy())[0])
+        assert torch.equal(tensor, exact), n
+        differ += int((tensor != mk_fusion(b[n], f2[n])).sum())
+        total += tensor.numel()
+    assert differ / total < 1e-3, (differ, total)
+    recipe = yaml.safe_load((tmp_path / "out" / "surgery_recipe.yaml").read_text())
+    assert recipe["method"] == "arcee_fusion" and recipe["parameters"] == {"scale": 1.0}

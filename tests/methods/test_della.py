@@ -180,3 +180,13 @@ def test_streamed_in_tiny_chunks_on_three_threads_equals_one_chunk(tmp_path, fam
     merge(recipe, tmp_path / "tiny", EngineOptions(max_memory=300, threads=3))
     whole, tiny = (tmp_path / k / "model.safetensors" for k in ("whole", "tiny"))
     assert whole.read_bytes() == tiny.read_bytes()
+
+
+def test_passes_count_the_l1_measure():
+    from surgery.methods import METHODS
+
+    della, ties = METHODS["della"], METHODS["ties"]
+    assert della.passes({"granularity": "per_row", "rescale": "none"}) == 1
+    assert della.passes({"granularity": "per_row", "rescale": "l1"}) == 2
+    assert ties.passes({"granularity": "per_tensor", "rescale": "l1"}) == 4
+    assert METHODS["task_arithmetic"].passes({"rescale": "l1"}) == 1  # no sparsify stage: no rescale

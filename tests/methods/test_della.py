@@ -190,3 +190,19 @@ def test_passes_count_the_l1_measure():
     assert della.passes({"granularity": "per_row", "rescale": "l1"}) == 2
     assert ties.passes({"granularity": "per_tensor", "rescale": "l1"}) == 4
     assert METHODS["task_arithmetic"].passes({"rescale": "l1"}) == 1  # no sparsify stage: no rescale
+
+
+def test_lines_auto_alpha_measures_the_rescaled_update(tmp_path, family):
+    """LiNeS' alpha = ||sum_t tau_t||_1 / (T ||merged update||_1) over the merged tensors, with the
+    update as written: here each pruned task vector back at its L1 norm (rescale: l1)."""
+    base, models = family
+    b, _, taus = taus_of(base, models)
+    recipe = make_recipe("della_linear", [str(m) for m in models], str(base),
+                         {"density": 0.4, "rescale": "l1"}, lines={"alpha": "auto"})  # fmt: skip
+    result = merge(recipe, tmp_path / "out", OPTS)
+    total = merged = 0.0
+    for n in float_names(b):
+        pruned = [magprune(tau, n, t, 0.4, 0.15, rescale="l1")[0] for t, tau in enumerate(taus[n])]
+        total += np.abs(weighted_sum(taus[n], [1.0] * 3).astype(np.float64)).sum()
+        merged += np.abs(weighted_sum(pruned, [1.0] * 3).astype(np.float64)).sum()
+    assert result.lines.alpha == pytest.approx(total / (3 * merged), rel=1e-6)

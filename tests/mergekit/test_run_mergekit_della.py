@@ -210,3 +210,25 @@ def test_arcee_fusion(family, invoke, tmp_path):  # noqa: F811
     assert differ / total < 1e-3, (differ, total)
     recipe = yaml.safe_load((tmp_path / "out" / "surgery_recipe.yaml").read_text())
     assert recipe["method"] == "arcee_fusion" and recipe["parameters"] == {"scale": 1.0}
+
+
+def test_convert_prints_a_della_recipe_that_reproduces_the_run(family, invoke, tmp_path):  # noqa: F811
+    data = {
+        "merge_method": "della",
+        "base_model": str(family["base"]),
+        "models": [
+            {"model": str(family[k]), "parameters": {"weight": 0.5, "density": 0.6}} for k in ("ft1", "ft2")
+        ],
+        "parameters": {"epsilon": [{"filter": "mlp", "value": 0.2}, {"value": 0.1}]},
+        "out_dtype": "bfloat16",
+    }
+    cfg = write_config(tmp_path, data)
+    converted = invoke("convert", cfg)
+    assert converted.exit_code == 0, converted.output
+    recipe = yaml.safe_load(converted.stdout)
+    assert recipe["method"] == "della" and recipe["parameters"]["seed"] == 0
+    (tmp_path / "native.yml").write_text(converted.stdout)
+    assert invoke("run", cfg, "-o", tmp_path / "a", "-q").exit_code == 0
+    assert invoke("run", tmp_path / "native.yml", "-o", tmp_path / "b", "-q").exit_code == 0
+    a, b = load_state(tmp_path / "a"), load_state(tmp_path / "b")
+    assert all(torch.equal(a[n], b[n]) for n in a)

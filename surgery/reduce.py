@@ -161,7 +161,8 @@ def l1_rescale(
     ||tau||_1 / ||sparsified tau||_1 over the whole tensor (float64 sums), 1 where either is below
     1e-7 (as mergekit). The sparsify stage is reproducible (rank bands, counter-based masks), so the
     apply pass masks the same entries; ``sparsify`` must bring its own tie counters (``ranks.fresh``).
-    The sums run element by element in index order (``l1_accumulate``), so chunking never changes them."""
+    The numba backend sums element by element in index order (``l1_accumulate``), so chunking never
+    changes them; the torch twins sum blocks (last-bit differences, see ``kernels/torch_ops.py``)."""
     before = np.zeros(n_models, np.float64)
     after = np.zeros(n_models, np.float64)
     for k in range(len(stream.ranges)):

@@ -12,8 +12,9 @@ backends apart, and the results are bit for bit the numba ones:
   float64 there, an ``np.float32`` one float32);
 * the two float64 statistics (``gram_accumulate``, ``l1_accumulate``) sum the chunk with torch's
   blocked reductions instead of numba's element-by-element order, so they may differ from numba in
-  the last bits (relative error ~1e-15 of the sum of |terms|). Only the reduce passes of SLERP and
-  Model Stock use them, and their coefficients are rounded once to float32.
+  the last bits (relative error ~1e-15 of the sum of |terms|). Only reduce passes use them (SLERP's
+  and Model Stock's Gram, ``rescale: l1``'s norms, LiNeS' auto alpha), and their results are rounded
+  once to float32 coefficients.
 
 64-bit unsigned arithmetic (splitmix64) runs on int64: add and multiply wrap the same way, and a
 logical right shift is an arithmetic one followed by a mask. Unsigned numpy arrays are viewed as the

@@ -50,7 +50,8 @@ from surgery.select_jobs import key_patch, key_selection, pair_chunks, pick, sca
 from surgery.stream import Chunk, TensorStream, Workspace, chunk_ranges
 from surgery.writer import CheckpointWriter, Layout, fingerprint_of
 
-ENGINE_VERSION = 1  # part of the resume fingerprint: bump when output bytes could change
+ENGINE_VERSION = 2  # part of the resume fingerprint: bump when output bytes could change
+# 2: rescale: l1 sums element by element (a DARE L1 factor may move by one float32 ulp)
 
 __all__ = ["ENGINE_VERSION", "EngineOptions", "Interrupted", "RunResult", "execute", "merge"]
 

@@ -10,7 +10,8 @@ do), entry i is kept with probability
 so the keep probabilities spread linearly over [density - epsilon, density + epsilon] and average
 density. Kept entries are rescaled by 1/p_i (``rescale: none``, the paper: E[tau'] = tau). With
 epsilon = 0 this is DARE, and it draws DARE's random stream (keyed by seed, tensor, model and element
-index), so DELLA at epsilon 0 gives DARE's bytes. ``density`` >= 1 keeps every entry unchanged.
+index), so DELLA at epsilon 0 gives DARE's bytes (both with the 1/p rescale). ``density`` >= 1 keeps
+every entry unchanged.
 
     della         out = b + scale * disjoint_mean(elect(magprune(tau_t)))     (TIES' election + mean)
     della_linear  out = b + scale * sum_t w_t * magprune(tau_t)

@@ -5,13 +5,21 @@ stage works per row or rows are gathered by a vocabulary map; the whole tensor w
 whole matrices). ``TensorStream.read(k)`` returns chunk ``k`` with its task vectors; a tensor that
 fits in one chunk is read once for all its passes. Buffers come from the worker's ``Workspace``,
 allocated once and reused, so streaming costs no fresh memory per chunk.
+
+The workspace also decides where a chunk's arrays live. The host ``Workspace`` keeps everything in
+numpy arrays (its upload and download are no-ops). A backend's device workspace
+(``surgery.kernels.resident``) reads into pinned host staging buffers and keeps the decoded inputs,
+task vectors and output on its device; the stream and the engine call the same methods either way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +33,13 @@ from surgery.vocab import CARRY
 
 
 class Workspace:
-    """A worker's reusable buffers: allocated once, grown only when a job needs more."""
+    """A worker's reusable host buffers: allocated once, grown only when a job needs more.
+
+    ``get`` gives a host buffer; the other methods are the interface a device workspace shares
+    (``surgery.kernels.resident.DeviceWorkspace``), here without any copy: compute ``array``s are
+    host buffers, ``upload``/``download`` hand the same array back."""
+
+    resident = False  # chunks live in numpy arrays
 
     def __init__(self) -> None:
         self._bufs: dict[str, np.ndarray] = {}
@@ -37,6 +51,58 @@ class Workspace:
         if buf is None or buf.size < nbytes:
             buf = self._bufs[key] = np.empty(max(nbytes, 64), np.uint8)
         return buf[:nbytes].view(dtype).reshape(shape)
+
+    def array(self, key: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+        """A buffer the kernels compute in (here: the host buffer ``key``)."""
+        return self.get(key, shape, dtype)
+
+    def staging(self, key: str, shape: tuple[int, ...], dtype, alias: np.ndarray | None = None) -> np.ndarray:
+        """The host buffer raw input bytes are read into before ``upload``; ``alias``: the compute
+        row itself (an F32 input is read straight into it here)."""
+        return alias if alias is not None else self.get(key, shape, dtype)
+
+    def upload(self, raw: np.ndarray, dest: np.ndarray | None = None) -> np.ndarray:
+        """``raw`` as a compute array (copied into ``dest`` when given and not ``raw`` itself)."""
+        if dest is None:
+            return raw
+        if not np.may_share_memory(raw, dest):
+            np.copyto(dest, raw)
+        return dest
+
+    def download(self, x: np.ndarray, key: str) -> np.ndarray:
+        """A compute array's bytes in a host buffer, ready for the writer."""
+        return x
+
+    def to_host(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def asarray(self, a: np.ndarray) -> np.ndarray:
+        """A small host array (per-tensor factors) where the compute arrays live."""
+        return a
+
+    def counts(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A zeroed int64 accumulator (radix-select histograms) where the compute arrays live."""
+        return np.zeros(shape, np.int64)
+
+    def activate(self) -> contextlib.AbstractContextManager:
+        """Context for one unit of a worker's work (a device workspace selects its streams)."""
+        return contextlib.nullcontext()
+
+
+class WorkerSpaces(threading.local):
+    """Each worker thread's workspaces: ``host``, and ``device`` from the backend's factory (None
+    when it has none). Attributes are per thread; ``run`` does one unit of a worker's work inside
+    the device workspace's context (its CUDA stream)."""
+
+    def __init__(self, device_factory: Callable[[], Any] | None) -> None:
+        self.host = Workspace()
+        self.device = device_factory() if device_factory is not None else None
+
+    def run(self, fn: Callable, item: Any) -> Any:
+        if self.device is None:
+            return fn(item)
+        with self.device.activate():
+            return fn(item)
 
 
 def bytes_per_element(job: TensorJob, n_models: int) -> int:
@@ -84,7 +150,8 @@ def _size(n: int) -> str:
 @dataclass(frozen=True)
 class Chunk:
     """Elements ``start:start+count`` of one tensor, decoded: ``inputs`` [n_inputs, count] and the
-    task vectors ``tau`` [T, count] (None when the method does not use them)."""
+    task vectors ``tau`` [T, count] (None when the method does not use them); numpy arrays, or
+    device tensors when the stream's workspace is resident."""
 
     start: int
     count: int
@@ -110,6 +177,7 @@ class TensorStream:
         self.ranges, self.tau_from, self.n_models = ranges, tau_from, n_models
         self.check_stop = check_stop
         self._cached: tuple[int, Chunk] | None = None
+        self._raw0: np.ndarray | None = None  # host bytes of input 0 of the last chunk loaded
 
     def read(self, k: int) -> Chunk:
         """Chunk ``k``, kept for the next pass while the tensor is one chunk: do not modify it."""
@@ -131,7 +199,7 @@ class TensorStream:
         dec = self.load(start, count, nxt)
         tau = None
         if self.tau_from is not None:
-            tau = self.ws.get("tau", (self.n_models, count), np.float32)
+            tau = self.ws.array("tau", (self.n_models, count), np.float32)
             self.tau_from.compute(self.backend, dec, tau)
         return Chunk(start, count, dec, tau)
 
@@ -140,21 +208,34 @@ class TensorStream:
         ``n_inputs`` inputs only, when given)."""
         job = self.job
         n_in = len(job.in_dtypes) if n_inputs is None else n_inputs
-        dec = self.ws.get("dec", (n_in, count), np.float32)
+        dec = self.ws.array("dec", (n_in, count), np.float32)
         if job.row_map is not None:
             return self._load_rows(start, count, dec)
         for i, (ckpt, dtype) in enumerate(zip(self.inputs[:n_in], job.in_dtypes[:n_in])):
             self.check_stop()
             source = job.source(i)
-            if dtype == "F32":
-                ckpt.read_into(source, start, dec[i])
-            else:
-                raw = self.ws.get(f"raw{i}", (count,), DTYPES[dtype].storage)
-                ckpt.read_into(source, start, raw)
-                self.backend.decode(raw, dtype, dec[i])
+            raw = self._staging(i, count, dtype, dec)
+            ckpt.read_into(source, start, raw)
+            self._decode(i, raw, dtype, dec)
             if ranges_next is not None:
                 ckpt.prefetch(source, *ranges_next)
         return dec
+
+    def _staging(self, i: int, count: int, dtype: str, dec) -> np.ndarray:
+        """Host buffer input ``i``'s raw bytes are read into (on the host path an F32 input is read
+        straight into its decoded row)."""
+        alias = dec[i] if dtype == "F32" and not self.ws.resident else None
+        raw = self.ws.staging(f"raw{i}", (count,), DTYPES[dtype].storage, alias)
+        if i == 0:
+            self._raw0 = raw
+        return raw
+
+    def _decode(self, i: int, raw: np.ndarray, dtype: str, dec) -> None:
+        """Raw bytes of input ``i`` -> float32 row ``dec[i]`` (one upload where the rows live)."""
+        if dtype == "F32":
+            self.ws.upload(raw, dec[i])
+        else:
+            self.backend.decode(self.ws.upload(raw), dtype, dec[i])
 
     def _load_rows(self, start: int, count: int, dec: np.ndarray) -> np.ndarray:
         """Gather whole rows by the vocabulary row map (-1: zeros), one read per row."""
@@ -164,23 +245,19 @@ class TensorStream:
         rows = job.row_map.rows[r0 : r0 + count // cols]
         for i, (ckpt, dtype) in enumerate(zip(self.inputs, job.in_dtypes)):
             self.check_stop()
-            raw = self.ws.get(f"raw{i}", (count,), DTYPES[dtype].storage)
+            raw = self._staging(i, count, dtype, dec)
             for j, src in enumerate(rows[:, i]):
                 if src < 0:
                     raw[j * cols : (j + 1) * cols] = 0
                 else:
                     ckpt.read_into(job.source(i), int(src) * cols, raw[j * cols : (j + 1) * cols])
-            if dtype == "F32":
-                np.copyto(dec[i], raw)
-            else:
-                self.backend.decode(raw, dtype, dec[i])
+            self._decode(i, raw, dtype, dec)
         return dec
 
     def raw0(self, chunk: Chunk) -> np.ndarray:
-        """Raw bytes of input 0 for the chunk just loaded (F32 is read straight into ``inputs``)."""
-        if self.job.in_dtypes[0] == "F32":
-            return chunk.inputs[0]
-        return self.ws.get("raw0", (chunk.count,), DTYPES[self.job.in_dtypes[0]].storage)
+        """Raw bytes (host) of input 0 for the chunk just loaded."""
+        assert self._raw0 is not None and self._raw0.size == chunk.count
+        return self._raw0
 
     def fix_rows(self, chunk: Chunk, out: np.ndarray) -> None:
         """Rows carried over from the fine-tune, or kept from the new base, bypass the arithmetic."""

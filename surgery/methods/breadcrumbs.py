@@ -40,7 +40,7 @@ def _band_apply(be, tau, s: Slice) -> None:
         be.band_mask(tau, b.v_hi, b.ties_hi, b.v_lo, b.ties_lo, b.seen)
 
 
-BAND = Sparsify("band", needs_ranks=True, apply=_band_apply)
+BAND = Sparsify("band", needs_ranks=True, apply=_band_apply, on_device=True)
 
 RESCALE_L1 = Param(
     "rescale", "choice", "none", "after the mask: none, or l1: back to the L1 norm of tau (mergekit's "

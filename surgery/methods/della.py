@@ -43,7 +43,7 @@ def _magprune_apply(be, tau, s: Slice) -> None:
     be.della_mask(tau, s.cols, keep, eps, key, s.start, s.scratch, inverse)
 
 
-MAGPRUNE = Sparsify("magprune", needs_ranks=True, apply=_magprune_apply)
+MAGPRUNE = Sparsify("magprune", needs_ranks=True, apply=_magprune_apply, on_device=True)
 
 EPSILON = Param(
     "epsilon", "float", 0.15, "keep probabilities spread over density +/- epsilon by |tau| rank in the row"

@@ -26,6 +26,7 @@ from surgery.ranks import (
     count_above,
     count_at,
     edge_bins,
+    fresh,
     high_bin,
     rank_count,
     sparse,
@@ -137,7 +138,7 @@ class GlobalBands:
 
     def fresh(self, name: str) -> list[Band]:
         """The bands of ``name`` with new tie counters (each pass over a tensor counts from zero)."""
-        return [Band(b.v_hi, b.ties_hi, b.v_lo, b.ties_lo) for b in self.bands[name]]
+        return fresh(self.bands[name])
 
 
 def global_bands(
@@ -211,17 +212,21 @@ def gram(stream: TensorStream, over: str, backend: Backend) -> np.ndarray:
 
 
 def l1_rescale(stream: TensorStream, sparsify: Callable[[object], None], n_models: int) -> np.ndarray:
-    """``rescale: l1`` (mergekit's DARE rescale): per task vector ||tau||_1 / ||sparsified tau||_1
-    over the whole tensor (float64 sums), 1 where either is below 1e-7 (as mergekit). The sparsify
-    stage is reproducible (ranks, counter-based masks), so the apply pass masks the same entries."""
+    """``rescale: l1`` (mergekit's rescale of DARE, DELLA, TIES and breadcrumbs): per task vector
+    ||tau||_1 / ||sparsified tau||_1 over the whole tensor (float64 sums), 1 where either is below
+    1e-7 (as mergekit). The sparsify stage is reproducible (rank bands, counter-based masks), so the
+    apply pass masks the same entries; ``sparsify`` must bring its own tie counters (``ranks.fresh``).
+    The sums run on the host, element by element in index order (numba's ``l1_accumulate`` whatever
+    the backend), so neither the chunking nor the device changes them."""
+    from surgery.kernels.cpu import l1_accumulate
+
     before = np.zeros(n_models, np.float64)
     after = np.zeros(n_models, np.float64)
     for k in range(len(stream.ranges)):
         chunk = stream.take(k)  # sparsify masks tau in place
-        # numpy's sums on the host (a device's reduction order would move the last bits)
-        before += np.abs(stream.ws.to_host(chunk.tau)).sum(axis=1, dtype=np.float64)
+        l1_accumulate(np.ascontiguousarray(stream.ws.to_host(chunk.tau)), before)
         sparsify(chunk)
-        after += np.abs(stream.ws.to_host(chunk.tau)).sum(axis=1, dtype=np.float64)
+        l1_accumulate(np.ascontiguousarray(stream.ws.to_host(chunk.tau)), after)
     ok = (before >= 1e-7) & (after >= 1e-7)
     return np.where(ok, before / np.where(ok, after, 1.0), 1.0).astype(np.float32)
 

@@ -39,6 +39,7 @@ class Backend:
     band_select: Callable
     row_band_mask: Callable
     dare_mask: Callable
+    della_mask: Callable
     combine_sum: Callable
     combine_ties: Callable
     combine_weighted: Callable

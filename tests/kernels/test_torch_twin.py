@@ -215,6 +215,27 @@ def test_dare_mask_chunked(tw, rng):
     assert same(whole, parts)
 
 
+@pytest.mark.parametrize("cols", [1, 7, 64])
+@pytest.mark.parametrize("inverse", [True, False])
+def test_della_mask(tw, rng, cols, inverse):
+    x = quantised(rng, 40 * cols + 3, levels=3)  # equal |x| in a row; a partial row at the end
+    for key, start, density, eps in [(5, 0, 0.5, 0.15), (2**64 - 9, 2**40, 0.3, 0.0), (17, 640, 0.7, 0.29)]:
+        a, b = x.copy(), x.copy()
+        cpu.della_mask(a, cols, density, eps, np.uint64(key), start, np.zeros(cols, np.uint64), inverse)
+        tw.della_mask(b, cols, density, eps, np.uint64(key), start, np.zeros(cols, np.uint64), inverse)
+        assert same(a, b), (cols, key, density, eps)
+    if cols > 3:
+        assert same(a[-3:], x[-3:])  # not a whole row: untouched
+
+
+def test_della_mask_at_epsilon_zero_is_dare(tw, rng):
+    x = rng.standard_normal(64 * 30).astype(np.float32)
+    dare, della = x.copy(), x.copy()
+    cpu.dare_mask(dare, 0.35, np.uint64(77), 640)
+    tw.della_mask(della, 64, 0.35, 0.0, np.uint64(77), 640, np.zeros(64, np.uint64), True)
+    assert same(dare, della)
+
+
 # -- combinations ---------------------------------------------------------------------------------------
 def _combine_inputs(rng, n_models=3, n=20_000):
     base = rng.standard_normal(n).astype(np.float32)
@@ -342,6 +363,9 @@ CASES = [
     ("ties", {"density": 0.5}, True),
     ("dare", {"density": 0.5, "seed": 7}, True),
     ("dare_ties", {"density": 0.4, "seed": 3}, True),
+    ("della", {"density": 0.4, "epsilon": 0.2, "seed": 3}, True),
+    ("della_linear", {"density": 0.6, "epsilon": 0.1, "rescale": "l1"}, True),
+    ("ties", {"density": 0.3, "rescale": "l1"}, True),
     ("linear", {"weights": [0.3, 0.7]}, True),
     ("slerp", {"t": 0.3}, False),
     ("model_stock", {}, False),

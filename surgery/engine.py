@@ -47,13 +47,14 @@ from surgery.patch import (
     target_warning,
 )
 from surgery.plan import MERGED, Plan, TensorJob, build_plan, input_paths
-from surgery.ranks import Band
+from surgery.ranks import Band, fresh
 from surgery.recipe import Recipe
 from surgery.select_jobs import key_patch, key_selection, pair_chunks, pick, scatter
-from surgery.stream import Chunk, TensorStream, WorkerSpaces, Workspace, chunk_ranges
+from surgery.stream import Chunk, TensorStream, WorkerSpaces, Workspace, chunk_ranges, span_ranges
 from surgery.writer import CheckpointWriter, Layout, fingerprint_of
 
-ENGINE_VERSION = 1  # part of the resume fingerprint: bump when output bytes could change
+ENGINE_VERSION = 2  # part of the resume fingerprint: bump when output bytes could change
+# 2: rescale: l1 sums element by element (a DARE L1 factor may move by one float32 ulp)
 
 __all__ = ["ENGINE_VERSION", "EngineOptions", "Interrupted", "RunResult", "execute", "merge"]
 
@@ -333,18 +334,16 @@ class _Run:
         sparsify = self.spec.sparsify
         ranked = job.kind in MERGED and sparsify is not None and sparsify.needs_ranks
         dense = job.kind in ("dense", "update")
-        rows = self.spec.combine.whole_rows
-        per_row = (ranked and job.params.get("granularity") == "per_row") or (
-            dense and rows is not None and rows(job.params)
-        )
+        per_row = ranked and job.params.get("granularity") == "per_row"
+        per_row = per_row or (dense and self.spec.combine.wants_rows(job.params))
         whole = dense and self.spec.combine.wants_whole(job.name, job.shape, job.params)
         ranges = chunk_ranges(job, self.share, self.n_models, per_row, self.options.min_chunk, whole)
+        spans = span_ranges(job, self.share, self.n_models, ranges)
         uses_tau = self.plan.has_base and self.spec.combine.uses_tau
         tau_from = self.spec.tau_from if uses_tau else None
         ws = self.workspace(job)
-        return TensorStream(
-            job, self.plan.inputs_of(job), self.backend, ws, ranges, tau_from, self.n_models, self.check_stop
-        )
+        return TensorStream(job, self.plan.inputs_of(job), self.backend, ws, ranges, tau_from, self.n_models,
+                            self.check_stop, spans)  # fmt: skip
 
     def write(self, name: str, start: int, raw: np.ndarray) -> None:
         self.writer.write(name, start, raw)
@@ -391,10 +390,8 @@ class _Run:
 
     def coefficients(self, job: TensorJob, stream: TensorStream) -> np.ndarray | None:
         combine = self.spec.combine
-        if combine.coefficients is None or (
-            combine.whole_rows is not None and combine.whole_rows(job.params)
-        ):
-            return None  # per-row stages compute their values from each chunk's rows (no Gram pass)
+        if combine.coefficients is None or combine.wants_rows(job.params):  # per-row: from each chunk
+            return None
         gram = reduce.gram(stream, combine.gram_over, self.backend) if combine.gram_over else None
         return np.asarray(combine.coefficients(gram, job.params, self.n_models), np.float32)
 
@@ -443,10 +440,12 @@ class _Run:
             selected = key_selection(self, job)
             stream = self.stream(job)
             bands, coeffs = self.bands(job, stream), self.coefficients(job, stream)
+            factors = _l1_factors(self, job, stream, bands, selected)
 
             def merged_update(chunk: Chunk, tmp: np.ndarray) -> np.ndarray:
                 if self.spec.combine.adds_update:  # the update itself, without b + ... - b
-                    return self.apply(job, chunk, bands, coeffs, 1.0, zero_base=True, selected=selected)
+                    return self.apply(job, chunk, bands, coeffs, 1.0, zero_base=True, factors=factors,
+                                      selected=selected)  # fmt: skip
                 out = self.apply(job, chunk, bands, coeffs, 1.0, selected=selected)
                 self.backend.subtract(out[None], chunk.inputs[0], tmp[None])
                 return tmp
@@ -514,8 +513,7 @@ def _raise_nonfinite(run: _Run) -> None:
 # -- job writers: one per job kind ------------------------------------------------------------------
 def _copy(run: _Run, job: TensorJob) -> None:
     """Integer tensors: equal in every input, copied. Otherwise copied from input ``job.copy_from`` (F8,
-    layer stacking), converted (one rounding) when the output dtype differs, times the job's
-    ``scale`` (float32, then one rounding) when it has one (passthrough's scale)."""
+    layer stacking), converted (one rounding) when the dtype differs or times the job's ``scale``."""
     inputs, src = run.plan.inputs_of(job), job.copy_from
     scale = np.float32(job.params.get("scale", 1.0)) if job.kind == "copy_base" else np.float32(1.0)
     convert = job.kind == "copy_base" and (job.in_dtypes[src] != job.out_dtype or scale != 1.0)
@@ -534,9 +532,7 @@ def _copy(run: _Run, job: TensorJob) -> None:
                 )
         if convert:
             dec = run.backend.decode(first, job.in_dtypes[src], run.ws.get("out", (count,), np.float32))
-            if scale != 1.0:
-                np.multiply(dec, scale, out=dec)
-            first = run.encode(job, dec)
+            first = run.encode(job, dec if scale == 1.0 else np.multiply(dec, scale, out=dec))
         run.write(job.name, start, first)
 
 
@@ -553,9 +549,7 @@ def _merge(run: _Run, job: TensorJob) -> None:
     selected = key_selection(run, job)
     stream = run.stream(job)
     bands, coeffs = run.bands(job, stream), run.coefficients(job, stream)
-    factors = None
-    if job.params.get("rescale", "none") == "l1" and run.spec.sparsify is not None:
-        factors = reduce.l1_rescale(stream, lambda c: _sparsify(run, job, c, bands, selected), run.n_models)
+    factors = _l1_factors(run, job, stream, bands, selected)
     lam = run.lines_scale(job)
     hasher = run.hasher()
     for k in range(len(stream.ranges)):
@@ -568,6 +562,14 @@ def _merge(run: _Run, job: TensorJob) -> None:
         stream.fix_rows(chunk, out)
         run.write(job.name, chunk.start, run.encode(job, out))
     run.finish_hash(job, hasher)
+
+
+def _l1_factors(run: _Run, job: TensorJob, stream: TensorStream, bands, selected) -> np.ndarray | None:
+    """``rescale: l1``: each ||tau_t||_1 / ||sparsified tau_t||_1 (one more pass, own tie counters)."""
+    if job.params.get("rescale", "none") != "l1" or run.spec.sparsify is None:
+        return None
+    counted = fresh(bands) if bands is not None else None
+    return reduce.l1_rescale(stream, lambda c: _sparsify(run, job, c, counted, selected), run.n_models)
 
 
 def _patch(run: _Run, job: TensorJob) -> None:

@@ -24,7 +24,7 @@ def tiny(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("method", [m for m in mergekit_configs.METHODS if m != "mk-della"])
+@pytest.mark.parametrize("method", mergekit_configs.METHODS)
 def test_each_config_runs_through_surgery(tiny, invoke, tmp_path, method):
     text = mergekit_configs.mergekit_config(method, str(tiny / "base"), [str(tiny / "ft1"), str(tiny / "ft2")],
                                             "float32")  # fmt: skip

@@ -143,7 +143,7 @@ def tiny_task(i: int, fail: int) -> int:
 
 def failed_batches(folder: str, n: int) -> int:
     """``n`` batches of 12 tasks, one failing: each must raise the task's error after every task has
-    settled. With ``ray.cancel`` (ray 2.60) the driver died within 200 batches in each of 6 tries."""
+    settled. With ``ray.cancel`` (ray 2.60) the driver died within 200 batches in each of 7 tries."""
     task = ray.remote(num_cpus=1, max_retries=3)(tiny_task)
     for k in range(n):
         refs = [task.remote(i, 3) for i in range(12)]

@@ -64,6 +64,7 @@ class RayDriver:
         if self.proc.is_alive():
             self.proc.kill()
             self.proc.join()
+        _end_group(self.proc.pid)
         self.proc = None
         shutil.rmtree(self.folder, ignore_errors=True)
 
@@ -95,6 +96,7 @@ class RayDriver:
     def _died(self, what: str, status: str):
         pid, folder = self.proc.pid, self.folder
         self.proc.join(30)
+        _end_group(pid)
         self.proc = None  # the next call starts a new driver; the folder stays for reading
         stderr = folder / "stderr.txt"
         tail = stderr.read_text(errors="replace")[-4000:] if stderr.is_file() else "(none)"
@@ -102,6 +104,15 @@ class RayDriver:
             f"the Ray driver process (pid {pid}) {status} during {what}.\n"
             f"Its stderr ends with:\n{tail}\nRay's session logs: {folder / 'ray'}"
         ) from None
+
+
+def _end_group(pid: int) -> None:
+    """Kill what is left of the driver's process group: Ray processes whose parent died (its dashboard
+    and runtime-env agents outlive a killed driver)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # nothing left
 
 
 def _status(code: int | None) -> str:
@@ -116,6 +127,9 @@ def _status(code: int | None) -> str:
 
 def _serve(conn, folder: str, setup: str) -> None:
     """The child: start Ray, then run what the parent sends until it sends None."""
+    # Its own process group: what Ray signals to the driver's group never reaches pytest, and what is
+    # left of Ray after a death can be ended by group (``_end_group``).
+    os.setpgrp()
     err = open(Path(folder) / "stderr.txt", "w")  # open for the life of the process
     for fd in (1, 2):  # Ray's C++ fatal messages are written to fd 2 directly
         os.dup2(err.fileno(), fd)

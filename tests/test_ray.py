@@ -1,6 +1,6 @@
 """The Ray backend on a local Ray cluster: output byte for byte the single-process output for every
 kind of reduce pass, harmless retries after a worker dies, a driver that resumes, a driver that
-survives many failed batches, and a simulated 2-node cluster.
+survives many failed batches, a dead driver reported as such, and a simulated 2-node cluster.
 
 The Ray driver runs in a child process (tests/ray_driver.py): if it dies, the test that was running
 fails with its exit status and stderr instead of pytest ending silently.
@@ -9,12 +9,14 @@ fails with its exit status and stderr instead of pytest ending silently.
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import time
 from pathlib import Path
 
 import pytest
 from ckpt_factory import make_family
-from ray_driver import RayDriver
+from ray_driver import DriverDied, RayDriver
 
 ray = pytest.importorskip("ray")
 # Starting Ray costs ~10-30 s on 2 cores and a worker crash more: not in the default run;
@@ -160,6 +162,19 @@ def failed_batches(folder: str, n: int) -> int:
 
 def test_failed_batches_leave_the_driver_alive(driver, tmp_path):
     assert driver.call(failed_batches, str(tmp_path), 200) == 200
+
+
+def kill_myself() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)  # what the OOM killer does
+
+
+def test_a_driver_that_dies_fails_the_test_with_its_status(driver):
+    """Not silent: the test that was running fails with the driver's exit status and stderr."""
+    folder = driver.folder
+    with pytest.raises(DriverDied, match=r"was killed by SIGKILL \(the OOM killer .*during kill_myself"):
+        driver.call(kill_myself)
+    assert driver.proc is None  # the next call starts a new driver
+    shutil.rmtree(folder)  # kept for reading after an unexpected death
 
 
 def test_two_node_cluster(driver, family, tmp_path):

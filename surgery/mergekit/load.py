@@ -55,7 +55,7 @@ def convert_config(data: dict) -> Converted:
     require_runnable(method)
     opened: dict[ModelRef, object] = {}
     infos: dict[ModelRef, ModelInfo] = {}
-    numels: dict[str, int] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
 
     def info(ref: ModelRef) -> ModelInfo:
         if ref not in infos:
@@ -65,14 +65,14 @@ def convert_config(data: dict) -> Converted:
             layers = layer_map(list(names), ckpt.config())
             infos[ref] = ModelInfo(names, layers.num_blocks)
             for name, t in ckpt.tensors.items():
-                numels.setdefault(name, _numel(t.shape))
+                shapes.setdefault(name, tuple(t.shape))
         return infos[ref]
 
     try:
         specs, notes = resolve_tensors(config, method, info)
         float_specs = [s for s in specs if _is_float(opened, s)]
         slices = normalized_slices(config, method, info)
-        recipe = native_recipe(config, method, float_specs or specs, lambda n: numels.get(n, 1), slices)
+        recipe = native_recipe(config, method, float_specs or specs, lambda n: shapes.get(n, (1,)), slices)
     finally:
         for ckpt in opened.values():
             ckpt.close()  # type: ignore[attr-defined]
@@ -83,13 +83,6 @@ def _is_float(opened: dict, spec: TensorSpec) -> bool:
     ckpt = opened.get(spec.models[0])
     info = ckpt.tensors.get(spec.sources[0]) if ckpt is not None else None  # type: ignore[attr-defined]
     return info is None or info.dtype.kind == "float"
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def merge_schedule(source: str, settings: dict) -> tuple[dict, dict[str, dict[str, float]]]:

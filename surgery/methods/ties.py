@@ -9,12 +9,13 @@ Disjoint mean: per element, the weighted mean of the trimmed values whose sign i
 
 mergekit's variant (``elect: weighted``): s = +1 where sum_t w_t trimmed_t >= 0, else -1 (weights
 before election, zero sums elect +; mergekit's ``get_mask``); ``disjoint: sum`` leaves out the
-division by sum_{t: sign = s} w_t (mergekit's ``normalize: false``).
+division by sum_{t: sign = s} w_t (mergekit's ``normalize: false``); ``rescale: l1`` brings each trimmed
+task vector back to the L1 norm of tau before the election (mergekit's ``rescale: true``).
 """
 
 from dataclasses import replace
 
-from surgery.methods.breadcrumbs import BAND, BREADCRUMBS
+from surgery.methods.breadcrumbs import BAND, BREADCRUMBS, RESCALE_L1
 from surgery.methods.spec import (
     SCALE,
     WEIGHTS,
@@ -28,8 +29,13 @@ from surgery.methods.spec import (
 )
 
 
+def _paper_ties(params) -> bool:
+    """The paper's election and mean: one backend kernel (the variants are numpy)."""
+    return params.get("elect", "unweighted") == "unweighted" and params.get("disjoint", "mean") == "mean"
+
+
 def _ties_apply(be, x: Operands, coeffs, scale, out) -> None:
-    if x.params.get("elect", "unweighted") == "unweighted" and x.params.get("disjoint", "mean") == "mean":
+    if _paper_ties(x.params):
         be.combine_ties(x.base, x.tau, coeffs, scale, out)
     else:
         _ties_variant(x, coeffs, scale, out)
@@ -64,8 +70,9 @@ DISJOINT = Param("disjoint", "choice", "mean", "agreeing updates: weighted mean 
 
 # Sign election and disjoint mean over the (sparsified) task vectors.
 TIES_COMBINE = Combine(
-    "ties", uses_tau=True, adds_update=True, apply=_ties_apply, coefficients=weights_or_ones
-)
+    "ties", uses_tau=True, adds_update=True, apply=_ties_apply, coefficients=weights_or_ones,
+    on_device=_paper_ties,
+)  # fmt: skip
 
 TIES = Method(
     name="ties",
@@ -74,7 +81,7 @@ TIES = Method(
     formula="out = b + scale * disjoint_mean(elect(topk_density(tau_t)))",
     sparsify=BAND,  # a band with outliers = 0 is a top-k
     combine=TIES_COMBINE,
-    params=(density(0.2), granularity(), SCALE, WEIGHTS, ELECT, DISJOINT),
+    params=(density(0.2), granularity(), SCALE, WEIGHTS, ELECT, DISJOINT, RESCALE_L1),
 )
 
 # Breadcrumbs' band (arXiv 2312.06795) with TIES' election: a variant is data.

@@ -14,10 +14,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+
+from surgery.adapters import AdapterCheckpoint
 from surgery.checkpoint import Checkpoint
 from surgery.compose import DENSE, base_conflicts, touched
 from surgery.dtypes import DTYPES
-from surgery.errors import PlanError
+from surgery.errors import PlanError, RecipeError
 from surgery.files import CONFIG
 from surgery.inputs import InputOptions, open_input
 from surgery.methods.lines import depths
@@ -27,6 +30,7 @@ from surgery.output import side_files_of
 from surgery.patch import read_manifest
 from surgery.recipe import Recipe
 from surgery.vocab import RowMap, align_rows, load_vocab
+from surgery.vocab_union import align_vocabularies
 from surgery.writer import Layout, OutputTensor, plan_layout
 
 _VOCAB_HINTS = ("embed", "wte", "lm_head", "word_embeddings", "shared.weight", "output.weight")
@@ -99,6 +103,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     tokenizer_source: Checkpoint | None = None  # tokenizer / chat template / generation config
     config_updates: Mapping[str, object] = field(default_factory=dict)  # config.json keys set (layer count)
+    tokenizer_files: Mapping[str, bytes | None] = field(default_factory=dict)  # written (None: left out)
 
     @property
     def has_base(self) -> bool:
@@ -137,6 +142,11 @@ class Plan:
             sources.append(self.tokenizer_source)
         for source in sources:  # the tokenizer source, listed last, wins
             files.update(side_files_of(source.root, config=False))
+        for name, data in self.tokenizer_files.items():  # an edited tokenizer replaces the copied one
+            if data is None:
+                files.pop(name, None)
+            else:
+                files[name] = data
         config = self.output_config()
         if config is not None:
             files[CONFIG] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
@@ -213,6 +223,13 @@ def build_plan(recipe: Recipe, sources: InputOptions | None = None) -> Plan:
     try:
         for i, source in enumerate(recipe.inputs):
             inputs.append(open_input(source, sources, cache_ranges, base=_adapter_base(recipe, i)))
+            if source in recipe.adapter_bases and not isinstance(inputs[-1], AdapterCheckpoint):
+                raise RecipeError(
+                    f"{source} is applied to {recipe.adapter_bases[source]} as a LoRA adapter, but it "
+                    "is not a PEFT adapter folder",
+                    hint="an adapter folder holds adapter_config.json and adapter_model.safetensors",
+                    path=source,
+                )
         if recipe.spec.output == "scatter":
             return _plan_scatter(recipe, inputs)
         if recipe.slices or recipe.spec.name == "passthrough":
@@ -228,6 +245,8 @@ def _adapter_base(recipe: Recipe, i: int) -> str | None:
     """The model input ``i`` would be applied to if it is a LoRA adapter: the base its task vector is
     taken against (transfer: the old base), else None (the adapter's own base_model_name_or_path)."""
     inputs = recipe.inputs
+    if inputs[i] in recipe.adapter_bases:  # applied to a model of its own (mergekit's model+lora)
+        return recipe.adapter_bases[inputs[i]]
     if recipe.spec.tau_from is TAU_PAIRS:  # (new base, old base, old fine-tune)
         return inputs[1] if i == 2 else None
     return recipe.base if recipe.base and i > 0 else None
@@ -247,6 +266,9 @@ def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
     spec = recipe.spec
     given = spec.tau_from is TAU_GIVEN
     row_map = _vocab_alignment(recipe, inputs, notes) if spec.tau_from is TAU_PAIRS else None
+    tokenizer_files: dict[str, bytes | None] = {}
+    if recipe.tokenizer is not None or recipe.chat_template is not None:
+        row_map, tokenizer_files = _tokenizer_alignment(recipe, inputs, notes)
     for name in names:
         if given and name not in inputs[1].tensors:  # a diff holds no integer or untouched tensors
             ref = reference.tensors[name]
@@ -334,7 +356,28 @@ def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
     tokenizer_source = inputs[-1] if spec.tokenizer_from == "last" else reference
     if recipe.parameters.get("tokenizer_from") == "new-base":
         tokenizer_source = reference
-    return Plan(recipe, inputs, jobs, layout, config_source, notes, tokenizer_source=tokenizer_source)
+    return Plan(recipe, inputs, jobs, layout, config_source, notes, tokenizer_source=tokenizer_source,
+                tokenizer_files=tokenizer_files)  # fmt: skip
+
+
+def _tokenizer_alignment(
+    recipe: Recipe, inputs: list[Checkpoint], notes: list[str]
+) -> tuple[RowMap | None, dict[str, bytes | None]]:
+    """A recipe's tokenizer block: one output vocabulary, every input's embedding rows aligned to it
+    by token string (``vocab_union``); None when every input's rows already sit where the output's do."""
+    rows = []
+    for ckpt in inputs:
+        embeds = [i for n, i in ckpt.tensors.items() if _vocab_indexed(n, [i])]
+        rows.append(embeds[0].shape[0] if embeds else 0)
+    row_map, files, more = align_vocabularies(
+        recipe.tokenizer, recipe.chat_template, inputs, list(recipe.inputs), rows
+    )
+    notes.extend(more)
+    if row_map is not None and not row_map.fills and row_map.mean_from is None:
+        identity = np.arange(row_map.n_out)[:, None]
+        if all(r == row_map.n_out for r in rows) and (row_map.rows == identity).all():
+            return None, files  # same vocabulary everywhere: rows by index, bytes as they are
+    return row_map, files
 
 
 def _vocab_indexed(name: str, infos: list) -> bool:

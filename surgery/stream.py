@@ -110,6 +110,7 @@ class TensorStream:
         self.ranges, self.tau_from, self.n_models = ranges, tau_from, n_models
         self.check_stop = check_stop
         self._cached: tuple[int, Chunk] | None = None
+        self._means: dict[int, np.ndarray] = {}  # padding rows' mean per input (vocabulary maps)
 
     def read(self, k: int) -> Chunk:
         """Chunk ``k``, kept for the next pass while the tensor is one chunk: do not modify it."""
@@ -157,24 +158,59 @@ class TensorStream:
         return dec
 
     def _load_rows(self, start: int, count: int, dec: np.ndarray) -> np.ndarray:
-        """Gather whole rows by the vocabulary row map (-1: zeros), one read per row."""
+        """Gather whole rows by the vocabulary row map, one read per row: -1 reads as zeros, or as
+        the row's fill (a mean of other inputs' rows); padding rows as the input's mean row."""
         job = self.job
-        cols = job.cols
-        r0 = start // cols
-        rows = job.row_map.rows[r0 : r0 + count // cols]
-        for i, (ckpt, dtype) in enumerate(zip(self.inputs, job.in_dtypes)):
+        cols, row_map = job.cols, job.row_map
+        r0, n_rows = start // cols, count // cols
+        for i in range(dec.shape[0]):
             self.check_stop()
-            raw = self.ws.get(f"raw{i}", (count,), DTYPES[dtype].storage)
-            for j, src in enumerate(rows[:, i]):
-                if src < 0:
-                    raw[j * cols : (j + 1) * cols] = 0
+            for j in range(n_rows):
+                r = r0 + j
+                if row_map.mean_from is not None and r >= row_map.mean_from:
+                    dec[i, j * cols : (j + 1) * cols] = self._mean_row(i)
                 else:
-                    ckpt.read_into(job.source(i), int(src) * cols, raw[j * cols : (j + 1) * cols])
-            if dtype == "F32":
-                np.copyto(dec[i], raw)
-            else:
-                self.backend.decode(raw, dtype, dec[i])
+                    self._gather_row(i, r, dec[i, j * cols : (j + 1) * cols])
         return dec
+
+    def _read_row(self, i: int, row: int, out: np.ndarray) -> None:
+        """Row ``row`` of input ``i``'s tensor, decoded to float32 into ``out``."""
+        job = self.job
+        dtype = job.in_dtypes[i]
+        raw = out if dtype == "F32" else self.ws.get(f"row{i}", (job.cols,), DTYPES[dtype].storage)
+        self.inputs[i].read_into(job.source(i), row * job.cols, raw)
+        if dtype != "F32":
+            self.backend.decode(raw, dtype, out)
+
+    def _gather_row(self, i: int, r: int, out: np.ndarray) -> None:
+        """Output row ``r`` as input ``i`` sees it after alignment."""
+        src = int(self.job.row_map.rows[r, i])
+        if src >= 0:
+            self._read_row(i, src, out)
+            return
+        out[:] = 0
+        fill = self.job.row_map.fills.get(r, ())
+        if fill:
+            part = self.ws.get("fill", (self.job.cols,), np.float32)
+            for k, row in fill:  # summed in order, divided once: mergekit's running sum
+                self._read_row(k, row, part)
+                out += part
+            out /= np.float32(len(fill))
+
+    def _mean_row(self, i: int) -> np.ndarray:
+        """Input ``i``'s mean over its aligned rows 0..mean_from-1 (padding rows), once per stream."""
+        means = self._means
+        if i not in means:
+            cols, n = self.job.cols, self.job.row_map.mean_from
+            total = np.zeros(cols, np.float64)
+            row = np.empty(cols, np.float32)
+            for r in range(n):
+                if r % 4096 == 0:
+                    self.check_stop()
+                self._gather_row(i, r, row)
+                total += row
+            means[i] = (total / n).astype(np.float32)
+        return means[i]
 
     def raw0(self, chunk: Chunk) -> np.ndarray:
         """Raw bytes of input 0 for the chunk just loaded (F32 is read straight into ``inputs``)."""

@@ -554,7 +554,9 @@ def _plan_stack(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
     first = inputs[slices[0][0]]
     updates = _layer_count_updates(first.config(), [(inputs[m].config(), a, b) for m, a, b in slices])
     notes = [f"layer stack: {out_block} blocks from {len(slices)} slice(s)"]
-    return Plan(recipe, inputs, jobs, layout, first, notes, tokenizer_source=first, config_updates=updates)
+    files = align_vocabularies(None, recipe.chat_template, [first], [], [])[1] if recipe.chat_template else {}
+    return Plan(recipe, inputs, jobs, layout, first, notes, tokenizer_source=first, config_updates=updates,
+                tokenizer_files=files)  # fmt: skip
 
 
 def _layer_count_updates(config: dict | None, parts: list[tuple[dict | None, int, int]]) -> dict:

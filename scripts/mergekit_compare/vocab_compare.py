@@ -44,26 +44,25 @@ def configs(p: dict[str, str]) -> dict[str, dict]:
         "w3": {"source": {"kind": "model_token", "model": p["ft2"], "token_id": 5}, "force": True},
     }
     common = {"base_model": p["base"], "dtype": "float32"}
+    ties = {**common, "merge_method": "ties", "parameters": {"density": 0.5}, "models": two}
+    ta = {**common, "merge_method": "task_arithmetic", "models": two}
+    padded = {"source": "union", "tokens": tokens, "pad_to_multiple_of": 8}
+    lora = [{"model": f"{p['base']}+{p['lora']}", "parameters": {"weight": 0.7}},
+            {"model": p["twin"], "parameters": {"weight": 0.5}}]  # fmt: skip
     return {
         "linear_union_chatml": {**common, "merge_method": "linear", "models": three,
                                 "tokenizer_source": "union", "chat_template": "chatml"},
         "ta_union_no_base_rows": {"merge_method": "linear", "models": two, "dtype": "float32",
                                   "tokenizer_source": "union"},
-        "ta_tokens_pad8": {**common, "merge_method": "task_arithmetic", "models": two,
-                           "tokenizer": {"source": "union", "tokens": tokens, "pad_to_multiple_of": 8}},
-        "ties_tokens": {**common, "merge_method": "ties", "parameters": {"density": 0.5}, "models": two,
-                        "tokenizer": {"source": "union", "tokens": tokens}},
-        "ties_tokens_pad8": {**common, "merge_method": "ties", "parameters": {"density": 0.5}, "models": two,
-                             "tokenizer": {"source": "union", "tokens": tokens, "pad_to_multiple_of": 8}},
-        "ta_source_base": {**common, "merge_method": "task_arithmetic", "models": two, "tokenizer_source": "base",
-                           "chat_template": "llama3"},
-        "ta_source_ft1": {**common, "merge_method": "task_arithmetic", "models": two, "tokenizer_source": p["ft1"]},
+        "ta_tokens_pad8": {**ta, "tokenizer": padded},
+        "ties_tokens": {**ties, "tokenizer": {"source": "union", "tokens": tokens}},
+        "ties_tokens_pad8": {**ties, "tokenizer": padded},
+        "ta_source_base": {**ta, "tokenizer_source": "base", "chat_template": "llama3"},
+        "ta_source_ft1": {**ta, "tokenizer_source": p["ft1"]},
         "slerp_union_mistral": {**common, "merge_method": "slerp", "parameters": {"t": 0.3},
                                 "models": [{"model": p["base"]}, {"model": p["ft2"]}],
                                 "tokenizer_source": "union", "chat_template": "mistral"},
-        "lora_models_and_base": {"merge_method": "task_arithmetic", "base_model": p["base"], "dtype": "float32",
-                                 "models": [{"model": f"{p['base']}+{p['lora']}", "parameters": {"weight": 0.7}},
-                                            {"model": p["twin"], "parameters": {"weight": 0.5}}]},
+        "lora_models_and_base": {**common, "merge_method": "task_arithmetic", "models": lora},
     }  # fmt: skip
 
 
@@ -122,8 +121,18 @@ def main() -> None:
         if done.returncode != 0:
             print(f"{name}: mergekit failed: {done.stderr.strip().splitlines()[-1]}")
             continue
-        ran = subprocess.run([sys.executable, "-m", "surgery_cli.main", "run", str(path), "-o", str(ours), "-q",
-                              "--overwrite"], capture_output=True, text=True)  # fmt: skip
+        ours_cmd = [
+            sys.executable,
+            "-m",
+            "surgery_cli.main",
+            "run",
+            str(path),
+            "-o",
+            str(ours),
+            "-q",
+            "--overwrite",
+        ]
+        ran = subprocess.run(ours_cmd, capture_output=True, text=True)
         if ran.returncode != 0:
             print(f"{name}: refused: {ran.stderr.strip()}")
             continue

@@ -95,7 +95,10 @@ def tokenizer_spec(data: object, path_of=lambda p: p) -> TokenizerSpec:
         )
     extra = sorted(set(data) - {"source", "base", "tokens", "pad_to_multiple_of"})
     if extra:
-        raise RecipeError(f"tokenizer: unknown key(s) {', '.join(extra)}", hint="see docs/mergekit.md")
+        raise RecipeError(
+            f"tokenizer: unknown key(s) {', '.join(extra)}",
+            hint="its keys: source, base, tokens, pad_to_multiple_of",
+        )
     source = str(data["source"])
     if source not in ("base", "union"):
         source = path_of(source)

@@ -103,6 +103,7 @@ class OutputSlice:
     sources: tuple[SliceSource, ...]
     base_model: ModelRef | None = None
     parameters: Parameters | None = None
+    residual_weight: float | None = None  # mergekit 0.1.5 accepts it and ignores it; so do we
 
 
 @dataclass(frozen=True)
@@ -212,8 +213,9 @@ def _output_slice(entry: object, i: int) -> OutputSlice:
     where = f"slices[{i}]"
     if not isinstance(entry, dict) or not entry.get("sources"):
         raise RecipeError(f"mergekit config: {where} needs 'sources'")
-    if entry.get("residual_weight") is not None:
-        raise unsupported(f"{where}.residual_weight")
+    residual = entry.get("residual_weight")  # declared by mergekit 0.1.5, read nowhere: no effect
+    if residual is not None and (isinstance(residual, bool) or not isinstance(residual, int | float)):
+        raise RecipeError(f"mergekit config: {where}.residual_weight must be a number")
     extra = sorted(set(entry) - {"sources", "base_model", "parameters", "residual_weight"})
     if extra:
         raise RecipeError(f"mergekit config: {where} has unknown key(s) {', '.join(extra)}")
@@ -225,7 +227,8 @@ def _output_slice(entry: object, i: int) -> OutputSlice:
             hint="every source of a slice must have the same layer_range length",
         )
     base = parse_model_ref(entry["base_model"], f"{where}.base_model") if entry.get("base_model") else None
-    return OutputSlice(sources, base, _parameters(entry.get("parameters"), f"{where}.parameters"))
+    params = _parameters(entry.get("parameters"), f"{where}.parameters")
+    return OutputSlice(sources, base, params, None if residual is None else float(residual))
 
 
 def _source(entry: object, where: str) -> SliceSource:

@@ -246,7 +246,8 @@ def test_chat_template_auto_jinja_and_convert(tmp_path_factory, invoke, tmp_path
     jinja = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
     (tmp_path / "merge.yml").unlink()
     stack = {"merge_method": "passthrough", "chat_template": jinja,
-             "slices": [{"sources": [{"model": str(fam["base"]), "layer_range": [0, 2]}]}]}  # fmt: skip
+             "slices": [{"sources": [{"model": str(fam["base"]), "layer_range": [0, 2]}],
+                         "residual_weight": 0.3}]}  # fmt: skip
     cfg = write_config(tmp_path, stack)
     converted = invoke("convert", cfg)
     assert converted.exit_code == 0, converted.output
@@ -254,6 +255,8 @@ def test_chat_template_auto_jinja_and_convert(tmp_path_factory, invoke, tmp_path
     assert recipe["chat_template"] == jinja and "tokenizer" not in recipe
     result = invoke("run", cfg, "-o", tmp_path / "jinja", "-q")
     assert result.exit_code == 0, result.output
+    assert "note: mergekit config: residual_weight has no effect in mergekit 0.1.5" in result.stderr
+    assert load_state(tmp_path / "jinja").keys() == load_state(fam["base"]).keys()
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "jinja")
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "<user>hi"
     assert (tmp_path / "jinja" / "tokenizer.json").read_bytes() == (

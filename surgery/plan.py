@@ -14,8 +14,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-
 from surgery.adapters import AdapterCheckpoint
 from surgery.checkpoint import Checkpoint
 from surgery.compose import DENSE, base_conflicts, touched
@@ -268,7 +266,11 @@ def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
     row_map = _vocab_alignment(recipe, inputs, notes) if spec.tau_from is TAU_PAIRS else None
     tokenizer_files: dict[str, bytes | None] = {}
     if recipe.tokenizer is not None or recipe.chat_template is not None:
-        row_map, tokenizer_files = _tokenizer_alignment(recipe, inputs, notes)
+        rows = [next((i.shape[0] for n, i in c.tensors.items() if _vocab_indexed(n, [i])), 0) for c in inputs]
+        row_map, tokenizer_files, more = align_vocabularies(
+            recipe.tokenizer, recipe.chat_template, inputs, list(recipe.inputs), rows
+        )
+        notes.extend(more)
     for name in names:
         if given and name not in inputs[1].tensors:  # a diff holds no integer or untouched tensors
             ref = reference.tensors[name]
@@ -358,26 +360,6 @@ def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
         tokenizer_source = reference
     return Plan(recipe, inputs, jobs, layout, config_source, notes, tokenizer_source=tokenizer_source,
                 tokenizer_files=tokenizer_files)  # fmt: skip
-
-
-def _tokenizer_alignment(
-    recipe: Recipe, inputs: list[Checkpoint], notes: list[str]
-) -> tuple[RowMap | None, dict[str, bytes | None]]:
-    """A recipe's tokenizer block: one output vocabulary, every input's embedding rows aligned to it
-    by token string (``vocab_union``); None when every input's rows already sit where the output's do."""
-    rows = []
-    for ckpt in inputs:
-        embeds = [i for n, i in ckpt.tensors.items() if _vocab_indexed(n, [i])]
-        rows.append(embeds[0].shape[0] if embeds else 0)
-    row_map, files, more = align_vocabularies(
-        recipe.tokenizer, recipe.chat_template, inputs, list(recipe.inputs), rows
-    )
-    notes.extend(more)
-    if row_map is not None and not row_map.fills and row_map.mean_from is None:
-        identity = np.arange(row_map.n_out)[:, None]
-        if all(r == row_map.n_out for r in rows) and (row_map.rows == identity).all():
-            return None, files  # same vocabulary everywhere: rows by index, bytes as they are
-    return row_map, files
 
 
 def _vocab_indexed(name: str, infos: list) -> bool:

@@ -30,6 +30,7 @@ from surgery.checkpoint import Checkpoint
 from surgery.errors import PlanError
 from surgery.tokenizer_files import (
     TokenizerSpec,
+    TokenRule,
     added_entry,
     append_tokens,
     output_files,
@@ -47,9 +48,9 @@ def align_vocabularies(
     sources: list[str],
     vocab_rows: list[int],
 ) -> tuple[RowMap | None, dict[str, bytes | None], list[str]]:
-    """The row map for vocabulary-indexed tensors (None: rows stay by index), the output's tokenizer
-    files, and notes. ``sources``: the inputs as the recipe names them; ``vocab_rows``: each input's
-    embedding rows."""
+    """The row map for vocabulary-indexed tensors (None: every input's rows already sit where the
+    output's do), the output's tokenizer files, and notes. ``sources``: the inputs as the recipe
+    names them; ``vocab_rows``: each input's embedding rows."""
     if spec is None:  # chat template only: the tokenizer source's files, template replaced
         return None, output_files(inputs[0].root, None, [], chat_template), []
     index = {s: i for i, s in enumerate(sources)}
@@ -94,6 +95,9 @@ def align_vocabularies(
         f"tokenizer {spec.source}: {len(tokens)} tokens, {row_map.n_out} embedding rows, aligned by "
         f"token string ({len(row_map.fills)} tokens missing from some input)"
     )
+    identity = np.arange(row_map.n_out)[:, None]
+    if all(r == row_map.n_out for r in vocab_rows) and not row_map.fills and (row_map.rows == identity).all():
+        return None, files, notes  # one vocabulary everywhere: rows by index, bytes as they are
     return row_map, files, notes
 
 
@@ -189,7 +193,7 @@ def _row_map(
         if len(present) == n_in:
             continue
         if rule is not None:
-            fills[r] = _rule_rows(rule, r, rows, vocabs, sizes, index, sources, problems)
+            fills[r] = _rule_rows(rule, vocabs, sizes, index, sources, problems)
         else:  # the only input that has it, else the base's row, else the mean (none: zeros)
             donor = present[0] if len(present) == 1 else base if base in present else None
             chosen = [donor] if donor is not None else present
@@ -199,19 +203,26 @@ def _row_map(
     return RowMap(rows, np.full(n_out, COMBINE, np.int8), (), fills, n_vocab if n_out > n_vocab else None)
 
 
-def _rule_rows(rule, r, rows, vocabs, sizes, index, sources, problems) -> tuple[tuple[int, int], ...]:
-    """The default row a ``tokens:`` entry names."""
+def _rule_rows(
+    rule: TokenRule,
+    vocabs: list[dict[str, int]],
+    sizes: list[int],
+    index: dict[str, int],
+    sources: list[str],
+    problems: list[str],
+) -> tuple[tuple[int, int], ...]:
+    """The default row a ``tokens:`` entry names: () for zeros, else one (input, row)."""
     src = rule.source
     if src.kind == "zero":
         return ()
-    m = index[src.model]
+    m = index[src.model]  # type: ignore[index]
     if src.kind == "model":
         row = int(vocabs[m].get(rule.token, -1))
         what = f"token {rule.token!r}"
     elif src.token_id is not None:
         row, what = src.token_id, f"token id {src.token_id}"
     else:
-        row, what = int(vocabs[m].get(src.token, -1)), f"token {src.token!r}"
+        row, what = int(vocabs[m].get(src.token, -1)), f"token {src.token!r}"  # type: ignore[arg-type]
     if not 0 <= row < sizes[m]:
         problems.append(f"tokenizer: tokens[{rule.token!r}] takes {what} of {sources[m]}, which it lacks")
         return ()

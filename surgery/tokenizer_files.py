@@ -158,7 +158,9 @@ def read_tokenizer(folder: Path) -> dict | None:
 
 def strip_unused(tokenizer: dict, vocab_size: int, where: str) -> dict:
     """mergekit's stripped tokenizer: tokens with an id past the embedding (>= vocab_size) removed,
-    with the BPE merges that involve them. Only BPE vocabularies can be stripped (as in mergekit)."""
+    with the BPE merges that involve them (as parts, or, which mergekit misses and the tokenizers
+    library then refuses to load, as the result). Only BPE vocabularies can be stripped (as in
+    mergekit)."""
     model = tokenizer.get("model") or {}
     vocab = model.get("vocab") or {}
     added = tokenizer.get("added_tokens") or []
@@ -178,9 +180,9 @@ def strip_unused(tokenizer: dict, vocab_size: int, where: str) -> dict:
     out["added_tokens"] = [a for a in added if a["id"] < vocab_size]
     out["model"]["vocab"] = {t: i for t, i in vocab.items() if t not in unused}
 
-    def keep(merge: object) -> bool:
+    def keep(merge: object) -> bool:  # mergekit checks the two parts; a merge into a removed token
         parts = merge.split(" ") if isinstance(merge, str) else list(merge)  # type: ignore[arg-type]
-        return not any(p in unused for p in parts)
+        return not any(p in unused for p in parts + ["".join(parts)])  # would not load: dropped too
 
     out["model"]["merges"] = [m for m in model.get("merges") or [] if keep(m)]
     return out

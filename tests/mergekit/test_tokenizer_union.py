@@ -296,3 +296,35 @@ def test_refusals(fam, invoke, tmp_path, change, message):
     assert "Traceback" not in result.output and "hint:" in result.stderr
     assert re.search(message, result.stderr), result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_native_recipe_with_relative_paths_equals_the_mergekit_config(fam, invoke, tmp_path):
+    """The tokenizer block is a recipe feature: written by hand (paths relative to the recipe file),
+    it gives the bytes the mergekit config gives; `surgery convert` prints that block."""
+    cfg = write_config(tmp_path, tokens_config(fam, "task_arithmetic"))
+    converted = invoke("convert", cfg)
+    assert converted.exit_code == 0, converted.output
+    block = yaml.safe_load(converted.stdout)["tokenizer"]
+    assert (
+        block["source"] == "union" and block["base"] == str(fam["base"]) and block["pad_to_multiple_of"] == 8
+    )
+    assert block["tokens"]["<new>"] == {"source": {"kind": "zero"}, "force": False}
+    root = fam["base"].parent
+    recipe = {
+        "method": "task_arithmetic",
+        "base": "base",
+        "models": ["ft1", "ft2"],
+        "parameters": {"weights": [0.6, 0.4]},
+        "output": {"dtype": "float32"},
+        "tokenizer": json.loads(json.dumps(block).replace(str(root) + "/", "")),
+    }
+    assert (
+        recipe["tokenizer"]["base"] == "base"
+        and recipe["tokenizer"]["tokens"]["y9"]["source"]["model"] == "ft1"
+    )
+    (root / "native.yml").write_text(yaml.safe_dump(recipe))
+    a = invoke("run", cfg, "-o", tmp_path / "a", "-q")
+    b = invoke("run", root / "native.yml", "-o", tmp_path / "b", "-q")
+    assert a.exit_code == b.exit_code == 0, a.output + b.output
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name

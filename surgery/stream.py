@@ -158,26 +158,42 @@ class TensorStream:
         return dec
 
     def _load_rows(self, start: int, count: int, dec: np.ndarray) -> np.ndarray:
-        """Gather whole rows by the vocabulary row map, one read per row: -1 reads as zeros, or as
-        the row's fill (a mean of other inputs' rows); padding rows as the input's mean row."""
+        """Gather whole rows by the vocabulary row map (one read per run of consecutive source rows,
+        one decode per input): -1 reads as zeros, or as the row's fill (a mean of other inputs'
+        rows); padding rows as the input's mean row."""
         job = self.job
         cols, row_map = job.cols, job.row_map
         r0, n_rows = start // cols, count // cols
-        for i in range(dec.shape[0]):
+        end = n_rows if row_map.mean_from is None else max(0, min(n_rows, row_map.mean_from - r0))
+        for i, dtype in enumerate(job.in_dtypes[: dec.shape[0]]):
             self.check_stop()
-            for j in range(n_rows):
-                r = r0 + j
-                if row_map.mean_from is not None and r >= row_map.mean_from:
-                    dec[i, j * cols : (j + 1) * cols] = self._mean_row(i)
-                else:
-                    self._gather_row(i, r, dec[i, j * cols : (j + 1) * cols])
+            raw = dec[i] if dtype == "F32" else self.ws.get(f"raw{i}", (count,), DTYPES[dtype].storage)
+            src = row_map.rows[r0 : r0 + end, i]
+            missing = np.flatnonzero(src < 0)
+            j = 0
+            while j < end:
+                if src[j] < 0:
+                    raw[j * cols : (j + 1) * cols] = 0
+                    j += 1
+                    continue
+                k = j + 1
+                while k < end and src[k] == src[k - 1] + 1:
+                    k += 1
+                self.inputs[i].read_into(job.source(i), int(src[j]) * cols, raw[j * cols : k * cols])
+                j = k
+            if dtype != "F32":
+                self.backend.decode(raw, dtype, dec[i])
+            for j in missing:  # filled rows, after the decode (they are float32 already)
+                self._gather_row(i, r0 + int(j), dec[i, j * cols : (j + 1) * cols])
+            for j in range(end, n_rows):  # padding rows
+                dec[i, j * cols : (j + 1) * cols] = self._mean_row(i)
         return dec
 
-    def _read_row(self, i: int, row: int, out: np.ndarray) -> None:
-        """Row ``row`` of input ``i``'s tensor, decoded to float32 into ``out``."""
+    def _read_rows(self, i: int, row: int, n: int, out: np.ndarray) -> None:
+        """Rows ``row .. row+n-1`` of input ``i``'s tensor, decoded to float32 into ``out``."""
         job = self.job
         dtype = job.in_dtypes[i]
-        raw = out if dtype == "F32" else self.ws.get(f"row{i}", (job.cols,), DTYPES[dtype].storage)
+        raw = out if dtype == "F32" else self.ws.get(f"rows{i}", (n * job.cols,), DTYPES[dtype].storage)
         self.inputs[i].read_into(job.source(i), row * job.cols, raw)
         if dtype != "F32":
             self.backend.decode(raw, dtype, out)
@@ -186,14 +202,14 @@ class TensorStream:
         """Output row ``r`` as input ``i`` sees it after alignment."""
         src = int(self.job.row_map.rows[r, i])
         if src >= 0:
-            self._read_row(i, src, out)
+            self._read_rows(i, src, 1, out)
             return
         out[:] = 0
         fill = self.job.row_map.fills.get(r, ())
         if fill:
             part = self.ws.get("fill", (self.job.cols,), np.float32)
             for k, row in fill:  # summed in order, divided once: mergekit's running sum
-                self._read_row(k, row, part)
+                self._read_rows(k, row, 1, part)
                 out += part
             out /= np.float32(len(fill))
 

@@ -29,6 +29,7 @@ import numpy as np
 from surgery.checkpoint import Checkpoint
 from surgery.errors import PlanError
 from surgery.tokenizer_files import (
+    SLOW_FILES,
     TokenizerSpec,
     TokenRule,
     added_entry,
@@ -71,6 +72,12 @@ def align_vocabularies(
             hint="tokenizer_source needs fast (tokenizer.json) tokenizers",
         )
     parsed[start] = strip_unused(parsed[start], sizes[start], sources[start])  # type: ignore[arg-type]
+    slow = [sources[i] for i, (p, root) in enumerate(zip(parsed, roots)) if p is None and _has_slow(root)]
+    if slow:  # its vocabulary is unknown to us: assuming the base's could misplace every row
+        raise PlanError(
+            [f"{m} has a tokenizer without tokenizer.json (a slow tokenizer only)" for m in slow],
+            hint="save it as a fast tokenizer: AutoTokenizer.from_pretrained(M).save_pretrained(M)",
+        )
     notes = [
         f"{sources[i]} has no tokenizer.json: its rows are aligned as {sources[start]}'s"
         for i, p in enumerate(parsed)
@@ -99,6 +106,10 @@ def align_vocabularies(
     if all(r == row_map.n_out for r in vocab_rows) and not row_map.fills and (row_map.rows == identity).all():
         return None, files, notes  # one vocabulary everywhere: rows by index, bytes as they are
     return row_map, files, notes
+
+
+def _has_slow(root: Path) -> bool:
+    return any((root / name).is_file() for name in SLOW_FILES)
 
 
 def _vocab_size(ckpt: Checkpoint, rows: int) -> int:

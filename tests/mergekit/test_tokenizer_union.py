@@ -328,3 +328,33 @@ def test_native_recipe_with_relative_paths_equals_the_mergekit_config(fam, invok
     assert a.exit_code == b.exit_code == 0, a.output + b.output
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_an_input_without_tokenizer_files_is_read_as_the_bases(fam, invoke, tmp_path):
+    """mergekit's rule for a model whose tokenizer does not load: its rows are the base's tokens. A
+    slow tokenizer alone (no tokenizer.json) is refused instead: its vocabulary is unknown here."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(fam["base"] / name, bare / name)
+    state = load_state(fam["base"])
+    save_file({k: v + 0.01 for k, v in state.items()}, str(bare / "model.safetensors"))
+    data = {"merge_method": "task_arithmetic", "base_model": str(fam["base"]), "tokenizer_source": "union",
+            "models": [{"model": str(m), "parameters": {"weight": 0.5}} for m in (fam["ft1"], bare)]}  # fmt: skip
+    result = invoke("run", write_config(tmp_path, data), "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    assert f"{bare} has no tokenizer.json: its rows are aligned as {fam['base']}'s" in result.stderr
+    states, vocabs, sizes = inputs(fam, "base", "ft1")
+    states["bare"], vocabs["bare"], sizes["bare"] = load_state(bare), vocabs["base"], sizes["base"]
+    out_vocab = vocab_of(tmp_path / "out")
+    rows = {k: aligned(states, vocabs, sizes, out_vocab, "base", k) for k in VOCAB_KEYS}
+
+    def expect(name):
+        p = rows[name] if name in rows else {n: s[name] for n, s in states.items()}
+        return gta(p["base"], [p["ft1"], p["bare"]], [0.5, 0.5])
+
+    check(tmp_path / "out", expect)
+    (bare / "vocab.json").write_text("{}")
+    result = invoke("run", tmp_path / "merge.yml", "-o", tmp_path / "out2", "-q")
+    assert result.exit_code == 1 and "has a tokenizer without tokenizer.json" in result.stderr
+    assert "hint: save it as a fast tokenizer" in result.stderr and not (tmp_path / "out2").exists()

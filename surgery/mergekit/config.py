@@ -70,7 +70,7 @@ def parse_model_ref(value: object, where: str) -> ModelRef:
     if len(parts) > 2:
         raise RecipeError(f"mergekit config: cannot read model reference {value!r} ({where})")
     path, revision = _split_revision(parts[0], where)
-    lora = _split_revision(parts[1], where)[0] if len(parts) == 2 else None
+    lora = parts[1] if len(parts) == 2 and _split_revision(parts[1], where) else None  # keeps @revision
     if lora is not None and not lora.strip():
         raise RecipeError(f"mergekit config: {where}: {value!r} names no LoRA adapter after '+'")
     return ModelRef(path, revision, lora)

@@ -20,9 +20,11 @@ def test_model_references():
 
 
 def test_lora_references():
-    ref = parse_model_ref("org/base@r1+/adapters/a@r2", "models[0].model")
-    assert ref == ModelRef("org/base", "r1", "/adapters/a")
-    assert (ref.source, ref.input, str(ref)) == ("org/base@r1", "/adapters/a", "org/base@r1+/adapters/a")
+    ref = parse_model_ref("org/base@r1+org/lora@r2", "models[0].model")
+    assert ref == ModelRef("org/base", "r1", "org/lora@r2")  # the adapter keeps its revision
+    assert (ref.source, ref.input, str(ref)) == ("org/base@r1", "org/lora@r2", "org/base@r1+org/lora@r2")
+    with pytest.raises(RecipeError, match="more than one @"):
+        parse_model_ref("org/base+org/lora@a@b", "m")
     assert parse_model_ref({"model": "org/base", "lora": "org/lora"}, "m").lora == "org/lora"
     with pytest.raises(RecipeError, match="names no LoRA adapter"):
         parse_model_ref("org/base+", "m")

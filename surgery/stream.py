@@ -23,6 +23,8 @@ from surgery.methods.spec import TauFrom
 from surgery.plan import TensorJob
 from surgery.vocab import CARRY
 
+_MEAN_BLOCK = 1024  # rows summed at once for a padding row's mean
+
 
 class Workspace:
     """A worker's reusable buffers: allocated once, grown only when a job needs more."""
@@ -158,75 +160,72 @@ class TensorStream:
         return dec
 
     def _load_rows(self, start: int, count: int, dec: np.ndarray) -> np.ndarray:
-        """Gather whole rows by the vocabulary row map (one read per run of consecutive source rows,
-        one decode per input): -1 reads as zeros, or as the row's fill (a mean of other inputs'
-        rows); padding rows as the input's mean row."""
-        job = self.job
-        cols, row_map = job.cols, job.row_map
+        """Gather whole rows by the vocabulary row map: -1 reads as zeros, or as the row's fill (a
+        mean of other inputs' rows); padding rows (from ``mean_from``) as the input's mean row."""
+        cols, row_map = self.job.cols, self.job.row_map
         r0, n_rows = start // cols, count // cols
         end = n_rows if row_map.mean_from is None else max(0, min(n_rows, row_map.mean_from - r0))
-        for i, dtype in enumerate(job.in_dtypes[: dec.shape[0]]):
+        for i in range(dec.shape[0]):
             self.check_stop()
-            raw = dec[i] if dtype == "F32" else self.ws.get(f"raw{i}", (count,), DTYPES[dtype].storage)
-            src = row_map.rows[r0 : r0 + end, i]
-            missing = np.flatnonzero(src < 0)
-            j = 0
-            while j < end:
-                if src[j] < 0:
-                    raw[j * cols : (j + 1) * cols] = 0
-                    j += 1
-                    continue
-                k = j + 1
-                while k < end and src[k] == src[k - 1] + 1:
-                    k += 1
-                self.inputs[i].read_into(job.source(i), int(src[j]) * cols, raw[j * cols : k * cols])
-                j = k
-            if dtype != "F32":
-                self.backend.decode(raw, dtype, dec[i])
-            for j in missing:  # filled rows, after the decode (they are float32 already)
-                self._gather_row(i, r0 + int(j), dec[i, j * cols : (j + 1) * cols])
-            for j in range(end, n_rows):  # padding rows
+            self._gather(i, r0, end, dec[i, : end * cols])
+            for j in range(end, n_rows):
                 dec[i, j * cols : (j + 1) * cols] = self._mean_row(i)
         return dec
 
-    def _read_rows(self, i: int, row: int, n: int, out: np.ndarray) -> None:
-        """Rows ``row .. row+n-1`` of input ``i``'s tensor, decoded to float32 into ``out``."""
+    def _gather(self, i: int, r0: int, n: int, out: np.ndarray) -> None:
+        """Aligned rows ``r0 .. r0+n-1`` (before ``mean_from``) of input ``i``, float32, into ``out``:
+        one read per run of consecutive source rows, one decode, then the filled rows."""
         job = self.job
-        dtype = job.in_dtypes[i]
-        raw = out if dtype == "F32" else self.ws.get(f"rows{i}", (n * job.cols,), DTYPES[dtype].storage)
-        self.inputs[i].read_into(job.source(i), row * job.cols, raw)
+        cols, dtype = job.cols, job.in_dtypes[i]
+        raw = out if dtype == "F32" else self.ws.get(f"raw{i}", (n * cols,), DTYPES[dtype].storage)
+        src = job.row_map.rows[r0 : r0 + n, i]
+        j = 0
+        while j < n:
+            if src[j] < 0:
+                raw[j * cols : (j + 1) * cols] = 0
+                j += 1
+                continue
+            k = j + 1
+            while k < n and src[k] == src[k - 1] + 1:
+                k += 1
+            self.inputs[i].read_into(job.source(i), int(src[j]) * cols, raw[j * cols : k * cols])
+            j = k
         if dtype != "F32":
             self.backend.decode(raw, dtype, out)
+        for j in np.flatnonzero(src < 0):  # after the decode: a fill is float32 already
+            fill = job.row_map.fills.get(r0 + int(j), ())
+            if fill:
+                self._fill_row(fill, out[j * cols : (j + 1) * cols])
 
-    def _gather_row(self, i: int, r: int, out: np.ndarray) -> None:
-        """Output row ``r`` as input ``i`` sees it after alignment."""
-        src = int(self.job.row_map.rows[r, i])
-        if src >= 0:
-            self._read_rows(i, src, 1, out)
-            return
+    def _fill_row(self, fill: tuple[tuple[int, int], ...], out: np.ndarray) -> None:
+        """The float32 mean of rows (input, row), summed in order and divided once (mergekit's
+        running sum), into ``out``."""
+        job = self.job
+        part = self.ws.get("fill", (job.cols,), np.float32)
         out[:] = 0
-        fill = self.job.row_map.fills.get(r, ())
-        if fill:
-            part = self.ws.get("fill", (self.job.cols,), np.float32)
-            for k, row in fill:  # summed in order, divided once: mergekit's running sum
-                self._read_rows(k, row, 1, part)
-                out += part
-            out /= np.float32(len(fill))
+        for k, row in fill:
+            dtype = job.in_dtypes[k]
+            raw = part if dtype == "F32" else self.ws.get("fill_raw", (job.cols,), DTYPES[dtype].storage)
+            self.inputs[k].read_into(job.source(k), row * job.cols, raw)
+            if dtype != "F32":
+                self.backend.decode(raw, dtype, part)
+            out += part
+        out /= np.float32(len(fill))
 
     def _mean_row(self, i: int) -> np.ndarray:
-        """Input ``i``'s mean over its aligned rows 0..mean_from-1 (padding rows), once per stream."""
-        means = self._means
-        if i not in means:
+        """Input ``i``'s mean over its aligned rows 0..mean_from-1 (padding rows), once per stream:
+        float64 sums of fixed blocks of rows, so the value does not depend on the chunking."""
+        if i not in self._means:
             cols, n = self.job.cols, self.job.row_map.mean_from
             total = np.zeros(cols, np.float64)
-            row = np.empty(cols, np.float32)
-            for r in range(n):
-                if r % 4096 == 0:
-                    self.check_stop()
-                self._gather_row(i, r, row)
-                total += row
-            means[i] = (total / n).astype(np.float32)
-        return means[i]
+            for r in range(0, n, _MEAN_BLOCK):
+                self.check_stop()
+                b = min(_MEAN_BLOCK, n - r)
+                block = self.ws.get("mean_block", (b * cols,), np.float32)
+                self._gather(i, r, b, block)
+                total += block.reshape(b, cols).sum(axis=0, dtype=np.float64)
+            self._means[i] = (total / n).astype(np.float32)
+        return self._means[i]
 
     def raw0(self, chunk: Chunk) -> np.ndarray:
         """Raw bytes of input 0 for the chunk just loaded (F32 is read straight into ``inputs``)."""

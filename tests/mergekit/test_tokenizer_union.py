@@ -358,3 +358,34 @@ def test_an_input_without_tokenizer_files_is_read_as_the_bases(fam, invoke, tmp_
     result = invoke("run", tmp_path / "merge.yml", "-o", tmp_path / "out2", "-q")
     assert result.exit_code == 1 and "has a tokenizer without tokenizer.json" in result.stderr
     assert "hint: save it as a fast tokenizer" in result.stderr and not (tmp_path / "out2").exists()
+
+
+def test_bfloat16_inputs_gather_decode_fill_and_pad(fam, invoke, tmp_path):
+    """bfloat16 inputs: rows are read raw, decoded once per chunk, filled rows decoded on their own;
+    the result is the float32 reference rounded once, and tiny chunks give the same bytes."""
+    half = {}
+    for name in ("base", "ft1", "ft2"):
+        half[name] = tmp_path / name
+        shutil.copytree(fam[name], half[name])
+        state = {k: v.to(torch.bfloat16) for k, v in load_state(fam[name]).items()}
+        save_file(state, str(half[name] / "model.safetensors"), metadata={"format": "pt"})
+    data = tokens_config(half, "task_arithmetic")
+    del data["dtype"]
+    cfg = write_config(tmp_path, data)
+    result = invoke("run", cfg, "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    states, vocabs, sizes = inputs(half, "base", "ft1", "ft2")
+    states = {n: {k: v.float() for k, v in s.items()} for n, s in states.items()}
+    rows = {k: aligned(states, vocabs, sizes, vocab_of(tmp_path / "out"), "base", k, tokens=TOKENS, pad_to=8)
+            for k in VOCAB_KEYS}  # fmt: skip
+    got = load_state(tmp_path / "out")
+    for name, tensor in got.items():
+        p = rows[name] if name in rows else {n: s[name] for n, s in states.items()}
+        want = gta(p["base"], [p["ft1"], p["ft2"]], [0.6, 0.4])
+        assert tensor.dtype == torch.bfloat16, name
+        torch.testing.assert_close(tensor.float(), want.bfloat16().float(), rtol=8e-3, atol=1e-6, msg=name)
+    again = invoke("run", cfg, "-o", tmp_path / "small", "-q", "--max-memory", "4KiB", "--threads", "3")
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (
+        tmp_path / "small" / "model.safetensors"
+    ).read_bytes()

@@ -85,7 +85,7 @@ def compare(ours: Path, theirs: Path) -> str:
     if set(sa) != set(sb):
         return f"differs: tensors {sorted(set(sa) ^ set(sb))}"
     order = [vb[t] for t, _ in sorted(va.items(), key=lambda kv: kv[1])]
-    worst, where = 0.0, ""
+    worst, where, real = 0.0, "", 0.0  # real: over every row that holds a token (padding rows left out)
     for name in sorted(sa):
         x, y = sa[name].float(), sb[name].float()
         if x.dim() == 2 and x.shape[0] == sizes[0] and ("embed" in name or "lm_head" in name):
@@ -93,13 +93,18 @@ def compare(ours: Path, theirs: Path) -> str:
         rel = ((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item()
         if rel > worst:
             worst, where = rel, name
+        n = len(order) if x.dim() == 2 and x.shape[0] == sizes[0] else x.shape[0]
+        real = max(real, ((x[:n] - y[:n]).abs().max() / y.abs().max().clamp_min(1e-30)).item())
     chat = ""
     if ta.chat_template or tb.chat_template:
         msgs = [{"role": "user", "content": "w1 y0"}, {"role": "assistant", "content": "w2"}]
         render = [t.apply_chat_template(msgs, tokenize=False) for t in (ta, tb)]
         chat = ", chat template renders the same" if render[0] == render[1] else ", chat template DIFFERS"
     status = "match" if worst <= 1e-6 else "differs"
-    return f"{status} (max relative difference {worst:.2g}{' in ' + where if worst > 1e-6 else ''}{chat})"
+    rows = f"; rows that hold a token: {real:.2g}" if worst > 1e-6 else ""
+    return (
+        f"{status} (max relative difference {worst:.2g}{' in ' + where if worst > 1e-6 else ''}{rows}{chat})"
+    )
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ import make_synthetic  # noqa: E402
 GiB = 1024**3
 GB = 1000**3
 DEFAULT_METHODS = "task_arithmetic,breadcrumbs"
-SURGERY_FLAG = {"task_arithmetic": "--task-arithmetic", "breadcrumbs": "--breadcrumbs"}
+SURGERY_FLAG = {"task_arithmetic": "--task-arithmetic", "breadcrumbs": "--breadcrumbs", "ties": "--ties"}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -298,6 +298,8 @@ def mergekit_yaml(
     params = {"weight": 1.0}
     if method == "breadcrumbs":
         params.update(density=density, gamma=gamma)
+    elif method == "ties":
+        params.update(density=density)
     lines = [f"merge_method: {method}", f"base_model: {base}", "models:"]
     for d in inputs:
         lines += [
@@ -448,7 +450,10 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--mergekit-args", default="", help="extra args for mergekit-yaml")
     ap.add_argument(
-        "--density", type=float, default=0.1, help="breadcrumbs density (mergekit density, surgery --density)"
+        "--density",
+        type=float,
+        default=0.1,
+        help="breadcrumbs and ties density (mergekit density, surgery --density)",
     )
     ap.add_argument(
         "--gamma", type=float, default=0.01, help="breadcrumbs gamma (mergekit gamma, surgery --outliers)"
@@ -536,6 +541,8 @@ def main(argv=None) -> int:
                 if method == "breadcrumbs" and not args.surgery_defaults:
                     # the same parameters as mergekit's density / gamma
                     cmd += ["--density", str(args.density), "--outliers", str(args.gamma)]
+                elif method == "ties" and not args.surgery_defaults:
+                    cmd += ["--density", str(args.density)]
                 cmd += shlex.split(args.surgery_args)
                 res["rows"].append(
                     run_tool(

@@ -5,7 +5,10 @@ worker needs fits its share of ``max_memory``. Whole-model statistics come first
 passes (``reduce.py``: global rank bands, LiNeS' auto alpha, patch sizes) and are frozen into
 ``Prepared``; then every job runs its writer, chosen by ``job.kind`` (resolved by the planner), and
 the method's stages (``spec.sparsify``, ``spec.combine``) compute each output chunk. The engine never
-learns a method by name. Workers run whole tensors in parallel threads; the kernels, reads and writes
+learns a method by name. Where the backend offers a device workspace and every stage of the method
+runs on backend kernels only (``spec.on_device``), merged tensors stream through it: a chunk's arrays
+stay on the device from the raw inputs' upload to the encoded output's download.
+Workers run whole tensors in parallel threads; the kernels, reads and writes
 release the GIL, so reading, computing and writing overlap across tensors. Every result is a pure
 function of the inputs and the recipe: chunk size, budget and thread count never change a byte.
 """
@@ -47,7 +50,7 @@ from surgery.plan import MERGED, Plan, TensorJob, build_plan, input_paths
 from surgery.ranks import Band
 from surgery.recipe import Recipe
 from surgery.select_jobs import key_patch, key_selection, pair_chunks, pick, scatter
-from surgery.stream import Chunk, TensorStream, Workspace, chunk_ranges
+from surgery.stream import Chunk, TensorStream, WorkerSpaces, Workspace, chunk_ranges
 from surgery.writer import CheckpointWriter, Layout, fingerprint_of
 
 ENGINE_VERSION = 1  # part of the resume fingerprint: bump when output bytes could change
@@ -195,6 +198,7 @@ class _Run:
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.local = threading.local()
+        self.spaces = WorkerSpaces(self.backend.workspace)  # per thread
         self.workers = options.workers
         self.share = max(1, options.max_memory // self.workers)
         self.n_models = self.spec.tau_from.task_vectors(len(plan.recipe.models))
@@ -291,10 +295,10 @@ class _Run:
             out = []
             for item in items:
                 self.check_stop()
-                out.append(fn(item))
+                out.append(self.spaces.run(fn, item))
             return out
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="surgery")
-        futures = [pool.submit(fn, item) for item in items]
+        futures = [pool.submit(self.spaces.run, fn, item) for item in items]
         try:
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             for fut in done:
@@ -315,10 +319,14 @@ class _Run:
 
     @property
     def ws(self) -> Workspace:
-        ws = getattr(self.local, "ws", None)
-        if ws is None:
-            ws = self.local.ws = Workspace()
-        return ws
+        """This worker thread's host workspace."""
+        return self.spaces.host
+
+    def workspace(self, job: TensorJob) -> Workspace:
+        """Where ``job``'s chunks live: on the device for a merged tensor whose stages all run on
+        backend kernels, else in host buffers (the torch kernels then copy per call)."""
+        resident = job.kind in ("dense", "update") and self.spec.on_device(job.params)
+        return self.spaces.device if resident and self.spaces.device is not None else self.spaces.host
 
     # -- streams and chunks -------------------------------------------------------------------------
     def stream(self, job: TensorJob) -> TensorStream:
@@ -330,8 +338,9 @@ class _Run:
         ranges = chunk_ranges(job, self.share, self.n_models, per_row, self.options.min_chunk, whole)
         uses_tau = self.plan.has_base and self.spec.combine.uses_tau
         tau_from = self.spec.tau_from if uses_tau else None
+        ws = self.workspace(job)
         return TensorStream(
-            job, self.plan.inputs, self.backend, self.ws, ranges, tau_from, self.n_models, self.check_stop
+            job, self.plan.inputs, self.backend, ws, ranges, tau_from, self.n_models, self.check_stop
         )
 
     def write(self, name: str, start: int, raw: np.ndarray) -> None:
@@ -342,16 +351,18 @@ class _Run:
 
     def encode(self, job: TensorJob, out: np.ndarray) -> np.ndarray:
         """float32 chunk -> output storage; counts its inf / NaN after the cast (so an overflow to
-        inf in F16 / BF16 is seen) for the finiteness check of the job."""
-        raw = self.ws.get("out_raw", (out.size,), DTYPES[job.out_dtype].storage)
+        inf in F16 / BF16 is seen) for the finiteness check of the job. Returns host bytes (a
+        device chunk is encoded on the device and only its output comes back)."""
+        ws = self.workspace(job)
+        raw = ws.array("out_raw", tuple(out.shape), DTYPES[job.out_dtype].storage)
         self.backend.encode(out, job.out_dtype, raw)
         self.local.nonfinite += self.backend.nonfinite(raw, job.out_dtype)
-        return raw
+        return ws.download(raw, "out_raw")
 
-    def zeros(self, count: int) -> np.ndarray:
+    def zeros(self, ws, count: int) -> np.ndarray:
         """A float32 base of zeros: the combine kernels then yield the merged update itself."""
-        zeros = self.ws.get("zeros", (count,), np.float32)
-        zeros.fill(0.0)
+        zeros = ws.array("zeros", (count,), np.float32)
+        zeros[...] = 0.0
         return zeros
 
     def hasher(self):
@@ -396,8 +407,8 @@ class _Run:
         """Output chunk in float32: sparsify each task vector in place, then combine. ``lam`` is the
         LiNeS scale of this tensor's update (1 = none); ``zero_base``: the merged update itself;
         ``selected``: a keyed sparsify stage's flat indices of this tensor (``key_selection``)."""
-        be, spec, count = self.backend, self.spec, chunk.count
-        out = self.ws.get("out", (count,), np.float32)
+        be, spec, count, ws = self.backend, self.spec, chunk.count, self.workspace(job)
+        out = ws.array("out", (count,), np.float32)
         dec, tau = chunk.inputs, chunk.tau
         models = dec[1:] if self.plan.has_base else dec
         shape = job.shape if count == job.numel else (count,)
@@ -408,9 +419,9 @@ class _Run:
             return out
         _sparsify(self, job, chunk, bands, selected)
         if factors is not None:  # each sparsified task vector back to its L1 norm
-            tau *= factors[:, None]
+            tau *= ws.asarray(factors)[:, None]
         scale = np.float32(float(job.params.get("scale", 1.0)) * lam)  # one rounding of scale * lambda
-        base = self.zeros(count) if zero_base else dec[0]
+        base = self.zeros(ws, count) if zero_base else dec[0]
         spec.combine.apply(be, Operands(dec, models, tau, base, shape, job), coeffs, scale, out)
         return out
 
@@ -432,11 +443,13 @@ class _Run:
                 if self.spec.combine.adds_update:  # the update itself, without b + ... - b
                     return self.apply(job, chunk, bands, coeffs, 1.0, zero_base=True, selected=selected)
                 out = self.apply(job, chunk, bands, coeffs, 1.0, selected=selected)
-                np.subtract(out, chunk.inputs[0], out=tmp)
+                self.backend.subtract(out[None], chunk.inputs[0], tmp[None])
                 return tmp
 
-            scratch = lambda count: self.ws.get("update", (1, count), np.float32)  # noqa: E731
-            return reduce.update_l1(stream, merged_update, self.backend, self.zeros, scratch)
+            ws = stream.ws
+            scratch = lambda count: ws.array("update", (1 + self.n_models, count), np.float32)  # noqa: E731
+            zeros = partial(self.zeros, ws)
+            return reduce.update_l1(stream, merged_update, self.backend, zeros, scratch)
 
         totals = np.zeros(2, np.float64)
         for acc in self.parallel(measure, self.plan.merge_jobs):  # summed in plan order

@@ -35,23 +35,29 @@ from surgery.stream import TensorStream
 
 
 def _hist_high(stream: TensorStream, n_models: int, backend: Backend) -> np.ndarray:
-    hist = np.zeros((n_models, HIST), np.int64)
+    """Per model, the high-16-bit histogram of |tau| over the tensor (counted where the chunks live:
+    on the device for a resident stream, brought back once per tensor)."""
+    hist = stream.ws.counts((n_models, HIST))
     for k in range(len(stream.ranges)):
         tau = stream.read(k).tau
         for t in range(n_models):
             backend.abs_hist_high(tau[t], hist[t])
-    return hist
+    return stream.ws.to_host(hist)
 
 
 def _hist_low(stream: TensorStream, bins: list[list[int]], backend: Backend) -> list[dict[int, np.ndarray]]:
     """Per model t, the low-16-bit histogram inside each high bin of ``bins[t]``."""
-    hists = [{b: np.zeros(HIST, np.int64) for b in bins[t]} for t in range(len(bins))]
-    if any(bins):
+    pairs = [(t, b) for t in range(len(bins)) for b in bins[t]]
+    hist = stream.ws.counts((len(pairs), HIST))
+    if pairs:
         for k in range(len(stream.ranges)):
             tau = stream.read(k).tau
-            for t in range(len(bins)):
-                for b, hist in hists[t].items():
-                    backend.abs_hist_low(tau[t], b, hist)
+            for row, (t, b) in enumerate(pairs):
+                backend.abs_hist_low(tau[t], b, hist[row])
+    host = stream.ws.to_host(hist)
+    hists: list[dict[int, np.ndarray]] = [{} for _ in bins]
+    for row, (t, b) in enumerate(pairs):
+        hists[t][b] = host[row]
     return hists
 
 
@@ -161,9 +167,10 @@ def l1_rescale(stream: TensorStream, sparsify: Callable[[object], None], n_model
     after = np.zeros(n_models, np.float64)
     for k in range(len(stream.ranges)):
         chunk = stream.take(k)  # sparsify masks tau in place
-        before += np.abs(chunk.tau).sum(axis=1, dtype=np.float64)
+        # numpy's sums on the host (a device's reduction order would move the last bits)
+        before += np.abs(stream.ws.to_host(chunk.tau)).sum(axis=1, dtype=np.float64)
         sparsify(chunk)
-        after += np.abs(chunk.tau).sum(axis=1, dtype=np.float64)
+        after += np.abs(stream.ws.to_host(chunk.tau)).sum(axis=1, dtype=np.float64)
     ok = (before >= 1e-7) & (after >= 1e-7)
     return np.where(ok, before / np.where(ok, after, 1.0), 1.0).astype(np.float32)
 
@@ -179,6 +186,7 @@ def update_l1(
 
     ``merged_update(chunk, tmp)`` returns the merged update of a chunk (it may mask tau in place, so
     the sum of the task vectors is taken first); ``tmp`` is a scratch row it may use.
+    ``scratch(count)`` gives a [1 + T, count] float32 buffer where the stream's chunks live.
     """
     acc = np.zeros(2, np.float64)
     ones = np.ones(stream.n_models, np.float32)
@@ -186,9 +194,12 @@ def update_l1(
         chunk = stream.take(k)
         tmp = scratch(chunk.count)
         base = chunk.inputs[0]
-        tau = chunk.tau if chunk.tau is not None else chunk.inputs[1:] - base
+        tau = chunk.tau
+        if tau is None:  # the models' differences to the base (tmp[1:] has room for them)
+            tau = tmp[1:]
+            backend.subtract(chunk.inputs[1:], base, tau)
         backend.combine_sum(zeros(chunk.count), tau, ones, np.float32(1.0), tmp[0])
-        backend.l1_accumulate(tmp, acc[0:1])
+        backend.l1_accumulate(tmp[:1], acc[0:1])
         update = merged_update(chunk, tmp[0])
         backend.l1_accumulate(update[None], acc[1:2])
     return acc

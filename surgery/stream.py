@@ -5,13 +5,21 @@ stage works per row or rows are gathered by a vocabulary map; the whole tensor w
 whole matrices). ``TensorStream.read(k)`` returns chunk ``k`` with its task vectors; a tensor that
 fits in one chunk is read once for all its passes. Buffers come from the worker's ``Workspace``,
 allocated once and reused, so streaming costs no fresh memory per chunk.
+
+The workspace also decides where a chunk's arrays live. The host ``Workspace`` keeps everything in
+numpy arrays (its upload and download are no-ops). A backend's device workspace
+(``surgery.kernels.resident``) reads into pinned host staging buffers and keeps the decoded inputs,
+task vectors and output on its device; the stream and the engine call the same methods either way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -27,7 +35,13 @@ _MEAN_BLOCK = 1024  # rows summed at once for a padding row's mean
 
 
 class Workspace:
-    """A worker's reusable buffers: allocated once, grown only when a job needs more."""
+    """A worker's reusable host buffers: allocated once, grown only when a job needs more.
+
+    ``get`` gives a host buffer; the other methods are the interface a device workspace shares
+    (``surgery.kernels.resident.DeviceWorkspace``), here without any copy: compute ``array``s are
+    host buffers, ``upload``/``download`` hand the same array back."""
+
+    resident = False  # chunks live in numpy arrays
 
     def __init__(self) -> None:
         self._bufs: dict[str, np.ndarray] = {}
@@ -39,6 +53,58 @@ class Workspace:
         if buf is None or buf.size < nbytes:
             buf = self._bufs[key] = np.empty(max(nbytes, 64), np.uint8)
         return buf[:nbytes].view(dtype).reshape(shape)
+
+    def array(self, key: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+        """A buffer the kernels compute in (here: the host buffer ``key``)."""
+        return self.get(key, shape, dtype)
+
+    def staging(self, key: str, shape: tuple[int, ...], dtype, alias: np.ndarray | None = None) -> np.ndarray:
+        """The host buffer raw input bytes are read into before ``upload``; ``alias``: the compute
+        row itself (an F32 input is read straight into it here)."""
+        return alias if alias is not None else self.get(key, shape, dtype)
+
+    def upload(self, raw: np.ndarray, dest: np.ndarray | None = None) -> np.ndarray:
+        """``raw`` as a compute array (copied into ``dest`` when given and not ``raw`` itself)."""
+        if dest is None:
+            return raw
+        if not np.may_share_memory(raw, dest):
+            np.copyto(dest, raw)
+        return dest
+
+    def download(self, x: np.ndarray, key: str) -> np.ndarray:
+        """A compute array's bytes in a host buffer, ready for the writer."""
+        return x
+
+    def to_host(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def asarray(self, a: np.ndarray) -> np.ndarray:
+        """A small host array (per-tensor factors) where the compute arrays live."""
+        return a
+
+    def counts(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A zeroed int64 accumulator (radix-select histograms) where the compute arrays live."""
+        return np.zeros(shape, np.int64)
+
+    def activate(self) -> contextlib.AbstractContextManager:
+        """Context for one unit of a worker's work (a device workspace selects its streams)."""
+        return contextlib.nullcontext()
+
+
+class WorkerSpaces(threading.local):
+    """Each worker thread's workspaces: ``host``, and ``device`` from the backend's factory (None
+    when it has none). Attributes are per thread; ``run`` does one unit of a worker's work inside
+    the device workspace's context (its CUDA stream)."""
+
+    def __init__(self, device_factory: Callable[[], Any] | None) -> None:
+        self.host = Workspace()
+        self.device = device_factory() if device_factory is not None else None
+
+    def run(self, fn: Callable, item: Any) -> Any:
+        if self.device is None:
+            return fn(item)
+        with self.device.activate():
+            return fn(item)
 
 
 def bytes_per_element(job: TensorJob, n_models: int) -> int:
@@ -86,7 +152,8 @@ def _size(n: int) -> str:
 @dataclass(frozen=True)
 class Chunk:
     """Elements ``start:start+count`` of one tensor, decoded: ``inputs`` [n_inputs, count] and the
-    task vectors ``tau`` [T, count] (None when the method does not use them)."""
+    task vectors ``tau`` [T, count] (None when the method does not use them); numpy arrays, or
+    device tensors when the stream's workspace is resident."""
 
     start: int
     count: int
@@ -112,7 +179,9 @@ class TensorStream:
         self.ranges, self.tau_from, self.n_models = ranges, tau_from, n_models
         self.check_stop = check_stop
         self._cached: tuple[int, Chunk] | None = None
+        self._raw0: np.ndarray | None = None  # host bytes of input 0 of the last chunk loaded
         self._means: dict[int, np.ndarray] = {}  # padding rows' mean per input (vocabulary maps)
+        self._cpu: Backend | None = None  # host decoder for those rows (the backend may be a device's)
 
     def read(self, k: int) -> Chunk:
         """Chunk ``k``, kept for the next pass while the tensor is one chunk: do not modify it."""
@@ -134,7 +203,7 @@ class TensorStream:
         dec = self.load(start, count, nxt)
         tau = None
         if self.tau_from is not None:
-            tau = self.ws.get("tau", (self.n_models, count), np.float32)
+            tau = self.ws.array("tau", (self.n_models, count), np.float32)
             self.tau_from.compute(self.backend, dec, tau)
         return Chunk(start, count, dec, tau)
 
@@ -143,41 +212,65 @@ class TensorStream:
         ``n_inputs`` inputs only, when given)."""
         job = self.job
         n_in = len(job.in_dtypes) if n_inputs is None else n_inputs
-        dec = self.ws.get("dec", (n_in, count), np.float32)
+        dec = self.ws.array("dec", (n_in, count), np.float32)
         if job.row_map is not None:
             return self._load_rows(start, count, dec)
         for i, (ckpt, dtype) in enumerate(zip(self.inputs[:n_in], job.in_dtypes[:n_in])):
             self.check_stop()
             source = job.source(i)
-            if dtype == "F32":
-                ckpt.read_into(source, start, dec[i])
-            else:
-                raw = self.ws.get(f"raw{i}", (count,), DTYPES[dtype].storage)
-                ckpt.read_into(source, start, raw)
-                self.backend.decode(raw, dtype, dec[i])
+            raw = self._staging(i, count, dtype, dec)
+            ckpt.read_into(source, start, raw)
+            self._decode(i, raw, dtype, dec)
             if ranges_next is not None:
                 ckpt.prefetch(source, *ranges_next)
         return dec
 
+    def _staging(self, i: int, count: int, dtype: str, dec) -> np.ndarray:
+        """Host buffer input ``i``'s raw bytes are read into (on the host path an F32 input is read
+        straight into its decoded row)."""
+        alias = dec[i] if dtype == "F32" and not self.ws.resident else None
+        raw = self.ws.staging(f"raw{i}", (count,), DTYPES[dtype].storage, alias)
+        if i == 0:
+            self._raw0 = raw
+        return raw
+
+    def _decode(self, i: int, raw: np.ndarray, dtype: str, dec) -> None:
+        """Raw bytes of input ``i`` -> float32 row ``dec[i]`` (one upload where the rows live)."""
+        if dtype == "F32":
+            self.ws.upload(raw, dec[i])
+        else:
+            self.backend.decode(self.ws.upload(raw), dtype, dec[i])
+
     def _load_rows(self, start: int, count: int, dec: np.ndarray) -> np.ndarray:
-        """Gather whole rows by the vocabulary row map: -1 reads as zeros, or as the row's fill (a
-        mean of other inputs' rows); padding rows (from ``mean_from``) as the input's mean row."""
-        cols, row_map = self.job.cols, self.job.row_map
+        """Gather whole rows by the vocabulary row map into each input's staging buffer (one read per
+        run of consecutive source rows; -1 reads as zeros), decode once, then write the rows the map
+        computes: fills (a mean of other inputs' rows) and padding rows (the input's mean row), made
+        on the host and handed to wherever the chunk lives."""
+        job = self.job
+        cols, row_map = job.cols, job.row_map
         r0, n_rows = start // cols, count // cols
         end = n_rows if row_map.mean_from is None else max(0, min(n_rows, row_map.mean_from - r0))
-        for i in range(dec.shape[0]):
+        for i, dtype in enumerate(job.in_dtypes[: dec.shape[0]]):
             self.check_stop()
-            self._gather(i, r0, end, dec[i, : end * cols])
-            for j in range(end, n_rows):
-                dec[i, j * cols : (j + 1) * cols] = self._mean_row(i)
+            raw = self._staging(i, count, dtype, dec)
+            self._read_runs(i, r0, end, raw)
+            raw[end * cols :] = 0
+            self._decode(i, raw, dtype, dec)
+            src = row_map.rows[r0 : r0 + end, i]
+            for j in np.flatnonzero(src < 0):
+                fill = row_map.fills.get(r0 + int(j))
+                if fill:
+                    dec[i, j * cols : (j + 1) * cols] = self.ws.asarray(self._fill_row(fill))
+            if end < n_rows:
+                mean = self.ws.asarray(self._mean_row(i))
+                for j in range(end, n_rows):
+                    dec[i, j * cols : (j + 1) * cols] = mean
         return dec
 
-    def _gather(self, i: int, r0: int, n: int, out: np.ndarray) -> None:
-        """Aligned rows ``r0 .. r0+n-1`` (before ``mean_from``) of input ``i``, float32, into ``out``:
-        one read per run of consecutive source rows, one decode, then the filled rows."""
+    def _read_runs(self, i: int, r0: int, n: int, raw: np.ndarray) -> None:
+        """Raw rows ``r0 .. r0+n-1`` of input ``i`` as the map places them (zeros where it has none)."""
         job = self.job
-        cols, dtype = job.cols, job.in_dtypes[i]
-        raw = out if dtype == "F32" else self.ws.get(f"raw{i}", (n * cols,), DTYPES[dtype].storage)
+        cols = job.cols
         src = job.row_map.rows[r0 : r0 + n, i]
         j = 0
         while j < n:
@@ -190,27 +283,41 @@ class TensorStream:
                 k += 1
             self.inputs[i].read_into(job.source(i), int(src[j]) * cols, raw[j * cols : k * cols])
             j = k
-        if dtype != "F32":
-            self.backend.decode(raw, dtype, out)
-        for j in np.flatnonzero(src < 0):  # after the decode: a fill is float32 already
-            fill = job.row_map.fills.get(r0 + int(j), ())
-            if fill:
-                self._fill_row(fill, out[j * cols : (j + 1) * cols])
 
-    def _fill_row(self, fill: tuple[tuple[int, int], ...], out: np.ndarray) -> None:
-        """The float32 mean of rows (input, row), summed in order and divided once (mergekit's
-        running sum), into ``out``."""
+    def _host_rows(self, i: int, r0: int, n: int) -> np.ndarray:
+        """Aligned rows ``r0 .. r0+n-1`` of input ``i`` as float32 on the host, fills included."""
         job = self.job
-        part = self.ws.get("fill", (job.cols,), np.float32)
-        out[:] = 0
+        cols, dtype = job.cols, job.in_dtypes[i]
+        raw = np.empty(n * cols, DTYPES[dtype].storage)
+        self._read_runs(i, r0, n, raw)
+        rows = self._host_f32(raw, dtype)
+        for j in np.flatnonzero(job.row_map.rows[r0 : r0 + n, i] < 0):
+            fill = job.row_map.fills.get(r0 + int(j))
+            if fill:
+                rows[j * cols : (j + 1) * cols] = self._fill_row(fill)
+        return rows
+
+    def _fill_row(self, fill: tuple[tuple[int, int], ...]) -> np.ndarray:
+        """The float32 mean of rows (input, row), summed in order and divided once (mergekit's
+        running sum)."""
+        job = self.job
+        out = np.zeros(job.cols, np.float32)
         for k, row in fill:
-            dtype = job.in_dtypes[k]
-            raw = part if dtype == "F32" else self.ws.get("fill_raw", (job.cols,), DTYPES[dtype].storage)
+            raw = np.empty(job.cols, DTYPES[job.in_dtypes[k]].storage)
             self.inputs[k].read_into(job.source(k), row * job.cols, raw)
-            if dtype != "F32":
-                self.backend.decode(raw, dtype, part)
-            out += part
-        out /= np.float32(len(fill))
+            out += self._host_f32(raw, job.in_dtypes[k])
+        return out / np.float32(len(fill))
+
+    def _host_f32(self, raw: np.ndarray, dtype: str) -> np.ndarray:
+        """Raw storage -> a new float32 host array, with the CPU kernels' decoder: rows a vocabulary
+        map computes are made on the host whatever the backend."""
+        if dtype == "F32":
+            return raw.copy()
+        if self._cpu is None:
+            from surgery.kernels import get_backend
+
+            self._cpu = self.backend if self.backend.name == "cpu" else get_backend("cpu")
+        return self._cpu.decode(raw, dtype, np.empty(raw.size, np.float32))
 
     def _mean_row(self, i: int) -> np.ndarray:
         """Input ``i``'s mean over its aligned rows 0..mean_from-1 (padding rows), once per stream:
@@ -221,17 +328,14 @@ class TensorStream:
             for r in range(0, n, _MEAN_BLOCK):
                 self.check_stop()
                 b = min(_MEAN_BLOCK, n - r)
-                block = self.ws.get("mean_block", (b * cols,), np.float32)
-                self._gather(i, r, b, block)
-                total += block.reshape(b, cols).sum(axis=0, dtype=np.float64)
+                total += self._host_rows(i, r, b).reshape(b, cols).sum(axis=0, dtype=np.float64)
             self._means[i] = (total / n).astype(np.float32)
         return self._means[i]
 
     def raw0(self, chunk: Chunk) -> np.ndarray:
-        """Raw bytes of input 0 for the chunk just loaded (F32 is read straight into ``inputs``)."""
-        if self.job.in_dtypes[0] == "F32":
-            return chunk.inputs[0]
-        return self.ws.get("raw0", (chunk.count,), DTYPES[self.job.in_dtypes[0]].storage)
+        """Raw bytes (host) of input 0 for the chunk just loaded."""
+        assert self._raw0 is not None and self._raw0.size == chunk.count
+        return self._raw0
 
     def fix_rows(self, chunk: Chunk, out: np.ndarray) -> None:
         """Rows carried over from the fine-tune, or kept from the new base, bypass the arithmetic."""

@@ -1,8 +1,12 @@
 """Kernel backends: the numba CPU kernels and their torch twins share one interface.
 
-A backend is a frozen table of functions over numpy arrays (the engine's buffers). The numba backend
-computes in place; the torch backend moves each chunk to its device, runs the same math, and copies
-the result back, so the engine is the same for both and results can be compared bit for bit.
+A backend is a frozen table of functions over the engine's buffers. The numba backend computes in
+place on numpy arrays. The torch backend runs the same math on its device, bit for bit, in one of
+two ways: given numpy arrays it copies each kernel's inputs to the device and the result back (any
+stage works); given the device tensors of its ``workspace`` (``resident.DeviceWorkspace``: pinned
+host staging buffers, device buffers, its own CUDA streams) nothing moves between kernels, and a
+chunk crosses the bus twice: its raw inputs in, its encoded output out. The engine is the same for
+all of them; a backend with a ``workspace`` factory offers the device-resident path.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import numpy as np
 
@@ -18,8 +24,9 @@ from surgery.errors import DeviceError
 
 @dataclass(frozen=True)
 class Backend:
-    """A table of kernels over numpy arrays (float32 math, raw bf16 as uint16): pure functions, no
-    I/O, no names; cross-chunk state (tie counters, accumulators) is passed in by the caller."""
+    """A table of kernels over numpy arrays or a torch backend's device tensors (float32 math, raw
+    bf16 as uint16): pure functions, no I/O, no names; cross-chunk state (tie counters,
+    accumulators) is passed in by the caller."""
 
     name: str
     bf16_to_f32: Callable
@@ -39,6 +46,10 @@ class Backend:
     l1_accumulate: Callable
     rescale_update: Callable
     count_nonfinite: Callable
+    cast_in: Callable  # F16 / F64 storage -> float32
+    cast_out: Callable  # float32 -> F32 / F16 storage
+    # () -> a worker's device workspace (device-resident chunks); None: the host path only
+    workspace: Callable[[], Any] | None = None
 
     def decode(self, raw: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
         """Raw storage -> float32. F32 input is returned as is (no copy)."""
@@ -46,25 +57,24 @@ class Backend:
             return raw
         if dtype == "BF16":
             self.bf16_to_f32(raw, out)
-        else:  # F16, F64: numpy's cast is exact for F16 and rounds F64 once
-            np.copyto(out, raw.view(np.float16 if dtype == "F16" else np.float64), casting="unsafe")
+        else:  # F16, F64: exact for F16, one rounding of F64
+            self.cast_in(raw, dtype, out)
         return out
 
     def encode(self, x: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
         """float32 -> raw storage of ``dtype``, one round-to-nearest-even."""
-        if dtype == "F32":
-            np.copyto(out, x)
-        elif dtype == "BF16":
-            self.f32_to_bf16(x.view(np.uint32), out)
-        else:  # overflow to inf is expected here and counted by the caller (nonfinite)
-            with np.errstate(over="ignore"):
-                np.copyto(out.view(np.float16), x, casting="unsafe")
+        if dtype == "BF16":  # the kernels read float32 as its bits: uint32 on the host
+            self.f32_to_bf16(x.view(np.uint32) if isinstance(x, np.ndarray) else x, out)
+        else:  # F32 copy; F16: overflow to inf is expected here and counted by the caller (nonfinite)
+            self.cast_out(x, dtype, out)
         return out
 
     def nonfinite(self, raw: np.ndarray, dtype: str) -> int:
-        """How many inf / NaN values ``raw`` (storage of float ``dtype``) holds."""
+        """How many inf / NaN values ``raw`` (storage of float ``dtype``) holds (a device tensor is
+        viewed as integers of its width by the torch kernel)."""
         width, mask = _EXPONENT[dtype]
-        return int(self.count_nonfinite(raw.reshape(-1).view(width), width(mask)))
+        bits = raw.reshape(-1).view(width) if isinstance(raw, np.ndarray) else raw
+        return int(self.count_nonfinite(bits, width(mask)))
 
 
 # storage width and exponent field of each float dtype: all exponent bits set means inf or NaN
@@ -104,11 +114,13 @@ def check_device(device: str) -> None:
 
 def get_backend(device: str = "cpu") -> Backend:
     """``cpu``: numba kernels. ``cuda``/``cuda:N`` (or ``torch-cpu`` for testing): torch twins."""
+    workspace = None
     if device == "cpu":
         from surgery.kernels import cpu as k
     else:
-        from surgery.kernels import torch_ops
+        from surgery.kernels import resident, torch_ops
 
         k = torch_ops.for_device("cpu" if device == "torch-cpu" else device)
-    fields = [f for f in Backend.__dataclass_fields__ if f != "name"]
-    return Backend(name=device, **{f: getattr(k, f) for f in fields})
+        workspace = partial(resident.DeviceWorkspace, k.device)
+    fields = [f for f in Backend.__dataclass_fields__ if f not in ("name", "workspace")]
+    return Backend(name=device, workspace=workspace, **{f: getattr(k, f) for f in fields})

@@ -286,3 +286,19 @@ def count_nonfinite(bits, exp_mask):  # pragma: no cover - compiled
         if (bits[i] & exp_mask) == exp_mask:
             n += 1
     return n
+
+
+# -- float casts numpy does well (not compiled: numpy's casts are vectorised already) ---------------
+def cast_in(raw, dtype, out):
+    """F16 / F64 storage -> float32: exact for F16, one round-to-nearest-even for F64."""
+    np.copyto(out, raw.view(np.float16 if dtype == "F16" else np.float64), casting="unsafe")
+
+
+def cast_out(x, dtype, out):
+    """float32 -> F32 (a copy) or F16 storage (round to nearest even; overflow to inf is expected
+    here and counted by the caller)."""
+    if dtype == "F32":
+        np.copyto(out, x)
+    else:
+        with np.errstate(over="ignore"):
+            np.copyto(out.view(np.float16), x, casting="unsafe")

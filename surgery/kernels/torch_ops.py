@@ -19,6 +19,11 @@ backends apart, and the results are bit for bit the numba ones:
 logical right shift is an arithmetic one followed by a mask. Unsigned numpy arrays are viewed as the
 signed type of the same width before they reach torch, so every copy is a bit copy.
 
+Every kernel also accepts torch tensors already on its device (the device-resident pipeline of
+:mod:`surgery.kernels.resident`): then nothing is copied, outputs are written in place on the device,
+and a histogram given as a device tensor is accumulated there (``index_add_`` of int64 ones: exact,
+no host synchronisation). Unsigned storage lives on the device as the signed type of the same width.
+
 Importing this module needs torch but not CUDA; :func:`for_device` binds the kernels to a device.
 """
 
@@ -76,6 +81,41 @@ def _float_type(*dtypes: np.dtype | type | torch.dtype) -> torch.dtype:
     return _TORCH_FLOAT[np.result_type(*(_NUMPY_FLOAT.get(d, d) for d in dtypes))]
 
 
+_INT_OF_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _numel(x: np.ndarray | torch.Tensor) -> int:
+    return x.numel() if isinstance(x, torch.Tensor) else x.size
+
+
+def _ones(a: torch.Tensor) -> torch.Tensor:
+    """int64 ones, one per element of ``a``, without allocating them (a broadcast scalar)."""
+    return torch.ones((), dtype=torch.int64, device=a.device).expand(a.numel())
+
+
+def _in_top(a: torch.Tensor, v: int, ties: int, seen: int) -> tuple[torch.Tensor | bool, int]:
+    """(mask of elements in the top r, number equal to v) for one (v, ties) threshold.
+
+    Equal elements are in while fewer than ``ties`` equal ones came before them, counting the
+    ``seen`` of earlier chunks. A bool mask means every / no element.
+    """
+    v = int(v)
+    if v < 0:  # "every element"; |x| bits are >= 0, so none equals v
+        return True, 0
+    if v > _MAX_BITS:  # "no element"
+        return False, 0
+    greater = a > v
+    equal = a == v
+    n_equal = int(equal.sum())
+    budget = int(ties) - int(seen)  # equal elements of this chunk still in
+    if n_equal == 0 or budget <= 0:
+        return greater, n_equal
+    if budget >= n_equal:
+        return greater | equal, n_equal
+    before = torch.cumsum(equal, 0, dtype=torch.int32)  # inclusive running count
+    return greater | (equal & (before <= budget)), n_equal
+
+
 @dataclass(frozen=True)
 class TorchKernels:
     """The kernel table bound to one torch device (same names and signatures as ``cpu.py``)."""
@@ -83,8 +123,11 @@ class TorchKernels:
     device: torch.device
 
     # -- transfers --------------------------------------------------------------------------------
-    def _dev(self, a: np.ndarray) -> torch.Tensor:
-        """numpy -> tensor on the device, unsigned ints as the signed type of the same width (bits)."""
+    def _dev(self, a: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """numpy -> tensor on the device, unsigned ints as the signed type of the same width (bits);
+        a tensor already on the device is used as it is."""
+        if isinstance(a, torch.Tensor):
+            return a.to(self.device)
         a = np.asarray(a)
         if a.dtype in _SIGNED:
             a = a.view(_SIGNED[a.dtype])
@@ -93,20 +136,37 @@ class TorchKernels:
         return torch.from_numpy(a).to(self.device)
 
     @staticmethod
-    def _put(out: np.ndarray, t: torch.Tensor) -> None:
-        """Copy a device result into the engine's numpy buffer (bits for unsigned outputs)."""
+    def _put(out: np.ndarray | torch.Tensor, t: torch.Tensor) -> None:
+        """Copy a device result into the engine's buffer (bits for unsigned outputs): a numpy array
+        on the host, or in place on the device for a device tensor."""
+        if isinstance(out, torch.Tensor):
+            out.copy_(t.reshape(out.shape))
+            return
         if out.dtype in _SIGNED:
             out = out.view(_SIGNED[out.dtype])
         torch.from_numpy(out).copy_(t.reshape(out.shape))
 
     def _scalar(self, value: object, dtype: torch.dtype) -> torch.Tensor:
-        """A 0-dim device tensor (exact: values are float32 or float64 already)."""
-        return torch.tensor(float(value), dtype=dtype, device=self.device)
+        """A 0-dim device tensor (exact: values are float32 or float64 already). Filled on the
+        device: a host tensor copied over would make a CUDA stream wait (pageable memory)."""
+        return torch.full((), float(value), dtype=dtype, device=self.device)
+
+    def _scalars(self, w: np.ndarray, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Per-model weights as 0-dim device tensors of ``dtype`` (always a widening: exact)."""
+        return [self._scalar(v, dtype) for v in np.asarray(w).reshape(-1)]
 
     def _zero(self, dtype: torch.dtype) -> torch.Tensor:
         return torch.zeros((), dtype=dtype, device=self.device)
 
     # -- dtype conversion -------------------------------------------------------------------------
+    def cast_in(self, raw: np.ndarray, dtype: str, out: np.ndarray) -> None:
+        """F16 / F64 storage -> float32 (exact for F16, one round-to-nearest-even for F64)."""
+        self._put(out, self._dev(raw).to(torch.float32))
+
+    def cast_out(self, x: np.ndarray, dtype: str, out: np.ndarray) -> None:
+        """float32 -> F32 (a copy) or F16 storage (round to nearest even, overflow to inf)."""
+        self._put(out, self._dev(x).to(torch.float32 if dtype == "F32" else torch.float16))
+
     def bf16_to_f32(self, src: np.ndarray, dst: np.ndarray) -> None:
         """bf16 bits -> float32: the bits become the high half (little-endian pair (0, bits))."""
         s = self._dev(src).reshape(-1)
@@ -116,6 +176,8 @@ class TorchKernels:
     def f32_to_bf16(self, src_bits: np.ndarray, dst: np.ndarray) -> None:
         """float32 bits -> bf16 bits, round to nearest even; NaN stays a quiet NaN."""
         b = self._dev(src_bits).reshape(-1)
+        if b.is_floating_point():  # a float32 device tensor: its bits
+            b = b.view(torch.int32)
         is_nan = (b & _ABS) > 0x7F800000
         # The arithmetic shifts keep the low 16 bits of the logical ones, and their results fit
         # int16. No int32 overflow for non-NaN inputs (|bits| + 0x8000 < 2**31); NaN lanes are
@@ -138,6 +200,9 @@ class TorchKernels:
     def abs_hist_high(self, x: np.ndarray, hist: np.ndarray) -> None:
         """hist[h] += #{i : (|x_i| bits) >> 16 == h}."""
         _, a = self._abs_bits(x)
+        if isinstance(hist, torch.Tensor):  # accumulated on the device: no copy, no sync
+            hist.index_add_(0, a >> 16, _ones(a))
+            return
         counts = torch.bincount(a >> 16, minlength=(_MAX_BITS >> 16) + 1)
         hist[: counts.numel()] += counts.cpu().numpy()
 
@@ -147,44 +212,24 @@ class TorchKernels:
         if not 0 <= high <= _MAX_BITS >> 16:
             return
         _, a = self._abs_bits(x)
+        if isinstance(hist, torch.Tensor):  # adds 1 inside the bin, 0 elsewhere: no sync
+            hist.index_add_(0, a & 0xFFFF, ((a >> 16) == high).to(torch.int64))
+            return
         low = a[(a >> 16) == high] & 0xFFFF  # few elements: one high bin
         counts = torch.bincount(low, minlength=0x10000)
         hist[: counts.numel()] += counts.cpu().numpy()
-
-    @staticmethod
-    def _in_top(a: torch.Tensor, v: int, ties: int, seen: int) -> tuple[torch.Tensor | bool, int]:
-        """(mask of elements in the top r, number equal to v) for one (v, ties) threshold.
-
-        Equal elements are in while fewer than ``ties`` equal ones came before them, counting the
-        ``seen`` of earlier chunks. A bool mask means every / no element.
-        """
-        v = int(v)
-        if v < 0:  # "every element"; |x| bits are >= 0, so none equals v
-            return True, 0
-        if v > _MAX_BITS:  # "no element"
-            return False, 0
-        greater = a > v
-        equal = a == v
-        n_equal = int(equal.sum())
-        budget = int(ties) - int(seen)  # equal elements of this chunk still in
-        if n_equal == 0 or budget <= 0:
-            return greater, n_equal
-        if budget >= n_equal:
-            return greater | equal, n_equal
-        before = torch.cumsum(equal, 0, dtype=torch.int32)  # inclusive running count
-        return greater | (equal & (before <= budget)), n_equal
 
     def band_mask(
         self, x: np.ndarray, v_hi: int, ties_hi: int, v_lo: int, ties_lo: int, seen: np.ndarray
     ) -> None:
         """Zero every element whose rank is not in (r_hi, r_lo], in place; ``seen`` is carried."""
         xt, a = self._abs_bits(x)
-        in_hi, eq_hi = self._in_top(a, v_hi, ties_hi, seen[0])
-        in_lo, eq_lo = self._in_top(a, v_lo, ties_lo, seen[1])
+        in_hi, eq_hi = _in_top(a, v_hi, ties_hi, seen[0])
+        in_lo, eq_lo = _in_top(a, v_lo, ties_lo, seen[1])
         seen[0] += eq_hi
         seen[1] += eq_lo
         if in_hi is True or in_lo is False:
-            x[...] = 0.0
+            x[...] = 0.0  # numpy array or device tensor alike
             return
         if in_hi is False:
             if in_lo is True:
@@ -200,8 +245,8 @@ class TorchKernels:
     ) -> int:  # fmt: skip
         """Emit (start + i, x[i]) for the kept ranks, in index order; return how many."""
         xt, a = self._abs_bits(x)
-        in_hi, eq_hi = self._in_top(a, v_hi, ties_hi, seen[0])
-        in_lo, eq_lo = self._in_top(a, v_lo, ties_lo, seen[1])
+        in_hi, eq_hi = _in_top(a, v_hi, ties_hi, seen[0])
+        in_lo, eq_lo = _in_top(a, v_lo, ties_lo, seen[1])
         seen[0] += eq_hi
         seen[1] += eq_lo
         n = xt.numel()
@@ -220,7 +265,7 @@ class TorchKernels:
         """
         cols, r_hi, r_lo = int(cols), int(r_hi), int(r_lo)
         flat = x.reshape(-1)
-        rows = flat.size // cols
+        rows = _numel(flat) // cols
         if rows == 0:
             return
         part = flat[: rows * cols]
@@ -256,7 +301,7 @@ class TorchKernels:
     # -- combinations -----------------------------------------------------------------------------
     def _weighted_acc(self, w: np.ndarray, v: np.ndarray, acc_type: torch.dtype) -> torch.Tensor:
         """acc = 0; for t: acc += w[t] * v[t]  (each multiply and add rounded in acc_type)."""
-        wt = self._dev(w).to(acc_type)
+        wt = self._scalars(w, acc_type)
         vt = self._dev(v)
         vt = vt.reshape(vt.shape[0], -1)
         acc = torch.zeros(vt.shape[1], dtype=acc_type, device=vt.device)
@@ -288,8 +333,8 @@ class TorchKernels:
         for t in range(n_models):
             total += tt[t].to(total_type)
         pos, neg = total > 0, total < 0  # NaN total: neither, as numba's sign tests
-        wn = self._dev(weights).to(num_type)
-        wd = self._dev(weights).to(den_type)
+        wn = self._scalars(weights, num_type)
+        wd = self._scalars(weights, den_type)
         num = torch.zeros(n, dtype=num_type, device=tt.device)
         den = torch.zeros(n, dtype=den_type, device=tt.device)
         zero_num, zero_den = self._zero(num_type), self._zero(den_type)
@@ -340,8 +385,11 @@ class TorchKernels:
         self._put(out, b + self._scalar(lam, torch.float32) * (o - b))
 
     def count_nonfinite(self, bits: np.ndarray, exp_mask: int) -> int:
-        """How many values are inf or NaN (all exponent bits set); ``bits`` as in ``cpu.py``."""
+        """How many values are inf or NaN (all exponent bits set); ``bits`` as in ``cpu.py`` (a
+        float device tensor is viewed as the integers of its width here)."""
         b = self._dev(bits).reshape(-1)
+        if b.is_floating_point():
+            b = b.view(_INT_OF_WIDTH[b.element_size()])
         m = int(exp_mask)  # every exponent mask is below the signed maximum of its width
         return int(((b & m) == m).sum())
 

@@ -27,7 +27,7 @@ def _band_apply(be, tau, s: Slice) -> None:
         be.band_mask(tau, b.v_hi, b.ties_hi, b.v_lo, b.ties_lo, b.seen)
 
 
-BAND = Sparsify("band", needs_ranks=True, apply=_band_apply)
+BAND = Sparsify("band", needs_ranks=True, apply=_band_apply, on_device=True)
 
 BREADCRUMBS = Method(
     name="breadcrumbs",

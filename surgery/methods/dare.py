@@ -34,7 +34,7 @@ RESCALE = Param(
     "(mergekit)", ("none", "l1")
 )  # fmt: skip
 
-BERNOULLI = Sparsify("bernoulli", needs_ranks=False, apply=_bernoulli_apply)
+BERNOULLI = Sparsify("bernoulli", needs_ranks=False, apply=_bernoulli_apply, on_device=True)
 
 DARE = Method(
     name="dare",

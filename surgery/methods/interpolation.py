@@ -74,11 +74,11 @@ def _model_stock_apply(be, x: Operands, coeffs, scale, out) -> None:
 
 
 WEIGHTED = Combine("linear", uses_tau=False, adds_update=False, apply=_linear_apply,
-                   coefficients=linear_coefficients)  # fmt: skip
+                   coefficients=linear_coefficients, on_device=True)  # fmt: skip
 SPHERICAL = Combine("slerp", uses_tau=False, adds_update=False, apply=_slerp_apply,
-                    coefficients=slerp_coefficients, gram_over="inputs")  # fmt: skip
+                    coefficients=slerp_coefficients, gram_over="inputs", on_device=True)  # fmt: skip
 STOCK = Combine("model_stock", uses_tau=True, adds_update=False, apply=_model_stock_apply,
-                coefficients=model_stock_k, gram_over="tau")  # fmt: skip
+                coefficients=model_stock_k, gram_over="tau", on_device=True)  # fmt: skip
 
 LINEAR = Method(
     name="linear",

@@ -56,6 +56,7 @@ class Sparsify:
     needs_ranks: bool  # exact rank thresholds from reduce passes (per tensor / per row / global)
     apply: Callable[[Any, Any, Slice], None]
     key: Callable[[Any, Mapping[str, object]], Any] | None = None
+    on_device: bool = False  # apply calls backend kernels only: tau_t may be a device tensor
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,8 @@ class Combine:
     predicate ``(tensor name, shape, parameters) -> bool`` asks for whole tensors only where it is
     true (the others stream in chunks as usual: an embedding need not fit the budget to be averaged;
     NuSLERP needs whole tensors only for per-row or per-column slerps).
+    ``on_device``: ``apply`` (for these parameters) calls backend kernels only, so the operands
+    may be a torch backend's device tensors (the device-resident pipeline); otherwise they are numpy.
     """
 
     name: str
@@ -105,6 +108,11 @@ class Combine:
     coefficients: Callable[[Any, Mapping[str, object], int], tuple[float, ...]] | None = None
     gram_over: Literal["inputs", "tau"] | None = None
     whole_matrix: bool | Callable[[str, tuple[int, ...], Mapping[str, object]], bool] = False
+    on_device: bool | Callable[[Mapping[str, object]], bool] = False
+
+    def runs_on_device(self, params: Mapping[str, object]) -> bool:
+        d = self.on_device
+        return bool(d(params) if callable(d) else d)
 
     def wants_whole(self, tensor: str, shape: tuple[int, ...], params: Mapping[str, object]) -> bool:
         w = self.whole_matrix
@@ -117,7 +125,7 @@ class TauFrom:
 
     name: str
     task_vectors: Callable[[int], int]  # number of models -> T
-    compute: Callable[[Any, Any, Any], None]
+    compute: Callable[[Any, Any, Any], None]  # backend kernels and slice copies: device tensors too
 
 
 def _tau_models(be, dec, tau) -> None:  # tau_t = f_t - b
@@ -147,7 +155,8 @@ def weights_or_ones(gram, params: Mapping[str, object], n_models: int) -> tuple[
 
 
 # The combine most methods end in (task arithmetic, and every spec's default): b + scale * sum w_t tau_t.
-SUM = Combine("sum", uses_tau=True, adds_update=True, apply=_sum_apply, coefficients=weights_or_ones)
+SUM = Combine("sum", uses_tau=True, adds_update=True, apply=_sum_apply, coefficients=weights_or_ones,
+              on_device=True)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -197,6 +206,12 @@ class Method:
     # For `surgery methods` and the model card only: the command that builds it, what inputs mean.
     command: str = "merge"
     roles: str = "base: the pre-trained model; models: its fine-tunes"
+
+    def on_device(self, params: Mapping[str, object]) -> bool:
+        """Whether every stage runs on backend kernels only for ``params`` (no numpy on the chunk),
+        so a merged tensor may stay on a torch backend's device from upload to encode."""
+        sparsify_ok = self.sparsify is None or (self.sparsify.on_device and self.sparsify.key is None)
+        return sparsify_ok and self.combine.runs_on_device(params) and self.pick is None
 
     @property
     def defaults(self) -> dict[str, object]:

@@ -28,8 +28,13 @@ from surgery.methods.spec import (
 )
 
 
+def _paper_ties(params) -> bool:
+    """The paper's election and mean: one backend kernel (the variants are numpy)."""
+    return params.get("elect", "unweighted") == "unweighted" and params.get("disjoint", "mean") == "mean"
+
+
 def _ties_apply(be, x: Operands, coeffs, scale, out) -> None:
-    if x.params.get("elect", "unweighted") == "unweighted" and x.params.get("disjoint", "mean") == "mean":
+    if _paper_ties(x.params):
         be.combine_ties(x.base, x.tau, coeffs, scale, out)
     else:
         _ties_variant(x, coeffs, scale, out)
@@ -64,8 +69,9 @@ DISJOINT = Param("disjoint", "choice", "mean", "agreeing updates: weighted mean 
 
 # Sign election and disjoint mean over the (sparsified) task vectors.
 TIES_COMBINE = Combine(
-    "ties", uses_tau=True, adds_update=True, apply=_ties_apply, coefficients=weights_or_ones
-)
+    "ties", uses_tau=True, adds_update=True, apply=_ties_apply, coefficients=weights_or_ones,
+    on_device=_paper_ties,
+)  # fmt: skip
 
 TIES = Method(
     name="ties",

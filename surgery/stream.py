@@ -316,7 +316,7 @@ class TensorStream:
         if self._cpu is None:
             from surgery.kernels import get_backend
 
-            self._cpu = self.backend if self.backend.name == "cpu" else get_backend("cpu")
+            self._cpu = get_backend("cpu")
         return self._cpu.decode(raw, dtype, np.empty(raw.size, np.float32))
 
     def _mean_row(self, i: int) -> np.ndarray:

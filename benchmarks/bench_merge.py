@@ -34,7 +34,13 @@ import make_synthetic  # noqa: E402
 GiB = 1024**3
 GB = 1000**3
 DEFAULT_METHODS = "task_arithmetic,breadcrumbs"
-SURGERY_FLAG = {"task_arithmetic": "--task-arithmetic", "breadcrumbs": "--breadcrumbs", "ties": "--ties"}
+SURGERY_FLAG = {
+    "task_arithmetic": "--task-arithmetic",
+    "breadcrumbs": "--breadcrumbs",
+    "ties": "--ties",
+    "dare_ties": "--dare-ties",
+}
+SPARSE = ("breadcrumbs", "ties", "dare_ties")  # take --density (and breadcrumbs --gamma)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -123,6 +129,10 @@ def run_measured(
         "peak_anon_gib_sampled": peak_anon / GiB,
         "user_s": rusage.ru_utime,
         "sys_s": rusage.ru_stime,
+        # blocks the kernel fetched from storage (512-byte units): page-cache hits are not counted,
+        # so this is what the run really read from disk (and wrote back)
+        "disk_read_gb": rusage.ru_inblock * 512 / GB,
+        "disk_write_gb": rusage.ru_oublock * 512 / GB,
         "stdout_tail": tail(stdout),
         "stderr_tail": tail(stderr),
     }
@@ -296,10 +306,10 @@ def mergekit_yaml(
     method: str, base: str, inputs: list[str], dtype: str | None, density: float, gamma: float
 ) -> str:
     params = {"weight": 1.0}
-    if method == "breadcrumbs":
-        params.update(density=density, gamma=gamma)
-    elif method == "ties":
+    if method in SPARSE:
         params.update(density=density)
+    if method == "breadcrumbs":
+        params.update(gamma=gamma)
     lines = [f"merge_method: {method}", f"base_model: {base}", "models:"]
     for d in inputs:
         lines += [
@@ -382,20 +392,25 @@ def markdown(res: dict) -> str:
         f"Python {m.get('python')}"
     )
     lines.append("")
-    lines.append("| method | tool | wall s | +sync s | peak RSS GiB | peak anon GiB | x I/O ceiling |")
-    lines.append("|---|---|---:|---:|---:|---:|---:|")
+    lines.append(
+        "| method | tool | wall s | +sync s | peak RSS GiB | peak anon GiB | disk read GB | x I/O ceiling |"
+    )
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|")
     io = res.get("io_ceiling")
     if io:
-        lines.append(f"| (I/O ceiling) | cat + dd | {fmt(io['ceiling_s'])} | - | - | - | 1.00 |")
+        lines.append(
+            f"| (I/O ceiling) | cat + dd | {fmt(io['ceiling_s'])} | - | - | - "
+            f"| {fmt(io['read_bytes'] / GB)} | 1.00 |"
+        )
     for r in res["rows"]:
         if "status" in r:
-            lines.append(f"| {r['method']} | {r['tool']} | {r['status'][:300]} | | | | |")
+            lines.append(f"| {r['method']} | {r['tool']} | {r['status'][:300]} | | | | | |")
         else:
             lines.append(
                 f"| {r['method']} | {r['tool']} | {fmt(r['wall_s'])} "
                 f"| {fmt(r.get('sync_s'))}"
                 f" | {fmt(r['peak_rss_gib'], 2)} | {fmt(r['peak_anon_gib_sampled'], 2)}"
-                f" | {fmt(r.get('x_ceiling'), 2)} |"
+                f" | {fmt(r.get('disk_read_gb'))} | {fmt(r.get('x_ceiling'), 2)} |"
             )
     lines.append("")
     if io:
@@ -538,11 +553,11 @@ def main(argv=None) -> int:
                     args.max_memory,
                     "--overwrite",
                 ]
-                if method == "breadcrumbs" and not args.surgery_defaults:
+                if method in SPARSE and not args.surgery_defaults:
                     # the same parameters as mergekit's density / gamma
-                    cmd += ["--density", str(args.density), "--outliers", str(args.gamma)]
-                elif method == "ties" and not args.surgery_defaults:
                     cmd += ["--density", str(args.density)]
+                    if method == "breadcrumbs":
+                        cmd += ["--outliers", str(args.gamma)]
                 cmd += shlex.split(args.surgery_args)
                 res["rows"].append(
                     run_tool(

@@ -99,6 +99,22 @@ SHAPES: dict[str, dict] = {
         eps=1e-5,
         shard=2 * GB,
     ),
+    # Llama-3-70B widths, 4 decoder blocks, untied 128256 x 8192 embedding and head: 11 GB per model,
+    # so base + 2 fine-tunes (33 GB) exceed a 24 GiB machine's RAM (the out-of-RAM benchmark)
+    "70b-slice": dict(
+        hidden=8192,
+        layers=4,
+        inter=28672,
+        vocab=128256,
+        heads=64,
+        kv_heads=8,
+        head_dim=128,
+        tie=False,
+        rope_theta=500000.0,
+        max_pos=8192,
+        eps=1e-5,
+        shard=5 * GB,
+    ),
 }
 
 MATRIX = (0.0, 0.02)  # mean, std

@@ -47,13 +47,14 @@ from surgery.patch import (
     target_warning,
 )
 from surgery.plan import MERGED, Plan, TensorJob, build_plan, input_paths
-from surgery.ranks import Band
+from surgery.ranks import Band, fresh
 from surgery.recipe import Recipe
 from surgery.select_jobs import key_patch, key_selection, pair_chunks, pick, scatter
-from surgery.stream import Chunk, TensorStream, WorkerSpaces, Workspace, chunk_ranges
+from surgery.stream import Chunk, TensorStream, WorkerSpaces, Workspace, chunk_ranges, span_ranges
 from surgery.writer import CheckpointWriter, Layout, fingerprint_of
 
-ENGINE_VERSION = 1  # part of the resume fingerprint: bump when output bytes could change
+ENGINE_VERSION = 2  # part of the resume fingerprint: bump when output bytes could change
+# 2: rescale: l1 sums element by element (a DARE L1 factor may move by one float32 ulp)
 
 __all__ = ["ENGINE_VERSION", "EngineOptions", "Interrupted", "RunResult", "execute", "merge"]
 
@@ -336,12 +337,12 @@ class _Run:
         dense = job.kind in ("dense", "update")
         whole = dense and self.spec.combine.wants_whole(job.name, job.shape, job.params)
         ranges = chunk_ranges(job, self.share, self.n_models, per_row, self.options.min_chunk, whole)
+        spans = span_ranges(job, self.share, self.n_models, ranges)
         uses_tau = self.plan.has_base and self.spec.combine.uses_tau
         tau_from = self.spec.tau_from if uses_tau else None
         ws = self.workspace(job)
-        return TensorStream(
-            job, self.plan.inputs, self.backend, ws, ranges, tau_from, self.n_models, self.check_stop
-        )
+        return TensorStream(job, self.plan.inputs, self.backend, ws, ranges, tau_from, self.n_models,
+                            self.check_stop, spans)  # fmt: skip
 
     def write(self, name: str, start: int, raw: np.ndarray) -> None:
         self.writer.write(name, start, raw)
@@ -438,10 +439,12 @@ class _Run:
             selected = key_selection(self, job)
             stream = self.stream(job)
             bands, coeffs = self.bands(job, stream), self.coefficients(job, stream)
+            factors = _l1_factors(self, job, stream, bands, selected)
 
             def merged_update(chunk: Chunk, tmp: np.ndarray) -> np.ndarray:
                 if self.spec.combine.adds_update:  # the update itself, without b + ... - b
-                    return self.apply(job, chunk, bands, coeffs, 1.0, zero_base=True, selected=selected)
+                    return self.apply(job, chunk, bands, coeffs, 1.0, zero_base=True, factors=factors,
+                                      selected=selected)  # fmt: skip
                 out = self.apply(job, chunk, bands, coeffs, 1.0, selected=selected)
                 self.backend.subtract(out[None], chunk.inputs[0], tmp[None])
                 return tmp
@@ -544,9 +547,7 @@ def _merge(run: _Run, job: TensorJob) -> None:
     selected = key_selection(run, job)
     stream = run.stream(job)
     bands, coeffs = run.bands(job, stream), run.coefficients(job, stream)
-    factors = None
-    if job.params.get("rescale", "none") == "l1" and run.spec.sparsify is not None:
-        factors = reduce.l1_rescale(stream, lambda c: _sparsify(run, job, c, bands, selected), run.n_models)
+    factors = _l1_factors(run, job, stream, bands, selected)
     lam = run.lines_scale(job)
     hasher = run.hasher()
     for k in range(len(stream.ranges)):
@@ -559,6 +560,14 @@ def _merge(run: _Run, job: TensorJob) -> None:
         stream.fix_rows(chunk, out)
         run.write(job.name, chunk.start, run.encode(job, out))
     run.finish_hash(job, hasher)
+
+
+def _l1_factors(run: _Run, job: TensorJob, stream: TensorStream, bands, selected) -> np.ndarray | None:
+    """``rescale: l1``: each ||tau_t||_1 / ||sparsified tau_t||_1 (one more pass, own tie counters)."""
+    if job.params.get("rescale", "none") != "l1" or run.spec.sparsify is None:
+        return None
+    counted = fresh(bands) if bands is not None else None
+    return reduce.l1_rescale(stream, lambda c: _sparsify(run, job, c, counted, selected), run.n_models)
 
 
 def _patch(run: _Run, job: TensorJob) -> None:

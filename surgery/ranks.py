@@ -76,6 +76,11 @@ class Band:
     seen: np.ndarray = field(default_factory=lambda: np.zeros(2, np.int64))
 
 
+def fresh(bands: Sequence[Band]) -> list[Band]:
+    """The same bands with new tie counters: each pass over a tensor counts its ties from zero."""
+    return [Band(b.v_hi, b.ties_hi, b.v_lo, b.ties_lo) for b in bands]
+
+
 def sparse(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     idx = np.flatnonzero(hist)
     return idx, hist[idx]

@@ -161,7 +161,7 @@ def make_recipe(
     if spec.max_models is not None and n_inputs > spec.max_models:
         raise RecipeError(f"method {spec.name} takes at most {spec.max_models} models")
     params = _resolve_parameters(spec, dict(parameters or {}), len(models))
-    per_model = [k for k in ("density", "outliers") if isinstance(params.get(k), list)]
+    per_model = [k for k in ("density", "outliers", "epsilon") if isinstance(params.get(k), list)]
     if per_model and params.get("granularity") == "global":
         raise RecipeError(f"global ranks take one {per_model[0]} for every model, not one per model")
     if spec.combine.name == "linear" and sum(params["weights"]) == 0.0:  # normalised by their sum
@@ -226,7 +226,7 @@ def _check_adapter_bases(bases: object, inputs: tuple[str, ...]) -> dict[str, st
 
 
 # Parameters a tensor may set for itself; the others shape the whole run (ranks over all tensors...).
-_PER_TENSOR = {"scale", "weights", "density", "outliers", "t", "distance", "vectors"}
+_PER_TENSOR = {"scale", "weights", "density", "outliers", "epsilon", "rescale", "t", "distance", "vectors"}
 
 
 def _check_per_tensor(spec: Method, per_tensor: object, n_models: int, params: dict) -> dict[str, dict]:
@@ -249,6 +249,7 @@ def _check_per_tensor(spec: Method, per_tensor: object, n_models: int, params: d
             k: _check_parameter(spec, k, known[k].kind, v, known[k].choices, n_models)
             for k, v in values.items()
         }
+        _check_spread(spec, {**params, **out[str(name)]}, f"per_tensor: {name}: ")
     return out
 
 
@@ -301,7 +302,28 @@ def _resolve_parameters(spec: Method, given: dict, n_models: int) -> dict:
             hint="density is the fraction KEPT after the largest `outliers` fraction is removed: "
             "lower one of them",
         )
+    _check_spread(spec, out, "")
     return out
+
+
+def _check_spread(spec: Method, params: dict, where: str) -> None:
+    """DELLA's keep probabilities density - epsilon .. density + epsilon must lie in (0, 1] for every
+    model whose density is below 1 (density 1 keeps every entry, whatever epsilon)."""
+    if "epsilon" not in params:
+        return
+    density, epsilon = params["density"], params["epsilon"]
+    n = max(len(v) if isinstance(v, list) else 1 for v in (density, epsilon))
+    for t in range(n):
+        d = density[t] if isinstance(density, list) else density
+        e = epsilon[t] if isinstance(epsilon, list) else epsilon
+        low, high = d - abs(e), d + abs(e)
+        if d < 1.0 and not (low > 0.0 and high <= 1.0):
+            raise RecipeError(
+                f"{where}{spec.name}: density {d:g} with epsilon {e:g} gives keep probabilities from "
+                f"{low:g} to {high:g}, outside (0, 1]",
+                hint="lower epsilon, or move density away from 0 and 1: every entry needs a keep "
+                "probability above 0 and at most 1",
+            )
 
 
 def _check_parameter(
@@ -323,7 +345,7 @@ def _check_value(spec: Method, name: str, kind: str, value: object, choices: tup
     where = f"{spec.name}: {name}"
     if kind == "weights":
         return _check_weights(where, value, n_models)
-    if name in ("density", "outliers") and isinstance(value, list | tuple):  # one value per model
+    if name in ("density", "outliers", "epsilon") and isinstance(value, list | tuple):  # one per model
         if len(value) != n_models:
             raise RecipeError(f"{where} has {len(value)} values for {n_models} models")
         return [_check_parameter(spec, name, kind, v, choices, n_models) for v in value]

@@ -26,6 +26,8 @@ from surgery.ranks import (
     count_above,
     count_at,
     edge_bins,
+    fresh,
+    high_bin,
     rank_count,
     sparse,
     threshold_from_hists,
@@ -68,12 +70,62 @@ def _band(high: np.ndarray, lows: dict[int, np.ndarray], r_hi: int, r_lo: int) -
 
 
 def tensor_bands(stream: TensorStream, params: Mapping, n_models: int, backend: Backend) -> list[Band]:
-    """One band per task vector over this tensor: ranks floor(outliers n)+1 .. + floor(density n)."""
+    """One band per task vector over this tensor: ranks floor(outliers n)+1 .. + floor(density n).
+
+    A tensor of one chunk is read once (the chunk is kept) and scanned twice. A tensor of several
+    chunks is read once too when every band edge falls inside the window of high bins the first chunk
+    predicts (``_hist_windowed``); otherwise a second read collects the missing low histograms. Either
+    way the histograms, hence the bands, are exact and the same."""
     ranks = [band_ranks(params, stream.job.numel, t) for t in range(n_models)]
-    highs = _hist_high(stream, n_models, backend)
-    bins = [edge_bins(highs[t], *ranks[t]) for t in range(n_models)]
-    lows = _hist_low(stream, bins, backend)
+    if len(stream.ranges) == 1:
+        highs = _hist_high(stream, n_models, backend)
+        bins = [edge_bins(highs[t], *ranks[t]) for t in range(n_models)]
+        lows = _hist_low(stream, bins, backend)
+    else:
+        highs, lows = _hist_windowed(stream, ranks, backend)
+        missing = [[b for b in edge_bins(highs[t], *ranks[t]) if b not in lows[t]] for t in range(n_models)]
+        if any(missing):
+            for t, extra in enumerate(_hist_low(stream, missing, backend)):
+                lows[t].update(extra)
     return [_band(highs[t], lows[t], *ranks[t]) for t in range(n_models)]
+
+
+WINDOW = 4  # high bins kept on each side of an edge's estimate: +-3% in |x| (a bin spans 2^-7)
+
+
+def window_bins(sample: np.ndarray, ranks: tuple[int, int], n: int) -> np.ndarray:
+    """High bins around where each band edge falls, estimated from the histogram of a sample (the
+    first chunk) of a tensor of ``n`` elements: the bin of the sample's rank r * size / n, +-WINDOW."""
+    size = int(sample.sum())
+    bins: set[int] = set()
+    for r in ranks:
+        if 0 < r < n and size:
+            b = high_bin(sample, min(size, max(1, round(r * size / n))))[0]
+            bins.update(range(max(0, b - WINDOW), min(HIST, b + WINDOW + 1)))
+    return np.array(sorted(bins), np.int64)
+
+
+def _hist_windowed(
+    stream: TensorStream, ranks: list[tuple[int, int]], backend: Backend
+) -> tuple[np.ndarray, list[dict[int, np.ndarray]]]:
+    """High histograms, and low histograms of the bins the first chunk predicts to hold the band
+    edges, in one read of the tensor (the first chunk is scanned twice: to predict, then to count)."""
+    T, ws = len(ranks), stream.ws  # counts live where the chunks do (a resident stream: the device)
+    highs = ws.counts((T, HIST))
+    slots = np.full((T, HIST), -1, np.int32)
+    windows, lows = [], []
+    for k in range(len(stream.ranges)):
+        tau = stream.read(k).tau
+        for t in range(T):
+            if k == 0:
+                sample = ws.counts((HIST,))
+                backend.abs_hist_high(tau[t], sample)
+                windows.append(window_bins(ws.to_host(sample), ranks[t], stream.job.numel))
+                slots[t, windows[t]] = np.arange(windows[t].size, dtype=np.int32)
+                lows.append(ws.counts((windows[t].size, HIST)))
+            backend.abs_hist_high_low(tau[t], highs[t], slots[t], lows[t])
+    lows = [ws.to_host(low) for low in lows]
+    return ws.to_host(highs), [{int(b): lows[t][i] for i, b in enumerate(windows[t])} for t in range(T)]
 
 
 @dataclass(frozen=True)
@@ -86,7 +138,7 @@ class GlobalBands:
 
     def fresh(self, name: str) -> list[Band]:
         """The bands of ``name`` with new tie counters (each pass over a tensor counts from zero)."""
-        return [Band(b.v_hi, b.ties_hi, b.v_lo, b.ties_lo) for b in self.bands[name]]
+        return fresh(self.bands[name])
 
 
 def global_bands(
@@ -160,17 +212,21 @@ def gram(stream: TensorStream, over: str, backend: Backend) -> np.ndarray:
 
 
 def l1_rescale(stream: TensorStream, sparsify: Callable[[object], None], n_models: int) -> np.ndarray:
-    """``rescale: l1`` (mergekit's DARE rescale): per task vector ||tau||_1 / ||sparsified tau||_1
-    over the whole tensor (float64 sums), 1 where either is below 1e-7 (as mergekit). The sparsify
-    stage is reproducible (ranks, counter-based masks), so the apply pass masks the same entries."""
+    """``rescale: l1`` (mergekit's rescale of DARE, DELLA, TIES and breadcrumbs): per task vector
+    ||tau||_1 / ||sparsified tau||_1 over the whole tensor (float64 sums), 1 where either is below
+    1e-7 (as mergekit). The sparsify stage is reproducible (rank bands, counter-based masks), so the
+    apply pass masks the same entries; ``sparsify`` must bring its own tie counters (``ranks.fresh``).
+    The sums run on the host, element by element in index order (numba's ``l1_accumulate`` whatever
+    the backend), so neither the chunking nor the device changes them."""
+    from surgery.kernels.cpu import l1_accumulate
+
     before = np.zeros(n_models, np.float64)
     after = np.zeros(n_models, np.float64)
     for k in range(len(stream.ranges)):
         chunk = stream.take(k)  # sparsify masks tau in place
-        # numpy's sums on the host (a device's reduction order would move the last bits)
-        before += np.abs(stream.ws.to_host(chunk.tau)).sum(axis=1, dtype=np.float64)
+        l1_accumulate(np.ascontiguousarray(stream.ws.to_host(chunk.tau)), before)
         sparsify(chunk)
-        after += np.abs(stream.ws.to_host(chunk.tau)).sum(axis=1, dtype=np.float64)
+        l1_accumulate(np.ascontiguousarray(stream.ws.to_host(chunk.tau)), after)
     ok = (before >= 1e-7) & (after >= 1e-7)
     return np.where(ok, before / np.where(ok, after, 1.0), 1.0).astype(np.float32)
 

@@ -1,10 +1,15 @@
 """A tensor as a stream of chunks: the same element range of every input, decoded to float32.
 
-A chunk holds as many elements as fit one worker's share of the memory budget (whole rows when a
-stage works per row or rows are gathered by a vocabulary map; the whole tensor when the combine needs
-whole matrices). ``TensorStream.read(k)`` returns chunk ``k`` with its task vectors; a tensor that
-fits in one chunk is read once for all its passes. Buffers come from the worker's ``Workspace``,
-allocated once and reused, so streaming costs no fresh memory per chunk.
+Two sizes. A *chunk* is what the kernels compute on: at most ``COMPUTE_CHUNK`` elements (whole rows
+when a stage works per row or rows are gathered by a vocabulary map; the whole tensor when the combine
+needs whole matrices), so the decoded inputs, task vectors and output of a chunk stay in the CPU's
+cache while one kernel after another walks them (a 2^24-element chunk ran the same kernels ~10x slower
+per element than a 2^20 one on the 2-core VM). A *span* is what is read from disk: consecutive chunks
+whose raw input bytes fill the rest of the worker's share of the memory budget, read with one large
+positional read per input and kept while its chunks are decoded, so a method with several passes over
+a tensor that fits one span reads it from disk once. ``TensorStream.read(k)`` returns chunk ``k`` with
+its task vectors. Buffers come from the worker's ``Workspace``, allocated once and reused, so
+streaming costs no fresh memory per chunk.
 
 The workspace also decides where a chunk's arrays live. The host ``Workspace`` keeps everything in
 numpy arrays (its upload and download are no-ops). A backend's device workspace
@@ -45,6 +50,8 @@ class Workspace:
 
     def __init__(self) -> None:
         self._bufs: dict[str, np.ndarray] = {}
+        # what the span buffers hold: (stream, start, count, inputs); streams of one worker share them
+        self.held: tuple | None = None
 
     def get(self, key: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
         dtype = np.dtype(dtype)
@@ -107,12 +114,40 @@ class WorkerSpaces(threading.local):
             return fn(item)
 
 
+COMPUTE_CHUNK = 1 << 20  # elements per kernel call: 4 MiB per float32 row, cache-sized
+
+
 def bytes_per_element(job: TensorJob, n_models: int) -> int:
-    """Working memory per element of a chunk: decoded inputs, raw reads, task vectors, output."""
-    n_in = len(job.in_dtypes)
+    """Working memory per element of a chunk: decoded inputs, raw reads (F32 is read straight into
+    the decoded row), task vectors, output."""
     raw = sum(DTYPES[d].itemsize for d in job.in_dtypes if d != "F32")
-    out = 4 + DTYPES[job.out_dtype].itemsize
-    return 4 * n_in + raw + 4 * n_models + out
+    return compute_bytes_per_element(job, n_models) + raw
+
+
+def compute_bytes_per_element(job: TensorJob, n_models: int) -> int:
+    """Per element of a chunk: decoded inputs, task vectors, output (float32 and storage)."""
+    return 4 * len(job.in_dtypes) + 4 * n_models + 4 + DTYPES[job.out_dtype].itemsize
+
+
+def raw_bytes_per_element(job: TensorJob) -> int:
+    """Per element of a span: the raw bytes of every input."""
+    return sum(DTYPES[d].itemsize for d in job.in_dtypes)
+
+
+def span_ranges(
+    job: TensorJob, share: int, n_models: int, ranges: list[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """(start, count) of every span: consecutive chunks of ``ranges`` whose raw bytes fit what is
+    left of ``share`` after the buffers of one chunk (at least one chunk per span)."""
+    largest = max(c for _, c in ranges)
+    room = (share - largest * compute_bytes_per_element(job, n_models)) // raw_bytes_per_element(job)
+    spans: list[tuple[int, int]] = []
+    for start, count in ranges:
+        if spans and spans[-1][1] + count <= room:
+            spans[-1] = (spans[-1][0], spans[-1][1] + count)
+        else:
+            spans.append((start, count))
+    return spans
 
 
 def chunk_ranges(
@@ -134,7 +169,7 @@ def chunk_ranges(
                 tensor=job.name,
             )
         return [(0, job.numel)]
-    chunk = max(min_chunk, share // per)
+    chunk = min(COMPUTE_CHUNK, max(min_chunk, share // per))
     if whole_rows or job.row_map is not None:
         cols = job.cols
         chunk = max(cols, chunk // cols * cols)
@@ -174,11 +209,15 @@ class TensorStream:
         tau_from: TauFrom | None,
         n_models: int,
         check_stop: Callable[[], None],
+        spans: list[tuple[int, int]] | None = None,
     ) -> None:
         self.job, self.inputs, self.backend, self.ws = job, inputs, backend, workspace
         self.ranges, self.tau_from, self.n_models = ranges, tau_from, n_models
         self.check_stop = check_stop
         self._cached: tuple[int, Chunk] | None = None
+        # without spans (a vocabulary row map, a device workspace, or a caller that does not give
+        # them) every chunk is read on its own
+        self.spans = spans if spans is not None and job.row_map is None and not workspace.resident else None
         self._raw0: np.ndarray | None = None  # host bytes of input 0 of the last chunk loaded
         self._means: dict[int, np.ndarray] = {}  # padding rows' mean per input (vocabulary maps)
         self._cpu: Backend | None = None  # host decoder for those rows (the backend may be a device's)
@@ -199,7 +238,7 @@ class TensorStream:
 
     def _read(self, k: int) -> Chunk:
         start, count = self.ranges[k]
-        nxt = self.ranges[k + 1] if k + 1 < len(self.ranges) else None
+        nxt = self.ranges[k + 1] if k + 1 < len(self.ranges) and self.spans is None else None
         dec = self.load(start, count, nxt)
         tau = None
         if self.tau_from is not None:
@@ -215,6 +254,14 @@ class TensorStream:
         dec = self.ws.array("dec", (n_in, count), np.float32)
         if job.row_map is not None:
             return self._load_rows(start, count, dec)
+        span = self._hold_span(start, count, n_in)
+        if span is not None:
+            for i, dtype in enumerate(job.in_dtypes[:n_in]):
+                raw = self._span_raw(i, span)[start - span[0] : start - span[0] + count]
+                if i == 0:
+                    self._raw0 = raw
+                self._decode(i, raw, dtype, dec)
+            return dec
         for i, (ckpt, dtype) in enumerate(zip(self.inputs[:n_in], job.in_dtypes[:n_in])):
             self.check_stop()
             source = job.source(i)
@@ -224,6 +271,35 @@ class TensorStream:
             if ranges_next is not None:
                 ckpt.prefetch(source, *ranges_next)
         return dec
+
+    def _hold_span(self, start: int, count: int, n_in: int) -> tuple[int, int] | None:
+        """The span holding elements start:start+count, read (its first ``n_in`` inputs at least)
+        unless held already; None when no span holds the whole range (it is then read directly)."""
+        if self.spans is None:
+            return None
+        held = self._held()
+        if held is not None and held[0] <= start and start + count <= held[0] + held[1] and held[2] >= n_in:
+            return held[:2]
+        j = next((j for j, (s, c) in enumerate(self.spans) if s <= start < s + c), None)
+        if j is None or start + count > self.spans[j][0] + self.spans[j][1]:
+            return None
+        span = self.spans[j]
+        self.ws.held = None  # a read that fails leaves nothing half-held
+        for i in range(n_in):
+            self.check_stop()
+            self.inputs[i].read_into(self.job.source(i), span[0], self._span_raw(i, span))
+            if j + 1 < len(self.spans):  # the disk reads ahead while this span is computed
+                self.inputs[i].prefetch(self.job.source(i), *self.spans[j + 1])
+        self.ws.held = (self, *span, n_in)
+        return span
+
+    def _held(self) -> tuple[int, int, int] | None:
+        """(start, count, inputs) of the span this stream holds in the workspace, if any."""
+        held = self.ws.held
+        return held[1:] if held is not None and held[0] is self else None
+
+    def _span_raw(self, i: int, span: tuple[int, int]) -> np.ndarray:
+        return self.ws.get(f"span{i}", (span[1],), DTYPES[self.job.in_dtypes[i]].storage)
 
     def _staging(self, i: int, count: int, dtype: str, dec) -> np.ndarray:
         """Host buffer input ``i``'s raw bytes are read into (on the host path an F32 input is read

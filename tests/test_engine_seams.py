@@ -27,7 +27,7 @@ from surgery.plan import JobKind, TensorJob, build_plan
 from surgery.ranks import band_ranks
 from surgery.recipe import make_recipe
 from surgery.reduce import gram, tensor_bands
-from surgery.stream import TensorStream, Workspace, chunk_ranges
+from surgery.stream import TensorStream, Workspace, chunk_ranges, span_ranges
 
 OPTS = EngineOptions(threads=2, max_memory=4000)  # a few hundred elements per chunk
 L0 = "model.layers.0.mlp.up_proj.weight"
@@ -160,6 +160,70 @@ def test_rank_bands_and_gram_from_streams_match_the_references(share):
         )
     taus = np.stack([(m - base).reshape(-1) for m in models]).astype(np.float64)
     np.testing.assert_allclose(gram(stream, "tau", be), np.triu(taus @ taus.T), rtol=1e-6)  # upper triangle
+
+
+class CountingInput(ArrayInput):
+    def __init__(self, tensors: dict[str, np.ndarray]) -> None:
+        super().__init__(tensors)
+        self.elements = 0
+
+    def read_into(self, name: str, start: int, out: np.ndarray) -> np.ndarray:
+        self.elements += out.size
+        return super().read_into(name, start, out)
+
+
+def _bands_with_reads(values: list[np.ndarray], share: int, params: dict, spans=None):
+    job = TensorJob("w", "dense", values[0].shape, ("F32",) * len(values), "F32")
+    inputs = [CountingInput({"w": v}) for v in values]
+    T = len(values) - 1
+    ranges = chunk_ranges(job, share, T, whole_rows=False)
+    be = get_backend("cpu")
+    stream = TensorStream(job, inputs, be, Workspace(), ranges, TAU_MODELS, T, lambda: None, spans)
+    bands = tensor_bands(stream, params, T, be)
+    return bands, inputs[0].elements / values[0].size, len(ranges)
+
+
+def test_a_tensor_whose_chunks_fit_one_span_is_read_from_disk_once_for_every_pass():
+    g = np.random.default_rng(2)
+    base = g.standard_normal(60_000).astype(np.float32)
+    models = [base + (g.standard_normal(base.size) * 1e-2).astype(np.float32) for _ in range(2)]
+    for m in models:  # the first chunk misleads: the bands need a second pass over the chunks
+        m[:6000] = base[:6000] + (m[:6000] - base[:6000]) / 100
+    params = {"density": 0.2, "outliers": 0.01}
+    share = 6000 * 28
+    ranges = [(s, 6000) for s in range(0, 60_000, 6000)]
+    job = TensorJob("w", "dense", base.shape, ("F32",) * 3, "F32")
+    # one chunk's buffers (28 B per element) + two chunks of raw input bytes (12 B per element)
+    assert span_ranges(job, share + 12000 * 12, 2, ranges) == [(0, 12000), (12000, 12000), (24000, 12000),
+                                                  (36000, 12000), (48000, 12000)]  # fmt: skip
+    _, reads, _ = _bands_with_reads([base, *models], share, params, spans=[(0, 60_000)])
+    assert reads == 1.0
+    _, reads, _ = _bands_with_reads([base, *models], share, params, spans=[(0, 30_000), (30_000, 30_000)])
+    assert reads == 2.0
+
+
+@pytest.mark.parametrize("drift", [False, True])
+def test_rank_bands_of_a_many_chunk_tensor_need_one_read_unless_the_first_chunk_misleads(drift):
+    """The first chunk predicts the high bins of the band edges; the low histograms of a window
+    around them are counted in the same read as the high histogram. A tensor whose first chunk is
+    unlike the rest (drift) needs a second read, and the bands are exact either way."""
+    g = np.random.default_rng(1)
+    base = g.standard_normal(60_000).astype(np.float32)
+    models = [base + (g.standard_normal(base.size) * 1e-2).astype(np.float32) for _ in range(2)]
+    if drift:  # the first rows move 100x less than the rest: the sample puts the edges far too low
+        for m in models:
+            m[:6000] = base[:6000] + (m[:6000] - base[:6000]) / 100
+    params = {"density": 0.2, "outliers": 0.01}
+    bands, reads, n_chunks = _bands_with_reads([base, *models], 6000 * 28, params)  # 28 B per element
+    assert n_chunks == 10
+    assert reads == (2.0 if drift else 1.0)
+    r_hi, r_lo = band_ranks(params, base.size)
+    for t, band in enumerate(bands):
+        tau = models[t] - base
+        be = get_backend("cpu")
+        kept = tau.copy()
+        be.band_mask(kept, band.v_hi, band.ties_hi, band.v_lo, band.ties_lo, band.seen)
+        np.testing.assert_array_equal(kept != 0, rank_band_mask(tau, r_hi, r_lo) & (tau != 0))
 
 
 def test_the_engine_never_learns_a_method_by_name():

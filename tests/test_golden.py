@@ -75,6 +75,11 @@ MERGES = [("task_arithmetic", ["merge", "{ft1}", "{ft2}", "--base", "{base}"]),
           ("reset_matrix", ["reset", "{base}", "{ft1}", "--fraction", "0.5", "--seed", "1"]),
           ("reset_element_smallest", ["reset", "{base}", "{ft1}", "--fraction", "0.5", "--by", "element",
                                       "--select", "smallest-update"]),
+          ("della", ["merge", "{ft1}", "{ft2}", "--base", "{base}", "--della", "--density", "0.6", "--epsilon",
+                     "0.2", "--seed", "3"]),
+          ("della_linear_l1", ["merge", "{ft1}", "{ft2}", "--base", "{base}", "--della-linear", "--rescale", "l1"]),
+          ("ties_rescale_l1", ["merge", "{ft1}", "{ft2}", "--base", "{base}", "--ties", "--density", "0.3",
+                               "--rescale", "l1"]),
           ]  # fmt: skip
 for _method in ("breadcrumbs", "breadcrumbs_ties", "ties"):
     for _g in GRANULARITIES:

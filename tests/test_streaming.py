@@ -18,6 +18,11 @@ CASES = [
     ("ties", {"density": 0.2, "granularity": "global"}),
     ("dare", {"density": 0.4, "seed": 3}),
     ("dare_ties", {"density": 0.4, "seed": 3}),
+    ("dare", {"density": 0.4, "rescale": "l1"}),
+    ("della", {"density": 0.5, "epsilon": 0.2, "seed": 3}),
+    ("della_linear", {"density": 0.4, "epsilon": 0.1, "rescale": "l1"}),
+    ("ties", {"density": 0.2, "rescale": "l1"}),
+    ("breadcrumbs", {"density": 0.3, "outliers": 0.05, "granularity": "global", "rescale": "l1"}),
     ("linear", {}),
     ("slerp", {"t": 0.3}),
     ("model_stock", {}),
@@ -37,3 +42,19 @@ def test_streamed_equals_whole(tmp_path, method, params, dtype):
     merge(recipe, tmp_path / "tiny", tiny)
     for name in ("model.safetensors", "surgery_recipe.yaml", "config.json"):
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "tiny" / name).read_bytes()
+
+
+@pytest.mark.parametrize(("method", "params"), CASES, ids=lambda c: str(c))
+def test_chunks_grouped_in_spans_give_the_same_bytes(tmp_path, monkeypatch, method, params):
+    """Kernels compute on chunks of at most COMPUTE_CHUNK elements; reads fill spans of many chunks
+    (what is left of a worker's share). 7-element chunks in spans of ~130 elements: every tensor has
+    many chunks per span and several spans, and the bytes equal the whole-tensor run's."""
+    import surgery.stream
+
+    base, models = make_family(tmp_path / "in", n_models=2, dtype="BF16", quantize=True)
+    recipe = make_recipe(method, [str(m) for m in models], None if method == "slerp" else str(base), params)
+    merge(recipe, tmp_path / "whole", EngineOptions(max_memory=2**30, threads=1))
+    monkeypatch.setattr(surgery.stream, "COMPUTE_CHUNK", 7)
+    merge(recipe, tmp_path / "spans", EngineOptions(max_memory=2000, threads=2))
+    for name in ("model.safetensors", "surgery_recipe.yaml", "config.json"):
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "spans" / name).read_bytes()

@@ -170,6 +170,61 @@ CONFIGS = {
         "parameters": {"epsilon": 0.1},
         "dtype": "float32",
     },
+    "della_three": {  # mergekit's defaults (epsilon 0.15, rescale, normalize), unequal weights
+        "models": [
+            {"model": A, "parameters": {"weight": 0.6, "density": 0.5}},
+            {"model": C, "parameters": {"weight": 0.3, "density": 0.4, "epsilon": 0.1}},
+            {"model": D, "parameters": {"weight": 0.5, "density": 0.7, "epsilon": 0.2}},
+        ],
+        "merge_method": "della",
+        "base_model": B,
+        "parameters": {"lambda": 1.1},
+        "dtype": "float32",
+    },
+    "della_linear_one": {
+        "models": [{"model": A, "parameters": {"weight": 1.0, "density": 0.3}}],
+        "merge_method": "della_linear",
+        "base_model": B,
+        "parameters": {"epsilon": 0.2},
+        "dtype": "float32",
+    },
+    "della_linear_two": {
+        "models": [{"model": A, "parameters": {"weight": 0.5}}, {"model": C, "parameters": {"weight": 0.5}}],
+        "merge_method": "della_linear",
+        "base_model": B,
+        "parameters": {"density": [0.3, 0.7], "epsilon": 0.15},
+        "dtype": "float32",
+    },
+    "della_linear_no_rescale": {
+        "models": [{"model": A, "parameters": {"weight": 1.0, "density": 0.4}}],
+        "merge_method": "della_linear",
+        "base_model": B,
+        "parameters": {"epsilon": 0.25, "rescale": False},
+        "dtype": "float32",
+    },
+    "ties_rescale": {
+        "models": [
+            {"model": A, "parameters": {"weight": 0.7, "density": 0.3}},
+            {"model": C, "parameters": {"weight": 0.4, "density": 0.5}},
+        ],
+        "merge_method": "ties",
+        "base_model": B,
+        "parameters": {"rescale": True},
+        "dtype": "float32",
+    },
+    "breadcrumbs_rescale": {
+        "models": [{"model": A, "parameters": {"weight": 1.0}}, {"model": C, "parameters": {"weight": 0.5}}],
+        "merge_method": "breadcrumbs_ties",
+        "base_model": B,
+        "parameters": {"density": 0.4, "gamma": 0.02, "rescale": True},
+        "dtype": "float32",
+    },
+    "arcee_fusion": {
+        "models": [{"model": A}],
+        "merge_method": "arcee_fusion",
+        "base_model": B,
+        "dtype": "float32",
+    },
     "nuslerp": {
         "models": [{"model": A, "parameters": {"weight": 0.3}}, {"model": C, "parameters": {"weight": 0.7}}],
         "merge_method": "nuslerp",
@@ -273,23 +328,45 @@ def load(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def compare_random(ours: Path, theirs: Path, base: Path) -> str:
-    """DARE: masks come from different generators; compare the kept fraction and the L1 norm of the
-    update (which mergekit's rescale preserves for one model)."""
-    a, b, base_t = load(ours), load(theirs), load(base)
+def compare_random(ours: Path, theirs: Path, base: Path, model: Path) -> str:
+    """DARE, DELLA: masks come from different generators; compare the kept fraction, the L1 norm of
+    the update (which mergekit's rescale preserves for one model), and for DELLA the changed fraction
+    by quartile of |tau| rank in each row of the 2-D tensors (tau of the first model)."""
+    a, b, base_t, first = load(ours), load(theirs), load(base), load(model)
     kept = [0, 0, 0]
     ratios = []
+    quart = torch.zeros(2, 4, dtype=torch.float64)
+    count = torch.zeros(4, dtype=torch.float64)
     for name in a:
         ua, ub = (a[name] - base_t[name]).double(), (b[name] - base_t[name]).double()
         kept[0] += int((ua != 0).sum())
         kept[1] += int((ub != 0).sum())
         kept[2] += ua.numel()
         ratios.append(float(ua.abs().sum() / ub.abs().sum()))
+        if ua.dim() == 2:
+            tau = (first[name] - base_t[name]).abs()
+            rank = torch.argsort(torch.argsort(tau, dim=1), dim=1)
+            q = (rank * 4) // tau.shape[1]
+            for i in range(4):
+                quart[0, i] += float((ua[q == i] != 0).sum())
+                quart[1, i] += float((ub[q == i] != 0).sum())
+                count[i] += float((q == i).sum())
     ratios.sort()
+    by_rank = " ".join(f"{x:.3f}/{y:.3f}" for x, y in zip(quart[0] / count, quart[1] / count))
     return (
         f"random masks: changed fraction {kept[0] / kept[2]:.3f} (surgery) / {kept[1] / kept[2]:.3f} "
-        f"(mergekit), L1(update) ratio median {ratios[len(ratios) // 2]:.4f}"
+        f"(mergekit), L1(update) ratio median {ratios[len(ratios) // 2]:.4f}; by |tau| rank quartile "
+        f"(low..high, surgery/mergekit): {by_rank}"
     )
+
+
+def compare_entries(ours: Path, theirs: Path) -> str:
+    """Arcee Fusion: each entry is the base's or the fine-tune's; count the entries that differ."""
+    a, b = load(ours), load(theirs)
+    differ = sum(int((a[n] != b[n]).sum()) for n in a)
+    total = sum(t.numel() for t in a.values())
+    tensors = sum(1 for n in a if not torch.equal(a[n], b[n]))
+    return f"{differ} of {total} entries differ ({differ / total:.2e}), in {tensors} of {len(a)} tensors"
 
 
 def compare(ours: Path, theirs: Path) -> str:
@@ -345,8 +422,11 @@ def main() -> None:
             error = next((line for line in run.stderr.splitlines() if line.startswith("error:")), run.stderr)
             print(f"{name:22} refused: {error}")
             continue
-        if name.startswith("dare"):
-            print(f"{name:22} {compare_random(ours, theirs, Path(paths[B]))}")
+        if name.startswith(("dare", "della")):
+            print(f"{name:22} {compare_random(ours, theirs, Path(paths[B]), Path(paths[A]))}")
+            continue
+        if name == "arcee_fusion":
+            print(f"{name:22} {compare_entries(ours, theirs)}")
             continue
         print(f"{name:22} {compare(ours, theirs)}")
 

@@ -34,10 +34,12 @@ class Backend:
     subtract: Callable
     abs_hist_high: Callable
     abs_hist_low: Callable
+    abs_hist_high_low: Callable
     band_mask: Callable
     band_select: Callable
     row_band_mask: Callable
     dare_mask: Callable
+    della_mask: Callable
     combine_sum: Callable
     combine_ties: Callable
     combine_weighted: Callable

@@ -12,8 +12,8 @@ backends apart, and the results are bit for bit the numba ones:
   float64 there, an ``np.float32`` one float32);
 * the two float64 statistics (``gram_accumulate``, ``l1_accumulate``) sum the chunk with torch's
   blocked reductions instead of numba's element-by-element order, so they may differ from numba in
-  the last bits (relative error ~1e-15 of the sum of |terms|). Only the reduce passes of SLERP and
-  Model Stock use them, and their coefficients are rounded once to float32.
+  the last bits (relative error ~1e-15 of the sum of |terms|). Only reduce passes use them (SLERP's
+  and Model Stock's Gram, LiNeS' auto alpha), and their results are rounded once to float32.
 
 64-bit unsigned arithmetic (splitmix64) runs on int64: add and multiply wrap the same way, and a
 logical right shift is an arithmetic one followed by a mask. Unsigned numpy arrays are viewed as the
@@ -29,7 +29,6 @@ Importing this module needs torch but not CUDA; :func:`for_device` binds the ker
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import cache
 
@@ -62,6 +61,24 @@ def _lsr(z: torch.Tensor, s: int) -> torch.Tensor:
     return (z >> s) & ((1 << (64 - s)) - 1)
 
 
+def _uniforms(n: int, key: int, start: int, device: torch.device) -> torch.Tensor:
+    """u_i = (splitmix64(key + start + i) >> 11) / 2**53 in float64, exact: the numba kernels' draws."""
+    z = torch.arange(n, dtype=torch.int64, device=device) + _s64(int(key) + int(start))
+    z = z + _GOLDEN
+    z = (z ^ _lsr(z, 30)) * _MIX1
+    z = (z ^ _lsr(z, 27)) * _MIX2
+    z = z ^ _lsr(z, 31)
+    return _lsr(z, 11).to(torch.float64) * (1.0 / 2.0**53)  # m < 2**53: exact in float64
+
+
+def _row_ranks(a: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Flat descending rank of each |x| bits in its row (0 = largest; equal |x|: lower column first),
+    a stable descending sort, as the numba kernels' distinct keys order them."""
+    order = torch.sort(a.view(rows, cols), dim=1, descending=True, stable=True).indices
+    ranks = torch.arange(cols, device=a.device).expand(rows, cols)
+    return torch.empty_like(order).scatter_(1, order, ranks).reshape(-1)
+
+
 def _np_dtype(value: object) -> np.dtype:
     """The dtype numba gives an argument: arrays and numpy scalars keep theirs, Python floats are float64."""
     if isinstance(value, (np.ndarray, np.generic)):
@@ -91,6 +108,25 @@ def _numel(x: np.ndarray | torch.Tensor) -> int:
 def _ones(a: torch.Tensor) -> torch.Tensor:
     """int64 ones, one per element of ``a``, without allocating them (a broadcast scalar)."""
     return torch.ones((), dtype=torch.int64, device=a.device).expand(a.numel())
+
+
+def _count_high_low(a: torch.Tensor, slot: torch.Tensor, hist, lows) -> None:
+    """hist[h] += #{|x| bits >> 16 == h}; lows[slot[h], l] += #{|x| bits == (h << 16) | l} for the
+    bins with slot[h] >= 0. Device-tensor counts are accumulated on the device (no sync); numpy
+    counts get the device's counts added once."""
+    if not isinstance(hist, torch.Tensor):
+        h = torch.zeros(hist.shape, dtype=torch.int64, device=a.device)
+        low = torch.zeros(lows.shape, dtype=torch.int64, device=a.device)
+        _count_high_low(a, slot, h, low)
+        hist += h.cpu().numpy()
+        lows += low.cpu().numpy()
+        return
+    high = (a >> 16).long()
+    hist.index_add_(0, high, _ones(a))
+    if lows.shape[0]:
+        slots = slot[high]
+        flat = slots.clamp(min=0) * 0x10000 + (a & 0xFFFF).long()
+        lows.view(-1).index_add_(0, flat, (slots >= 0).to(torch.int64))
 
 
 def _in_top(a: torch.Tensor, v: int, ties: int, seen: int) -> tuple[torch.Tensor | bool, int]:
@@ -219,6 +255,11 @@ class TorchKernels:
         counts = torch.bincount(low, minlength=0x10000)
         hist[: counts.numel()] += counts.cpu().numpy()
 
+    def abs_hist_high_low(self, x: np.ndarray, hist, slot: np.ndarray, lows) -> None:
+        """``abs_hist_high`` plus the low-16-bit histograms of the bins h with ``slot[h] >= 0``."""
+        _, a = self._abs_bits(x)
+        _count_high_low(a, self._dev(slot).long(), hist, lows)
+
     def band_mask(
         self, x: np.ndarray, v_hi: int, ties_hi: int, v_lo: int, ties_lo: int, seen: np.ndarray
     ) -> None:
@@ -259,10 +300,7 @@ class TorchKernels:
         return k
 
     def row_band_mask(self, x: np.ndarray, cols: int, r_hi: int, r_lo: int, keys: np.ndarray) -> None:
-        """Per row of ``cols`` elements keep ranks r_hi+1..r_lo, zero the rest (``keys``: unused scratch).
-
-        Rank: larger |x| first, equal |x| by lower column, i.e. a stable descending sort of |x| bits.
-        """
+        """Per row of ``cols`` elements keep ranks r_hi+1..r_lo, zero the rest (``keys``: unused scratch)."""
         cols, r_hi, r_lo = int(cols), int(r_hi), int(r_lo)
         flat = x.reshape(-1)
         rows = _numel(flat) // cols
@@ -270,9 +308,7 @@ class TorchKernels:
             return
         part = flat[: rows * cols]
         xt, a = self._abs_bits(part)
-        order = torch.sort(a.view(rows, cols), dim=1, descending=True, stable=True).indices
-        ranks = torch.arange(cols, device=a.device).expand(rows, cols)
-        rank = torch.empty_like(order).scatter_(1, order, ranks).reshape(-1)
+        rank = _row_ranks(a, rows, cols)
         drop = (rank < r_hi) | (rank >= r_lo)
         self._put(part, torch.where(drop, self._zero(xt.dtype), xt))
 
@@ -281,22 +317,29 @@ class TorchKernels:
         """Keep x[i] iff splitmix64(key + start + i) >> 11 < density * 2**53, rescaled by 1/density."""
         density = float(density)
         inv = 1.0 / density  # ZeroDivisionError at 0, as in numba
-        # u = m / 2**53 with m < 2**53 an integer is exact, so u < density <=> m < ceil(density * 2**53)
-        if not density > 0.0:
-            threshold = 0
-        elif density >= 1.0:
-            threshold = 1 << 53
-        else:
-            threshold = math.ceil(density * 2.0**53)
         xt = self._dev(x).reshape(-1)
-        z = torch.arange(xt.numel(), dtype=torch.int64, device=xt.device) + _s64(int(key) + int(start))
-        z = z + _GOLDEN
-        z = (z ^ _lsr(z, 30)) * _MIX1
-        z = (z ^ _lsr(z, 27)) * _MIX2
-        z = z ^ _lsr(z, 31)
-        keep = _lsr(z, 11) < threshold
+        keep = _uniforms(xt.numel(), key, start, xt.device) < density
         scaled = (xt.to(torch.float64) * inv).to(torch.float32)
         self._put(x, torch.where(keep, scaled, self._zero(torch.float32)))
+
+    def della_mask(self, x: np.ndarray, cols: int, density: float, epsilon: float, key: int, start: int,
+                   keys: np.ndarray, inverse: bool) -> None:  # fmt: skip
+        """DELLA's MAGPRUNE per row (``cpu.della_mask``): keep with p = density - epsilon + 2 epsilon *
+        ascending rank / (cols - 1), DARE's random stream; ``inverse``: kept values times 1/p."""
+        cols, density, epsilon = int(cols), float(density), float(epsilon)
+        rows = _numel(x) // cols
+        if rows == 0:
+            return
+        part = x.reshape(-1)[: rows * cols]
+        xt, a = self._abs_bits(part)
+        if cols == 1:
+            p = torch.full((rows,), density, dtype=torch.float64, device=xt.device)
+        else:  # the numba loop's float64 operations, in its order
+            ascending = (cols - 1 - _row_ranks(a, rows, cols)).to(torch.float64)
+            p = (density - epsilon) + (2.0 * epsilon) * (ascending / float(cols - 1))
+        keep = _uniforms(xt.numel(), key, start, xt.device) < p
+        kept = (xt.to(torch.float64) * (1.0 / p)).to(torch.float32) if inverse else xt
+        self._put(part, torch.where(keep, kept, self._zero(torch.float32)))
 
     # -- combinations -----------------------------------------------------------------------------
     def _weighted_acc(self, w: np.ndarray, v: np.ndarray, acc_type: torch.dtype) -> torch.Tensor:

@@ -56,7 +56,7 @@ def convert_config(data: dict) -> Converted:
     require_runnable(method)
     opened: dict[ModelRef, object] = {}
     infos: dict[ModelRef, ModelInfo] = {}
-    numels: dict[str, int] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
 
     def info(ref: ModelRef) -> ModelInfo:
         if ref not in infos:
@@ -66,7 +66,7 @@ def convert_config(data: dict) -> Converted:
             layers = layer_map(list(names), ckpt.config())
             infos[ref] = ModelInfo(names, layers.num_blocks)
             for name, t in ckpt.tensors.items():
-                numels.setdefault(name, _numel(t.shape))
+                shapes.setdefault(name, tuple(t.shape))
         return infos[ref]
 
     try:
@@ -80,8 +80,8 @@ def convert_config(data: dict) -> Converted:
 
         refs = tuple(dict.fromkeys(m for s in specs for m in s.models))
         extras = recipe_extras(config, refs, root)
-        numel = lambda n: numels.get(n, 1)  # noqa: E731
-        recipe = native_recipe(config, method, float_specs or specs, numel, slices, extras)
+        shape = lambda n: shapes.get(n, (1,))  # noqa: E731
+        recipe = native_recipe(config, method, float_specs or specs, shape, slices, extras)
     finally:
         for ckpt in opened.values():
             ckpt.close()  # type: ignore[attr-defined]
@@ -92,13 +92,6 @@ def _is_float(opened: dict, spec: TensorSpec) -> bool:
     ckpt = opened.get(spec.models[0])
     info = ckpt.tensors.get(spec.sources[0]) if ckpt is not None else None  # type: ignore[attr-defined]
     return info is None or info.dtype.kind == "float"
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def merge_schedule(source: str, settings: dict) -> tuple[dict, dict[str, dict[str, float]]]:

@@ -67,8 +67,8 @@ MK_METHODS: dict[str, MkMethod] = {
         _gta("dare_linear", "dare", normalize=False, rescale=True),
         _gta("breadcrumbs", "breadcrumbs", normalize=False, rescale=False, extra=_GAMMA),
         _gta("breadcrumbs_ties", "breadcrumbs_ties", normalize=False, rescale=False, extra=_GAMMA),
-        _gta("della", None, normalize=True, rescale=True, extra=_EPSILON),
-        _gta("della_linear", None, normalize=False, rescale=True, extra=_EPSILON),
+        _gta("della", "della", normalize=True, rescale=True, extra=_EPSILON),
+        _gta("della_linear", "della_linear", normalize=False, rescale=True, extra=_EPSILON),
         MkMethod(
             "linear",
             "linear",
@@ -115,7 +115,7 @@ MK_METHODS: dict[str, MkMethod] = {
             "required",
             (MkParam("int8_mask", "bool", False, False), MkParam("select_topk", "float", False, 1.0)),
         ),
-        MkMethod("arcee_fusion", None, "required", (), 1, 1),
+        MkMethod("arcee_fusion", "arcee_fusion", "required", (), 1, 1),
         MkMethod("ram", None, "required", (MkParam("epsilon", "float", False, 1e-5),)),
         MkMethod("ramplus_tl", None, "required", ()),
     )

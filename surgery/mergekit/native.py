@@ -8,15 +8,18 @@ papers' (our own recipes keep the papers' semantics):
     ties              elect: weighted (w_t tau_t before election), disjoint: mean | sum (normalize)
     slerp             linear_above 0.9995 (mergekit's threshold);  model_stock  cos_min -1 (no clamp)
     dare_linear       rescale: l1 (mergekit's default), or without rescale weights w_t * density
+    della(_linear)    rescale: l1 (mergekit's default) | off; epsilon per model; della elects as ties
+    ties, breadcrumbs rescale: true -> rescale: l1 (each trimmed tau back to the L1 norm of tau)
     breadcrumbs(_ties) density >= 1 keeps everything (gamma is then ignored), as in mergekit
     passthrough       the slices' layer ranges, stacked and renumbered              -> passthrough
     nearswap          t -> distance;  sce  select_topk -> density;  karcher  max_iter, tol
     nuslerp           weights; nuslerp_flatten / nuslerp_row_wise -> vectors: flat | rows | columns
     multislerp        weights, normalize_weights, eps
+    arcee_fusion      as is (whole tensors; exact quartiles where mergekit samples above 1M entries)
 
 Per-tensor values (gradients, filters) become the recipe's ``per_tensor`` entries. Whatever has no
-exact translation yet (merging slices whose sources sit at other layer indices, L1 rescale after a
-top-k, row-wise nuslerp, ...) is listed, all reasons at once, in one ``not supported yet`` error.
+exact translation yet (merging slices whose sources sit at other layer indices, ...) is listed, all
+reasons at once, in one ``not supported yet`` error.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def native_recipe(
     config: MergekitConfig,
     method: MkMethod,
     specs: list[TensorSpec],
-    numel: Callable[[str], int],
+    shape: Callable[[str], tuple[int, ...]],
     slices: tuple[OutputSlice, ...] = (),
     extras: dict | None = None,
 ) -> Recipe:
@@ -55,7 +58,7 @@ def native_recipe(
         reasons.append(
             "slices that stack or move layers (output layers read from other layer indices or models)"
         )
-    translated = [_translate(method.name, s.shared, s.per_model, numel(s.name), reasons) for s in specs]
+    translated = [_translate(method.name, s.shared, s.per_model, shape(s.name), reasons) for s in specs]
     if reasons:
         raise _refuse(method, reasons)
     name, params = translated[0]
@@ -106,7 +109,9 @@ def _refuse(method: MkMethod, reasons: list[str]) -> RecipeError:
     )
 
 
-def _translate(name: str, shared: dict, per_model: dict, numel: int, reasons: list[str]) -> tuple[str, dict]:
+def _translate(
+    name: str, shared: dict, per_model: dict, shape: tuple[int, ...], reasons: list[str]
+) -> tuple[str, dict]:
     if name == "linear":
         if not shared["normalize"]:
             reasons.append("normalize: false")
@@ -119,7 +124,9 @@ def _translate(name: str, shared: dict, per_model: dict, numel: int, reasons: li
         return "model_stock", {"cos_min": -1.0}
     if name in _SPHERICAL:
         return name, _SPHERICAL[name](shared, per_model, reasons)
-    return _task_arithmetic_family(name, shared, per_model, numel, reasons)
+    if name == "arcee_fusion":  # no parameters; exact quartiles (mergekit samples above 1M entries)
+        return "arcee_fusion", {}
+    return _task_arithmetic_family(name, shared, per_model, shape, reasons)
 
 
 def _nuslerp(shared: dict, per_model: dict, reasons: list[str]) -> dict:
@@ -167,13 +174,16 @@ _NATIVE = {
     "dare_ties": "dare_ties",
     "breadcrumbs": "breadcrumbs",
     "breadcrumbs_ties": "breadcrumbs_ties",
+    "della": "della",
+    "della_linear": "della_linear",
 }
 
 
 def _task_arithmetic_family(
-    name: str, shared: dict, per_model: dict, n: int, reasons: list[str]
+    name: str, shared: dict, per_model: dict, shape: tuple[int, ...], reasons: list[str]
 ) -> tuple[str, dict]:
     """One tensor's values. The method stays the same for every tensor (density 1 keeps all)."""
+    n = math.prod(shape)
     weights = [float(w) for w in per_model["weight"]]
     divisor = sum(weights) if shared["normalize"] and abs(sum(weights)) >= 1e-8 else 1.0
     params: dict = {"scale": float(shared["lambda"])}
@@ -184,9 +194,7 @@ def _task_arithmetic_family(
     ]
     sparsified = name != "task_arithmetic" and min(densities) < 1.0
     dare = name in ("dare_linear", "dare_ties")
-    if shared["rescale"] and sparsified and not dare:
-        reasons.append("rescale: true with magnitude pruning (L1 rescale after a top-k)")
-    ties = name in ("ties", "dare_ties", "breadcrumbs_ties")
+    ties = name in ("ties", "dare_ties", "breadcrumbs_ties", "della")
     if ties:  # weights before election; normalize divides by the agreeing weights
         params.update(weights=weights, elect="weighted", disjoint="mean" if shared["normalize"] else "sum")
     else:
@@ -197,6 +205,9 @@ def _task_arithmetic_family(
         reasons.append(f"density {min(densities)}")
         return _NATIVE[name], params
     density = densities[0] if len(set(densities)) == 1 else densities
+    if name in ("della", "della_linear"):
+        magprune = _magprune(per_model, densities, shape, sparsified, reasons)
+        return _NATIVE[name], {**params, **magprune, "rescale": "l1" if shared["rescale"] else "off"}
     if dare:
         if shared["rescale"]:  # masked tau back to the L1 norm of tau (the 1/p is then irrelevant)
             return _NATIVE[name], {**params, "density": density, "rescale": "l1"}
@@ -220,10 +231,30 @@ def _task_arithmetic_family(
         ):
             reasons.append(f"density {d} / gamma {g} on a tensor of {n} entries (rank rounding)")
             break
-    params.update(density=density, granularity="per_tensor")
+    # mergekit's rescale: true brings the trimmed tau back to its L1 norm (a no-op at density 1)
+    params.update(density=density, granularity="per_tensor", rescale="l1" if shared["rescale"] else "none")
     if name != "ties":
         params["outliers"] = gammas[0] if len(set(gammas)) == 1 else gammas
     return _NATIVE[name], params
+
+
+def _magprune(
+    per_model: dict, densities: list[float], shape: tuple[int, ...], sparsified: bool, reasons: list[str]
+) -> dict:
+    """DELLA's density and epsilon, checked as mergekit checks them; mergekit ranks |tau| along the
+    second axis (a 1-D tensor is one row), ours along the last: the same for 1-D and 2-D tensors."""
+    epsilons = [_finite(e, "epsilon", reasons) for e in per_model["epsilon"]]
+    for d, e in zip(densities, epsilons):
+        if d < 1.0 and not (d - abs(e) > 0.0 and d + abs(e) < 1.0):
+            reasons.append(
+                f"density {d} with epsilon {e} (keep probabilities outside (0, 1); mergekit fails)"
+            )
+    if sparsified and len(shape) > 2:
+        reasons.append(f"della on a {len(shape)}-D tensor (mergekit ranks along its second axis)")
+    elif sparsified and (shape[-1] if shape else 1) == 1:
+        reasons.append("della on a tensor with one entry per row (mergekit fails on it: 0/0 rank)")
+    one = lambda values: values[0] if len(set(values)) == 1 else values  # noqa: E731
+    return {"density": one(densities), "epsilon": one(epsilons)}
 
 
 def _finite(value: object, key: str, reasons: list[str]) -> float:

@@ -6,9 +6,11 @@ Importing it loads no numpy: the CLI builds its method flags and choices from it
 from __future__ import annotations
 
 from surgery.errors import RecipeError
+from surgery.methods.arcee_fusion import ARCEE_FUSION
 from surgery.methods.breadcrumbs import BREADCRUMBS
 from surgery.methods.cart import CART
 from surgery.methods.dare import DARE, DARE_TIES
+from surgery.methods.della import DELLA, DELLA_LINEAR
 from surgery.methods.graft import APPLY_PATCH, COMPOSE, GRAFT, PATCH
 from surgery.methods.half_reset import HALF_RESET
 from surgery.methods.interpolation import LINEAR, MODEL_STOCK, SLERP
@@ -36,6 +38,8 @@ METHODS: dict[str, Method] = {
         TIES,
         DARE,
         DARE_TIES,
+        DELLA,
+        DELLA_LINEAR,
         LINEAR,
         SLERP,
         MODEL_STOCK,
@@ -44,6 +48,7 @@ METHODS: dict[str, Method] = {
         MULTISLERP,
         KARCHER,
         SCE,
+        ARCEE_FUSION,
         PASSTHROUGH,
         TSV_MERGE,
         ISO_C,

@@ -8,12 +8,25 @@ or TIES sign election (``breadcrumbs_ties``, defined in ties.py next to the TIES
 
     out = b + scale * sum_t w_t * mask_t * tau_t
 
+``rescale: l1`` is mergekit's ``rescale: true`` after a magnitude top-k: each masked task vector times
+||tau||_1 / ||mask * tau||_1 over the tensor (one more pass; the band keeps the same entries in it).
+
 ``BAND`` is the sparsify stage of every rank-based method (TIES' top-k is a band with no outliers, a
 graft and a sparse patch select a band too): the engine's reduce passes find the exact thresholds of
 each tensor, row or the whole model (``granularity``), and the mask keeps the band in place.
 """
 
-from surgery.methods.spec import SCALE, WEIGHTS, Method, Slice, Sparsify, density, granularity, outliers
+from surgery.methods.spec import (
+    SCALE,
+    WEIGHTS,
+    Method,
+    Param,
+    Slice,
+    Sparsify,
+    density,
+    granularity,
+    outliers,
+)
 
 
 def _band_apply(be, tau, s: Slice) -> None:
@@ -29,11 +42,16 @@ def _band_apply(be, tau, s: Slice) -> None:
 
 BAND = Sparsify("band", needs_ranks=True, apply=_band_apply, on_device=True)
 
+RESCALE_L1 = Param(
+    "rescale", "choice", "none", "after the mask: none, or l1: back to the L1 norm of tau (mergekit's "
+    "rescale: true)", ("none", "l1")
+)  # fmt: skip
+
 BREADCRUMBS = Method(
     name="breadcrumbs",
     title="Model Breadcrumbs",
     paper="https://arxiv.org/abs/2312.06795",
     formula="out = b + scale * sum_t w_t * band_mask_t * tau_t",
     sparsify=BAND,
-    params=(density(0.10), outliers(0.01), granularity(), SCALE, WEIGHTS),
+    params=(density(0.10), outliers(0.01), granularity(), SCALE, WEIGHTS, RESCALE_L1),
 )

@@ -218,12 +218,14 @@ class Method:
         return {p.name: p.default for p in self.params}
 
     def passes(self, params: Mapping[str, object]) -> int:
-        """Passes over the inputs: rank thresholds take two reduce passes, a Gram matrix one."""
+        """Passes over the inputs: rank thresholds take two reduce passes, a Gram matrix one, and
+        ``rescale: l1`` one to measure what the sparsify stage keeps."""
+        l1 = 1 if self.sparsify is not None and params.get("rescale") == "l1" else 0
         if self.sparsify is not None and self.sparsify.needs_ranks and params.get("granularity") != "per_row":
-            return 3
+            return 3 + l1
         if self.pick is not None and params.get("select", "random") != "random":
             return 3 if params.get("by") == "element" else 2  # relative updates first
-        return 2 if self.combine.gram_over is not None else 1
+        return (2 if self.combine.gram_over is not None else 1) + l1
 
 
 # Shared parameter definitions: one meaning per name across methods.

@@ -9,12 +9,13 @@ Disjoint mean: per element, the weighted mean of the trimmed values whose sign i
 
 mergekit's variant (``elect: weighted``): s = +1 where sum_t w_t trimmed_t >= 0, else -1 (weights
 before election, zero sums elect +; mergekit's ``get_mask``); ``disjoint: sum`` leaves out the
-division by sum_{t: sign = s} w_t (mergekit's ``normalize: false``).
+division by sum_{t: sign = s} w_t (mergekit's ``normalize: false``); ``rescale: l1`` brings each trimmed
+task vector back to the L1 norm of tau before the election (mergekit's ``rescale: true``).
 """
 
 from dataclasses import replace
 
-from surgery.methods.breadcrumbs import BAND, BREADCRUMBS
+from surgery.methods.breadcrumbs import BAND, BREADCRUMBS, RESCALE_L1
 from surgery.methods.spec import (
     SCALE,
     WEIGHTS,
@@ -80,7 +81,7 @@ TIES = Method(
     formula="out = b + scale * disjoint_mean(elect(topk_density(tau_t)))",
     sparsify=BAND,  # a band with outliers = 0 is a top-k
     combine=TIES_COMBINE,
-    params=(density(0.2), granularity(), SCALE, WEIGHTS, ELECT, DISJOINT),
+    params=(density(0.2), granularity(), SCALE, WEIGHTS, ELECT, DISJOINT, RESCALE_L1),
 )
 
 # Breadcrumbs' band (arXiv 2312.06795) with TIES' election: a variant is data.

@@ -117,6 +117,9 @@ CASES = [
     ("ties", {"density": 0.4, "granularity": "global"}, None),
     ("dare_ties", {"density": 0.4, "seed": 11}, None),
     ("dare", {"density": 0.5, "seed": 2, "rescale": "l1"}, None),
+    ("della", {"density": 0.5, "epsilon": 0.2, "seed": 5}, None),
+    ("della_linear", {"density": 0.4, "rescale": "l1"}, None),
+    ("breadcrumbs", {"density": 0.5, "outliers": 0.05, "rescale": "l1"}, None),
     ("breadcrumbs", {"density": 0.5, "outliers": 0.05}, {"alpha": "auto"}),
     ("task_arithmetic", {}, {"alpha": 0.5}),
 ]

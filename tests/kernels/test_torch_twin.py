@@ -111,6 +111,28 @@ def test_histograms(tw, rng):
         assert np.array_equal(la, lb), high
 
 
+def test_fused_high_and_low_histograms(tw, rng):
+    x = quantised(rng, 20_000)
+    x[:3] = [np.inf, -3e-42, np.float32(np.finfo(np.float32).max)]
+    bits = (x.view(U32) & U32(0x7FFFFFFF)).astype(np.int64)
+    picked = sorted({int(h) for h in np.unique(bits >> 16)[::3]} | {0x7FFF, 0x7F80})
+    slot = np.full(1 << 16, -1, np.int32)
+    slot[picked] = np.arange(len(picked), dtype=np.int32)
+    outs = []
+    for kernel in (cpu.abs_hist_high_low, tw.abs_hist_high_low):
+        hist = np.arange(1 << 16, dtype=np.int64)  # accumulates into existing counts
+        lows = np.ones((len(picked), 1 << 16), np.int64)
+        kernel(x, hist, slot, lows)
+        outs.append((hist, lows))
+    (ha, la), (hb, lb) = outs
+    assert np.array_equal(ha, hb) and np.array_equal(la, lb)
+    # independently: numpy's counts
+    np.testing.assert_array_equal(ha - np.arange(1 << 16), np.bincount(bits >> 16, minlength=1 << 16))
+    for i, h in enumerate(picked):
+        want = np.bincount(bits[(bits >> 16) == h] & 0xFFFF, minlength=1 << 16)
+        np.testing.assert_array_equal(la[i] - 1, want)
+
+
 def _thresholds(x: np.ndarray, rng: np.random.Generator) -> list[tuple[int, int]]:
     """(v, ties) pairs: |x| values that are present (with tie budgets), absent, 'all' and 'none'."""
     a = (x.view(U32) & U32(0x7FFFFFFF)).astype(np.int64)
@@ -191,6 +213,27 @@ def test_dare_mask_chunked(tw, rng):
     for chunk, start in zip(np.split(parts, [2_000, 5_500]), [1000, 3000, 6500]):
         tw.dare_mask(chunk, 0.3, np.uint64(99), start)
     assert same(whole, parts)
+
+
+@pytest.mark.parametrize("cols", [1, 7, 64])
+@pytest.mark.parametrize("inverse", [True, False])
+def test_della_mask(tw, rng, cols, inverse):
+    x = quantised(rng, 40 * cols + 3, levels=3)  # equal |x| in a row; a partial row at the end
+    for key, start, density, eps in [(5, 0, 0.5, 0.15), (2**64 - 9, 2**40, 0.3, 0.0), (17, 640, 0.7, 0.29)]:
+        a, b = x.copy(), x.copy()
+        cpu.della_mask(a, cols, density, eps, np.uint64(key), start, np.zeros(cols, np.uint64), inverse)
+        tw.della_mask(b, cols, density, eps, np.uint64(key), start, np.zeros(cols, np.uint64), inverse)
+        assert same(a, b), (cols, key, density, eps)
+    if cols > 3:
+        assert same(a[-3:], x[-3:])  # not a whole row: untouched
+
+
+def test_della_mask_at_epsilon_zero_is_dare(tw, rng):
+    x = rng.standard_normal(64 * 30).astype(np.float32)
+    dare, della = x.copy(), x.copy()
+    cpu.dare_mask(dare, 0.35, np.uint64(77), 640)
+    tw.della_mask(della, 64, 0.35, 0.0, np.uint64(77), 640, np.zeros(64, np.uint64), True)
+    assert same(dare, della)
 
 
 # -- combinations ---------------------------------------------------------------------------------------
@@ -320,6 +363,9 @@ CASES = [
     ("ties", {"density": 0.5}, True),
     ("dare", {"density": 0.5, "seed": 7}, True),
     ("dare_ties", {"density": 0.4, "seed": 3}, True),
+    ("della", {"density": 0.4, "epsilon": 0.2, "seed": 3}, True),
+    ("della_linear", {"density": 0.6, "epsilon": 0.1, "rescale": "l1"}, True),
+    ("ties", {"density": 0.3, "rescale": "l1"}, True),
     ("linear", {"weights": [0.3, 0.7]}, True),
     ("slerp", {"t": 0.3}, False),
     ("model_stock", {}, False),

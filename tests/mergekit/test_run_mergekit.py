@@ -541,8 +541,8 @@ def test_convert_prints_a_recipe_that_reproduces_the_run(family, invoke, tmp_pat
     ("data", "message"),
     [
         (
-            {"merge_method": "della", "parameters": {"weight": 1.0}},
-            "merge_method: della is not supported yet",
+            {"merge_method": "ram", "parameters": {"weight": 1.0}},
+            "merge_method: ram is not supported yet",
         ),
         (
             {"merge_method": "model_stock", "models": ["FT1", "FT2"], "parameters": {"filter_wise": True}},
@@ -564,8 +564,9 @@ def test_convert_prints_a_recipe_that_reproduces_the_run(family, invoke, tmp_pat
             "different density per model with rescale: false and normalize: true",
         ),
         (
-            {"merge_method": "ties", "parameters": {"weight": 1.0, "density": 0.5, "rescale": True}},
-            r"rescale: true with magnitude pruning \(L1 rescale after a top-k\) is not supported yet",
+            {"merge_method": "della", "parameters": {"weight": 1.0, "density": 0.1}},
+            r"della with density 0.1 with epsilon 0.15 \(keep probabilities outside \(0, 1\); mergekit "
+            r"fails\) is not supported yet",
         ),
     ],
 )

@@ -50,7 +50,7 @@ from surgery.dtypes import parse_output_dtype
 from surgery.errors import RecipeError
 from surgery.methods import Method, get_method
 from surgery.methods.lines import LinesSchedule, make_schedule
-from surgery.tokenizer_files import TokenizerSpec, tokenizer_spec
+from surgery.tokenizer_files import TokenizerSpec, check_chat_template, tokenizer_spec
 
 RECIPE_VERSION = 1
 
@@ -186,29 +186,10 @@ def make_recipe(
         lines=schedule,
         per_tensor=_check_per_tensor(spec, per_tensor or {}, len(models), params),
         slices=_check_slices(spec, slices, len(models)),
-        tokenizer=_check_tokenizer(tokenizer),
-        chat_template=_check_chat_template(chat_template),
+        tokenizer=None if tokenizer is None else tokenizer_spec(tokenizer, _absolute),  # inputs' path form
+        chat_template=check_chat_template(chat_template),
         adapter_bases=_check_adapter_bases(adapter_bases or {}, recipe.inputs),
     )
-
-
-def _check_tokenizer(tokenizer: dict | TokenizerSpec | None) -> TokenizerSpec | None:
-    if tokenizer is None:
-        return None
-    if isinstance(tokenizer, TokenizerSpec):
-        tokenizer = tokenizer.to_dict()
-    return tokenizer_spec(tokenizer, _absolute)  # model paths in the inputs' form
-
-
-def _check_chat_template(template: object) -> str | None:
-    if template is None:
-        return None
-    if not isinstance(template, str) or "{" not in template:
-        raise RecipeError(
-            "chat_template must be Jinja text (a named template is resolved when a mergekit config is read)",
-            hint='for example chat_template: "{% for m in messages %}...{% endfor %}"',
-        )
-    return template
 
 
 def _check_adapter_bases(bases: object, inputs: tuple[str, ...]) -> dict[str, str]:

@@ -86,8 +86,10 @@ class TokenizerSpec:
 
 
 def tokenizer_spec(data: object, path_of=lambda p: p) -> TokenizerSpec:
-    """Check a recipe's ``tokenizer:`` mapping; ``path_of`` turns a model path as written into the
-    recipe's form (absolute)."""
+    """Check a recipe's ``tokenizer:`` mapping (or re-check a spec); ``path_of`` turns a model path as
+    written into the recipe's form (absolute)."""
+    if isinstance(data, TokenizerSpec):
+        data = data.to_dict()
     if not isinstance(data, dict) or not data.get("source"):
         raise RecipeError(
             "tokenizer: must be a mapping with 'source' (base, union or a model path)",
@@ -111,6 +113,18 @@ def tokenizer_spec(data: object, path_of=lambda p: p) -> TokenizerSpec:
     rules = tuple(_token_rule(str(t), cfg, path_of) for t, cfg in tokens.items())
     base = path_of(str(data["base"])) if data.get("base") else None
     return TokenizerSpec(source, base, rules, pad)
+
+
+def check_chat_template(template: object) -> str | None:
+    """A recipe's ``chat_template``: Jinja text (names are resolved when a mergekit config is read)."""
+    if template is None:
+        return None
+    if not isinstance(template, str) or "{" not in template:
+        raise RecipeError(
+            "chat_template must be Jinja text (a named template is resolved when a mergekit config is read)",
+            hint='for example chat_template: "{% for m in messages %}...{% endfor %}"',
+        )
+    return template
 
 
 def _token_rule(token: str, cfg: object, path_of) -> TokenRule:

@@ -41,23 +41,23 @@ def native_recipe(
     specs: list[TensorSpec],
     shape: Callable[[str], tuple[int, ...]],
     slices: tuple[OutputSlice, ...] = (),
+    extras: dict | None = None,
 ) -> Recipe:
     """Our recipe computing what mergekit computes for this config, or an error listing why not.
 
     Values that differ between tensors (gradients, filters) go to the recipe's ``per_tensor``;
-    passthrough's slices become the recipe's ``slices``."""
+    passthrough's slices become the recipe's ``slices``. ``extras``: recipe fields passed through
+    (tokenizer, chat template, adapter bases: ``mergekit.tokenizer.recipe_extras``)."""
     require_runnable(method)
     reasons: list[str] = []
+    extras = extras or {}
     if method.name == "passthrough":
-        return _stack(config, specs, slices, reasons)
+        return _stack(config, specs, slices, reasons, extras)
     first = specs[0]
     if any(s.models != first.models or s.sources != (s.name,) * len(s.sources) for s in specs):
         reasons.append(
             "slices that stack or move layers (output layers read from other layer indices or models)"
         )
-    tok = config.tokenizer_source
-    if tok not in (None, "base") and not (first.has_base and tok == str(first.models[0])):
-        reasons.append(f"tokenizer_source: {tok} (a tokenizer other than the base's)")
     translated = [_translate(method.name, s.shared, s.per_model, shape(s.name), reasons) for s in specs]
     if reasons:
         raise _refuse(method, reasons)
@@ -67,22 +67,29 @@ def native_recipe(
         own = {k: v for k, v in p.items() if v != params[k]}
         if own:
             per_tensor[spec.name] = own
-    models = [m.source for m in first.models]
+    models = [m.input for m in first.models]
     base = models.pop(0) if first.has_base else None
     dtype = config.out_dtype or config.dtype
-    return make_recipe(name, models, base, params, dtype, per_tensor=per_tensor)
+    return make_recipe(name, models, base, params, dtype, per_tensor=per_tensor, **extras)
 
 
 def _stack(
-    config: MergekitConfig, specs: list[TensorSpec], slices: tuple[OutputSlice, ...], reasons: list[str]
+    config: MergekitConfig,
+    specs: list[TensorSpec],
+    slices: tuple[OutputSlice, ...],
+    reasons: list[str],
+    extras: dict,
 ) -> Recipe:
     """passthrough: the slices' models (each once, in order of appearance) and their layer ranges."""
     if any(s.per_model["scale"][0] is not None for s in specs):
         reasons.append("scale")
     if config.tokenizer_source not in (None, "base"):
         reasons.append(f"tokenizer_source: {config.tokenizer_source}")
+    if config.tokens or config.pad_to_multiple_of:
+        reasons.append("tokenizer.tokens / pad_to_multiple_of")
     if reasons:
         raise _refuse(get_mk_method("passthrough"), reasons)
+    extras = {k: v for k, v in extras.items() if k != "tokenizer"}  # layer stacks keep one model's
     models: list[ModelRef] = []
     for s in slices:
         if s.sources[0].model not in models:
@@ -91,7 +98,7 @@ def _stack(
         {"model": models.index(s.sources[0].model), "layers": list(s.sources[0].layer_range)} for s in slices
     ]
     dtype = config.out_dtype or config.dtype
-    return make_recipe("passthrough", [m.source for m in models], None, {}, dtype, slices=stack)
+    return make_recipe("passthrough", [m.input for m in models], None, {}, dtype, slices=stack, **extras)
 
 
 def _refuse(method: MkMethod, reasons: list[str]) -> RecipeError:

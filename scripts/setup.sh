@@ -11,4 +11,5 @@ fi
 python -m pip install -q --upgrade pip
 # The CPU wheel first: an open torch range with no torch installed would pull a multi-GB CUDA build.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test]"
+# ray: the Ray backend's tests (a local Ray cluster) run in scripts/test.sh (wheel ~80 MB, ~20 s).
+python -m pip install -q -e ".[test,ray]"

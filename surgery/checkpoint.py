@@ -13,6 +13,7 @@ import json
 import math
 import os
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,8 +150,11 @@ class LocalFiles:
         return os.preadv(self._fd(path), [view], offset)
 
     def prefetch(self, path: Path, offset: int, nbytes: int) -> None:
+        """Ask the kernel to start reading a range now, from a thread of its own: ``WILLNEED``
+        submits the reads itself and blocks while the disk's queue is full, which for a span of
+        hundreds of MB would stall the worker that should be computing meanwhile."""
         if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self._fd(path), offset, nbytes, os.POSIX_FADV_WILLNEED)
+            threading.Thread(target=_will_need, args=(path, offset, nbytes), daemon=True).start()
 
     def fingerprint(self, files: tuple[Path, ...]) -> list[list]:
         return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
@@ -166,6 +170,21 @@ class LocalFiles:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+def _will_need(path: Path, offset: int, nbytes: int) -> None:
+    """``posix_fadvise(WILLNEED)`` on a descriptor of its own (the reader's may be closed by then): a
+    hint, so a file that is gone or a refusal is ignored."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 # -- opening ---------------------------------------------------------------------------------------

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from surgery.adapters import AdapterCheckpoint
 from surgery.checkpoint import Checkpoint
 from surgery.compose import DENSE, base_conflicts, touched
 from surgery.dtypes import DTYPES
-from surgery.errors import PlanError
+from surgery.errors import PlanError, RecipeError
 from surgery.files import CONFIG
 from surgery.inputs import InputOptions, open_input
 from surgery.layer_slices import extra_inputs, layer_count_updates, slice_picks
@@ -28,6 +29,7 @@ from surgery.output import side_files_of
 from surgery.patch import read_manifest
 from surgery.recipe import Recipe
 from surgery.vocab import RowMap, align_rows, load_vocab
+from surgery.vocab_union import align_vocabularies
 from surgery.writer import Layout, OutputTensor, plan_layout
 
 _VOCAB_HINTS = ("embed", "wte", "lm_head", "word_embeddings", "shared.weight", "output.weight")
@@ -102,6 +104,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     tokenizer_source: Checkpoint | None = None  # tokenizer / chat template / generation config
     config_updates: Mapping[str, object] = field(default_factory=dict)  # config.json keys set (layer count)
+    tokenizer_files: Mapping[str, bytes | None] = field(default_factory=dict)  # written (None: left out)
 
     @property
     def has_base(self) -> bool:
@@ -144,6 +147,11 @@ class Plan:
             sources.append(self.tokenizer_source)
         for source in sources:  # the tokenizer source, listed last, wins
             files.update(side_files_of(source.root, config=False))
+        for name, data in self.tokenizer_files.items():  # an edited tokenizer replaces the copied one
+            if data is None:
+                files.pop(name, None)
+            else:
+                files[name] = data
         config = self.output_config()
         if config is not None:
             files[CONFIG] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
@@ -220,6 +228,13 @@ def build_plan(recipe: Recipe, sources: InputOptions | None = None) -> Plan:
     try:
         for i, source in enumerate(recipe.inputs):
             inputs.append(open_input(source, sources, cache_ranges, base=_adapter_base(recipe, i)))
+            if source in recipe.adapter_bases and not isinstance(inputs[-1], AdapterCheckpoint):
+                raise RecipeError(
+                    f"{source} is applied to {recipe.adapter_bases[source]} as a LoRA adapter, but it "
+                    "is not a PEFT adapter folder",
+                    hint="an adapter folder holds adapter_config.json and adapter_model.safetensors",
+                    path=source,
+                )
         for source in extra_inputs(recipe.inputs, recipe.layer_slices):  # slices' own models
             inputs.append(open_input(source, sources, cache_ranges))
         if recipe.spec.output == "scatter":
@@ -237,6 +252,8 @@ def _adapter_base(recipe: Recipe, i: int) -> str | None:
     """The model input ``i`` would be applied to if it is a LoRA adapter: the base its task vector is
     taken against (transfer: the old base), else None (the adapter's own base_model_name_or_path)."""
     inputs = recipe.inputs
+    if inputs[i] in recipe.adapter_bases:  # applied to a model of its own (mergekit's model+lora)
+        return recipe.adapter_bases[inputs[i]]
     if recipe.spec.tau_from is TAU_PAIRS:  # (new base, old base, old fine-tune)
         return inputs[1] if i == 2 else None
     return recipe.base if recipe.base and i > 0 else None
@@ -263,6 +280,18 @@ def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
     given = spec.tau_from is TAU_GIVEN
     row_map = _vocab_alignment(recipe, inputs, notes) if spec.tau_from is TAU_PAIRS else None
     n_inputs = len(recipe.inputs)
+    tokenizer_files: dict[str, bytes | None] = {}
+    if recipe.tokenizer is not None or recipe.chat_template is not None:
+        if any(s.inputs for s in recipe.layer_slices):
+            raise RecipeError(
+                "a tokenizer alignment with slices that merge other models per slice is not supported yet",
+                hint="use tokenizer source: base, or the same models in every slice",
+            )
+        rows = [next((i.shape[0] for n, i in c.tensors.items() if _vocab_indexed(n, [i])), 0) for c in inputs]
+        row_map, tokenizer_files, more = align_vocabularies(
+            recipe.tokenizer, recipe.chat_template, inputs, list(recipe.inputs), rows
+        )
+        notes.extend(more)
     for name, sources, read in picks:
         own = read is not None and read != tuple(range(n_inputs))
         job_inputs = [inputs[i] for i in read] if own else inputs[:n_inputs]
@@ -357,7 +386,7 @@ def _plan(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
     if recipe.parameters.get("tokenizer_from") == "new-base":
         tokenizer_source = reference
     return Plan(recipe, inputs, jobs, layout, config_source, notes, tokenizer_source=tokenizer_source,
-                config_updates=updates)  # fmt: skip
+                config_updates=updates, tokenizer_files=tokenizer_files)  # fmt: skip
 
 
 def _vocab_indexed(name: str, infos: list) -> bool:
@@ -544,7 +573,9 @@ def _plan_stack(recipe: Recipe, inputs: list[Checkpoint]) -> Plan:
     first = inputs[slices[0][0]]
     updates = layer_count_updates(first.config(), [(inputs[m].config(), a, b) for m, a, b in slices])
     notes = [f"layer stack: {out_block} blocks from {len(slices)} slice(s)"]
-    return Plan(recipe, inputs, jobs, layout, first, notes, tokenizer_source=first, config_updates=updates)
+    files = align_vocabularies(None, recipe.chat_template, [first], [], [])[1] if recipe.chat_template else {}
+    return Plan(recipe, inputs, jobs, layout, first, notes, tokenizer_source=first, config_updates=updates,
+                tokenizer_files=files)  # fmt: skip
 
 
 def input_paths(plan: Plan) -> list[Path]:

@@ -14,6 +14,9 @@ only) in the worker:
 - **apply**: one task per output shard, written whole into the staging folder under a temporary
   name, fsynced, renamed (``engine.write_shard``). No tensor goes through Ray's object store. A task
   that dies is retried by Ray; every attempt writes the same bytes, so retries are harmless.
+- **failure**: when a task fails, the driver stops the rest through a file in the staging folder
+  (tasks that have not started return at once) and waits for the running ones, never with
+  ``ray.cancel`` (see ``_settled``).
 - **finalize**: the driver writes side files and index and moves the shards into place.
 
 OUT must be a path every node sees (a shared file system). Ray is imported only here, lazily.
@@ -25,6 +28,7 @@ import os
 import pickle
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -49,6 +53,8 @@ from surgery.scaleout import (
 from surgery.writer import publish
 
 RETRIES = 3  # attempts after a worker dies (os._exit, OOM kill, lost node)
+STOP = "stop"  # in the staging folder: the run failed, tasks that start from now on do nothing
+SETTLE_S = 60  # after a failure, how long the driver waits for the tasks still running
 
 
 @dataclass(frozen=True)
@@ -84,8 +90,16 @@ def _plan(spec: WorkerSpec) -> Plan:
     return plan
 
 
-def stage_task(spec: WorkerSpec, known: list[list], indices: list[int]) -> list:
-    """Items ``indices`` of the next reduce stage, after replaying the stages the driver holds."""
+def _stopped(spec: WorkerSpec) -> bool:
+    """Whether the driver has given up on this run (a task failed): the task need not run."""
+    return (Path(spec.out) / STAGING / STOP).exists()
+
+
+def stage_task(spec: WorkerSpec, known: list[list], indices: list[int]) -> list | None:
+    """Items ``indices`` of the next reduce stage, after replaying the stages the driver holds
+    (None if the run was stopped)."""
+    if _stopped(spec):
+        return None
     plan = _plan(spec)
     try:
         start_run(plan, spec.options, stage_map=Replay(known, thread_map(spec.options.workers), indices))
@@ -94,8 +108,11 @@ def stage_task(spec: WorkerSpec, known: list[list], indices: list[int]) -> list:
     raise AssertionError("the plan has no reduce stage left to compute")
 
 
-def shard_task(spec: WorkerSpec, known: list[list], filename: str) -> str:
-    """Output shard ``filename``, written whole into the staging folder; returns its name."""
+def shard_task(spec: WorkerSpec, known: list[list], filename: str) -> str | None:
+    """Output shard ``filename``, written whole into the staging folder; returns its name (None if
+    the run was stopped)."""
+    if _stopped(spec):
+        return None
     plan = _plan(spec)
     shared = start_run(plan, spec.options, stage_map=Replay(known, thread_map(1)))
     write_shard(shared, Path(spec.out) / STAGING / SHARDS, filename)
@@ -125,10 +142,11 @@ class RayStages:
     """The driver's stage map: each reduce stage as Ray tasks over groups of items, results saved in
     the staging folder and returned in item order."""
 
-    def __init__(self, ray, spec: WorkerSpec, folder: Path, groups: int) -> None:
+    def __init__(self, ray, spec: WorkerSpec, folder: Path, groups: int, stop: Path) -> None:
         self.ray = ray
         self.spec = spec
         self.folder = folder
+        self.stop = stop
         self.groups = max(1, groups)
         self.known: list[list] = []
         self.task = ray.remote(num_cpus=1, max_retries=RETRIES)(stage_task)
@@ -141,7 +159,7 @@ class RayStages:
             known = self.ray.put(self.known)
             size = -(-len(items) // self.groups)  # contiguous groups: neighbours share input shards
             groups = [list(range(k, min(k + size, len(items)))) for k in range(0, len(items), size)]
-            parts = _gather(self.ray, [self.task.remote(self.spec, known, g) for g in groups])
+            parts = _gather(self.ray, [self.task.remote(self.spec, known, g) for g in groups], self.stop)
             results = [r for part in parts for r in part]
             write_atomic(path, pickle.dumps(results))
         assert len(results) == len(items)
@@ -149,10 +167,10 @@ class RayStages:
         return results
 
 
-def _gather(ray, refs: list) -> list:
+def _gather(ray, refs: list, stop: Path) -> list:
     """The tasks' results; a task's own SurgeryError is re-raised as it is (the CLI prints its hint)."""
     try:
-        return _settled(ray, refs)
+        return _settled(ray, refs, stop)
     except ray.exceptions.RayTaskError as exc:
         cause = getattr(exc, "cause", None)
         if isinstance(cause, SurgeryError):
@@ -167,15 +185,22 @@ def _gather(ray, refs: list) -> list:
         ) from None
 
 
-def _settled(ray, refs: list) -> list:
-    """``ray.get``; on a failure the other tasks are cancelled and waited for, so that nothing
-    writes into OUT after the driver returns."""
+def _settled(ray, refs: list, stop: Path) -> list:
+    """``ray.get``; on a failure (or Ctrl-C) the other tasks are stopped and waited for, so that
+    nothing writes into OUT after the driver returns.
+
+    Not with ``ray.cancel``: in ray 2.60 a cancel that meets a task just finishing makes the driver's
+    core worker fail an internal check ("Tried to complete task that was not pending", the race of
+    ray-project/ray#54798) and end the whole driver process with status 1, no Python traceback
+    (every time within 200 failed batches of tiny tasks here). The stop file (on the storage every
+    node shares, like OUT) makes the tasks that have not started return at once; running ones
+    finish their shard, harmlessly: any attempt writes the same bytes, and a re-run keeps it."""
     try:
         return ray.get(refs)
     except BaseException:
-        for ref in refs:
-            ray.cancel(ref)
-        ray.wait(refs, num_returns=len(refs), timeout=60)
+        with suppress(OSError):  # without the file the other tasks only run in vain: keep the error
+            stop.touch()
+        ray.wait(refs, num_returns=len(refs), timeout=SETTLE_S)
         raise
 
 
@@ -196,19 +221,21 @@ def execute_on_ray(
         staging = out / STAGING
         for sub in (STAGES, SHARDS):
             (staging / sub).mkdir(exist_ok=True)
+        stop = staging / STOP
+        stop.unlink(missing_ok=True)  # a failed earlier run's: this one resumes it
         # One thread per task: Ray runs as many tasks as the cluster has CPUs.
         spec = WorkerSpec(
             plan.recipe, sources, replace(options, threads=1), os.path.abspath(out), fingerprint
         )
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        stages = RayStages(ray, spec, staging / STAGES, 2 * cpus)
+        stages = RayStages(ray, spec, staging / STAGES, 2 * cpus, stop)
         shared = start_run(plan, options, stage_map=stages)
         shard_dir = staging / SHARDS
         todo = [s.filename for s in shared.layout.shards if not (shard_dir / s.filename).is_file()]
         # SPREAD: shard tasks are I/O-bound, so spreading them uses every node's disk and network.
         task = ray.remote(num_cpus=1, max_retries=RETRIES, scheduling_strategy="SPREAD")(shard_fn)
         known = ray.put(stages.known)
-        _gather(ray, [task.remote(spec, known, filename) for filename in todo])
+        _gather(ray, [task.remote(spec, known, filename) for filename in todo], stop)
         publish(out, shared.layout, shard_dir, side_files(shared))
     resumed = sum(len(s.offsets) for s in shared.layout.shards if s.filename not in todo)
     seconds = time.perf_counter() - start

@@ -26,6 +26,14 @@ Schema (YAML), every field explicit in a saved recipe::
       alpha: auto                  # number, or auto = ||sum tau||_1 / (T ||tau_merged||_1)
       beta: null                   # null = 1 - alpha
       outside: alpha               # scale of tensors outside the blocks: alpha | alpha+beta | one
+    tokenizer:                     # optional: inputs with different tokenizers (mergekit's rule,
+      source: union                # see surgery/vocab_union.py): base | union | an input's path
+      base: /models/base           # whose rows fill tokens other inputs lack (null: none)
+      tokens: {"<|im_start|>": {source: {kind: zero}, force: false}}
+      pad_to_multiple_of: null
+    chat_template: null            # optional: Jinja text written as the output's chat_template.jinja
+    adapter_bases:                 # optional: a LoRA adapter input -> the model it is applied to
+      /adapters/a: /models/ft_x    # (mergekit's model+lora); default: the recipe's base
 
 Relative paths in a recipe file are resolved against the recipe file's folder (so a recipe and its
 models can move together); recipes written by surgery hold absolute paths, so
@@ -46,6 +54,7 @@ from surgery.errors import RecipeError
 from surgery.layer_slices import LayerSlice, check_layer_slices
 from surgery.methods import Method, get_method
 from surgery.methods.lines import LinesSchedule, make_schedule
+from surgery.tokenizer_files import TokenizerSpec, check_chat_template, tokenizer_spec
 
 RECIPE_VERSION = 1
 
@@ -76,6 +85,9 @@ class Recipe:
     slices: tuple[tuple[int, int, int], ...] = ()  # passthrough: (model index, first block, end block)
     # a merge of other blocks (mergekit slices): per output slice, one [start, end) per input
     layer_slices: tuple[LayerSlice, ...] = ()
+    tokenizer: TokenizerSpec | None = None  # the output vocabulary when inputs' tokenizers differ
+    chat_template: str | None = None  # Jinja text for the output's tokenizer
+    adapter_bases: dict[str, str] = field(default_factory=dict)  # adapter input -> model it applies to
 
     @property
     def spec(self) -> Method:
@@ -106,6 +118,12 @@ class Recipe:
             extras["slices"] = [{"model": m, "layers": [a, b]} for m, a, b in self.slices]
         if self.layer_slices:
             extras["layer_slices"] = [s.to_dict() for s in self.layer_slices]
+        if self.tokenizer is not None:
+            extras["tokenizer"] = self.tokenizer.to_dict()
+        if self.chat_template is not None:
+            extras["chat_template"] = self.chat_template
+        if self.adapter_bases:
+            extras["adapter_bases"] = dict(self.adapter_bases)
         return extras
 
     def to_yaml(self) -> str:
@@ -126,6 +144,9 @@ def make_recipe(
     per_tensor: dict[str, dict] | None = None,
     slices: list | None = None,
     layer_slices: list | None = None,
+    tokenizer: dict | TokenizerSpec | None = None,
+    chat_template: str | None = None,
+    adapter_bases: dict[str, str] | None = None,
 ) -> Recipe:
     """Validate and complete a recipe: method known, parameters typed and in range, defaults filled."""
     spec = get_method(method)
@@ -176,7 +197,24 @@ def make_recipe(
         per_tensor=_check_per_tensor(spec, per_tensor or {}, len(models), params),
         slices=_check_slices(spec, slices, len(models)),
         layer_slices=_check_layer_slices(spec, layer_slices, recipe, schedule),
+        tokenizer=None if tokenizer is None else tokenizer_spec(tokenizer, _absolute),  # inputs' path form
+        chat_template=check_chat_template(chat_template),
+        adapter_bases=_check_adapter_bases(adapter_bases or {}, recipe.inputs),
     )
+
+
+def _check_adapter_bases(bases: object, inputs: tuple[str, ...]) -> dict[str, str]:
+    """Each key must be an input (the adapter); the value is the model it is applied to."""
+    if not isinstance(bases, dict):
+        raise RecipeError("adapter_bases must map adapter inputs to the models they are applied to")
+    out = {_absolute(k): _absolute(v) for k, v in bases.items()}
+    stray = sorted(k for k in out if k not in inputs)
+    if stray:
+        raise RecipeError(
+            f"adapter_bases names {stray[0]}, which is not an input of the recipe",
+            hint="its keys are adapter inputs as listed in models (or base)",
+        )
+    return out
 
 
 # Parameters a tensor may set for itself; the others shape the whole run (ranks over all tensors...).
@@ -453,7 +491,7 @@ def recipe_from_dict(data: object, path: Path, on_card_base: Callable[[str], Non
     if data.get("version", RECIPE_VERSION) != RECIPE_VERSION:
         raise RecipeError(f"{path} has recipe version {data['version']}; this surgery reads 1")
     keys = {"version", "method", "base", "models", "parameters", "lines", "output", "per_tensor", "slices",
-            "layer_slices"}  # fmt: skip
+            "layer_slices", "tokenizer", "chat_template", "adapter_bases"}  # fmt: skip
     extra = set(data) - keys
     if extra:
         raise RecipeError(f"{path} has unknown keys: {', '.join(sorted(extra))}")
@@ -482,7 +520,12 @@ def recipe_from_dict(data: object, path: Path, on_card_base: Callable[[str], Non
         data.get("lines"),
         data.get("per_tensor"),
         data.get("slices"),
-        _slices_beside(path, data.get("layer_slices")),
+        layer_slices=_slices_beside(path, data.get("layer_slices")),
+        tokenizer=_relative_paths(data.get("tokenizer"), path),
+        chat_template=data.get("chat_template"),
+        adapter_bases={
+            _beside(path, k): _beside(path, v) for k, v in (data.get("adapter_bases") or {}).items()
+        },
     )
 
 
@@ -496,6 +539,13 @@ def _slices_beside(recipe_file: Path, value: object) -> object:
         else e
         for e in value
     ]
+
+
+def _relative_paths(tokenizer: object, path: Path) -> object:
+    """A tokenizer block's model paths, relative to the recipe file like its inputs."""
+    if not isinstance(tokenizer, dict):
+        return tokenizer
+    return tokenizer_spec(tokenizer, lambda p: _beside(path, p)).to_dict()
 
 
 def _beside(recipe_file: Path, source: str) -> str:

@@ -36,6 +36,8 @@ from surgery.methods.spec import TauFrom
 from surgery.plan import TensorJob
 from surgery.vocab import CARRY
 
+_MEAN_BLOCK = 1024  # rows summed at once for a padding row's mean
+
 
 class Workspace:
     """A worker's reusable host buffers: allocated once, grown only when a job needs more.
@@ -217,6 +219,8 @@ class TensorStream:
         # them) every chunk is read on its own
         self.spans = spans if spans is not None and job.row_map is None and not workspace.resident else None
         self._raw0: np.ndarray | None = None  # host bytes of input 0 of the last chunk loaded
+        self._means: dict[int, np.ndarray] = {}  # padding rows' mean per input (vocabulary maps)
+        self._cpu: Backend | None = None  # host decoder for those rows (the backend may be a device's)
 
     def read(self, k: int) -> Chunk:
         """Chunk ``k``, kept for the next pass while the tensor is one chunk: do not modify it."""
@@ -314,21 +318,95 @@ class TensorStream:
             self.backend.decode(self.ws.upload(raw), dtype, dec[i])
 
     def _load_rows(self, start: int, count: int, dec: np.ndarray) -> np.ndarray:
-        """Gather whole rows by the vocabulary row map (-1: zeros), one read per row."""
+        """Gather whole rows by the vocabulary row map into each input's staging buffer (one read per
+        run of consecutive source rows; -1 reads as zeros), decode once, then write the rows the map
+        computes: fills (a mean of other inputs' rows) and padding rows (the input's mean row), made
+        on the host and handed to wherever the chunk lives."""
         job = self.job
-        cols = job.cols
-        r0 = start // cols
-        rows = job.row_map.rows[r0 : r0 + count // cols]
-        for i, (ckpt, dtype) in enumerate(zip(self.inputs, job.in_dtypes)):
+        cols, row_map = job.cols, job.row_map
+        r0, n_rows = start // cols, count // cols
+        end = n_rows if row_map.mean_from is None else max(0, min(n_rows, row_map.mean_from - r0))
+        for i, dtype in enumerate(job.in_dtypes[: dec.shape[0]]):
             self.check_stop()
             raw = self._staging(i, count, dtype, dec)
-            for j, src in enumerate(rows[:, i]):
-                if src < 0:
-                    raw[j * cols : (j + 1) * cols] = 0
-                else:
-                    ckpt.read_into(job.source(i), int(src) * cols, raw[j * cols : (j + 1) * cols])
+            self._read_runs(i, r0, end, raw)
+            raw[end * cols :] = 0
             self._decode(i, raw, dtype, dec)
+            src = row_map.rows[r0 : r0 + end, i]
+            for j in np.flatnonzero(src < 0):
+                fill = row_map.fills.get(r0 + int(j))
+                if fill:
+                    dec[i, j * cols : (j + 1) * cols] = self.ws.asarray(self._fill_row(fill))
+            if end < n_rows:
+                mean = self.ws.asarray(self._mean_row(i))
+                for j in range(end, n_rows):
+                    dec[i, j * cols : (j + 1) * cols] = mean
         return dec
+
+    def _read_runs(self, i: int, r0: int, n: int, raw: np.ndarray) -> None:
+        """Raw rows ``r0 .. r0+n-1`` of input ``i`` as the map places them (zeros where it has none)."""
+        job = self.job
+        cols = job.cols
+        src = job.row_map.rows[r0 : r0 + n, i]
+        j = 0
+        while j < n:
+            if src[j] < 0:
+                raw[j * cols : (j + 1) * cols] = 0
+                j += 1
+                continue
+            k = j + 1
+            while k < n and src[k] == src[k - 1] + 1:
+                k += 1
+            self.inputs[i].read_into(job.source(i), int(src[j]) * cols, raw[j * cols : k * cols])
+            j = k
+
+    def _host_rows(self, i: int, r0: int, n: int) -> np.ndarray:
+        """Aligned rows ``r0 .. r0+n-1`` of input ``i`` as float32 on the host, fills included."""
+        job = self.job
+        cols, dtype = job.cols, job.in_dtypes[i]
+        raw = np.empty(n * cols, DTYPES[dtype].storage)
+        self._read_runs(i, r0, n, raw)
+        rows = self._host_f32(raw, dtype)
+        for j in np.flatnonzero(job.row_map.rows[r0 : r0 + n, i] < 0):
+            fill = job.row_map.fills.get(r0 + int(j))
+            if fill:
+                rows[j * cols : (j + 1) * cols] = self._fill_row(fill)
+        return rows
+
+    def _fill_row(self, fill: tuple[tuple[int, int], ...]) -> np.ndarray:
+        """The float32 mean of rows (input, row), summed in order and divided once (mergekit's
+        running sum)."""
+        job = self.job
+        out = np.zeros(job.cols, np.float32)
+        for k, row in fill:
+            raw = np.empty(job.cols, DTYPES[job.in_dtypes[k]].storage)
+            self.inputs[k].read_into(job.source(k), row * job.cols, raw)
+            out += self._host_f32(raw, job.in_dtypes[k])
+        return out / np.float32(len(fill))
+
+    def _host_f32(self, raw: np.ndarray, dtype: str) -> np.ndarray:
+        """Raw storage -> a new float32 host array, with the CPU kernels' decoder: rows a vocabulary
+        map computes are made on the host whatever the backend."""
+        if dtype == "F32":
+            return raw.copy()
+        if self._cpu is None:
+            from surgery.kernels import get_backend
+
+            self._cpu = get_backend("cpu")
+        return self._cpu.decode(raw, dtype, np.empty(raw.size, np.float32))
+
+    def _mean_row(self, i: int) -> np.ndarray:
+        """Input ``i``'s mean over its aligned rows 0..mean_from-1 (padding rows), once per stream:
+        float64 sums of fixed blocks of rows, so the value does not depend on the chunking."""
+        if i not in self._means:
+            cols, n = self.job.cols, self.job.row_map.mean_from
+            total = np.zeros(cols, np.float64)
+            for r in range(0, n, _MEAN_BLOCK):
+                self.check_stop()
+                b = min(_MEAN_BLOCK, n - r)
+                total += self._host_rows(i, r, b).reshape(b, cols).sum(axis=0, dtype=np.float64)
+            self._means[i] = (total / n).astype(np.float32)
+        return self._means[i]
 
     def raw0(self, chunk: Chunk) -> np.ndarray:
         """Raw bytes (host) of input 0 for the chunk just loaded."""

@@ -13,12 +13,17 @@ each output row is assembled from the rows that hold *the same token string* in 
 Output rows follow the tokenizer the output gets (the old fine-tune's by default). A token of that
 tokenizer that cannot be placed (in the old base but not the new one) is an error naming it. Rows
 past the tokenizer (padding rows) are aligned by index when they are padding in every input.
+
+The same ``RowMap`` carries merges of models with different tokenizers (``vocab_union``): there an
+input that lacks a token gets a row borrowed from the others (``fills``), and rows padded past the
+vocabulary hold the mean of the input's aligned rows (``mean_from``).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +36,20 @@ COMBINE, CARRY, BASE = 0, 1, 2
 
 @dataclass(frozen=True)
 class RowMap:
-    """For each output row: the source row in (new base, old base, old fine-tune), -1 for none,
-    and how the row is made (COMBINE, CARRY or BASE)."""
+    """For each output row: the source row in each input (transfer: new base, old base, old
+    fine-tune), -1 for none, and how the row is made (COMBINE, CARRY or BASE).
 
-    rows: np.ndarray  # int64 [n_out, 3]
+    An input's row -1 reads as zeros, unless the output row has a ``fills`` entry: then it reads as
+    the float32 mean of the listed (input, row) pairs, summed in that order (an empty entry: zeros).
+    Rows from ``mean_from`` on (padding) read, in each input, as the mean of that input's rows
+    ``0..mean_from-1`` as this map gathers them.
+    """
+
+    rows: np.ndarray  # int64 [n_out, n_inputs]
     mode: np.ndarray  # int8 [n_out]
     dropped: tuple[str, ...]  # tokens of the other vocabulary that the output cannot hold
+    fills: Mapping[int, tuple[tuple[int, int], ...]] = field(default_factory=dict)
+    mean_from: int | None = None
 
     @property
     def n_out(self) -> int:
@@ -47,17 +60,23 @@ def load_vocab(root: Path) -> dict[str, int] | None:
     """token string -> id from tokenizer.json (model vocab + added tokens), or vocab.json."""
     tok = root / "tokenizer.json"
     if tok.is_file():
-        data = json.loads(tok.read_text())
-        vocab = dict((data.get("model") or {}).get("vocab") or {})
-        if isinstance(vocab, list):  # Unigram: [[piece, score], ...]
-            vocab = {piece: i for i, (piece, _score) in enumerate(vocab)}
-        for added in data.get("added_tokens") or []:
-            vocab[added["content"]] = int(added["id"])
-        return vocab or None
+        return vocab_of(json.loads(tok.read_text())) or None
     plain = root / "vocab.json"
     if plain.is_file():
         return {str(k): int(v) for k, v in json.loads(plain.read_text()).items()}
     return None
+
+
+def vocab_of(tokenizer: dict) -> dict[str, int]:
+    """token string -> id of a parsed tokenizer.json: the model's vocabulary, then its added tokens
+    (what ``tokenizer.get_vocab()`` returns)."""
+    vocab = (tokenizer.get("model") or {}).get("vocab") or {}
+    if isinstance(vocab, list):  # Unigram: [[piece, score], ...]
+        vocab = {piece: i for i, (piece, _score) in enumerate(vocab)}
+    vocab = dict(vocab)
+    for added in tokenizer.get("added_tokens") or []:
+        vocab[added["content"]] = int(added["id"])
+    return vocab
 
 
 def _tokens(vocab: dict[str, int], rows: int) -> list[str | None]:

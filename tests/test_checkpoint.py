@@ -234,3 +234,28 @@ def test_writer_same_itemsize_dtypes_byte_identical_to_save_file(tmp_path, pair)
     low, high = pair
     tensors = {"a": torch.ones(3, dtype=low), "b": torch.ones(2, dtype=high)}
     assert_like_save_file(tmp_path, tensors)
+
+
+def test_read_ahead_hints_run_on_their_own_thread_and_never_fail(tmp_path, monkeypatch):
+    """prefetch hands WILLNEED to a thread of its own (it can block while the disk's queue is full);
+    the hint opens its own descriptor, so a reader closed meanwhile or a file gone is no error."""
+    import threading
+
+    import surgery.checkpoint as ck
+
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"\0" * 8192)
+    calls = []
+    done = threading.Event()
+
+    def fake_fadvise(fd, offset, nbytes, advice):
+        calls.append((threading.current_thread() is threading.main_thread(), offset, nbytes, advice))
+        done.set()
+
+    monkeypatch.setattr(ck.os, "posix_fadvise", fake_fadvise, raising=False)
+    files = ck.LocalFiles()
+    files.prefetch(f, 4096, 4096)
+    files.close()
+    assert done.wait(10)
+    assert calls == [(False, 4096, 4096, ck.os.POSIX_FADV_WILLNEED)]
+    ck._will_need(tmp_path / "gone.bin", 0, 10)  # a file that is gone: nothing raised

@@ -44,8 +44,15 @@ class ModelRef:
 
     @property
     def source(self) -> str:
-        """What ``open_checkpoint`` understands: ``org/name@rev`` or a path."""
+        """What ``open_checkpoint`` understands: ``org/name@rev`` or a path (the model, without its
+        adapter: tensor names and config.json are the model's)."""
         return self.path + (f"@{self.revision}" if self.revision else "")
+
+    @property
+    def input(self) -> str:
+        """The recipe input: the adapter (applied to ``source``, see ``Recipe.adapter_bases``) or
+        the model."""
+        return self.lora if self.lora else self.source
 
 
 def parse_model_ref(value: object, where: str) -> ModelRef:
@@ -63,13 +70,9 @@ def parse_model_ref(value: object, where: str) -> ModelRef:
     if len(parts) > 2:
         raise RecipeError(f"mergekit config: cannot read model reference {value!r} ({where})")
     path, revision = _split_revision(parts[0], where)
-    lora = _split_revision(parts[1], where)[0] if len(parts) == 2 else None
-    if lora is not None:
-        raise unsupported(
-            f"{where}: {value!r} applies a LoRA adapter (model+lora)",
-            hint="merge the adapter into its model first (e.g. peft's merge_and_unload) and name "
-            "the merged folder",
-        )
+    lora = parts[1] if len(parts) == 2 and _split_revision(parts[1], where) else None  # keeps @revision
+    if lora is not None and not lora.strip():
+        raise RecipeError(f"mergekit config: {where}: {value!r} names no LoRA adapter after '+'")
     return ModelRef(path, revision, lora)
 
 
@@ -100,6 +103,7 @@ class OutputSlice:
     sources: tuple[SliceSource, ...]
     base_model: ModelRef | None = None
     parameters: Parameters | None = None
+    residual_weight: float | None = None  # mergekit 0.1.5 accepts it and ignores it; so do we
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,10 @@ class MergekitConfig:
     tokenizer_source: str | None  # "base", "union", or a model reference (as text)
     name: str | None
     raw: dict  # the file as read, kept for the output folder and the card
+    # the tokenizer block's tokens (token -> {"source": ModelRef | {kind: ...}, "force": bool})
+    tokens: tuple[tuple[str, dict], ...] = ()
+    pad_to_multiple_of: int | None = None
+    chat_template: str | None = None  # "auto", a template name, or Jinja text (as written)
 
 
 def looks_like_mergekit(data: object) -> bool:
@@ -170,6 +178,9 @@ def parse_config(data: dict) -> MergekitConfig:
         tokenizer_source=_tokenizer(data),
         name=str(data["name"]) if data.get("name") is not None else None,
         raw=dict(data),
+        tokens=_tokens(data.get("tokenizer")),
+        pad_to_multiple_of=_pad(data.get("tokenizer")),
+        chat_template=_chat_template(data.get("chat_template")),
     )
 
 
@@ -202,8 +213,9 @@ def _output_slice(entry: object, i: int) -> OutputSlice:
     where = f"slices[{i}]"
     if not isinstance(entry, dict) or not entry.get("sources"):
         raise RecipeError(f"mergekit config: {where} needs 'sources'")
-    if entry.get("residual_weight") is not None:
-        raise unsupported(f"{where}.residual_weight")
+    residual = entry.get("residual_weight")  # declared by mergekit 0.1.5, read nowhere: no effect
+    if residual is not None and (isinstance(residual, bool) or not isinstance(residual, int | float)):
+        raise RecipeError(f"mergekit config: {where}.residual_weight must be a number")
     extra = sorted(set(entry) - {"sources", "base_model", "parameters", "residual_weight"})
     if extra:
         raise RecipeError(f"mergekit config: {where} has unknown key(s) {', '.join(extra)}")
@@ -215,7 +227,8 @@ def _output_slice(entry: object, i: int) -> OutputSlice:
             hint="every source of a slice must have the same layer_range length",
         )
     base = parse_model_ref(entry["base_model"], f"{where}.base_model") if entry.get("base_model") else None
-    return OutputSlice(sources, base, _parameters(entry.get("parameters"), f"{where}.parameters"))
+    params = _parameters(entry.get("parameters"), f"{where}.parameters")
+    return OutputSlice(sources, base, params, None if residual is None else float(residual))
 
 
 def _source(entry: object, where: str) -> SliceSource:
@@ -242,29 +255,79 @@ def _source(entry: object, where: str) -> SliceSource:
 
 
 def _tokenizer(data: dict) -> str | None:
+    """The tokenizer source: base, union or a model reference (as text); the ``tokenizer:`` block's
+    ``source`` defaults to union, as in mergekit."""
     if data.get("tokenizer_source") is not None and data.get("tokenizer") is not None:
         raise RecipeError("mergekit config: give tokenizer_source or tokenizer, not both")
-    if data.get("chat_template") is not None:
-        raise unsupported("chat_template", hint="remove it; the base's chat template is copied")
     block = data.get("tokenizer")
     source = data.get("tokenizer_source")
     if block is not None:
         if not isinstance(block, dict):
             raise RecipeError("mergekit config: 'tokenizer' must be a mapping with 'source'")
-        extra = sorted(k for k, v in block.items() if k != "source" and v)
+        extra = sorted(set(block) - {"source", "tokens", "pad_to_multiple_of"})
         if extra:
-            raise unsupported(f"tokenizer.{extra[0]}")
-        source = block.get("source")
+            raise RecipeError(f"mergekit config: tokenizer has unknown key(s) {', '.join(extra)}")
+        source = block.get("source", "union")
     if source is None:
         return None
     if isinstance(source, dict):
         return str(parse_model_ref(source, "tokenizer_source"))
     text = str(source)
-    if text == "union":
-        raise unsupported("tokenizer_source: union", hint="use tokenizer_source: base")
     if text.startswith("model:"):  # mergekit's long form "model:org/name"
         text = text.removeprefix("model:")
-    return text if text == "base" else str(parse_model_ref(text, "tokenizer_source"))
+    return text if text in ("base", "union") else str(parse_model_ref(text, "tokenizer_source"))
+
+
+def _tokens(block: object) -> tuple[tuple[str, dict], ...]:
+    """``tokenizer.tokens``: per token, its row's source (a model reference, ``{kind: zero}`` or
+    ``{kind: model_token, model, token | token_id}``) and ``force``."""
+    if not isinstance(block, dict) or not block.get("tokens"):
+        return ()
+    tokens = block["tokens"]
+    if not isinstance(tokens, dict):
+        raise RecipeError("mergekit config: tokenizer.tokens must map token strings to settings")
+    out = []
+    for token, cfg in tokens.items():
+        where = f"tokenizer.tokens[{token!r}]"
+        cfg = cfg or {}
+        if not isinstance(cfg, dict) or set(cfg) - {"source", "force"}:
+            raise RecipeError(f"mergekit config: {where} takes source and force")
+        source = cfg.get("source")
+        if source is None:  # mergekit fails on it (NotImplementedError) whenever the row is needed
+            raise unsupported(f"{where} without a source", hint="give source: MODEL or {kind: zero}")
+        if isinstance(source, dict) and source.get("kind") in ("zero", "model_token"):
+            source = dict(source)
+            if source["kind"] == "model_token":
+                source["model"] = parse_model_ref(source.get("model"), f"{where}.source.model")
+        else:
+            source = parse_model_ref(source, f"{where}.source")
+        force = cfg.get("force", False)
+        if not isinstance(force, bool):
+            raise RecipeError(f"mergekit config: {where}.force must be true or false")
+        out.append((str(token), {"source": source, "force": force}))
+    return tuple(out)
+
+
+def _pad(block: object) -> int | None:
+    pad = block.get("pad_to_multiple_of") if isinstance(block, dict) else None
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+        raise RecipeError(
+            f"mergekit config: tokenizer.pad_to_multiple_of must be a positive integer, not {pad!r}"
+        )
+    return pad
+
+
+def _chat_template(value: object) -> str | None:
+    """Checked here (a name we know, auto, or Jinja text); resolved once the inputs are open."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise RecipeError("mergekit config: chat_template must be a template name or Jinja text")
+    if value != "auto":
+        from surgery.chat_templates import resolve_chat_template
+
+        resolve_chat_template(value)
+    return value
 
 
 def _parameters(value: object, where: str) -> Parameters | None:

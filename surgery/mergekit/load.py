@@ -16,6 +16,7 @@ from surgery.mergekit.config import MergekitConfig, ModelRef, parse_config
 from surgery.mergekit.methods import get_mk_method, require_runnable
 from surgery.mergekit.native import native_recipe
 from surgery.mergekit.resolve import ModelInfo, TensorSpec, normalized_slices, resolve_tensors
+from surgery.mergekit.tokenizer import recipe_extras
 from surgery.names import layer_map
 from surgery.recipe import Recipe, read_yaml, recipe_from_dict
 
@@ -72,7 +73,15 @@ def convert_config(data: dict) -> Converted:
         specs, notes = resolve_tensors(config, method, info)
         float_specs = [s for s in specs if _is_float(opened, s)]
         slices = normalized_slices(config, method, info)
-        recipe = native_recipe(config, method, float_specs or specs, lambda n: shapes.get(n, (1,)), slices)
+
+        def root(ref: ModelRef) -> Path:
+            info(ref)  # opens it
+            return opened[ref].root  # type: ignore[attr-defined]
+
+        refs = tuple(dict.fromkeys(m for s in specs for m in s.models))
+        extras = recipe_extras(config, refs, root)
+        shape = lambda n: shapes.get(n, (1,))  # noqa: E731
+        recipe = native_recipe(config, method, float_specs or specs, shape, slices, extras)
     finally:
         for ckpt in opened.values():
             ckpt.close()  # type: ignore[attr-defined]

@@ -44,22 +44,22 @@ def native_recipe(
     specs: list[TensorSpec],
     shape: Callable[[str], tuple[int, ...]],
     slices: tuple[OutputSlice, ...] = (),
+    extras: dict | None = None,
 ) -> Recipe:
     """Our recipe computing what mergekit computes for this config, or an error listing why not.
 
     Values that differ between tensors (gradients, filters) go to the recipe's ``per_tensor``;
-    passthrough's slices become the recipe's ``slices``."""
+    passthrough's slices become the recipe's ``slices``. ``extras``: recipe fields passed through
+    (tokenizer, chat template, adapter bases: ``mergekit.tokenizer.recipe_extras``)."""
     require_runnable(method)
     reasons: list[str] = []
+    extras = extras or {}
     if method.name == "passthrough":
-        return _stack(config, specs, slices, reasons)
+        return _stack(config, specs, slices, reasons, extras)
     first = specs[0]
     if any(len(s.models) != len(first.models) or s.has_base != first.has_base for s in specs):
         reasons.append("slices that merge different numbers of models (or one with a base, one without)")
     layer_slices = _layer_slices(method, config, slices) if config.slices else None
-    tok = config.tokenizer_source
-    if tok not in (None, "base") and not (first.has_base and tok == str(first.models[0])):
-        reasons.append(f"tokenizer_source: {tok} (a tokenizer other than the base's)")
     translated = [_translate(method.name, s.shared, s.per_model, shape(s.name), reasons) for s in specs]
     if reasons:
         raise _refuse(method, reasons)
@@ -69,10 +69,11 @@ def native_recipe(
         own = {k: v for k, v in p.items() if v != params[k]}
         if own:
             per_tensor[spec.name] = own
-    models = [m.source for m in first.models]
+    models = [m.input for m in first.models]
     base = models.pop(0) if first.has_base else None
     dtype = config.out_dtype or config.dtype
-    return make_recipe(name, models, base, params, dtype, per_tensor=per_tensor, layer_slices=layer_slices)
+    return make_recipe(name, models, base, params, dtype, per_tensor=per_tensor,
+                       layer_slices=layer_slices, **extras)  # fmt: skip
 
 
 def _layer_slices(method: MkMethod, config: MergekitConfig, slices: tuple[OutputSlice, ...]) -> list[dict]:
@@ -86,7 +87,7 @@ def _layer_slices(method: MkMethod, config: MergekitConfig, slices: tuple[Output
         sources = list(s.sources)
         if method.base != "ignored" and base is not None:
             sources.sort(key=lambda src: src.model != base)
-        models = [src.model.source for src in sources]
+        models = [src.model.input for src in sources]
         first_models = first_models or models
         entry: dict = {"ranges": [list(src.layer_range) for src in sources]}
         out.append(entry | ({"inputs": models} if models != first_models else {}))
@@ -94,15 +95,22 @@ def _layer_slices(method: MkMethod, config: MergekitConfig, slices: tuple[Output
 
 
 def _stack(
-    config: MergekitConfig, specs: list[TensorSpec], slices: tuple[OutputSlice, ...], reasons: list[str]
+    config: MergekitConfig,
+    specs: list[TensorSpec],
+    slices: tuple[OutputSlice, ...],
+    reasons: list[str],
+    extras: dict,
 ) -> Recipe:
     """passthrough: the slices' models (each once, in order of appearance) and their layer ranges;
     ``scale`` (per tensor: gradients and filters allowed) becomes the tensors' own ``scale``."""
     scales = {s.name: float(s.per_model["scale"][0]) for s in specs if s.per_model["scale"][0] is not None}
     if config.tokenizer_source not in (None, "base"):
         reasons.append(f"tokenizer_source: {config.tokenizer_source}")
+    if config.tokens or config.pad_to_multiple_of:
+        reasons.append("tokenizer.tokens / pad_to_multiple_of")
     if reasons:
         raise _refuse(get_mk_method("passthrough"), reasons)
+    extras = {k: v for k, v in extras.items() if k != "tokenizer"}  # layer stacks keep one model's
     models: list[ModelRef] = []
     for s in slices:
         if s.sources[0].model not in models:
@@ -112,9 +120,8 @@ def _stack(
     ]
     dtype = config.out_dtype or config.dtype
     per_tensor = {name: {"scale": v} for name, v in scales.items() if v != 1.0}
-    return make_recipe(
-        "passthrough", [m.source for m in models], None, {}, dtype, per_tensor=per_tensor, slices=stack
-    )
+    return make_recipe("passthrough", [m.input for m in models], None, {}, dtype, per_tensor=per_tensor,
+                       slices=stack, **extras)  # fmt: skip
 
 
 def _refuse(method: MkMethod, reasons: list[str]) -> RecipeError:

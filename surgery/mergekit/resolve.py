@@ -191,7 +191,12 @@ def _ignored_parameters(config: MergekitConfig, method: MkMethod) -> list[str]:
         seen |= set(s.parameters or {})
         for src in s.sources:
             seen |= set(src.parameters or {})
-    return [
+    notes = [
         f"mergekit config: parameter {name!r} means nothing to {method.name}; ignored (as mergekit does)"
         for name in sorted(seen - known)
     ]
+    if any(s.residual_weight is not None for s in config.slices or ()):
+        notes.append(
+            "mergekit config: residual_weight has no effect in mergekit 0.1.5; ignored (as mergekit does)"
+        )
+    return notes

@@ -19,10 +19,41 @@ def test_model_references():
         parse_model_ref("a@b@c", "m")
 
 
-def test_lora_references_are_refused_by_name():
-    with pytest.raises(RecipeError, match=r"model\+lora.*not supported yet") as info:
-        parse_model_ref("org/base+org/adapter", "models[0].model")
-    assert "merge_and_unload" in info.value.hint
+def test_lora_references():
+    ref = parse_model_ref("org/base@r1+org/lora@r2", "models[0].model")
+    assert ref == ModelRef("org/base", "r1", "org/lora@r2")  # the adapter keeps its revision
+    assert (ref.source, ref.input, str(ref)) == ("org/base@r1", "org/lora@r2", "org/base@r1+org/lora@r2")
+    with pytest.raises(RecipeError, match="more than one @"):
+        parse_model_ref("org/base+org/lora@a@b", "m")
+    assert parse_model_ref({"model": "org/base", "lora": "org/lora"}, "m").lora == "org/lora"
+    with pytest.raises(RecipeError, match="names no LoRA adapter"):
+        parse_model_ref("org/base+", "m")
+    with pytest.raises(RecipeError, match="cannot read model reference"):
+        parse_model_ref("a+b+c", "m")
+
+
+def test_tokenizer_block_and_chat_template_parse():
+    config = parse_config(
+        {
+            **FULL,
+            "tokenizer_source": None,
+            "tokenizer": {
+                "pad_to_multiple_of": 8,
+                "tokens": {
+                    "<a>": {"source": "org/a"},
+                    "<b>": {"source": {"kind": "zero"}, "force": True},
+                    "<c>": {"source": {"kind": "model_token", "model": "org/b+lora", "token_id": 3}},
+                },
+            },
+            "chat_template": "chatml",
+        }
+    )
+    assert config.tokenizer_source == "union"  # mergekit's default source of a tokenizer block
+    assert config.pad_to_multiple_of == 8 and config.chat_template == "chatml"
+    tokens = dict(config.tokens)
+    assert tokens["<a>"] == {"source": ModelRef("org/a"), "force": False}
+    assert tokens["<b>"] == {"source": {"kind": "zero"}, "force": True}
+    assert tokens["<c>"]["source"]["model"] == ModelRef("org/b", None, "lora")
 
 
 FULL = {
@@ -70,12 +101,13 @@ def test_slices_parse():
     ("change", "message"),
     [
         ({"modules": {"text": {}}}, r"'modules:'.*not supported yet"),
-        ({"tokenizer_source": "union"}, "tokenizer_source: union is not supported yet"),
-        ({"chat_template": "chatml"}, "chat_template is not supported yet"),
+        ({"chat_template": "exaone"}, "chat_template: exaone is not supported yet"),
+        ({"chat_template": "zephyr"}, "invalid chat template 'zephyr'"),
         (
             {"tokenizer_source": None, "tokenizer": {"source": "base", "tokens": {"<x>": {}}}},
-            "tokenizer.tokens",
+            r"tokenizer.tokens\['<x>'\] without a source is not supported yet",
         ),
+        ({"tokenizer_source": None, "tokenizer": {"pad_to_multiple_of": 0}}, "positive integer"),
         ({"frobnicate": 1}, "unknown top-level key"),
         ({"tokenizer": {"source": "base"}, "tokenizer_source": "base"}, "not both"),
         ({"dtype": "int8"}, "not a float dtype"),
@@ -97,8 +129,15 @@ def test_slice_errors():
         parse_config(cfg([{"model": "a", "layer_range": [0, 2]}, {"model": "b", "layer_range": [0, 3]}]))
     with pytest.raises(RecipeError, match="layer_range must be"):
         parse_config(cfg([{"model": "a", "layer_range": [3, 2]}]))
-    with pytest.raises(RecipeError, match="residual_weight is not supported yet"):
+    # declared by mergekit 0.1.5 but read nowhere: accepted and ignored, as mergekit does
+    assert (
         parse_config(cfg([{"model": "a", "layer_range": [0, 2]}], residual_weight=0.5))
+        .slices[0]
+        .residual_weight
+        == 0.5
+    )
+    with pytest.raises(RecipeError, match="residual_weight must be a number"):
+        parse_config(cfg([{"model": "a", "layer_range": [0, 2]}], residual_weight="x"))
 
 
 def test_every_mergekit_method_is_known_and_the_missing_ones_are_named():

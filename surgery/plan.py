@@ -236,7 +236,7 @@ def build_plan(recipe: Recipe, sources: InputOptions | None = None) -> Plan:
                     path=source,
                 )
         for source in extra_inputs(recipe.inputs, recipe.layer_slices):  # slices' own models
-            inputs.append(open_input(source, sources, cache_ranges))
+            inputs.append(open_input(source, sources, cache_ranges, base=recipe.adapter_bases.get(source)))
         if recipe.spec.output == "scatter":
             return _plan_scatter(recipe, inputs)
         if recipe.slices or recipe.spec.name == "passthrough":

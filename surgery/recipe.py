@@ -51,7 +51,7 @@ from pathlib import Path
 
 from surgery.dtypes import parse_output_dtype
 from surgery.errors import RecipeError
-from surgery.layer_slices import LayerSlice, check_layer_slices
+from surgery.layer_slices import LayerSlice, check_layer_slices, extra_inputs
 from surgery.methods import Method, get_method
 from surgery.methods.lines import LinesSchedule, make_schedule
 from surgery.tokenizer_files import TokenizerSpec, check_chat_template, tokenizer_spec
@@ -190,16 +190,19 @@ def make_recipe(
     if shard < 1:
         raise RecipeError(f"max_shard_size must be at least 1 byte, not {max_shard_size!r}",
                           hint="write sizes like 500MB or 5GB")  # fmt: skip
+    slice_list = _check_layer_slices(spec, layer_slices, recipe, schedule)
     return replace(
         recipe,
         max_shard_size=shard,
         lines=schedule,
         per_tensor=_check_per_tensor(spec, per_tensor or {}, len(models), params),
         slices=_check_slices(spec, slices, len(models)),
-        layer_slices=_check_layer_slices(spec, layer_slices, recipe, schedule),
+        layer_slices=slice_list,
         tokenizer=None if tokenizer is None else tokenizer_spec(tokenizer, _absolute),  # inputs' path form
         chat_template=check_chat_template(chat_template),
-        adapter_bases=_check_adapter_bases(adapter_bases or {}, recipe.inputs),
+        adapter_bases=_check_adapter_bases(
+            adapter_bases or {}, (*recipe.inputs, *extra_inputs(recipe.inputs, slice_list))
+        ),
     )
 
 

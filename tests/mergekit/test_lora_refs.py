@@ -112,3 +112,36 @@ def test_a_lora_that_is_not_an_adapter_is_refused(lora_family, invoke, tmp_path)
         r"error: .*m1 is applied to .*ft as a LoRA adapter, but it is not a PEFT adapter", result.stderr
     )
     assert "hint:" in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_lora_as_the_model_of_a_later_slice(lora_family, invoke, tmp_path):
+    """slerp slices with another model per slice, the second slice's being base+adapter: opened as an
+    extra input applied to its own model, the same numbers as the merged checkpoint."""
+    p = {k: str(v) for k, v in lora_family.items()}
+
+    def slerp(second: str) -> dict:
+        return {
+            "merge_method": "slerp",
+            "base_model": p["base"],
+            "slices": [
+                {
+                    "sources": [
+                        {"model": p["base"], "layer_range": [0, 1]},
+                        {"model": p["ft"], "layer_range": [0, 1]},
+                    ]
+                },
+                {
+                    "sources": [
+                        {"model": p["base"], "layer_range": [1, 2]},
+                        {"model": second, "layer_range": [1, 2]},
+                    ]
+                },
+            ],
+            "parameters": {"t": 0.3},
+            "dtype": "float32",
+        }
+
+    same(
+        run(invoke, tmp_path, slerp(f"{p['base']}+{p['l1']}"), "lora"),
+        run(invoke, tmp_path, slerp(p["m1"]), "merged"),
+    )

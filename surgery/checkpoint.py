@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import struct
 import threading
 from collections.abc import Callable
@@ -150,11 +151,11 @@ class LocalFiles:
         return os.preadv(self._fd(path), [view], offset)
 
     def prefetch(self, path: Path, offset: int, nbytes: int) -> None:
-        """Ask the kernel to start reading a range now, from a thread of its own: ``WILLNEED``
+        """Ask the kernel to start reading a range now, from the read-ahead thread: ``WILLNEED``
         submits the reads itself and blocks while the disk's queue is full, which for a span of
         hundreds of MB would stall the worker that should be computing meanwhile."""
         if hasattr(os, "posix_fadvise"):
-            threading.Thread(target=_will_need, args=(path, offset, nbytes), daemon=True).start()
+            _read_ahead().put((path, offset, nbytes))
 
     def fingerprint(self, files: tuple[Path, ...]) -> list[list]:
         return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
@@ -170,6 +171,29 @@ class LocalFiles:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+_HINTS: queue.SimpleQueue | None = None
+_HINTS_LOCK = threading.Lock()
+
+
+def _read_ahead() -> queue.SimpleQueue:
+    """The queue of read-ahead hints, served in order by one daemon thread started on first use (a
+    hint is only a hint: one left unserved at exit is dropped)."""
+    global _HINTS
+    with _HINTS_LOCK:
+        if _HINTS is None:
+            _HINTS = queue.SimpleQueue()
+            hints = _HINTS
+            threading.Thread(
+                target=_serve_hints, args=(hints,), name="surgery-read-ahead", daemon=True
+            ).start()
+    return _HINTS
+
+
+def _serve_hints(hints: queue.SimpleQueue) -> None:
+    while True:
+        _will_need(*hints.get())
 
 
 def _will_need(path: Path, offset: int, nbytes: int) -> None:

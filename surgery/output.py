@@ -32,7 +32,8 @@ from surgery.writer import JOURNAL, STATE, CheckpointWriter, Layout
 
 
 def check_output_folder(out: Path, inputs: Sequence[Path]) -> None:
-    """Refuse an output folder that is, contains, or lies inside an input."""
+    """Refuse an output that exists but is not a folder, or that is, contains, or lies inside an
+    input."""
     out_r = out.resolve()
     for inp in inputs:
         inp_r = inp.resolve()
@@ -47,6 +48,12 @@ def check_output_folder(out: Path, inputs: Sequence[Path]) -> None:
                 "over an input)",
                 path=str(out),
             )
+    if out.exists() and not out.is_dir():
+        raise OutputError(
+            f"output {out} exists and is not a folder",
+            hint="surgery writes a folder: pass -o a new or empty folder",
+            path=str(out),
+        )
 
 
 def side_files_of(folder: Path, config: bool = True) -> dict[str, bytes]:
@@ -84,12 +91,6 @@ def open_output(
     """
     out = Path(out)
     check_output_folder(out, inputs)
-    if out.exists() and not out.is_dir():
-        raise OutputError(
-            f"output {out} exists and is not a folder",
-            hint="surgery writes a folder: pass -o a new or empty folder",
-            path=str(out),
-        )
     staging = out / STAGING
     made_out = not out.exists()
     made_staging = not staging.exists()

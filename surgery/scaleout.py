@@ -304,12 +304,6 @@ def join_output(out: Path, plan: Plan) -> int:
     folder meanwhile, nor a share while one of those runs. Returns the fd that holds the lock.
     """
     check_output_folder(out, input_paths(plan))
-    if out.exists() and not out.is_dir():
-        raise OutputError(
-            f"output {out} exists and is not a folder",
-            hint="surgery writes a folder: pass -o a new or empty folder",
-            path=str(out),
-        )
     staging = out / STAGING
     staging.mkdir(parents=True, exist_ok=True)
     fd = os.open(staging / LOCK, os.O_RDWR | os.O_CREAT, 0o644)

@@ -60,6 +60,42 @@ def test_radix_threshold_is_exact_order_statistic():
         np.testing.assert_array_equal(mine, in_top, err_msg=f"r={r}")
 
 
+def _edge(bits_sorted_desc: np.ndarray, r: int) -> tuple[int, int]:
+    """(v, ties) of rank r as radix select gives them: v = |x| bits of the r-th largest, ties = how many
+    elements equal to v are among the top r (v = -1: every element; 2**32: none)."""
+    if r == 0:
+        return 2**32, 0
+    if r == bits_sorted_desc.size:
+        return -1, 0
+    v = int(bits_sorted_desc[r - 1])
+    return v, int((bits_sorted_desc[:r] == v).sum())
+
+
+def test_band_mask_keeps_exactly_the_rank_band_in_any_chunking():
+    """Ranks from a stable sort (larger |x| first, then lower index), against the blocked kernel: many
+    ties (bf16-like steps), a tensor of several 4096-element blocks, chunks that split blocks, and tie
+    budgets that run out inside a block, at a block's edge, or never."""
+    rng = np.random.default_rng(3)
+    n = 3 * 4096 + 517
+    x = (np.round(rng.standard_normal(n) * 6) / 64).astype(np.float32)
+    x[rng.random(n) < 0.05] = -0.0
+    bits = (x.view(np.uint32) & 0x7FFFFFFF).astype(np.int64)
+    order = np.lexsort((np.arange(n), -bits))
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(1, n + 1)
+    desc = bits[order]
+    for r_hi, r_lo in [(0, 2000), (0, n // 2), (150, 9000), (0, n), (0, 0), (n, n), (1, n - 1), (4096, 8192)]:
+        (v_hi, t_hi), (v_lo, t_lo) = _edge(desc, r_hi), _edge(desc, r_lo)
+        want = np.where((rank > r_hi) & (rank <= r_lo), x, np.float32(0))
+        for cuts in ([], [4096, 8192], [1, 4095, 5000, 12_300], list(range(777, n, 777))):
+            y, seen = x.copy(), np.zeros(2, np.int64)
+            for part in np.split(y, cuts):
+                cpu.band_mask(part, v_hi, t_hi, v_lo, t_lo, seen)
+            np.testing.assert_array_equal(y.view(np.uint32), want.view(np.uint32), err_msg=f"{r_hi} {r_lo}")
+            ties = [(v_hi, t_hi), (v_lo, t_lo)]
+            assert list(seen) == [int((bits == v).sum()) if 0 <= v < 2**31 else 0 for v, _ in ties]
+
+
 def test_row_band_mask_quickselect():
     rng = np.random.default_rng(2)
     rows, cols = 40, 97

@@ -32,8 +32,9 @@ import numpy as np
 from surgery import reduce
 from surgery.card import card_for
 from surgery.dtypes import DTYPES
-from surgery.errors import IncompatibleTensorsError, Interrupted, NonFiniteOutputError
+from surgery.errors import IncompatibleTensorsError, Interrupted
 from surgery.files import CARD, MANIFEST, RECIPE
+from surgery.finite_check import nonfinite_from_finite, raise_nonfinite
 from surgery.kernels import Backend, check_device, get_backend
 from surgery.methods.lines import LinesResolved
 from surgery.methods.spec import Operands, Slice
@@ -50,7 +51,7 @@ from surgery.plan import MERGED, Plan, TensorJob, build_plan, input_paths
 from surgery.ranks import Band, fresh
 from surgery.recipe import Recipe
 from surgery.select_jobs import key_patch, key_selection, pair_chunks, pick, scatter
-from surgery.stream import Chunk, TensorStream, WorkerSpaces, Workspace, chunk_ranges, span_ranges
+from surgery.stream import Chunk, TensorStream, WorkerSpaces, Workspace, chunk_ranges, hint_start, span_ranges
 from surgery.writer import CheckpointWriter, Layout, fingerprint_of
 
 ENGINE_VERSION = 2  # part of the resume fingerprint: bump when output bytes could change
@@ -248,11 +249,24 @@ class _Run:
             for j in self.plan.jobs
             if not self.outputs(j) <= writer.done or (self.hash_base and j.kind in MERGED)
         ]
-        todo.sort(key=lambda j: -j.numel)  # big tensors first balance the workers
-        self.parallel(self.run_job, todo)
+        self.run_jobs(todo)
         if self.nonfinite:
-            _raise_nonfinite(self)
+            raise_nonfinite(self.plan, self.nonfinite)
         return self.hashes
+
+    def run_jobs(self, jobs: list[TensorJob]) -> None:
+        """``run_job`` for each job on the worker threads, big tensors first (they balance the
+        workers). A worker starting job k asks the disk for the start of job k + workers, the next
+        one no worker has taken, so the disk keeps reading while every worker computes."""
+        jobs = sorted(jobs, key=lambda j: -j.numel)
+
+        def run_ahead(k: int) -> None:
+            if k + self.workers < len(jobs):
+                nxt = jobs[k + self.workers]
+                hint_start(nxt, self.plan.inputs_of(nxt), self.share)
+            self.run_job(jobs[k])
+
+        self.parallel(run_ahead, list(range(len(jobs))))
 
     def run_job(self, job: TensorJob) -> None:
         self.local.nonfinite = 0  # counted by encode(): this job runs on this thread only
@@ -271,7 +285,7 @@ class _Run:
                 pick(self, job)
             case _:
                 raise AssertionError(f"unknown job kind {job.kind!r}")
-        bad = _nonfinite_from_finite(self, job, self.local.nonfinite)
+        bad = nonfinite_from_finite(self, job, self.local.nonfinite)
         with self.lock:
             if bad:  # not journaled: a re-run computes (and checks) it again
                 self.nonfinite[job.name] = bad
@@ -474,40 +488,6 @@ def _sparsify(run: _Run, job: TensorJob, chunk: Chunk, bands: list[Band] | None,
         band = bands[t] if bands is not None else None
         where = Slice(job.name, t, chunk.start, job.cols, band, job.params, scratch, selected)
         sparsify.apply(run.backend, chunk.tau[t], where)
-
-
-# -- the finiteness check -------------------------------------------------------------------------
-def _nonfinite_from_finite(run: _Run, job: TensorJob, bad: int) -> int:
-    """``bad`` when a job wrote inf / NaN although every input value it read was finite, else 0.
-    The inputs are read a second time only then (never for a healthy tensor); the verdict is per
-    tensor, so it does not depend on chunking or threads."""
-    if bad == 0 or run.options.allow_nonfinite:
-        return 0
-    if job.kind == "scatter":  # the patches' (or diffs') own values are inputs too (read whole)
-        for ckpt, n in zip(run.plan.inputs[1:], job.patch_counts):
-            name = job.name + VALUES if n > 0 else job.name
-            if n != 0 and run.backend.nonfinite(ckpt.read(name).reshape(-1), ckpt.tensors[name].dtype.name):
-                return 0
-    stream = run.stream(job)
-    n_inputs = None if job.kind in ("dense", "update", "pick") else 1  # keep_base, scatter: the base
-    for start, count in stream.ranges:
-        if run.backend.nonfinite(stream.load(start, count, None, n_inputs), "F32"):
-            return 0  # an input already held inf / NaN: not ours to refuse
-    return bad
-
-
-def _raise_nonfinite(run: _Run) -> None:
-    order = [j.name for j in run.plan.jobs if j.name in run.nonfinite]
-    first, n = order[0], run.nonfinite[order[0]]
-    others = f" (and {len(order) - 1} more tensors)" if len(order) > 1 else ""
-    raise NonFiniteOutputError(
-        f"tensor {first!r} came out with {n:,} non-finite values (inf or NaN) although every "
-        f"input value was finite{others}",
-        hint="weights or scales that (nearly) cancel or blow up cause this, and so does a cast "
-        "to float16 of values above 65504 (try --dtype bfloat16 or float32); pass "
-        "--allow-nonfinite to write such values anyway",
-        tensors=order,
-    )
 
 
 # -- job writers: one per job kind ------------------------------------------------------------------

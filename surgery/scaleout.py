@@ -123,7 +123,7 @@ def write_shard(shared: SharedRun, shard_dir: Path, filename: str) -> None:
                 )
             if files == {filename}:
                 jobs.append(job)
-        run.parallel(run.run_job, sorted(jobs, key=lambda j: -j.numel))
+        run.run_jobs(jobs)
         writer.commit()
     except BaseException:
         writer.abort()

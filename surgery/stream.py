@@ -150,6 +150,18 @@ def span_ranges(
     return spans
 
 
+def hint_start(job: TensorJob, inputs: Sequence[Checkpoint], share: int) -> None:
+    """Ask the disk now for the start of ``job`` in every input: as many elements as a worker's span
+    holds (or the whole tensor). A worker moving on to this tensor then finds it read or being read;
+    a hint holds no memory of ours (it fills the page cache). Only for jobs that read one range of
+    the same tensor in every input ("dense", "update"), not through a vocabulary map."""
+    if job.kind not in ("dense", "update") or job.row_map is not None:
+        return
+    count = min(max(1, job.numel), max(1, share // raw_bytes_per_element(job)))
+    for i, ckpt in enumerate(inputs[: len(job.in_dtypes)]):  # as ``TensorStream.load`` reads them
+        ckpt.prefetch(job.source(i), 0, count)
+
+
 def chunk_ranges(
     job: TensorJob, share: int, n_models: int, whole_rows: bool, min_chunk: int = 1, whole: bool = False
 ) -> list[tuple[int, int]]:

@@ -42,6 +42,7 @@ class Backend:
     della_mask: Callable
     combine_sum: Callable
     combine_ties: Callable
+    combine_ties_variant: Callable
     combine_weighted: Callable
     combine_model_stock: Callable
     gram_accumulate: Callable

@@ -379,6 +379,51 @@ def combine_ties(base, tau, weights, scale, out):  # pragma: no cover - compiled
 
 
 @njit(**_JIT)
+def combine_ties_variant(base, tau, weights, scale, weighted, mean, out):  # pragma: no cover - compiled
+    """TIES as mergekit runs it (``surgery.methods.ties``): the election on sum_t w_t tau_t when
+    ``weighted`` (s = +1 where that sum is >= 0: zero and NaN sums as mergekit), else on sum_t tau_t
+    (a zero or NaN sum elects nothing); the agreeing w_t tau_t summed, divided by their w_t summed when
+    ``mean`` (a zero divisor divides by 1). Blocked and branch-free as ``combine_ties``; every sum adds
+    t = 0, 1, ... in order in float32, as numpy's reduction over the first axis does (the reference in
+    the tests)."""
+    zero = np.float32(0.0)
+    total = np.empty(_BLOCK, np.float32)
+    num = np.empty(_BLOCK, np.float32)
+    den = np.empty(_BLOCK, np.float32)
+    for s in range(0, base.size, _BLOCK):
+        m = min(_BLOCK, base.size - s)
+        total[:m] = zero
+        for t in range(tau.shape[0]):
+            w = weights[t] if weighted else np.float32(1.0)
+            row = tau[t, s : s + m]
+            for j in range(m):
+                total[j] += w * row[j] if weighted else row[j]
+        for t in range(tau.shape[0]):
+            w = weights[t]
+            row = tau[t, s : s + m]
+            first = t == 0  # the sums start from task 0's term, not from 0.0 (numpy's -0.0 kept)
+            for j in range(m):
+                v = row[j]
+                wv = w * v
+                if weighted:
+                    up = total[j] >= zero
+                    agrees = (up & (wv > zero)) | ((not up) & (wv < zero))
+                else:
+                    agrees = ((v > zero) & (total[j] > zero)) | ((v < zero) & (total[j] < zero))
+                term_num = wv if agrees else zero
+                term_den = w if agrees else zero
+                num[j] = term_num if first else num[j] + term_num
+                den[j] = term_den if first else den[j] + term_den
+        b = base[s : s + m]
+        o = out[s : s + m]
+        for j in range(m):
+            merged = num[j]
+            if mean:
+                merged = merged / (den[j] if den[j] != zero else np.float32(1.0))
+            o[j] = b[j] + scale * merged
+
+
+@njit(**_JIT)
 def combine_weighted(models, weights, out):  # pragma: no cover - compiled
     """out = sum_t w_t * models_t (linear average with normalised weights, SLERP's two terms)."""
     for i in range(out.size):

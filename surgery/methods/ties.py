@@ -15,6 +15,8 @@ task vector back to the L1 norm of tau before the election (mergekit's ``rescale
 
 from dataclasses import replace
 
+import numpy as np
+
 from surgery.methods.breadcrumbs import BAND, BREADCRUMBS, RESCALE_L1
 from surgery.methods.spec import (
     RANK_COUNTS,
@@ -31,7 +33,7 @@ from surgery.methods.spec import (
 
 
 def _paper_ties(params) -> bool:
-    """The paper's election and mean: one backend kernel (the variants are numpy)."""
+    """The paper's election and mean (``combine_ties``); anything else is mergekit's variant."""
     return params.get("elect", "unweighted") == "unweighted" and params.get("disjoint", "mean") == "mean"
 
 
@@ -39,29 +41,10 @@ def _ties_apply(be, x: Operands, coeffs, scale, out) -> None:
     if _paper_ties(x.params):
         be.combine_ties(x.base, x.tau, coeffs, scale, out)
     else:
-        _ties_variant(x, coeffs, scale, out)
-
-
-def _ties_variant(x: Operands, coeffs, scale, out) -> None:
-    """Weighted election and/or disjoint sum, in float32 numpy (the same on every backend)."""
-    import numpy as np
-
-    w = np.asarray(coeffs, np.float32)
-    weighted = x.tau * w[:, None]
-    if x.params.get("elect") == "weighted":
-        total = np.zeros_like(out)
-        for t in range(len(w)):
-            total += weighted[t]
-        positive = total >= 0
-        selected = np.where(positive, weighted > 0, weighted < 0)
-    else:  # the paper's election on the unweighted sum; a zero sum selects nothing
-        total = x.tau.sum(axis=0, dtype=np.float32)
-        selected = ((x.tau > 0) & (total > 0)) | ((x.tau < 0) & (total < 0))
-    num = np.where(selected, weighted, np.float32(0)).sum(axis=0, dtype=np.float32)
-    if x.params.get("disjoint", "mean") == "mean":
-        den = np.where(selected, w[:, None], np.float32(0)).sum(axis=0, dtype=np.float32)
-        num = num / np.where(den == 0, np.float32(1), den)
-    np.copyto(out, x.base + np.float32(scale) * num)
+        weighted = x.params.get("elect") == "weighted"
+        mean = x.params.get("disjoint", "mean") == "mean"
+        weights = np.asarray(coeffs, np.float32)
+        be.combine_ties_variant(x.base, x.tau, weights, np.float32(scale), weighted, mean, out)
 
 
 ELECT = Param("elect", "choice", "unweighted", "sign election on sum tau_t, or on sum w_t tau_t (mergekit)",
@@ -72,7 +55,7 @@ DISJOINT = Param("disjoint", "choice", "mean", "agreeing updates: weighted mean 
 # Sign election and disjoint mean over the (sparsified) task vectors.
 TIES_COMBINE = Combine(
     "ties", uses_tau=True, adds_update=True, apply=_ties_apply, coefficients=weights_or_ones,
-    on_device=_paper_ties,
+    on_device=True,
 )  # fmt: skip
 
 TIES = Method(

@@ -126,3 +126,43 @@ def test_decode_encode_f16_and_f32():
     np.testing.assert_array_equal(dec, x.astype(np.float32))
     enc = be.encode(dec, "F16", np.empty(1000, np.float16))
     np.testing.assert_array_equal(enc.view(np.uint16), x.view(np.uint16))
+
+
+def _ties_variant_reference(base, tau, w, scale, weighted, mean):
+    """mergekit's TIES in numpy, whole arrays (the formula of ``surgery.methods.ties``)."""
+    wt = tau * w[:, None]
+    if weighted:
+        total = np.zeros(base.size, np.float32)
+        for t in range(len(w)):
+            total += wt[t]
+        selected = np.where(total >= 0, wt > 0, wt < 0)
+    else:
+        total = tau.sum(axis=0, dtype=np.float32)
+        selected = ((tau > 0) & (total > 0)) | ((tau < 0) & (total < 0))
+    num = np.where(selected, wt, np.float32(0)).sum(axis=0, dtype=np.float32)
+    if mean:
+        den = np.where(selected, w[:, None], np.float32(0)).sum(axis=0, dtype=np.float32)
+        num = num / np.where(den == 0, np.float32(1), den)
+    return base + np.float32(scale) * num
+
+
+def test_ties_variant_kernel_equals_the_numpy_formula_bit_for_bit():
+    """Weighted / plain election x mean / sum, with weights that cancel (a zero divisor), a zero weight,
+    exact zero sums, -0.0, inf and NaN, over several 4096-element blocks and in chunks."""
+    rng = np.random.default_rng(5)
+    n = 2 * 4096 + 300
+    tau = (rng.integers(-3, 4, size=(3, n)) * 0.25).astype(np.float32)
+    tau[:, :40] = np.float32([[1.0], [-1.0], [0.0]])  # plain sums of exactly zero
+    tau[0, 40:50], tau[1, 50:55], tau[2, 55:60] = -0.0, np.inf, np.nan
+    base = rng.standard_normal(n).astype(np.float32)
+    base[60:70] = -0.0
+    for w in ([1.0, -1.0, 0.5], [0.0, 1.0, 2.0], [0.3, 0.3, 0.4]):
+        w = np.asarray(w, np.float32)
+        for weighted in (False, True):
+            for mean in (False, True):
+                want = _ties_variant_reference(base, tau, w, 0.8, weighted, mean)
+                out = np.full(n, 7.0, np.float32)
+                for s, e in [(0, 100), (100, 4200), (4200, n)]:
+                    t = np.ascontiguousarray(tau[:, s:e])
+                    cpu.combine_ties_variant(base[s:e], t, w, np.float32(0.8), weighted, mean, out[s:e])
+                np.testing.assert_array_equal(out.view(np.uint32), want.view(np.uint32))

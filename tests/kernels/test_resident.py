@@ -82,8 +82,9 @@ def test_stages_declare_where_they_run():
     """The four mergekit-family methods stream resident; numpy stages and variants do not."""
     for name in ("task_arithmetic", "breadcrumbs", "ties", "dare_ties", "dare", "breadcrumbs_ties"):
         assert get_method(name).on_device({}), name
-    assert not get_method("ties").on_device({"elect": "weighted"})
-    assert not get_method("ties").on_device({"disjoint": "sum"})
+    assert get_method("ties").on_device({"elect": "weighted"})  # mergekit's variant: a kernel too
+    assert get_method("ties").on_device({"disjoint": "sum"})
+    assert not get_method("model_stock").on_device({"filter_wise": True})
     for name in ("sce", "nearswap", "lift_patch", "half_reset", "tsv_merge"):
         assert not get_method(name).on_device({}), name
 
@@ -115,6 +116,8 @@ CASES = [
     ("breadcrumbs", {"density": 0.5, "outliers": 0.1, "granularity": "per_row"}, None),
     ("ties", {"density": 0.4}, None),
     ("ties", {"density": 0.4, "granularity": "global"}, None),
+    ("ties", {"density": 0.4, "elect": "weighted", "weights": [1.0, -0.5, 0.25]}, None),
+    ("ties", {"density": 0.4, "disjoint": "sum"}, None),
     ("dare_ties", {"density": 0.4, "seed": 11}, None),
     ("dare", {"density": 0.5, "seed": 2, "rescale": "l1"}, None),
     ("della", {"density": 0.5, "epsilon": 0.2, "seed": 5}, None),
@@ -175,10 +178,9 @@ def test_a_diff_streams_resident_and_equals_numba(family, tmp_path, uploads):
 
 
 def test_numpy_stages_keep_the_host_path(family, tmp_path, uploads):
-    """TIES with mergekit's weighted election runs numpy: no upload, same bytes as numba."""
+    """Model Stock per row (filter_wise) runs numpy: no upload, same bytes as numba."""
     base, models = family
-    params = {"density": 0.4, "elect": "weighted"}
-    recipe = make_recipe("ties", [str(m) for m in models], str(base), params)
+    recipe = make_recipe("model_stock", [str(m) for m in models], str(base), {"filter_wise": True})
     merge(recipe, tmp_path / "numba", EngineOptions(device="cpu", threads=1))
     merge(recipe, tmp_path / "dev", EngineOptions(device="torch-cpu", threads=2, max_memory=4096))
     _same_files(tmp_path / "numba", tmp_path / "dev")

@@ -264,6 +264,20 @@ def test_combine_ties_zero_weights(tw, rng):
     assert same(a, b)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("mean", [False, True])
+def test_combine_ties_variant(tw, rng, weighted, mean):
+    base, tau, _ = _combine_inputs(rng)
+    tau[0, 60:70] = -0.0
+    tau[1, 70:75], tau[2, 75:80] = np.inf, np.nan
+    for weights in ([1.0, -1.0, 0.5], [0.0, 1.0, 2.0]):  # a zero divisor; a zero weight
+        w = np.asarray(weights, np.float32)
+        a, b = np.zeros_like(base), np.ones_like(base)
+        cpu.combine_ties_variant(base, tau, w, np.float32(0.7), weighted, mean, a)
+        tw.combine_ties_variant(base, tau, w, np.float32(0.7), weighted, mean, b)
+        assert same(a, b)
+
+
 def test_combine_weighted(tw, rng):
     _, models, weights = _combine_inputs(rng, n_models=4)
     models += rng.standard_normal(models.shape).astype(np.float32)

@@ -226,6 +226,33 @@ def test_rank_bands_of_a_many_chunk_tensor_need_one_read_unless_the_first_chunk_
         np.testing.assert_array_equal(kept != 0, rank_band_mask(tau, r_hi, r_lo) & (tau != 0))
 
 
+class HintedInput(ArrayInput):
+    def __init__(self, tensors: dict[str, np.ndarray]) -> None:
+        super().__init__(tensors)
+        self.hints: list[tuple[str, int, int]] = []
+
+    def prefetch(self, name: str, start: int, count: int) -> None:
+        self.hints.append((name, start, count))
+
+
+def test_hint_start_asks_every_input_for_one_span_of_a_merged_tensor_only():
+    """The next job's start is hinted in every input it reads (its own source name), as much as a
+    worker's span holds; jobs that do not read one range per input are not hinted."""
+    from surgery.stream import hint_start
+
+    inputs = [HintedInput({}) for _ in range(3)]
+    job = TensorJob("w", "dense", (1000, 10), ("BF16",) * 3, "BF16", sources=("a", "b", "c"))
+    hint_start(job, inputs, share=6 * 4000)  # 6 raw bytes per element: a span of 4000 elements
+    assert [i.hints for i in inputs] == [[("a", 0, 4000)], [("b", 0, 4000)], [("c", 0, 4000)]]
+    small = replace(job, shape=(10, 10))
+    hint_start(small, inputs, share=6 * 4000)  # the whole tensor when it is smaller than a span
+    assert inputs[0].hints[-1] == ("a", 0, 100)
+    for kind in ("patch", "copy_base", "keep_base"):
+        before = [len(i.hints) for i in inputs]
+        hint_start(replace(job, kind=kind), inputs, share=6 * 4000)
+        assert [len(i.hints) for i in inputs] == before, kind
+
+
 def test_the_engine_never_learns_a_method_by_name():
     import surgery.engine
     import surgery.reduce

@@ -327,7 +327,7 @@ def della_mask(x, cols, density, epsilon, key, start, keys, inverse):  # pragma:
 def combine_sum(base, tau, weights, scale, out):  # pragma: no cover - compiled
     """out = base + scale * sum_t w_t * tau_t (by blocks, one vectorised sweep per task; each sum
     adds t = 0, 1, ... in order from 0.0)."""
-    acc = np.empty(_BLOCK, np.float32)
+    acc = np.empty(_BLOCK, weights.dtype)  # float32 weights (the engine's): float32 sums
     for s in range(0, base.size, _BLOCK):
         m = min(_BLOCK, base.size - s)
         acc[:m] = np.float32(0.0)
@@ -343,65 +343,31 @@ def combine_sum(base, tau, weights, scale, out):  # pragma: no cover - compiled
 
 
 @njit(**_JIT)
-def combine_ties(base, tau, weights, scale, out):  # pragma: no cover - compiled
-    """TIES: s = sign(sum_t tau_t); disjoint weighted mean of the tau_t whose sign is s.
-
-    Per block, one sweep per task over the block's sums: the election is a select, not a branch, so
-    LLVM vectorises it (2 ns per element; the element-at-a-time loop mispredicted on random signs and
-    took 6-14). Each sum still adds t = 0, 1, ... in order from 0.0: the same float32 bits."""
+def _ties(base, tau, weights, scale, weighted, mean, paper, out):  # pragma: no cover - compiled
+    """Sign election and agreeing sum (see ``combine_ties`` / ``combine_ties_variant``), by blocks:
+    one sweep per task over the block's sums, the election a select, not a branch, so LLVM
+    vectorises it (~1.2 ns per element; the element-at-a-time loop mispredicted on random signs and
+    took 6-15). Every sum adds t = 0, 1, ... in order in float32; the paper's sums start from 0.0,
+    the variant's from task 0's term, as numpy's reduction over the first axis does (its reference in
+    the tests): the two differ only in the sign of a zero sum."""
     zero = np.float32(0.0)
     total = np.empty(_BLOCK, np.float32)
-    num = np.empty(_BLOCK, np.float32)
-    den = np.empty(_BLOCK, np.float32)
+    num = np.empty(_BLOCK, weights.dtype)  # float32 weights (the engine's): float32 sums
+    den = np.empty(_BLOCK, weights.dtype)
     for s in range(0, base.size, _BLOCK):
         m = min(_BLOCK, base.size - s)
         total[:m] = zero
         for t in range(tau.shape[0]):
+            w = weights[t]
             row = tau[t, s : s + m]
             for j in range(m):
-                total[j] += row[j]
+                total[j] += w * row[j] if weighted else row[j]
         num[:m] = zero
         den[:m] = zero
         for t in range(tau.shape[0]):
             w = weights[t]
             row = tau[t, s : s + m]
-            for j in range(m):
-                v = row[j]
-                agrees = ((v > zero) & (total[j] > zero)) | ((v < zero) & (total[j] < zero))
-                num[j] += (w * v) if agrees else zero
-                den[j] += w if agrees else zero
-        b = base[s : s + m]
-        o = out[s : s + m]
-        for j in range(m):
-            d = den[j]
-            merged = num[j] / (d if d != zero else np.float32(1.0))
-            o[j] = b[j] + scale * (merged if d != zero else zero)
-
-
-@njit(**_JIT)
-def combine_ties_variant(base, tau, weights, scale, weighted, mean, out):  # pragma: no cover - compiled
-    """TIES as mergekit runs it (``surgery.methods.ties``): the election on sum_t w_t tau_t when
-    ``weighted`` (s = +1 where that sum is >= 0: zero and NaN sums as mergekit), else on sum_t tau_t
-    (a zero or NaN sum elects nothing); the agreeing w_t tau_t summed, divided by their w_t summed when
-    ``mean`` (a zero divisor divides by 1). Blocked and branch-free as ``combine_ties``; every sum adds
-    t = 0, 1, ... in order in float32, as numpy's reduction over the first axis does (the reference in
-    the tests)."""
-    zero = np.float32(0.0)
-    total = np.empty(_BLOCK, np.float32)
-    num = np.empty(_BLOCK, np.float32)
-    den = np.empty(_BLOCK, np.float32)
-    for s in range(0, base.size, _BLOCK):
-        m = min(_BLOCK, base.size - s)
-        total[:m] = zero
-        for t in range(tau.shape[0]):
-            w = weights[t] if weighted else np.float32(1.0)
-            row = tau[t, s : s + m]
-            for j in range(m):
-                total[j] += w * row[j] if weighted else row[j]
-        for t in range(tau.shape[0]):
-            w = weights[t]
-            row = tau[t, s : s + m]
-            first = t == 0  # the sums start from task 0's term, not from 0.0 (numpy's -0.0 kept)
+            first = t == 0 and not paper
             for j in range(m):
                 v = row[j]
                 wv = w * v
@@ -417,10 +383,29 @@ def combine_ties_variant(base, tau, weights, scale, weighted, mean, out):  # pra
         b = base[s : s + m]
         o = out[s : s + m]
         for j in range(m):
+            d = den[j]
             merged = num[j]
             if mean:
-                merged = merged / (den[j] if den[j] != zero else np.float32(1.0))
+                merged = merged / (d if d != zero else np.float32(1.0))
+            if paper:
+                merged = merged if d != zero else zero
             o[j] = b[j] + scale * merged
+
+
+@njit(**_JIT)
+def combine_ties(base, tau, weights, scale, out):  # pragma: no cover - compiled
+    """TIES (the paper): s = sign(sum_t tau_t); the disjoint weighted mean of the tau_t whose sign
+    is s (0 where no weight agrees)."""
+    _ties(base, tau, weights, scale, False, True, True, out)
+
+
+@njit(**_JIT)
+def combine_ties_variant(base, tau, weights, scale, weighted, mean, out):  # pragma: no cover - compiled
+    """TIES as mergekit runs it (``surgery.methods.ties``): the election on sum_t w_t tau_t when
+    ``weighted`` (s = +1 where that sum is >= 0: zero and NaN sums as mergekit), else on sum_t tau_t
+    (a zero or NaN sum elects nothing); the agreeing w_t tau_t summed, divided by their w_t summed when
+    ``mean`` (a zero divisor divides by 1)."""
+    _ties(base, tau, weights, scale, weighted, mean, False, out)
 
 
 @njit(**_JIT)

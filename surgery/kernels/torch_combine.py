@@ -66,61 +66,48 @@ class CombineKernels:
         self, base: np.ndarray, tau: np.ndarray, weights: np.ndarray, scale: float, out: np.ndarray
     ) -> None:
         """TIES: s = sign(sum_t tau_t); disjoint weighted mean of the tau_t whose sign is s."""
+        self._ties(base, tau, weights, scale, False, True, True, out)
+
+    def combine_ties_variant(self, base, tau, weights, scale, weighted: bool, mean: bool, out) -> None:
+        """mergekit's TIES (``cpu.combine_ties_variant``): election on sum_t w_t tau_t (>= 0 elects +)
+        or on sum_t tau_t; the agreeing w_t tau_t summed, divided by their weights when ``mean``."""
+        self._ties(base, tau, weights, scale, weighted, mean, False, out)
+
+    def _ties(self, base, tau, weights, scale, weighted: bool, mean: bool, paper: bool, out) -> None:
+        """``cpu._ties``: the paper's sums start at +0.0 (adding +0.0 where a model is not selected
+        leaves them as numba's select does), the variant's at task 0's term."""
         tt = self._dev(tau)
         tt = tt.reshape(tt.shape[0], -1)
         n_models, n = tt.shape
-        total_type = _float_type(np.float32, tau.dtype)
         num_type = _float_type(np.float32, weights.dtype, tau.dtype)
         den_type = _float_type(np.float32, weights.dtype)
-        total = torch.zeros(n, dtype=total_type, device=tt.device)
-        for t in range(n_models):
-            total += tt[t].to(total_type)
-        pos, neg = total > 0, total < 0  # NaN total: neither, as numba's sign tests
         wn = self._scalars(weights, num_type)
         wd = self._scalars(weights, den_type)
-        num = torch.zeros(n, dtype=num_type, device=tt.device)
-        den = torch.zeros(n, dtype=den_type, device=tt.device)
+        wv = [wn[t] * tt[t].to(num_type) for t in range(n_models)]
+        total = torch.zeros(n, dtype=torch.float32, device=tt.device)  # cpu: a float32 block
+        for t in range(n_models):  # each add in the operands' type, then stored in float32
+            total = (total + (wv[t] if weighted else tt[t])).to(torch.float32)
         zero_num, zero_den = self._zero(num_type), self._zero(den_type)
-        # num and den start at +0.0 and so are never -0.0: adding +0.0 where a model is not
-        # selected leaves them bit for bit as numba's skipped add does.
+        num = torch.zeros(n, dtype=num_type, device=tt.device) if paper else None
+        den = torch.zeros(n, dtype=den_type, device=tt.device) if paper else None
         for t in range(n_models):
-            v = tt[t]
-            sel = ((v > 0) & pos) | ((v < 0) & neg)
-            num += torch.where(sel, wn[t] * v.to(num_type), zero_num)
-            den += torch.where(sel, wd[t].expand(n), zero_den)
+            if weighted:  # a NaN total elects -, as numba's select
+                agrees = torch.where(total >= 0, wv[t] > 0, wv[t] < 0)
+            else:  # a NaN or zero total: nothing agrees
+                agrees = ((tt[t] > 0) & (total > 0)) | ((tt[t] < 0) & (total < 0))
+            term_num = torch.where(agrees, wv[t], zero_num)
+            term_den = torch.where(agrees, wd[t].expand(n), zero_den)
+            num = term_num if num is None else num + term_num
+            den = term_den if den is None else den + term_den
         q_type = _float_type(num_type, den_type)
-        merged = torch.where(den != 0, num.to(q_type) / den.to(q_type), self._zero(q_type))
+        merged = num.to(q_type)
+        if mean:
+            merged = merged / torch.where(den != 0, den, self._scalar(1.0, den_type)).to(q_type)
+        if paper:
+            merged = torch.where(den != 0, merged, self._zero(q_type))
         res_type = _float_type(base.dtype, _np_dtype(scale), q_type)
         b = self._dev(base).reshape(-1).to(res_type)
         self._put(out, b + self._scalar(scale, res_type) * merged.to(res_type))
-
-    def combine_ties_variant(self, base, tau, weights, scale, weighted: bool, mean: bool, out) -> None:
-        """mergekit's TIES (``cpu.combine_ties_variant``), float32 operands and scale only (what
-        ``surgery.methods.ties`` passes): election on sum_t w_t tau_t (>= 0 elects +) or on sum_t tau_t,
-        the agreeing w_t tau_t summed from task 0's term on, divided by their weights when ``mean``."""
-        f32 = torch.float32
-        tt = self._dev(tau)
-        tt = tt.reshape(tt.shape[0], -1)
-        w = self._scalars(weights, f32)
-        zero = self._zero(f32)
-        wv = [w[t] * tt[t] for t in range(tt.shape[0])]
-        total = torch.zeros(tt.shape[1], dtype=f32, device=tt.device)
-        for t in range(tt.shape[0]):
-            total += wv[t] if weighted else tt[t]
-        num = den = None
-        for t in range(tt.shape[0]):
-            if weighted:
-                agrees = torch.where(total >= 0, wv[t] > 0, wv[t] < 0)  # NaN total: elects -
-            else:
-                agrees = ((tt[t] > 0) & (total > 0)) | ((tt[t] < 0) & (total < 0))
-            term_num = torch.where(agrees, wv[t], zero)
-            term_den = torch.where(agrees, w[t].expand(tt.shape[1]), zero)
-            num = term_num if num is None else num + term_num
-            den = term_den if den is None else den + term_den
-        if mean:
-            num = num / torch.where(den != 0, den, self._scalar(1.0, f32))
-        b = self._dev(base).reshape(-1)
-        self._put(out, b + self._scalar(scale, f32) * num)
 
     def combine_weighted(self, models: np.ndarray, weights: np.ndarray, out: np.ndarray) -> None:
         """out = sum_t w_t * models_t."""

@@ -247,8 +247,10 @@ def _combine_inputs(rng, n_models=3, n=20_000):
 
 @pytest.mark.parametrize("kernel", ["combine_sum", "combine_ties"])
 @pytest.mark.parametrize("scale", [np.float32(0.7), 0.7])  # np.float32 (engine) and float64 (numba typing)
-def test_combine_task_vectors(tw, rng, kernel, scale):
+@pytest.mark.parametrize("wtype", [np.float32, np.float64])  # the engine's, and numba's promotion
+def test_combine_task_vectors(tw, rng, kernel, scale, wtype):
     base, tau, weights = _combine_inputs(rng)
+    weights = weights.astype(wtype)
     a, b = np.zeros_like(base), np.ones_like(base)
     getattr(cpu, kernel)(base, tau, weights, scale, a)
     getattr(tw, kernel)(base, tau, weights, scale, b)

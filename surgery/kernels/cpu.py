@@ -156,7 +156,8 @@ def band_mask(x, v_hi, ties_hi, v_lo, ties_lo, seen):  # pragma: no cover - comp
     Block by block: the elements equal to each edge are counted first; a block where every such element
     falls on one side of the edge (all but at most one block per edge) is then masked by two branch-free
     compares, vectorised (0.3 ns per element; the element-by-element walk with its unpredictable
-    branch took 1.3-4). The block where an edge's tie budget runs out is walked element by element."""
+    branch took 2.7: ``benchmarks/bench_kernels.py``). The block where an edge's tie budget runs out
+    is walked element by element."""
     bits = x.view(np.uint32)
     s_hi, s_lo = seen[0], seen[1]
     q_hi = np.int32(v_hi if 0 <= v_hi <= 0x7FFFFFFF else -2)  # -2: an edge no |x| bits equal
@@ -346,8 +347,8 @@ def combine_sum(base, tau, weights, scale, out):  # pragma: no cover - compiled
 def _ties(base, tau, weights, scale, weighted, mean, paper, out):  # pragma: no cover - compiled
     """Sign election and agreeing sum (see ``combine_ties`` / ``combine_ties_variant``), by blocks:
     one sweep per task over the block's sums, the election a select, not a branch, so LLVM
-    vectorises it (~1.2 ns per element; the element-at-a-time loop mispredicted on random signs and
-    took 6-15). Every sum adds t = 0, 1, ... in order in float32; the paper's sums start from 0.0,
+    vectorises it (~1 ns per element; the element-at-a-time loop mispredicted on random signs and
+    took 15). Every sum adds t = 0, 1, ... in order in float32; the paper's sums start from 0.0,
     the variant's from task 0's term, as numpy's reduction over the first axis does (its reference in
     the tests): the two differ only in the sign of a zero sum."""
     zero = np.float32(0.0)

@@ -10,15 +10,18 @@ Cache: ``<cache>/<model key>-<data key>/`` holds one safetensors file of Grams p
 ``grams.json`` (which weight uses which Gram, the weight layout, the token count). The model key hashes
 the checkpoint's bytes and config; the data key the texts, the tokenizer files and ``max_length``.
 Re-merging with other parameters then costs no forward pass. A folder appears under its final name
-only when complete.
+only when complete; processes that want the same entry at once (the shares of a split run) take turns
+on ``<entry>.lock`` beside it, so the pass runs once.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,15 +134,26 @@ def collect_grams(
         )
         if (folder / INDEX).is_file():
             return GramSet.load(folder)
-        staging = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        try:
-            _gram_pass(ckpt, texts, max_length, staging)
-            os.replace(staging, folder) if not folder.exists() else shutil.rmtree(staging)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        # One pass per cache entry even when several processes want it at once (the shares of a
+        # `--shards` run): the first takes the lock and computes, the others wait and then load.
+        with open(folder.with_name(f"{folder.name}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (folder / INDEX).is_file():
+                _fill(folder, ckpt, texts, max_length)
     return GramSet.load(folder)
+
+
+def _fill(folder: Path, ckpt, texts: list[str], max_length: int) -> None:
+    """Run the pass into a staging folder and move it into place whole."""
+    staging = folder.with_name(f"{folder.name}.partial-{os.getpid()}-{threading.get_ident()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        _gram_pass(ckpt, texts, max_length, staging)
+        os.replace(staging, folder) if not folder.exists() else shutil.rmtree(staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _gram_pass(ckpt, texts: list[str], max_length: int, staging: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +190,35 @@ def test_read_texts_formats_and_errors(tmp_path):
         calibration.read_texts(tmp_path / "empty.txt")
     with pytest.raises(InputNotFoundError):
         calibration.read_texts(tmp_path / "missing.txt")
+
+
+def test_concurrent_callers_run_the_gram_pass_once(family, tmp_path, monkeypatch):
+    """Shares of a split run ask for the same Grams at the same time: one computes, the others wait for
+    it and load the same folder (threads here: each opens the lock file itself, as processes do)."""
+    import threading
+
+    _, paths = family
+    path, data = paths[0]
+    real, calls, started = calibration._gram_pass, [], threading.Event()
+
+    def slow_pass(*args):
+        calls.append(1)
+        started.set()
+        time.sleep(0.5)  # the others arrive while this one runs
+        return real(*args)
+
+    monkeypatch.setattr(calibration, "_gram_pass", slow_pass)
+    results = []
+
+    def call():
+        results.append(calibration.collect_grams(path, data, cache_dir=tmp_path).folder)
+
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    threads[0].start()
+    started.wait(10)
+    for t in threads[1:]:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(calls) == 1 and len(results) == 3 and len(set(results)) == 1
+    assert not list(tmp_path.glob("*.partial-*"))

@@ -21,16 +21,20 @@ import time
 import numpy as np
 
 from surgery.kernels import cpu
+from surgery.ranks import NONE_ABOVE, threshold_from_hists
 from surgery.reduce import window_bins
 from surgery.stream import COMPUTE_CHUNK
 
 
-def _edge(bits_desc: np.ndarray, r: int) -> tuple[int, int]:
-    """(v, ties) of rank r (larger |x| first, lower index first among equals), as radix select gives."""
-    if r == 0:
-        return 2**32, 0
-    v = int(bits_desc[r - 1])
-    return v, int((bits_desc[:r] == v).sum())
+def _edge(x: np.ndarray, hist: np.ndarray, r: int) -> tuple[int, int]:
+    """(v, ties) of rank r, by the radix select the engine uses (``ranks.threshold_from_hists``)."""
+
+    def low(b: int) -> np.ndarray:
+        h = np.zeros(1 << 16, np.int64)
+        cpu.abs_hist_low(x, b, h)
+        return h
+
+    return threshold_from_hists(hist, r, low)
 
 
 def chunk(n: int, seed: int = 0):
@@ -55,17 +59,16 @@ def main() -> int:
     args = ap.parse_args()
     n = args.elements
     raw, dec, tau = chunk(n)
-    desc = np.sort(tau[0].view(np.uint32) & 0x7FFFFFFF)[::-1].astype(np.int64)
-    (v_top, t_top), (v_lo, t_lo) = _edge(desc, n // 100), _edge(desc, n // 5)
     hist = np.zeros(1 << 16, np.int64)
     cpu.abs_hist_high(tau[0], hist)
+    (v_top, t_top), (v_lo, t_lo) = _edge(tau[0], hist, n // 100), _edge(tau[0], hist, n // 5)
     window = window_bins(hist, (0, n // 5), n)
     slot = np.full(1 << 16, -1, np.int32)
     slot[window] = np.arange(window.size, dtype=np.int32)
     lows = np.zeros((window.size, 1 << 16), np.int64)
     weights = np.ones(2, np.float32)
     out, out16, work = np.empty(n, np.float32), np.empty(n, np.uint16), np.empty_like(tau)
-    none, one = 2**32, np.float32(1.0)  # one: the scale, typed as the engine passes it
+    one = np.float32(1.0)  # the scale, typed as the engine passes it
 
     def masked(kernel, *edges):
         def run():
@@ -80,7 +83,7 @@ def main() -> int:
         "subtract (2 task vectors)": lambda: cpu.subtract(dec[1:], dec[0], tau),
         "abs_hist_high_low (2)": lambda: [cpu.abs_hist_high_low(tau[t], hist, slot, lows) for t in range(2)],
         "copy of 2 task vectors (in the band rows)": lambda: np.copyto(work, tau),
-        "band_mask top-k (2) + copy": masked(cpu.band_mask, none, 0, v_lo, t_lo),
+        "band_mask top-k (2) + copy": masked(cpu.band_mask, NONE_ABOVE, 0, v_lo, t_lo),
         "band_mask breadcrumbs band (2) + copy": masked(cpu.band_mask, v_top, t_top, v_lo, t_lo),
         "dare_mask (2)": lambda: [cpu.dare_mask(work[t], 0.2, np.uint64(7), 0) for t in range(2)],
         "combine_sum": lambda: cpu.combine_sum(dec[0], tau, weights, one, out),

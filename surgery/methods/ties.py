@@ -15,8 +15,6 @@ task vector back to the L1 norm of tau before the election (mergekit's ``rescale
 
 from dataclasses import replace
 
-import numpy as np
-
 from surgery.methods.breadcrumbs import BAND, BREADCRUMBS, RESCALE_L1
 from surgery.methods.spec import (
     RANK_COUNTS,
@@ -43,8 +41,7 @@ def _ties_apply(be, x: Operands, coeffs, scale, out) -> None:
     else:
         weighted = x.params.get("elect") == "weighted"
         mean = x.params.get("disjoint", "mean") == "mean"
-        weights = np.asarray(coeffs, np.float32)
-        be.combine_ties_variant(x.base, x.tau, weights, np.float32(scale), weighted, mean, out)
+        be.combine_ties_variant(x.base, x.tau, coeffs, scale, weighted, mean, out)
 
 
 ELECT = Param("elect", "choice", "unweighted", "sign election on sum tau_t, or on sum w_t tau_t (mergekit)",
